@@ -1,0 +1,284 @@
+"""Device dispatch: which array module (``xp = numpy | cupy``), which device, which dtype.
+
+The device comes from ``BACKPROP_DEVICE`` (``auto`` by default, ``cpu``, ``cuda``/``gpu``,
+``cuda:N``) or from :func:`set_device` / :func:`use_device`. ``auto`` picks CUDA when CuPy
+imports *and* a device answers a small allocation, else the CPU, and records why
+(:func:`device_info`). An explicit CUDA request that cannot be met raises
+:class:`DeviceUnavailableError` naming the cause.
+
+CuPy is probed at most once per process and only when a device is first needed, so
+``import backprop`` stays fast on a machine without CuPy.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import re
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "Device", "DeviceUnavailableError", "get_device", "set_device", "use_device", "get_xp",
+    "get_array_module", "asarray", "to_numpy", "get_dtype", "set_dtype", "device_info",
+    "parse_device", "cuda_status",
+]
+
+_DTYPES = {"float32": np.float32, "float64": np.float64}
+
+
+class DeviceUnavailableError(RuntimeError):
+    """An explicitly requested device cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """A place where arrays live: ``Device("cpu")`` or ``Device("cuda", index)``."""
+
+    kind: str
+    index: int = 0
+
+    def __str__(self) -> str:
+        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+
+    @property
+    def xp(self):
+        """The array module of this device (numpy or cupy)."""
+        if self.kind == "cpu":
+            return np
+        return _cupy()
+
+
+def parse_device(name) -> Device | str:
+    """Parse ``auto | cpu | cuda | gpu | cuda:N`` (or a :class:`Device`); ``auto`` stays a str."""
+    if isinstance(name, Device):
+        return name
+    text = str(name).strip().lower()
+    if text in ("", "auto"):
+        return "auto"
+    if text == "cpu":
+        return Device("cpu")
+    m = re.fullmatch(r"(cuda|gpu)(?::(\d+))?", text)
+    if m:
+        return Device("cuda", int(m.group(2) or 0))
+    raise ValueError(
+        f"unknown device {name!r}: expected 'auto', 'cpu', 'cuda', 'gpu' or 'cuda:N' "
+        "(set BACKPROP_DEVICE or call bp.set_device)")
+
+
+# ---------------------------------------------------------------------------------------
+# CuPy probe (once per process)
+_probe_lock = threading.Lock()
+_probe: dict | None = None
+
+
+def cuda_status() -> dict:
+    """Probe CuPy once: ``{"available": bool, "reason": str, "devices": int, ...}``.
+
+    ``import cupy`` can succeed on a machine with no usable GPU and fail only at the first
+    allocation, so the probe allocates and reduces a small array and catches everything.
+    """
+    global _probe
+    with _probe_lock:
+        if _probe is not None:
+            return _probe
+        status = {"available": False, "reason": "", "devices": 0, "cupy_version": None,
+                  "runtime_version": None, "driver_version": None, "names": []}
+        if importlib.util.find_spec("cupy") is None:
+            status["reason"] = ("CuPy is not installed (pip install 'backprop[cuda12]' or "
+                                "'backprop[cuda13]')")
+        else:
+            try:
+                import cupy
+
+                status["cupy_version"] = cupy.__version__
+                n = cupy.cuda.runtime.getDeviceCount()
+                status["devices"] = n
+                if n == 0:
+                    status["reason"] = "CuPy is installed but no CUDA device is visible"
+                else:
+                    status["driver_version"] = cupy.cuda.runtime.driverGetVersion()
+                    status["runtime_version"] = cupy.cuda.runtime.runtimeGetVersion()
+                    float((cupy.arange(4, dtype=cupy.float32) * 2).sum())  # a real allocation
+                    for i in range(n):
+                        props = cupy.cuda.runtime.getDeviceProperties(i)
+                        name = props["name"]
+                        status["names"].append(name.decode() if isinstance(name, bytes) else name)
+                    status["available"] = True
+                    status["reason"] = f"CUDA device found ({status['names'][0]})"
+            except Exception as exc:  # any failure means: no usable GPU
+                text = f"{type(exc).__name__}: {exc}".strip()
+                if "driver" in text.lower() and "insufficient" in text.lower():
+                    text = f"the NVIDIA driver is too old for this CuPy build ({text})"
+                status["reason"] = f"CuPy is installed but CUDA is unusable: {text}"
+        _probe = status
+        return status
+
+
+def _cupy():
+    status = cuda_status()
+    if not status["available"]:
+        raise DeviceUnavailableError(f"CUDA requested but unavailable: {status['reason']}")
+    import cupy
+
+    return cupy
+
+
+# ---------------------------------------------------------------------------------------
+# Current device and dtype
+_state = threading.local()
+_default: dict = {"device": None, "fallback_reason": "", "dtype": None}
+
+
+def _resolve(spec) -> tuple[Device, str]:
+    parsed = parse_device(spec)
+    if parsed == "auto":
+        status = cuda_status()
+        if status["available"]:
+            return Device("cuda", 0), ""
+        return Device("cpu"), f"auto chose the CPU: {status['reason']}"
+    if parsed.kind == "cuda":
+        cupy = _cupy()
+        count = cuda_status()["devices"]
+        if parsed.index >= count:
+            raise DeviceUnavailableError(
+                f"device cuda:{parsed.index} requested but only {count} CUDA device(s) exist")
+        del cupy
+    return parsed, ""
+
+
+def _global_device() -> Device:
+    if _default["device"] is None:
+        device, reason = _resolve(os.environ.get("BACKPROP_DEVICE", "auto"))
+        _default["device"], _default["fallback_reason"] = device, reason
+    return _default["device"]
+
+
+def get_device() -> Device:
+    """The current device (a :class:`Device`; ``str(device)`` is ``'cpu'`` or ``'cuda:N'``)."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    return _global_device()
+
+
+def set_device(name) -> Device:
+    """Make ``name`` (``auto | cpu | cuda | gpu | cuda:N``) the process-wide current device."""
+    device, reason = _resolve(name)
+    _default["device"], _default["fallback_reason"] = device, reason
+    if device.kind == "cuda":
+        _cupy().cuda.Device(device.index).use()
+    return device
+
+
+@contextlib.contextmanager
+def use_device(name):
+    """Context manager: run the body with ``name`` as the current device (thread-local)."""
+    device, _ = _resolve(name)
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(device)
+    try:
+        if device.kind == "cuda":
+            with _cupy().cuda.Device(device.index):
+                yield device
+        else:
+            yield device
+    finally:
+        stack.pop()
+
+
+def get_xp():
+    """The array module of the current device: numpy or cupy."""
+    return get_device().xp
+
+
+def get_array_module(x):
+    """numpy or cupy, whichever owns ``x`` (numpy for anything that is not a CuPy array)."""
+    if type(x).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy
+    return np
+
+
+def get_dtype():
+    """The default floating dtype (``BACKPROP_DTYPE``: float32 by default, or float64)."""
+    if _default["dtype"] is None:
+        name = os.environ.get("BACKPROP_DTYPE", "float32").strip().lower()
+        if name not in _DTYPES:
+            raise ValueError(f"BACKPROP_DTYPE={name!r}: expected 'float32' or 'float64'")
+        _default["dtype"] = np.dtype(_DTYPES[name])
+    return _default["dtype"]
+
+
+def set_dtype(dtype) -> np.dtype:
+    """Set the default floating dtype for new parameters and inputs (float32 or float64)."""
+    dt = np.dtype(dtype)
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"dtype {dt} is not supported: use float32 or float64")
+    _default["dtype"] = dt
+    return dt
+
+
+def asarray(x, dtype=None, device=None):
+    """``x`` as an array on ``device`` (default: current) with ``dtype`` (default: as is).
+
+    Moves between host and GPU when needed; never copies when nothing has to change.
+    """
+    dev = get_device() if device is None else _resolve(device)[0]
+    src = get_array_module(x)
+    if dev.kind == "cpu":
+        if src is not np:
+            x = x.get()
+        return np.asarray(x, dtype=dtype)
+    cupy = _cupy()
+    with cupy.cuda.Device(dev.index):
+        return cupy.asarray(x, dtype=dtype)
+
+
+def to_numpy(x):
+    """A NumPy array with the contents of ``x`` (copies from the GPU when needed)."""
+    if get_array_module(x) is not np:
+        return x.get()
+    return np.asarray(x)
+
+
+def device_info() -> dict:
+    """What runs where: device, dtype, kernel backend, CuPy/Numba status, fallback reason."""
+    from backprop import kernels
+
+    device = get_device()
+    status = cuda_status()
+    info = {
+        "device": str(device),
+        "dtype": str(get_dtype()),
+        "requested": os.environ.get("BACKPROP_DEVICE", "auto"),
+        "fallback_reason": _default["fallback_reason"],
+        "kernels": kernels.backend_name(device.kind),
+        "kernels_requested": kernels.get_choice(),
+        "cupy": status["cupy_version"] or "not installed",
+        "cuda_available": status["available"],
+        "cuda_reason": status["reason"],
+        "cuda_devices": status["names"],
+        "numba": _version_of("numba"),
+        "numba_cuda": _version_of("numba_cuda"),
+        "numpy": np.__version__,
+    }
+    return info
+
+
+def _version_of(module: str) -> str:
+    if importlib.util.find_spec(module) is None:
+        return "not installed"
+    from importlib import metadata
+
+    for dist in (module.replace("_", "-"), module):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "installed"

@@ -1,0 +1,1 @@
+"""Small data sets shipped with backprop (no download at run time)."""

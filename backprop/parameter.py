@@ -1,0 +1,117 @@
+"""Parameters: a tensor, its gradient, and a stable name such as ``"0.W"``.
+
+Gradients accumulate (``grad += ∂L/∂θ``) as in PyTorch. ``zero_grad`` does not touch memory:
+it marks the gradient stale, and the next backward overwrites it instead of adding to it,
+which saves a pass over every gradient per step. Reading ``.grad`` while it is stale gives
+zeros, so users never see the difference.
+
+Optimizers may re-home the parameters of a model into one flat buffer (:func:`flatten`) so
+that one kernel launch updates them all; ``.data`` and ``.grad`` then become views of it.
+Layers therefore read ``param.data`` on every call and never keep the array itself.
+"""
+from __future__ import annotations
+
+from backprop.backend import get_array_module
+
+
+class Parameter:
+    """A trainable tensor: ``data``, ``grad`` (same shape and dtype) and ``name``."""
+
+    __slots__ = ("data", "_grad", "_stale", "name")
+
+    def __init__(self, data, name: str = ""):
+        self.data = data
+        self._grad = None
+        self._stale = True
+        self.name = name
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    @property
+    def grad(self):
+        """∂L/∂data accumulated since the last ``zero_grad`` (zeros if none)."""
+        buf = self._buffer()
+        if self._stale:
+            buf.fill(0)
+            self._stale = False
+        return buf
+
+    @grad.setter
+    def grad(self, value):
+        buf = self._buffer()
+        buf[...] = value
+        self._stale = False
+
+    def _buffer(self):
+        if self._grad is None or self._grad.shape != self.data.shape or \
+                get_array_module(self._grad) is not get_array_module(self.data) or \
+                self._grad.dtype != self.data.dtype:
+            self._grad = get_array_module(self.data).zeros_like(self.data)
+            self._stale = False
+        return self._grad
+
+    def grad_for_write(self):
+        """``(buffer, accumulate)`` for a backward pass: write into ``buffer`` when
+        ``accumulate`` is False (the old content is stale), add to it when True."""
+        buf = self._buffer()
+        accumulate = not self._stale
+        self._stale = False
+        return buf, accumulate
+
+    def zero_grad(self) -> None:
+        """Forget the accumulated gradient (no memory pass; see the module docstring)."""
+        self._stale = True
+
+    def rebind(self, data, grad) -> None:
+        """Make ``data``/``grad`` (views of flat buffers) the storage of this parameter,
+        copying the current values into them."""
+        data[...] = self.data
+        if self._grad is not None and not self._stale:
+            grad[...] = self._grad
+            stale = False
+        else:
+            stale = True
+        self.data, self._grad, self._stale = data, grad, stale
+
+    def __repr__(self) -> str:
+        return f"Parameter(name={self.name!r}, shape={tuple(self.shape)}, dtype={self.dtype})"
+
+
+def flatten(params):
+    """Move ``params`` (same device and dtype) into one flat data and one flat grad buffer.
+
+    Each parameter's ``data``/``grad`` become reshaped views of the buffers, so an optimizer
+    can update every parameter in one kernel launch. Returns ``(flat_data, flat_grad)``.
+    """
+    params = list(params)
+    if not params:
+        raise ValueError("flatten() got no parameters")
+    xp = get_array_module(params[0].data)
+    dtype = params[0].data.dtype
+    for p in params:
+        if p.data.dtype != dtype or get_array_module(p.data) is not xp:
+            raise TypeError(
+                f"parameter {p.name!r} is {p.data.dtype} on {get_array_module(p.data).__name__}, "
+                f"but {params[0].name!r} is {dtype} on "
+                f"{xp.__name__}: all parameters of one optimizer must share dtype and device")
+    total = sum(p.size for p in params)
+    flat_data = xp.empty(total, dtype=dtype)
+    flat_grad = xp.zeros(total, dtype=dtype)
+    offset = 0
+    for p in params:
+        n = p.size
+        p.rebind(flat_data[offset:offset + n].reshape(p.shape),
+                 flat_grad[offset:offset + n].reshape(p.shape))
+        offset += n
+    return flat_data, flat_grad
+

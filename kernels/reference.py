@@ -1,0 +1,372 @@
+"""Reference implementations: plain ``xp`` (NumPy or CuPy) math, the oracle of every kernel.
+
+Every fused kernel in ``numba_cpu``, ``numba_cuda`` and ``cupy_kernels`` has the signature of
+the function of the same name here and must agree with it (tests/test_kernels.py). These
+functions favour clarity over speed: they may allocate temporaries, but they honour the
+``out=`` contract (results are written into the buffers given, which may alias inputs where
+a docstring says so) so that they are drop-in replacements for the fused versions.
+
+Conventions shared by all backends
+- 2-D batches are C-contiguous ``(N, M)`` arrays, float32 or float64; vectors are ``(M,)``.
+- Hyperparameters are Python scalars passed at call time (never baked into kernel source).
+- ``accumulate=True`` adds into a gradient buffer instead of overwriting it.
+- Activations are named by strings: ``ACTIVATIONS``; ``NEEDS_Z`` lists those whose
+  derivative is computed from the pre-activation ``Z`` rather than from ``A``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu_tanh", "gelu_erf",
+               "softplus")
+NEEDS_Z = frozenset({"gelu_tanh", "gelu_erf", "softplus"})
+
+GELU_K = math.sqrt(2.0 / math.pi)  # sqrt(2/pi) of the tanh approximation
+GELU_C = 0.044715
+INV_SQRT2 = 1.0 / math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _xp(a):
+    if type(a).__module__.startswith("cupy"):
+        import cupy
+
+        return cupy
+    return np
+
+
+def _erf(xp, x):
+    if xp is np:
+        return np.frompyfunc(math.erf, 1, 1)(x).astype(x.dtype)
+    from cupyx.scipy.special import erf
+
+    return erf(x)
+
+
+def sigmoid(xp, z):
+    """Stable logistic ``1/(1+exp(-z))``: ``exp`` only ever sees ``-|z|`` (no overflow)."""
+    e = xp.exp(-xp.abs(z))
+    return xp.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(z.dtype, copy=False)
+
+
+def activate(xp, z, act: str, alpha: float = 0.0):
+    """``σ(z)`` for an activation name (allocates; the oracle of the forward epilogue)."""
+    if act == "identity":
+        return z.copy()
+    if act == "relu":
+        return xp.maximum(z, 0)
+    if act == "leaky_relu":
+        return xp.where(z > 0, z, z * alpha)
+    if act == "sigmoid":
+        return sigmoid(xp, z)
+    if act == "tanh":
+        return xp.tanh(z)
+    if act == "gelu_tanh":
+        return 0.5 * z * (1.0 + xp.tanh(GELU_K * (z + GELU_C * z * z * z)))
+    if act == "gelu_erf":
+        return 0.5 * z * (1.0 + _erf(xp, z * INV_SQRT2))
+    if act == "softplus":
+        return xp.log1p(xp.exp(-xp.abs(z))) + xp.maximum(z, 0)
+    raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+
+
+def derivative(xp, a, z, act: str, alpha: float = 0.0):
+    """``σ'`` from ``a = σ(z)`` (identity, relu, leaky_relu, sigmoid, tanh) or from ``z``."""
+    if act == "identity":
+        return xp.ones_like(a)
+    if act == "relu":
+        return (a > 0).astype(a.dtype)
+    if act == "leaky_relu":
+        return xp.where(a > 0, 1.0, alpha).astype(a.dtype)
+    if act == "sigmoid":
+        return a * (1.0 - a)
+    if act == "tanh":
+        return 1.0 - a * a
+    if act == "gelu_tanh":
+        t = xp.tanh(GELU_K * (z + GELU_C * z * z * z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * z * z)
+    if act == "gelu_erf":
+        return 0.5 * (1.0 + _erf(xp, z * INV_SQRT2)) + z * xp.exp(-0.5 * z * z) * INV_SQRT_2PI
+    if act == "softplus":
+        return sigmoid(xp, z)
+    raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+
+
+# ---------------------------------------------------------------------------------------
+# 1-2. Dense epilogues
+def bias_act_forward(z, b, out, act: str, alpha: float = 0.0):
+    """Forward epilogue of ``Dense``: ``A = σ(Z + b)``.
+
+    ``z`` (N, M) holds ``X Wᵀ``; ``b`` (M,) or None. Writes ``out ← σ(z + b)``. When the
+    activation is in ``NEEDS_Z`` and ``b`` is given, also writes ``z ← z + b`` (backward
+    needs the pre-activation); otherwise ``z`` is only read, and ``out`` may be ``z`` itself.
+    Returns ``out``.
+    """
+    xp = _xp(z)
+    pre = z if b is None else z + b
+    a = activate(xp, pre, act, alpha)
+    if act in NEEDS_Z and b is not None:
+        z[...] = pre
+    out[...] = a
+    return out
+
+
+def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumulate=False):
+    """Backward epilogue of ``Dense``: ``δ = ∂L/∂A ⊙ σ'(Z)`` and ``∂L/∂b = Σ_rows δ``.
+
+    ``σ'`` is computed from ``a`` for activations outside ``NEEDS_Z`` and from ``z`` (the
+    pre-activation, bias included) for those in it; the unused one may be None.
+    ``delta_out`` may be ``da`` (in place). ``db_out`` (M,) receives the column sums of δ
+    (added to it when ``accumulate``); None skips the bias gradient. Returns ``delta_out``.
+    """
+    xp = _xp(da)
+    d = derivative(xp, a, z, act, alpha)
+    delta = da * d
+    delta_out[...] = delta
+    if db_out is not None:
+        s = delta.sum(axis=0, dtype=np.float64).astype(db_out.dtype)
+        if accumulate:
+            db_out += s
+        else:
+            db_out[...] = s
+    return delta_out
+
+
+# ---------------------------------------------------------------------------------------
+# Softmax (the layer) and softmax cross-entropy (the loss)
+def softmax_forward(x, out):
+    """Row softmax ``y_ij = exp(x_ij - m_i) / Σ_k exp(x_ik - m_i)`` with ``m_i = max_k x_ik``.
+    ``out`` may be ``x``. Returns ``out``."""
+    xp = _xp(x)
+    e = xp.exp(x - x.max(axis=1, keepdims=True))
+    out[...] = e / e.sum(axis=1, keepdims=True)
+    return out
+
+
+def softmax_backward(dy, y, out):
+    """Softmax Jacobian-vector product ``dx = y ⊙ (dy - Σ_k dy_k y_k)`` per row.
+    ``out`` may be ``dy``. Returns ``out``."""
+    out[...] = y * (dy - (dy * y).sum(axis=1, keepdims=True))
+    return out
+
+
+def softmax_xent(logits, labels, smoothing: float, scale: float, grad_out, loss_out):
+    """Softmax cross-entropy from logits with integer labels, loss and gradient in one pass.
+
+    With ``m = max_k z_k``, ``lse = m + log Σ_k exp(z_k - m)`` and the smoothed target
+    ``y = (1-ε)·onehot(label) + ε/C``: ``loss_i = lse - Σ_k y_k z_k`` is written to
+    ``loss_out`` (N,), and ``grad_out = scale · (softmax(z) - y)`` (N, C), e.g. ``scale=1/N``
+    for a mean. ``labels`` are int64 in ``[0, C)`` (validated by the caller). ``grad_out`` may
+    be ``logits``. Returns ``loss_out``.
+    """
+    xp = _xp(logits)
+    n, c = logits.shape
+    rows = xp.arange(n)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = xp.exp(shifted)
+    s = e.sum(axis=1, keepdims=True)
+    logp = shifted - xp.log(s)
+    loss = -(1.0 - smoothing) * logp[rows, labels]
+    if smoothing:
+        loss = loss - (smoothing / c) * logp.sum(axis=1)
+    target = xp.full_like(logits, smoothing / c)
+    target[rows, labels] += 1.0 - smoothing
+    grad = (e / s - target) * scale
+    grad_out[...] = grad
+    loss_out[...] = loss
+    return loss_out
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Optimizer updates (PyTorch formulas, one parameter tensor or a flat buffer of many)
+def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step):
+    """SGD (PyTorch semantics), in place on ``p`` and ``buf``::
+
+        d = g + λ p
+        buf = d                             (first step)
+        buf = μ buf + (1 - τ) d             (later steps)
+        d = d + μ buf   if nesterov  else  d = buf        (when μ ≠ 0)
+        p = p - lr d
+
+    ``buf`` is None when ``momentum == 0``.
+    """
+    d = g + weight_decay * p if weight_decay else g.copy()
+    if momentum:
+        if first_step:
+            buf[...] = d
+        else:
+            buf *= momentum
+            buf += (1.0 - dampening) * d
+        if nesterov:
+            d = d + momentum * buf
+        else:
+            d = buf
+    p -= lr * d
+
+
+def rmsprop_step(p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay, momentum,
+                 centered):
+    """RMSprop (PyTorch semantics), in place::
+
+        d = g + λ p
+        s = α s + (1 - α) d²
+        ḡ = ḡ + (1 - α)(d - ḡ)                   (centered only; v = s - ḡ²)
+        avg = sqrt(v) + eps                      (eps outside the sqrt)
+        buf = μ buf + d / avg ;  p = p - lr buf  (momentum)   or   p = p - lr d / avg
+
+    ``buf`` is None when ``momentum == 0``; ``grad_avg`` is None unless ``centered``.
+    """
+    xp = _xp(p)
+    d = g + weight_decay * p if weight_decay else g
+    square_avg *= alpha
+    square_avg += (1.0 - alpha) * d * d
+    if centered:
+        grad_avg += (1.0 - alpha) * (d - grad_avg)
+        avg = xp.sqrt(square_avg - grad_avg * grad_avg) + eps
+    else:
+        avg = xp.sqrt(square_avg) + eps
+    if momentum:
+        buf *= momentum
+        buf += d / avg
+        p -= lr * buf
+    else:
+        p -= lr * (d / avg)
+
+
+def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, step):
+    """Adam / AdamW (PyTorch semantics), in place, ``step`` counted from 1::
+
+        p = p (1 - lr λ)                 (decoupled, AdamW)   or   d = g + λ p  (Adam, L2)
+        m = m + (1 - β1)(d - m)
+        v = β2 v + (1 - β2) d²
+        v̂ = max(v̂, v)                   (amsgrad, when ``vmax`` is given)
+        p = p - (lr / (1 - β1ᵗ)) · m / (sqrt(v or v̂) / sqrt(1 - β2ᵗ) + eps)
+    """
+    xp = _xp(p)
+    d = g
+    if weight_decay:
+        if decoupled:
+            p *= 1.0 - lr * weight_decay
+        else:
+            d = g + weight_decay * p
+    m += (1.0 - beta1) * (d - m)
+    v *= beta2
+    v += (1.0 - beta2) * d * d
+    if vmax is not None:
+        xp.maximum(vmax, v, out=vmax)
+        second = vmax
+    else:
+        second = v
+    bias1 = 1.0 - beta1 ** step
+    bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    denom = xp.sqrt(second) / bias2_sqrt + eps
+    p -= (lr / bias1) * (m / denom)
+
+
+def adagrad_step(p, g, state_sum, lr, lr_decay, eps, weight_decay, step):
+    """Adagrad (PyTorch semantics), in place, ``step`` counted from 1::
+
+        d = g + λ p ;  s = s + d² ;  p = p - lr / (1 + (t - 1) η) · d / (sqrt(s) + eps)
+    """
+    xp = _xp(p)
+    d = g + weight_decay * p if weight_decay else g
+    state_sum += d * d
+    clr = lr / (1.0 + (step - 1) * lr_decay)
+    p -= clr * (d / (xp.sqrt(state_sum) + eps))
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Dropout with counter-based random numbers (identical masks on every backend)
+MASK32 = 0xFFFFFFFF
+GOLDEN32 = 0x9E3779B1
+
+
+def mix32(h):
+    """The 'lowbias32' integer hash on uint32 (NumPy/CuPy arrays or Python ints)."""
+    if isinstance(h, int):
+        h &= MASK32
+        h ^= h >> 16
+        h = (h * 0x7FEB352D) & MASK32
+        h ^= h >> 15
+        h = (h * 0x846CA68B) & MASK32
+        h ^= h >> 16
+        return h
+    h = h ^ (h >> 16)
+    h = h * 0x7FEB352D
+    h = h ^ (h >> 15)
+    h = h * 0x846CA68B
+    return h ^ (h >> 16)
+
+
+def dropout_key(seed: int, counter: int) -> int:
+    """The 32-bit key of one dropout call: ``mix32(seed ^ mix32(counter + φ))`` (host side)."""
+    return mix32((seed & MASK32) ^ mix32(counter + GOLDEN32))
+
+
+def dropout_threshold(p: float) -> int:
+    """Integer threshold: element ``i`` is kept iff ``hash(i) >> 8 >= ceil(p · 2²⁴)``."""
+    return int(math.ceil(p * (1 << 24)))
+
+
+def dropout(x, key: int, threshold: int, scale: float, out):
+    """Inverted dropout: ``out_i = x_i · scale`` if kept else 0, with ``scale = 1/(1-p)``.
+
+    Element ``i`` (flat C-order index) is kept iff ``mix32((i · φ) ^ key) >> 8 >= threshold``:
+    the mask is a pure function of ``(key, i)``, so backward is the same call on ``∂L/∂out``
+    and every backend draws the same mask. ``out`` may be ``x``. Returns ``out``.
+    """
+    xp = _xp(x)
+    i = xp.arange(x.size, dtype=np.uint32).reshape(x.shape)
+    h = mix32((i * GOLDEN32) ^ np.uint32(key))
+    keep = (h >> 8) >= threshold
+    out[...] = xp.where(keep, x * x.dtype.type(scale), 0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# 6. BatchNorm (training mode), per feature
+def batchnorm_forward(x, gamma, beta, eps, out, xhat_out, mean_out, var_out, invstd_out):
+    """Batch normalisation over the rows of ``x`` (N, M), per feature ``j``::
+
+        μ_j = mean_i x_ij ;  σ²_j = mean_i (x_ij - μ_j)² (biased) ;  r_j = 1/sqrt(σ²_j + eps)
+        x̂_ij = (x_ij - μ_j) r_j ;  out_ij = γ_j x̂_ij + β_j
+
+    Writes ``out``, ``xhat_out`` (N, M) and ``mean_out``, ``var_out``, ``invstd_out`` (M,).
+    Returns ``out``.
+    """
+    xp = _xp(x)
+    mean = x.mean(axis=0)
+    centered = x - mean
+    var = (centered * centered).mean(axis=0)
+    invstd = 1.0 / xp.sqrt(var + eps)
+    xhat = centered * invstd
+    mean_out[...] = mean
+    var_out[...] = var
+    invstd_out[...] = invstd
+    xhat_out[...] = xhat
+    out[...] = gamma * xhat + beta
+    return out
+
+
+def batchnorm_backward(dy, xhat, gamma, invstd, dx_out, dgamma_out, dbeta_out, accumulate=False):
+    """Backward of training-mode BatchNorm, per feature ``j`` with ``N`` rows::
+
+        ∂β_j = Σ_i dy_ij ;  ∂γ_j = Σ_i dy_ij x̂_ij
+        dx_ij = γ_j r_j / N · (N dy_ij - ∂β_j - x̂_ij ∂γ_j)
+
+    ``dgamma_out``/``dbeta_out`` are overwritten, or added to when ``accumulate``.
+    ``dx_out`` may be ``dy``. Returns ``dx_out``.
+    """
+    n = dy.shape[0]
+    dbeta = dy.sum(axis=0)
+    dgamma = (dy * xhat).sum(axis=0)
+    dx_out[...] = (gamma * invstd / n) * (n * dy - dbeta - xhat * dgamma)
+    if accumulate:
+        dgamma_out += dgamma
+        dbeta_out += dbeta
+    else:
+        dgamma_out[...] = dgamma
+        dbeta_out[...] = dbeta
+    return dx_out
