@@ -12,6 +12,7 @@ CuPy is probed at most once per process and only when a device is first needed, 
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
 import importlib.util
 import os
 import re
@@ -110,8 +111,11 @@ def cuda_status() -> dict:
                     status["reason"] = f"CUDA device found ({status['names'][0]})"
             except Exception as exc:  # any failure means: no usable GPU
                 text = f"{type(exc).__name__}: {exc}".strip()
-                if "driver" in text.lower() and "insufficient" in text.lower():
-                    text = f"the NVIDIA driver is too old for this CuPy build ({text})"
+                if "insufficientdriver" in text.lower().replace(" ", ""):
+                    if ctypes.util.find_library("cuda") is None:
+                        text = f"no NVIDIA driver is installed (libcuda not found; {text})"
+                    else:
+                        text = f"the NVIDIA driver is too old for this CuPy build ({text})"
                 status["reason"] = f"CuPy is installed but CUDA is unusable: {text}"
         _probe = status
         return status

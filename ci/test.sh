@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The test command of the README (`make test` runs this). Creates .venv if needed, installs
+# backprop with its test extra, then runs, each as its own pytest job:
+#   1. the whole suite with the default kernels (numba_cpu on this CPU);
+#   2. the model-level suite again with BACKPROP_KERNELS=reference (the oracle path);
+#   3. the Numba CUDA kernels for real in Numba's CUDA simulator (small shapes);
+#   4. the benchmarks once in smoke mode (--benchmark-disable) so they cannot rot.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -e ".[test]"
+P="$VENV/bin/python -m pytest"
+export NUMBA_NUM_THREADS=${NUMBA_NUM_THREADS:-2}
+
+echo "== 1/4 full suite, default kernels =="
+$P tests -q
+
+echo "== 2/4 model suite, BACKPROP_KERNELS=reference =="
+BACKPROP_KERNELS=reference $P tests -q -m "not cudasim" \
+  --ignore=tests/test_kernels.py --ignore=tests/test_cupy_compile.py \
+  --ignore=tests/test_numba_cuda_compile.py
+
+echo "== 3/4 Numba CUDA kernels in the simulator =="
+NUMBA_ENABLE_CUDASIM=1 $P tests/test_kernels.py -q -k numba_cuda
+
+echo "== 4/4 benchmarks, smoke mode =="
+if [ -d benchmarks ] && ls benchmarks/test_*.py >/dev/null 2>&1; then
+  $P benchmarks -q --benchmark-disable
+else
+  echo "no benchmarks yet"
+fi
