@@ -1,0 +1,547 @@
+"""Layers: each one a forward pass that caches what its backward pass needs.
+
+A batch is a C-contiguous ``(N, features)`` array. ``forward(x)`` returns a buffer the layer
+owns (reused by the next forward of the same batch size, so a training step allocates
+nothing once warm); ``backward(grad)`` may overwrite ``grad``, adds the parameter gradients
+into ``Parameter.grad`` and returns ``∂L/∂x`` (None with ``need_input_grad=False``).
+
+    Dense        Z = X Wᵀ + b,  A = σ(Z)          δ = dA ⊙ σ'(Z),  ∂W = δᵀX,  ∂b = Σδ,  ∂X = δW
+    Dropout      A = X ⊙ M / (1-p)                ∂X = dA ⊙ M / (1-p)
+    BatchNorm1d  A = γ (X - μ)/sqrt(σ² + ε) + β    (see kernels.reference.batchnorm_backward)
+    Residual     A = X + F(X)                     ∂X = dA + ∂F/∂X · dA
+    Flatten      A = X.reshape(N, -1)             ∂X = dA.reshape(X.shape)
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from backprop import init as initializers
+from backprop import kernels as K
+from backprop.backend import asarray, get_array_module, get_dtype, to_numpy
+from backprop.parameter import Parameter
+
+__all__ = ["Layer", "Dense", "Dropout", "BatchNorm1d", "Residual", "Flatten", "from_config",
+           "check_input"]
+
+_CACHE_SIZE = 12  # buffers kept per layer: a few names × (full batch, last partial batch, ...)
+
+
+class Layer:
+    """Base class: implement ``forward``/``backward`` (and ``config`` to be serialisable).
+
+    Attributes that hold a :class:`Parameter` are the layer's parameters and attributes that
+    hold a ``Layer`` are its sub-layers, both found by name (``"W"``, ``"block.0.W"``);
+    ``self._buffers`` holds state that is saved but not trained (e.g. running statistics).
+    """
+
+    in_features = None        # features the layer checks its input against (None: any)
+    preserves_shape = False   # output shape == input shape (used by summary and input checks)
+    _registry: dict = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Layer._registry[cls.__name__] = cls
+
+    def __init__(self):
+        self.training = True
+        self._buffers = {}
+        self._cache = {}
+
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(x)")
+
+    def backward(self, grad, need_input_grad=True):
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement backward(grad, need_input_grad=True)")
+
+    def __call__(self, x):
+        """Forward on any array-like; returns a fresh array (``forward`` returns a buffer)."""
+        return self.forward(self.prepare_input(x)).copy()
+
+    # -- structure -------------------------------------------------------------------------
+    def children(self):
+        """``(name, layer)`` for each direct sub-layer."""
+        return [(k, v) for k, v in vars(self).items() if isinstance(v, Layer) and k[0] != "_"]
+
+    def modules(self):
+        """This layer and all layers below it, depth first."""
+        yield self
+        for _, child in self.children():
+            yield from child.modules()
+
+    def named_parameters(self, prefix: str = ""):
+        for k, v in vars(self).items():
+            if isinstance(v, Parameter) and k[0] != "_":
+                yield prefix + k, v
+        for name, child in self.children():
+            yield from child.named_parameters(f"{prefix}{name}.")
+
+    def parameters(self) -> list:
+        return [p for _, p in self.named_parameters()]
+
+    def named_buffers(self, prefix: str = ""):
+        for k, v in self._buffers.items():
+            yield prefix + k, v
+        for name, child in self.children():
+            yield from child.named_buffers(f"{prefix}{name}.")
+
+    def name_parameters(self) -> None:
+        """Set each parameter's ``.name`` to its path below this layer (``"2.block.0.W"``)."""
+        for name, p in self.named_parameters():
+            p.name = name
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.parameters())
+
+    # -- modes, gradients, devices -----------------------------------------------------------
+    def train(self, mode: bool = True):
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.zero_grad()
+
+    def to(self, device=None, dtype=None):
+        """Move (and/or cast) parameters and buffers; returns self. Create optimizers after."""
+        for p in self.parameters():
+            p.data = asarray(p.data, dtype=dtype, device=device)
+        for m in self.modules():
+            for k, v in m._buffers.items():
+                m._buffers[k] = asarray(v, dtype=dtype, device=device)
+            m._cache.clear()
+        return self
+
+    # -- state and config --------------------------------------------------------------------
+    def _state_arrays(self) -> dict:
+        arrays = {name: p.data for name, p in self.named_parameters()}
+        arrays.update(self.named_buffers())
+        return arrays
+
+    def state_dict(self) -> dict:
+        """``name -> NumPy array`` (copies) of every parameter and buffer."""
+        return {name: to_numpy(a).copy() for name, a in self._state_arrays().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Write ``state`` into the existing arrays in place (names and shapes must match)."""
+        own = self._state_arrays()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"state_dict does not match {type(self).__name__}: missing "
+                           f"{missing}, unexpected {unexpected}")
+        for name, arr in own.items():
+            value = state[name]
+            if tuple(np.shape(value)) != tuple(arr.shape):
+                raise ValueError(f"state_dict[{name!r}] has shape {tuple(np.shape(value))}, "
+                                 f"but the layer's array has shape {tuple(arr.shape)}")
+            arr[...] = get_array_module(arr).asarray(value)
+
+    def config(self) -> dict:
+        raise NotImplementedError(
+            f"{type(self).__name__} does not define config(): return "
+            "{'type': class name, **constructor arguments} to make it serialisable")
+
+    @classmethod
+    def from_config(cls, cfg: dict):
+        """Rebuild a layer from its ``config()``; on ``Layer`` itself, dispatch on ``type``."""
+        if cls is Layer:
+            return _layer_class(cfg).from_config(cfg)
+        return cls(**{k: v for k, v in cfg.items() if k != "type"})
+
+    # -- helpers for subclasses ----------------------------------------------------------------
+    def output_shape(self, input_shape):
+        """Output shape for an input shape (None where unknown); used by ``summary``."""
+        return input_shape if self.preserves_shape else None
+
+    def prepare_input(self, x):
+        """``x`` as a C-contiguous array on the device and in the dtype of the parameters."""
+        params = self.parameters()
+        like = params[0].data if params else None
+        xp = get_array_module(like if like is not None else x)
+        if not hasattr(x, "dtype"):  # a list or scalar has no dtype of its own: adopt the model's
+            x = np.asarray(x, dtype=like.dtype if like is not None else get_dtype())
+        x = to_numpy(x) if xp is np else xp.asarray(x)
+        if like is None and x.dtype.kind != "f":
+            raise TypeError(f"{self!r} needs a floating-point input; got {x.dtype}: "
+                            "convert with x.astype('float32')")
+        return xp.ascontiguousarray(x)
+
+    def _buffer(self, name: str, shape, like):
+        """A reusable array ``name`` of ``shape`` (dtype and device of ``like``)."""
+        key = (name, tuple(shape))
+        buf = self._cache.get(key)
+        if buf is None:
+            if len(self._cache) >= _CACHE_SIZE:
+                self._cache.pop(next(iter(self._cache)))
+            buf = self._cache[key] = get_array_module(like).empty(shape, dtype=like.dtype)
+        return buf
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def from_config(cfg: dict) -> Layer:
+    """Rebuild any layer (Sequential included) from its ``config()``."""
+    return Layer.from_config(cfg)
+
+
+def _layer_class(cfg):
+    import backprop.activations  # noqa: F401  (registers the activation layers)
+    import backprop.model  # noqa: F401  (registers Sequential)
+
+    if not isinstance(cfg, dict) or "type" not in cfg:
+        raise ValueError(f"a layer config is a dict with a 'type' key; got {cfg!r}")
+    cls = Layer._registry.get(cfg["type"])
+    if cls is None:
+        raise ValueError(f"unknown layer type {cfg['type']!r}; known: {sorted(Layer._registry)} "
+                         "(a custom layer must be imported before from_config)")
+    return cls
+
+
+def check_input(x, who: str, in_features, like) -> None:
+    """Raise a clear error unless ``x`` is an ``(N, in_features)`` array of ``like``'s array
+    type and dtype (``in_features=None`` skips the shape check)."""
+    if type(x) is not type(like):
+        raise TypeError(
+            f"{who} has its parameters in {type(like).__module__}.{type(like).__name__} arrays "
+            f"but got a {type(x).__module__}.{type(x).__name__}: convert with bp.asarray(x), or "
+            "call the model (model(x) converts)")
+    if in_features is not None and (x.ndim != 2 or x.shape[1] != in_features):
+        hint = ""
+        if x.ndim == 1 and x.shape[0] == in_features:
+            hint = ": a single sample needs a batch axis, x.reshape(1, -1)"
+        elif x.ndim > 2:
+            hint = ": add a Flatten() layer first"
+        raise ValueError(f"{who} expects input of shape (N, {in_features}); got "
+                         f"{tuple(x.shape)}{hint}")
+    if x.dtype != like.dtype:
+        raise TypeError(f"{who} has {like.dtype} parameters but got a {x.dtype} input: convert "
+                        f"with x.astype('{like.dtype}') or build the model with dtype='{x.dtype}'")
+
+
+def _rows(a):
+    """A 2-D ``(N, -1)`` view of a batch (kernels take 2-D arrays)."""
+    return a if a.ndim == 2 else a.reshape(a.shape[0], -1)
+
+
+def _positive_int(value, what: str) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{what} must be a positive integer; got {value!r}")
+    return int(value)
+
+
+def _float_dtype(dtype) -> np.dtype:
+    dt = get_dtype() if dtype is None else np.dtype(dtype)
+    if dt not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be float32 or float64; got {dt}")
+    return dt
+
+
+class Dense(Layer):
+    """Fully connected layer with a fused bias + activation epilogue.
+
+    Forward, for a batch ``X`` (N, in) and ``W`` (out, in)::
+
+        Z = X Wᵀ + b          A = σ(Z)
+
+    Backward, given ``dA = ∂L/∂A``::
+
+        δ = dA ⊙ σ'(Z)        ∂W = δᵀ X        ∂b = Σ_rows δ        ∂X = δ W
+
+    ``Z = X Wᵀ`` is one GEMM into a reused buffer; ``K.bias_act_forward`` then adds ``b`` and
+    applies σ in one pass, writing ``A`` over ``Z`` when σ' can be computed from ``A``
+    (``σ ∉ K.NEEDS_Z``). With ``activation="softmax"`` the epilogue adds ``b`` and the row
+    softmax kernels follow. ``activation`` is a name (``"relu"``, ``"gelu"``...), an
+    activation object or None; ``init`` an initialiser name or callable (default: He for
+    ReLU-like activations, Xavier otherwise); ``rng`` an int seed or a Generator.
+    """
+
+    def __init__(self, in_features, out_features, activation=None, init=None, bias=True,
+                 rng=None, dtype=None):
+        super().__init__()
+        from backprop import activations
+
+        self.in_features = _positive_int(in_features, "Dense in_features")
+        self.out_features = _positive_int(out_features, "Dense out_features")
+        self.activation = activations.get(activation)
+        self.init = init
+        dtype = _float_dtype(dtype)
+        draw = initializers.get(init or initializers.default_for(self.activation))
+        w = draw((self.out_features, self.in_features), initializers.as_generator(rng))
+        self.W = Parameter(asarray(w, dtype=dtype), "W")
+        self.b = Parameter(asarray(np.zeros(self.out_features), dtype=dtype), "b") if bias else None
+
+    def forward(self, x):
+        W, act = self.W.data, self.activation.kernel
+        check_input(x, repr(self), self.in_features, W)
+        z = self._buffer("z", (x.shape[0], self.out_features), W)
+        get_array_module(W).matmul(x, W.T, out=z)
+        b = None if self.b is None else self.b.data
+        if act == "softmax":
+            a = K.softmax_forward(K.bias_act_forward(z, b, z, "identity", 0.0), z)
+        else:
+            a = self._buffer("a", z.shape, W) if act in K.NEEDS_Z else z
+            K.bias_act_forward(z, b, a, act, self.activation.alpha)
+        self._x, self._z, self._a = x, z, a
+        return a
+
+    def backward(self, grad, need_input_grad=True):
+        x, z, a, W = self._x, self._z, self._a, self.W.data
+        xp, act = get_array_module(W), self.activation.kernel
+        if act == "softmax":
+            act = "identity"
+            K.softmax_backward(grad, a, grad)
+        db, accumulate_b = (None, False) if self.b is None else self.b.grad_for_write()
+        delta = K.bias_act_backward(grad, a, z, act, self.activation.alpha, grad, db, accumulate_b)
+        dW, accumulate_w = self.W.grad_for_write()
+        if accumulate_w:
+            dW += xp.matmul(delta.T, x, out=self._buffer("dW", W.shape, W))
+        else:
+            xp.matmul(delta.T, x, out=dW)
+        if not need_input_grad:
+            return None
+        return xp.matmul(delta, W, out=self._buffer("dx", x.shape, W))
+
+    def output_shape(self, input_shape):
+        return (input_shape[0], self.out_features)
+
+    def config(self) -> dict:
+        return {"type": "Dense", "in_features": self.in_features,
+                "out_features": self.out_features, "activation": self.activation.config(),
+                "init": self.init if isinstance(self.init, str) else None,
+                "bias": self.b is not None, "dtype": str(self.W.dtype)}
+
+    def __repr__(self) -> str:
+        act = "" if self.activation.name == "identity" else f", activation={self.activation.name!r}"
+        return f"Dense({self.in_features}, {self.out_features}{act}" + \
+            ("" if self.b is not None else ", bias=False") + ")"
+
+
+class Dropout(Layer):
+    """Inverted dropout: ``A = X ⊙ M / (1-p)`` in training, ``A = X`` in eval mode.
+
+    The mask ``M`` is a hash of ``(seed, counter, element index)`` (``K.dropout``): no mask
+    is stored, backward applies the same call to ``dA``, and every backend draws the same
+    mask. ``counter`` advances once per training forward; with ``fixed_mask = True`` it does
+    not (gradcheck uses this so that every evaluation sees one mask).
+    """
+
+    preserves_shape = True
+
+    def __init__(self, p=0.5, seed=None):
+        super().__init__()
+        if not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout probability p must be in [0, 1); got {p!r}")
+        self.p = float(p)
+        self.seed = int(initializers.as_generator(None).integers(2**32)) if seed is None \
+            else int(seed)
+        self.counter = 0
+        self.fixed_mask = False
+        self._key = None
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            self._key = None
+            return x
+        self._key = K.dropout_key(self.seed, self.counter)
+        if not self.fixed_mask:
+            self.counter += 1
+        out = self._buffer("out", x.shape, x)
+        K.dropout(_rows(x), self._key, K.dropout_threshold(self.p), 1.0 / (1.0 - self.p),
+                  _rows(out))
+        return out
+
+    def backward(self, grad, need_input_grad=True):
+        if not need_input_grad:
+            return None
+        if self._key is not None:
+            g = _rows(grad)
+            K.dropout(g, self._key, K.dropout_threshold(self.p), 1.0 / (1.0 - self.p), g)
+        return grad
+
+    def config(self) -> dict:
+        return {"type": "Dropout", "p": self.p, "seed": self.seed}
+
+    def __repr__(self) -> str:
+        return f"Dropout(p={self.p})"
+
+
+class BatchNorm1d(Layer):
+    """Batch normalisation per feature, PyTorch semantics.
+
+    Training: ``A = γ x̂ + β`` with ``x̂ = (X - μ_B)/sqrt(σ²_B + ε)`` from the batch (biased
+    variance), and the running statistics move towards the batch ones::
+
+        running_mean ← (1 - m) running_mean + m μ_B
+        running_var  ← (1 - m) running_var  + m σ²_B · N/(N-1)     (unbiased)
+
+    Eval: the same formula with the running statistics (then ``∂X = dA γ / sqrt(σ² + ε)``).
+    """
+
+    preserves_shape = True
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, dtype=None):
+        super().__init__()
+        self.num_features = self.in_features = _positive_int(num_features, "num_features")
+        self.eps, self.momentum, self.affine = float(eps), float(momentum), bool(affine)
+        dtype = _float_dtype(dtype)
+        n = self.num_features
+        self.gamma = Parameter(asarray(np.ones(n), dtype=dtype), "gamma") if affine else None
+        self.beta = Parameter(asarray(np.zeros(n), dtype=dtype), "beta") if affine else None
+        self._buffers = {"running_mean": asarray(np.zeros(n), dtype=dtype),
+                         "running_var": asarray(np.ones(n), dtype=dtype)}
+
+    @property
+    def running_mean(self):
+        return self._buffers["running_mean"]
+
+    @property
+    def running_var(self):
+        return self._buffers["running_var"]
+
+    def _affine(self, like):
+        """``(γ, β)``: the parameters, or constant ones and zeros when ``affine=False``."""
+        if self.affine:
+            return self.gamma.data, self.beta.data
+        if "unit" not in self._cache:
+            xp = get_array_module(like)
+            self._cache["unit"] = (xp.ones(self.num_features, like.dtype),
+                                   xp.zeros(self.num_features, like.dtype))
+        return self._cache["unit"]
+
+    def forward(self, x):
+        rm, rv = self._buffers["running_mean"], self._buffers["running_var"]
+        check_input(x, repr(self), self.num_features, rm)
+        (n, m), xp = x.shape, get_array_module(x)
+        gamma, beta = self._affine(x)
+        out, xhat = self._buffer("out", x.shape, x), self._buffer("xhat", x.shape, x)
+        invstd = self._buffer("invstd", (m,), x)
+        self._trained = self.training
+        if self.training:
+            if n < 2:
+                raise ValueError("BatchNorm1d in training mode needs at least 2 rows per batch "
+                                 f"to estimate a variance; got {n}: use larger batches or "
+                                 "call model.eval()")
+            mean, var = self._buffer("mean", (m,), x), self._buffer("var", (m,), x)
+            K.batchnorm_forward(x, gamma, beta, self.eps, out, xhat, mean, var, invstd)
+            mom = self.momentum
+            mean -= rm; mean *= mom; rm += mean                   # noqa: E702
+            var *= n / (n - 1); var -= rv; var *= mom; rv += var  # noqa: E702
+        else:
+            xp.reciprocal(xp.sqrt(xp.add(rv, self.eps, out=invstd), out=invstd), out=invstd)
+            xp.multiply(xp.subtract(x, rm, out=xhat), invstd, out=xhat)
+            xp.multiply(xhat, gamma, out=out)
+            out += beta
+        self._xhat, self._invstd = xhat, invstd
+        return out
+
+    def backward(self, grad, need_input_grad=True):
+        xhat, invstd = self._xhat, self._invstd
+        gamma, _ = self._affine(grad)
+        if self.affine:
+            dgamma, acc_g = self.gamma.grad_for_write()
+            dbeta, acc_b = self.beta.grad_for_write()
+            if acc_g != acc_b:  # only one was zeroed: zero the other explicitly, then add
+                (dbeta if acc_g else dgamma).fill(0)
+            accumulate = acc_g or acc_b
+        else:
+            m = self.num_features
+            dgamma, dbeta = self._buffer("dgamma", (m,), grad), self._buffer("dbeta", (m,), grad)
+            accumulate = False
+        if self._trained:
+            K.batchnorm_backward(grad, xhat, gamma, invstd, grad, dgamma, dbeta, accumulate)
+        else:  # eval: μ and σ² are constants, so ∂X = dA γ r, ∂γ = Σ dA x̂, ∂β = Σ dA
+            sums = ((grad * xhat).sum(axis=0), grad.sum(axis=0))
+            for out, s in zip((dgamma, dbeta), sums):
+                if accumulate:
+                    out += s
+                else:
+                    out[...] = s
+            grad *= gamma * invstd
+        return grad if need_input_grad else None
+
+    def config(self) -> dict:
+        return {"type": "BatchNorm1d", "num_features": self.num_features, "eps": self.eps,
+                "momentum": self.momentum, "affine": self.affine,
+                "dtype": str(self._buffers["running_mean"].dtype)}
+
+    def __repr__(self) -> str:
+        return f"BatchNorm1d({self.num_features})"
+
+
+class Residual(Layer):
+    """Skip connection around a block: ``A = X + F(X)``, so ``∂X = dA + (∂F/∂X)ᵀ dA``.
+
+    ``block`` is a layer (or a list of layers, wrapped in a Sequential) that preserves the
+    shape of its input.
+    """
+
+    preserves_shape = True
+
+    def __init__(self, block):
+        super().__init__()
+        if isinstance(block, (list, tuple)):
+            from backprop.model import Sequential
+
+            block = Sequential(block)
+        if not isinstance(block, Layer):
+            raise TypeError(
+                f"Residual wraps a Layer or a list of layers; got {type(block).__name__}")
+        self.block = block
+        self.name_parameters()
+
+    @property
+    def in_features(self):
+        return self.block.in_features
+
+    def forward(self, x):
+        h = self.block.forward(x)
+        if h.shape != x.shape:
+            raise ValueError(f"Residual block {self.block!r} maps shape {tuple(x.shape)} to "
+                             f"{tuple(h.shape)}; x + block(x) needs the block to preserve the "
+                             "shape (match the last layer's out_features to the input)")
+        return get_array_module(x).add(x, h, out=self._buffer("out", x.shape, x))
+
+    def backward(self, grad, need_input_grad=True):
+        if not need_input_grad:
+            self.block.backward(grad, need_input_grad=False)
+            return None
+        skip = self._buffer("skip", grad.shape, grad)
+        skip[...] = grad  # the block may overwrite grad
+        skip += self.block.backward(grad, need_input_grad=True)
+        return skip
+
+    def config(self) -> dict:
+        return {"type": "Residual", "block": self.block.config()}
+
+    @classmethod
+    def from_config(cls, cfg: dict):
+        return cls(from_config(cfg["block"]))
+
+    def __repr__(self) -> str:
+        return f"Residual({self.block!r})"
+
+
+class Flatten(Layer):
+    """``A = X.reshape(N, -1)`` (a view); ``∂X = dA.reshape(X.shape)``."""
+
+    def forward(self, x):
+        self._shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, grad, need_input_grad=True):
+        return grad.reshape(self._shape) if need_input_grad else None
+
+    def output_shape(self, input_shape):
+        rest = input_shape[1:]
+        return None if None in rest else (input_shape[0], math.prod(rest))
+
+    def config(self) -> dict:
+        return {"type": "Flatten"}

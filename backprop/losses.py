@@ -1,0 +1,260 @@
+"""Losses: ``forward(pred, target)`` returns the loss as a 0-d array (no host sync) and
+computes ``∂L/∂pred`` into a buffer the loss owns, which ``backward()`` returns.
+
+With ``d = pred - target``, ``n`` = number of elements (rows for cross-entropy) and
+``s = 1/n`` for ``reduction="mean"`` or ``1`` for ``"sum"``:
+
+    MSELoss                   L = s Σ d²                                   ∂L/∂pred = 2 s d
+    L1Loss                    L = s Σ |d|                                  ∂L/∂pred = s sign(d)
+    BCEWithLogitsLoss (z, y)  L = s Σ max(z,0) - z y + log(1 + e^-|z|)     ∂L/∂z = s (σ(z) - y)
+    BCELoss (p, y)            L = -s Σ y log p + (1-y) log(1-p)  (logs clamped at -100)
+                                                       ∂L/∂p = s (p - y) / max(p(1-p), 1e-12)
+    SoftmaxCrossEntropyLoss   L = s Σᵢ lseᵢ - Σₖ yᵢₖ zᵢₖ  with y smoothed: (1-ε) y + ε/C
+                              ∂L/∂z = s (softmax(z) Σₖ yₖ - y)
+
+Every formula only exponentiates non-positive numbers, so any finite input gives a finite
+loss and gradient. Targets are checked (shape always; NaN, label type and range while
+``validate_labels`` is True, which costs a host sync: ``fit`` validates the data set once
+and then turns it off).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from backprop import kernels as K
+from backprop.backend import get_array_module, to_numpy
+
+__all__ = ["Loss", "MSELoss", "L1Loss", "BCEWithLogitsLoss", "BCELoss",
+           "SoftmaxCrossEntropyLoss", "CrossEntropyLoss", "get", "from_config", "NAMES"]
+
+
+class Loss:
+    """Base class: ``forward(pred, target) -> 0-d array``, ``backward() -> ∂L/∂pred``."""
+
+    _registry: dict = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Loss._registry[cls.__name__] = cls
+
+    def __init__(self, reduction: str = "mean"):
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
+        self.reduction = reduction
+        self.validate_labels = True
+        self._grad = None
+        self._cache = {}
+
+    def __call__(self, pred, target):
+        return self.forward(pred, target)
+
+    def backward(self):
+        """``∂L/∂pred`` of the last ``forward`` (a buffer owned by the loss)."""
+        if self._grad is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
+        return self._grad
+
+    def config(self) -> dict:
+        return {"type": type(self).__name__, "reduction": self.reduction}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")
+        return f"{type(self).__name__}({args})"
+
+    def _buffer(self, name, shape, like):
+        key = (name, tuple(shape), like.dtype)
+        buf = self._cache.get(key)
+        if buf is None:
+            if len(self._cache) >= 12:
+                self._cache.pop(next(iter(self._cache)))
+            buf = self._cache[key] = get_array_module(like).empty(shape, dtype=like.dtype)
+        return buf
+
+    def _scale(self, n: int) -> float:
+        return 1.0 / n if self.reduction == "mean" else 1.0
+
+    def _pred_and_target(self, pred, target):
+        """Check ``pred`` and bring ``target`` to its device, shape check and dtype."""
+        xp = get_array_module(pred)
+        if not hasattr(pred, "dtype") or pred.dtype.kind != "f":
+            raise TypeError(f"{type(self).__name__} needs floating-point predictions; got "
+                            f"{getattr(pred, 'dtype', type(pred).__name__)}")
+        target = to_numpy(target) if xp is np else xp.asarray(target)
+        if target.shape != pred.shape:
+            hint = ""
+            if target.ndim == pred.ndim - 1 and pred.shape[-1] == 1:
+                hint = ": reshape the target with y.reshape(-1, 1)"
+            raise ValueError(f"{type(self).__name__}: prediction shape {tuple(pred.shape)} and "
+                             f"target shape {tuple(target.shape)} differ{hint}")
+        if target.dtype != pred.dtype:
+            target = target.astype(pred.dtype)
+        if self.validate_labels and bool(xp.isnan(target).any()):
+            raise ValueError(f"{type(self).__name__}: the target contains NaN")
+        return xp, target
+
+
+class MSELoss(Loss):
+    """Mean squared error ``s Σ (pred - target)²``."""
+
+    def forward(self, pred, target):
+        xp, target = self._pred_and_target(pred, target)
+        s = self._scale(pred.size)
+        g = self._grad = xp.subtract(pred, target, out=self._buffer("grad", pred.shape, pred))
+        total = xp.vdot(g.ravel(), g.ravel())
+        g *= 2.0 * s
+        return xp.asarray(total * s)
+
+
+class L1Loss(Loss):
+    """Mean absolute error ``s Σ |pred - target|`` (gradient ``s sign(d)``, 0 where d = 0)."""
+
+    def forward(self, pred, target):
+        xp, target = self._pred_and_target(pred, target)
+        s = self._scale(pred.size)
+        d = xp.subtract(pred, target, out=self._buffer("diff", pred.shape, pred))
+        g = self._grad = xp.sign(d, out=self._buffer("grad", pred.shape, pred))
+        total = xp.vdot(d.ravel(), g.ravel())  # Σ d sign(d) = Σ |d|
+        g *= s
+        return xp.asarray(total * s)
+
+
+class BCEWithLogitsLoss(Loss):
+    """Binary cross-entropy on logits ``z`` with targets ``y`` in [0, 1], in the stable form
+    ``max(z, 0) - z y + log1p(exp(-|z|))``; ``σ(z) = exp(min(z, 0)) / (1 + exp(-|z|))``."""
+
+    def forward(self, pred, target):
+        xp, y = self._pred_and_target(pred, target)
+        s = self._scale(pred.size)
+        e, loss = self._buffer("e", pred.shape, pred), self._buffer("loss", pred.shape, pred)
+        g = self._grad = self._buffer("grad", pred.shape, pred)
+        xp.exp(xp.negative(xp.abs(pred, out=e), out=e), out=e)          # e = exp(-|z|)
+        xp.log1p(e, out=loss)
+        loss += xp.maximum(pred, 0, out=g)
+        loss -= xp.multiply(pred, y, out=g)
+        total = loss.sum()
+        xp.exp(xp.minimum(pred, 0, out=g), out=g)
+        e += 1.0
+        g /= e                                                          # g = σ(z)
+        g -= y
+        g *= s
+        return xp.asarray(total * s)
+
+
+class BCELoss(Loss):
+    """Binary cross-entropy on probabilities ``p`` in [0, 1], logs clamped at -100 (PyTorch)."""
+
+    def forward(self, pred, target):
+        xp, y = self._pred_and_target(pred, target)
+        if self.validate_labels:
+            lo, hi = float(xp.minimum(pred.min(), y.min())), float(xp.maximum(pred.max(), y.max()))
+            if lo < 0.0 or hi > 1.0:
+                raise ValueError(f"BCELoss needs predictions and targets in [0, 1]; got values "
+                                 f"in [{lo}, {hi}] (use BCEWithLogitsLoss on raw scores)")
+        s = self._scale(pred.size)
+        logp, log1mp = self._buffer("logp", pred.shape, pred), self._buffer("l1", pred.shape, pred)
+        g = self._grad = self._buffer("grad", pred.shape, pred)
+        with np.errstate(divide="ignore"):  # log(0) = -inf is clamped just below
+            xp.maximum(xp.log(pred, out=logp), -100.0, out=logp)
+            xp.maximum(xp.log1p(xp.negative(pred, out=log1mp), out=log1mp), -100.0, out=log1mp)
+        logp -= log1mp
+        logp *= y
+        logp += log1mp                                  # y log p + (1 - y) log(1 - p)
+        total = -logp.sum()
+        xp.subtract(pred, y, out=g)
+        xp.subtract(1.0, pred, out=log1mp)
+        log1mp *= pred
+        g /= xp.maximum(log1mp, 1e-12, out=log1mp)
+        g *= s
+        return xp.asarray(total * s)
+
+
+class SoftmaxCrossEntropyLoss(Loss):
+    """Cross-entropy of ``softmax(logits)`` (N, C), fused with the softmax.
+
+    ``target`` is integer class labels (N,) in ``[0, C)`` (the fused ``K.softmax_xent``
+    kernel) or probabilities / one-hot rows (N, C). ``label_smoothing`` ε mixes the target
+    with the uniform distribution: ``(1-ε) y + ε/C``. PyTorch's ``CrossEntropyLoss``.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, reduction: str = "mean"):
+        super().__init__(reduction)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
+
+    def config(self) -> dict:
+        return {**super().config(), "label_smoothing": self.label_smoothing}
+
+    def forward(self, pred, target):
+        xp = get_array_module(pred)
+        if not hasattr(pred, "ndim") or pred.ndim != 2 or pred.dtype.kind != "f":
+            raise ValueError(f"SoftmaxCrossEntropyLoss needs float logits of shape (N, C); got "
+                             f"{getattr(pred, 'dtype', type(pred).__name__)} "
+                             f"{tuple(getattr(pred, 'shape', ()))}")
+        n, c = pred.shape
+        target = to_numpy(target) if xp is np else xp.asarray(target)
+        if target.ndim == 2:
+            return self._forward_probabilities(xp, pred, target)
+        if target.shape != (n,):
+            raise ValueError(f"SoftmaxCrossEntropyLoss: logits {tuple(pred.shape)} need integer "
+                             f"labels of shape ({n},) or probabilities of shape {(n, c)}; got "
+                             f"target shape {tuple(target.shape)}")
+        if target.dtype.kind not in "iu":
+            raise TypeError(f"SoftmaxCrossEntropyLoss: class labels must be integers; got "
+                            f"{target.dtype} (convert with y.astype('int64'))")
+        if self.validate_labels:
+            lo, hi = int(target.min()), int(target.max())
+            if lo < 0 or hi >= c:
+                raise ValueError(f"SoftmaxCrossEntropyLoss: labels must be in [0, {c}) for {c} "
+                                 f"classes; got labels in [{lo}, {hi}]")
+        labels = target if target.dtype == np.int64 else target.astype(np.int64)
+        s = self._scale(n)
+        self._grad = self._buffer("grad", pred.shape, pred)
+        rows = self._buffer("rows", (n,), pred)
+        K.softmax_xent(pred, labels, self.label_smoothing, s, self._grad, rows)
+        return xp.asarray(rows.sum() * s)
+
+    def _forward_probabilities(self, xp, z, y):
+        """The same loss for probability targets (plain xp; allocates)."""
+        if y.shape != z.shape:
+            hint = " (for class labels pass a 1-D array: y.ravel())" if y.shape[1] == 1 else ""
+            raise ValueError(f"SoftmaxCrossEntropyLoss: probability targets must have the "
+                             f"logits' shape {tuple(z.shape)}; got {tuple(y.shape)}{hint}")
+        y = y.astype(z.dtype, copy=False)
+        if self.validate_labels and bool(xp.isnan(y).any()):
+            raise ValueError("SoftmaxCrossEntropyLoss: the target contains NaN")
+        eps, c = self.label_smoothing, z.shape[1]
+        if eps:
+            y = y * (1.0 - eps) + eps / c
+        shifted = z - z.max(axis=1, keepdims=True)
+        logp = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+        s = self._scale(z.shape[0])
+        g = self._grad = self._buffer("grad", z.shape, z)
+        g[...] = (xp.exp(logp) * y.sum(axis=1, keepdims=True) - y) * s
+        return xp.asarray(-(y * logp).sum() * s)
+
+
+CrossEntropyLoss = SoftmaxCrossEntropyLoss
+
+NAMES = {"mse": MSELoss, "l1": L1Loss, "mae": L1Loss, "bce_with_logits": BCEWithLogitsLoss,
+         "bce": BCELoss, "cross_entropy": SoftmaxCrossEntropyLoss,
+         "softmax_cross_entropy": SoftmaxCrossEntropyLoss}
+
+
+def get(spec) -> Loss:
+    """A loss from a name in ``NAMES``, a config dict or a Loss object."""
+    if isinstance(spec, Loss):
+        return spec
+    if isinstance(spec, str) and spec.lower() in NAMES:
+        return NAMES[spec.lower()]()
+    if isinstance(spec, dict):
+        return from_config(spec)
+    raise ValueError(f"unknown loss {spec!r}; expected one of {sorted(NAMES)} or a Loss object")
+
+
+def from_config(cfg: dict) -> Loss:
+    """Rebuild a loss from its ``config()``."""
+    cls = Loss._registry.get(cfg.get("type")) if isinstance(cfg, dict) else None
+    if cls is None:
+        raise ValueError(f"unknown loss config {cfg!r}; known types: {sorted(Loss._registry)}")
+    return cls(**{k: v for k, v in cfg.items() if k != "type"})

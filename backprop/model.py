@@ -1,0 +1,143 @@
+"""``Sequential``: layers applied in order, and the model-level API (fit, evaluate, predict,
+save, summary) that delegates to :mod:`backprop.training` and :mod:`backprop.io`.
+
+Forward is ``x ← layer.forward(x)`` for each layer; backward is
+``g ← layer.backward(g)`` in reverse order, skipping ``∂X`` of the first layer (nobody
+needs the gradient of the data).
+"""
+from __future__ import annotations
+
+from backprop.layers import Layer, check_input, from_config
+
+__all__ = ["Sequential"]
+
+
+class Sequential(Layer):
+    """A stack of layers. Parameters are named ``"{index}.{name}"`` (``"0.W"``, ``"0.b"``,
+    ``"2.block.0.W"`` for a Residual block), the names used by ``state_dict``, optimizers
+    and checkpoints.
+
+    ``model(x)`` converts ``x`` (array-like, any device), checks it and returns a fresh
+    array; ``model.forward(x)`` is the training hot path and returns a reused buffer.
+    """
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = list(layers)
+        if not self.layers:
+            raise ValueError("Sequential needs at least one layer")
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Sequential layer {i} is a {type(layer).__name__}, not a Layer "
+                                "(e.g. Dense(2, 16, activation='relu'))")
+        self.regularizers = []
+        self.name_parameters()
+        params = self.parameters()
+        self._first_param = params[0] if params else None  # its dtype and device: the model's
+        self._expected_features = self.in_features
+
+    def children(self):
+        return [(str(i), layer) for i, layer in enumerate(self.layers)]
+
+    def __getitem__(self, index):
+        return self.layers[index]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    @property
+    def in_features(self):
+        """Input features, from the first layer that declares them (None if unknown)."""
+        for layer in self.layers:
+            if layer.in_features is not None:
+                return layer.in_features
+            if not layer.preserves_shape:
+                return None
+        return None
+
+    def add_regularizer(self, regularizer) -> None:
+        """Add a penalty (``backprop.regularizers``) applied to the parameters during ``fit``."""
+        self.regularizers.append(regularizer)
+
+    def forward(self, x):
+        if self._first_param is not None:
+            check_input(x, "the model", self._expected_features, self._first_param.data)
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad, need_input_grad=True):
+        for i in range(len(self.layers) - 1, -1, -1):
+            grad = self.layers[i].backward(grad, need_input_grad=need_input_grad or i > 0)
+        return grad
+
+    def output_shape(self, input_shape):
+        for layer in self.layers:
+            if input_shape is None:
+                return None
+            input_shape = layer.output_shape(input_shape)
+        return input_shape
+
+    def summary(self, input_shape=None) -> str:
+        """A table: layer, output shape and parameter count per layer, and the totals.
+
+        ``input_shape`` (without the batch axis) defaults to ``(in_features,)``."""
+        if input_shape is None and self.in_features is not None:
+            input_shape = (self.in_features,)
+        shape = None if input_shape is None else (None, *input_shape)
+        rows = [("#", "Layer", "Output shape", "Params")]
+        for i, layer in enumerate(self.layers):
+            shape = None if shape is None else layer.output_shape(shape)
+            name = repr(layer) if len(repr(layer)) <= 60 else repr(layer)[:59] + "…"
+            rows.append((str(i), name, "?" if shape is None else str(shape),
+                         f"{layer.num_parameters():,}"))
+        w = [max(len(r[c]) for r in rows) for c in range(4)]
+        line = "-" * (sum(w) + 6)
+
+        def fmt(r):
+            return f"{r[0]:>{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]:>{w[3]}}"
+        buffers = sum(int(b.size) for _, b in self.named_buffers())
+        params = self.parameters()
+        dtype = params[0].dtype if params else "-"
+        lines = [fmt(rows[0]), line, *map(fmt, rows[1:]), line,
+                 f"Total params: {self.num_parameters():,} ({dtype})"
+                 + (f"; non-trainable buffers: {buffers:,}" if buffers else "")]
+        return "\n".join(lines)
+
+    def config(self) -> dict:
+        return {"type": "Sequential", "layers": [layer.config() for layer in self.layers]}
+
+    @classmethod
+    def from_config(cls, cfg: dict):
+        return cls([from_config(c) for c in cfg["layers"]])
+
+    def __repr__(self) -> str:
+        return f"Sequential([{', '.join(map(repr, self.layers))}])"
+
+    # -- the Keras-style workflow, implemented in backprop.training and backprop.io ------------
+    def fit(self, *args, **kwargs):
+        """Train the model: see :func:`backprop.training.fit`."""
+        from backprop import training
+
+        return training.fit(self, *args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        """Loss and metrics on a data set: see :func:`backprop.training.evaluate`."""
+        from backprop import training
+
+        return training.evaluate(self, *args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        """Outputs for a data set, batch by batch: see :func:`backprop.training.predict`."""
+        from backprop import training
+
+        return training.predict(self, *args, **kwargs)
+
+    def save(self, path, *args, **kwargs):
+        """Write a checkpoint: see :func:`backprop.io.save`."""
+        from backprop import io
+
+        return io.save(self, path, *args, **kwargs)

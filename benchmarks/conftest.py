@@ -1,0 +1,63 @@
+"""Fixtures of the benchmark suite.
+
+``pytest benchmarks/ --benchmark-only`` times everything; ``pytest benchmarks/
+--benchmark-disable`` (the smoke mode the test suite runs) executes every benchmark body once
+on small shapes, so the suite cannot rot. Timings are never asserted.
+"""
+from __future__ import annotations
+
+import pytest
+
+from backprop import kernels as K
+from workloads import DTYPE, TARGETS, Target, synced, thread_info
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Describe the machine (CPU model, cores, BLAS, GPU, library versions) in the JSON."""
+    from backprop.bench import describe_machine
+
+    machine_info["backprop"] = describe_machine()
+
+
+@pytest.fixture
+def smoke(benchmark) -> bool:
+    """True when benchmarks run once as tests (``--benchmark-disable``, or under xdist):
+    workloads then use small shapes."""
+    return benchmark.disabled
+
+
+@pytest.fixture(params=TARGETS, ids=lambda t: t.id)
+def target(request) -> Target:
+    """Each (device, kernel backend) pair; skipped with its reason where it cannot run."""
+    reason = request.param.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return request.param
+
+
+@pytest.fixture
+def kernel_choice():
+    """Select the kernels a model uses for the duration of a test (``K.set_backend``)."""
+    previous = K.get_choice()
+    yield K.set_backend
+    K.set_backend(previous)
+
+
+@pytest.fixture
+def measure(benchmark):
+    """``measure(fn, device=..., group=..., **info)``: warm ``fn`` up (compilation, first-call
+    allocations), then time it with pytest-benchmark, synchronising the device after each
+    call, and record ``info`` (bytes, flops, shape, …) with the device, dtype and threads."""
+
+    def run(fn, *, device: str, group: str, warmup: int = 2, **info):
+        call = synced(device, fn)
+        if benchmark.enabled:
+            for _ in range(warmup):
+                call()
+        benchmark.group = group
+        benchmark.extra_info.update(device=device, dtype=str(DTYPE), **info)
+        if device == "cpu":
+            benchmark.extra_info["threads"] = thread_info()
+        benchmark(call)
+
+    return run

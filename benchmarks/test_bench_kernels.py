@@ -1,0 +1,26 @@
+"""Each fused op of the kernel registry on each backend, next to its reference.
+
+Group ``kernel:<op>[<variant>]:<shape>`` holds every (device, backend) for one op and shape,
+so the table compares fused against reference and CPU against GPU side by side. ``extra_info``
+has the minimum bytes moved (inputs read once, outputs written once) and nominal FLOPs.
+"""
+from __future__ import annotations
+
+import pytest
+
+from backprop import kernels as K
+from workloads import kernel_case, kernel_variants
+
+VARIANTS = kernel_variants()
+
+
+@pytest.mark.parametrize("size", ["large", "small"])
+@pytest.mark.parametrize("op,variant", VARIANTS,
+                         ids=[f"{op}[{v}]" if v else op for op, v in VARIANTS])
+def test_kernel(measure, target, smoke, op, variant, size):
+    fn = K.implementation(target.backend, op)
+    case = kernel_case(op, variant, size, target.xp, smoke=smoke)
+    fused = target.backend != "reference" and target.backend in K.OPS[op]
+    measure(lambda: fn(*case.args), device=target.device, group=case.group(), kind="kernel",
+            op=op, variant=variant, backend=target.backend, fused=fused,
+            shape=list(case.shape), bytes=case.bytes, flops=case.flops)

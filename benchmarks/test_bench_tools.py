@@ -1,0 +1,113 @@
+"""The tools around the suite: the report's arithmetic on a hand-made result file, and
+torch_compare.py end to end in smoke mode (or its clean skip without PyTorch).
+Plain tests: they run with ``--benchmark-disable`` and are skipped by ``--benchmark-only``."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backprop import bench
+
+HERE = Path(__file__).resolve().parent
+
+
+def _bench(name, group, median, **info):
+    return {"name": name, "group": group, "extra_info": info,
+            "stats": {"median": median, "min": median * 0.9, "mean": median * 1.1, "rounds": 5}}
+
+
+def _results(tmp_path: Path) -> Path:
+    step_info = dict(model="mnist", sizes=[784, 256, 256, 10], batch=128, params=269322,
+                     epilogue_bytes=4_000_000, optimizer_bytes=6_000_000, flops=10**9)
+    data = {"machine_info": {"backprop": {"cpu": "Test CPU", "usable_cpus": 2}},
+            "benchmarks": [
+                _bench("copy", "copy:64MB", 0.01, kind="copy", device="cpu",
+                       method="numpy_copyto", bytes=200_000_000),  # 20 GB/s
+                _bench("k_ref", "kernel:adam_step:6M", 0.02, kind="kernel", device="cpu",
+                       backend="reference", op="adam_step", shape=[6_000_000],
+                       bytes=168_000_000, flops=78_000_000),
+                _bench("k_fused", "kernel:adam_step:6M", 0.01, kind="kernel", device="cpu",
+                       backend="numba_cpu", op="adam_step", shape=[6_000_000],
+                       bytes=168_000_000, flops=78_000_000),
+                _bench("floor", "step:mnist", 0.002, kind="matmul_floor", device="cpu",
+                       backend="blas", **step_info),
+                _bench("step_ref", "step:mnist", 0.008, kind="step", device="cpu",
+                       backend="reference", **step_info),
+                _bench("step", "step:mnist", 0.004, kind="step", device="cpu",
+                       backend="numba_cpu", **step_info),
+                _bench("copy_gpu", "copy:64MB", 0.0002, kind="copy", device="cuda",
+                       method="cupy_copyto", bytes=200_000_000),  # 1 TB/s
+                _bench("k_gpu", "kernel:adam_step:6M", 0.001, kind="kernel", device="cuda",
+                       backend="cupy", op="adam_step", shape=[6_000_000],
+                       bytes=168_000_000, flops=78_000_000),
+                _bench("step_gpu", "step:mnist", 0.001, kind="step", device="cuda",
+                       backend="cupy", **step_info)]}
+    (tmp_path / "benchmark.json").write_text(json.dumps(data))
+    torch = {"results": [
+        {"framework": "torch", "device": "cpu", "model": "mnist", "median": 0.002, "min": 0.002},
+        {"framework": "backprop", "device": "cpu", "model": "mnist", "median": 0.003,
+         "min": 0.003}]}
+    (tmp_path / "torch.json").write_text(json.dumps(torch))
+    return tmp_path
+
+
+def test_report_derives_bandwidth_floor_and_ratios(tmp_path):
+    results = _results(tmp_path)
+    rows, machine = bench.load_benchmarks(results / "benchmark.json")
+    assert machine["cpu"] == "Test CPU"
+    assert bench.copy_bandwidths(rows) == {"cpu": pytest.approx(20e9), "cuda": pytest.approx(1e12)}
+    # floor = 2 ms of matmuls + 10 MB at 20 GB/s = 2.5 ms
+    assert bench.step_floors(rows, {"cpu": 20e9}) == {("cpu", "mnist"): pytest.approx(0.0025)}
+    assert bench.main([str(results), "--no-plot"]) == 0
+    md = (results / "report.md").read_text()
+    step_row = next(line for line in md.splitlines() if "cpu/numba_cpu" in line and "mnist" in line)
+    cells = [c.strip() for c in step_row.strip("|").split("|")]
+    # step 4.00 ms, floor 2.50 ms, 1.60× the floor, 2× faster than reference, 1.5× torch
+    assert cells[4:10] == ["4.00", "32,000", "2.50", "1.60×", "2.00×", "–"]
+    assert cells[10:] == ["2.00", "1.50×"]
+    kernel_row = next(line for line in md.splitlines() if "adam_step:6M | cpu/numba_cpu" in line)
+    # 168 MB in 10 ms = 16.8 GB/s = 84% of 20 GB/s, 7.8 GFLOP/s, 2× the reference
+    assert [c.strip() for c in kernel_row.strip("|").split("|")][3:] == \
+        ["16.8", "84%", "7.8", "2.00×", "–"]
+    gpu_kernel = next(line for line in md.splitlines() if "adam_step:6M | cuda/cupy" in line)
+    # 168 GB/s is 17% of the GPU's 1 TB/s copy; 10× the best CPU time (10 ms)
+    assert [c.strip() for c in gpu_kernel.strip("|").split("|")][3:] == \
+        ["168.0", "17%", "78.0", "–", "10.00×"]
+    gpu_step = next(line for line in md.splitlines() if "cuda/cupy" in line and "mnist" in line)
+    assert [c.strip() for c in gpu_step.strip("|").split("|")][9] == "4.00×"
+
+
+def test_report_chart_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = _results(tmp_path)
+    assert bench.main([str(results)]) == 0
+    png = (results / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert "![benchmark chart](report.png)" in (results / "report.md").read_text()
+
+
+def test_report_without_results_says_how_to_get_them(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main([str(tmp_path)])
+    assert "ci/bench.sh" in capsys.readouterr().err
+
+
+def test_torch_compare_smoke(tmp_path):
+    out = tmp_path / "torch.json"
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "torch_compare.py"), "--smoke", "--devices", "cpu",
+         "--models", "tiny", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    if importlib.util.find_spec("torch") is None:
+        assert "PyTorch is not installed" in proc.stdout
+        pytest.skip("PyTorch is not installed: torch_compare.py skipped cleanly")
+    data = json.loads(out.read_text())
+    assert {(r["framework"], r["model"]) for r in data["results"]} == \
+        {("torch", "tiny"), ("backprop", "tiny")}
+    assert all(r["threads"] == 1 and r["median"] > 0 for r in data["results"])

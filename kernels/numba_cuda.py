@@ -1,0 +1,790 @@
+"""Numba CUDA kernels: every op of the registry as ``@cuda.jit`` kernels.
+
+Each public function has the signature and semantics of the function of the same name in
+:mod:`reference` (the math is stated there); the kernels below state it in one line.
+
+Arrays. On a GPU the wrappers take CuPy arrays (anything with ``__cuda_array_interface__``),
+wrap them zero-copy and launch on CuPy's current stream, so they are ordered with the CuPy
+matmuls around them. With ``NUMBA_ENABLE_CUDASIM=1`` the same kernels run in Numba's CUDA
+simulator on NumPy arrays (slow: small shapes only). tests/test_numba_cuda_compile.py
+compiles exactly what the wrappers launch to PTX, which the simulator cannot check.
+
+Layouts
+- Element-wise kernels: 1-D grid-stride loops over the flat index, ``TPB`` threads a block.
+- Row kernels (softmax, softmax cross-entropy): blocks of ``LANES × ROWS`` threads, one
+  warp of ``LANES`` lanes per row (coalesced along the row), ``ROWS`` rows a block; the
+  row reductions go through shared memory (each thread stores its partial, then reads
+  its row back in a fixed order: deterministic, two barriers per reduction).
+- Column kernels (bias gradient, batchnorm): the same blocks, ``LANES`` consecutive columns
+  × ``ROWS`` row lanes; each thread sums a column over a strip of rows, then the ``ROWS``
+  partial sums are combined in shared memory. The bias gradient splits the rows into
+  chunks (one block row per chunk) and sums the chunk partials in a second, fixed-order
+  pass, so ``db`` is deterministic and needs no atomics.
+
+Dtypes. float32 and float64; kernels that need constants (activations) or casts (row and
+column kernels) are built once per dtype by a cached factory, so float32 kernels compute
+in float32 (their PTX holds no f64 instruction), while every reduction accumulates in
+float64. Hyperparameters are kernel arguments cast to the array dtype on the host.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import sys
+
+import numba
+import numpy as np
+from numba import cuda
+
+from .reference import (ACTIVATIONS, GELU_C, GELU_K, GOLDEN32, INV_SQRT2, INV_SQRT_2PI, MASK32,
+                        NEEDS_Z)
+
+SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+
+# Launch geometry: TPB threads per block of the element-wise kernels; 2-D blocks of LANES
+# lanes along a row × ROWS rows (powers of two); at most MAX_BLOCKS blocks on a grid-stride
+# loop. Every simulated thread is a Python thread, so the simulator runs the same code with
+# small blocks: launches take milliseconds, and small test shapes span several lanes,
+# tiles, chunks and grid-stride steps.
+if SIMULATOR:
+    TPB, LANES, ROWS, MAX_BLOCKS = 32, 4, 2, 2
+else:
+    TPB, LANES, ROWS, MAX_BLOCKS = 256, 32, 8, 2048
+SIMULATOR_SWITCH_INTERVAL = 2e-4   # seconds, see _launch
+MAX_CHUNKS = 128            # row chunks of the bias-gradient reduction (grid y)
+MIN_CHUNK_ROWS = 4 * ROWS   # rows per chunk at least (4 per row lane)
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+_ZERO64 = np.float64(0.0)   # typed literal: starts a float64 accumulator (also in the simulator)
+_M32 = np.uint64(MASK32)      # dropout hash constants (reference.mix32), as uint64 so that
+_GOLDEN = np.uint64(GOLDEN32)  # Numba never mixes signed and unsigned (which gives float64)
+_MIX1 = np.uint64(0x7FEB352D)
+_MIX2 = np.uint64(0x846CA68B)
+
+
+def _checked_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in DTYPES:
+        raise TypeError(f"numba_cuda kernels take float32 or float64 arrays; got {dtype} "
+                        "(cast with .astype(np.float32))")
+    return dtype
+
+
+# ---------------------------------------------------------------------------------------
+# Launching
+_streams: dict = {}
+_partials_cache: dict = {}
+
+
+def _stream():
+    """The Numba stream that wraps CuPy's current stream (cached per device and pointer)."""
+    import cupy
+
+    ptr = cupy.cuda.get_current_stream().ptr
+    if ptr == 0:
+        return 0  # CuPy's null stream is the legacy default stream
+    key = (cupy.cuda.Device().id, ptr)
+    stream = _streams.get(key)
+    if stream is None:
+        stream = _streams[key] = cuda.external_stream(ptr)
+    return stream
+
+
+def _device_arg(a):
+    """A kernel argument: CUDA arrays are wrapped zero-copy (no stream sync: we launch on
+    the stream that produced them); scalars pass through."""
+    if hasattr(a, "__cuda_array_interface__"):
+        return cuda.as_cuda_array(a, sync=False)
+    if isinstance(a, np.ndarray):
+        raise TypeError(
+            "the numba_cuda kernels take CUDA arrays (CuPy), got a NumPy array: move the "
+            "data to the GPU (bp.asarray / model.to('cuda')), or use the numba_cpu backend "
+            "(or set NUMBA_ENABLE_CUDASIM=1 to run these kernels in the simulator)")
+    return a
+
+
+def _simulator_arg(a):
+    """A kernel argument in the simulator: NumPy arrays are wrapped as (fake) device arrays.
+
+    Given plain NumPy arrays, the simulator copies each argument in and back out one by one,
+    so aliased arguments (``out`` is ``x``, an unused buffer passed as ``p``) would overwrite
+    each other's results; wrapped, they share memory as device arrays do on a GPU."""
+    if isinstance(a, np.ndarray):
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        return FakeCUDAArray(a)
+    return a
+
+
+def _launch(kernel, grid, block, *args):
+    """Run ``kernel[grid, block]`` on ``args`` (on CuPy's current stream on a GPU)."""
+    if SIMULATOR:
+        # The simulator's block manager busy-polls its threads for barriers while holding
+        # the GIL; a short switch interval hands the GIL on ~10× sooner (restored after).
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(SIMULATOR_SWITCH_INTERVAL)
+        try:
+            kernel[grid, block](*[_simulator_arg(a) for a in args])
+        finally:
+            sys.setswitchinterval(interval)
+    else:
+        kernel[grid, block, _stream()](*[_device_arg(a) for a in args])
+
+
+def _blocks(count: int, per_block: int) -> int:
+    return max(1, min(MAX_BLOCKS, -(-count // per_block)))
+
+
+def _flat(a, name: str):
+    """A 1-D view of a C-contiguous array (kernels update it in place)."""
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous to be updated in place by a flat "
+                         f"kernel; got shape {a.shape} with strides {a.strides} "
+                         "(pass a contiguous array, e.g. from backprop.parameter.flatten)")
+    return a.reshape(-1)
+
+
+def _partials(like, size: int):
+    """A float64 scratch vector of at least ``size`` for the bias-gradient chunk sums, kept
+    per device and stream (on the host in the simulator), so steady state allocates nothing."""
+    if isinstance(like, np.ndarray):
+        key, xp = "host", np
+    else:
+        import cupy
+
+        key, xp = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr), cupy
+    buf = _partials_cache.get(key)
+    if buf is None or buf.size < size:
+        buf = _partials_cache[key] = xp.empty(max(size, 1), dtype=np.float64)
+    return buf
+
+
+# ---------------------------------------------------------------------------------------
+# Shared-memory reductions inside a LANES × ROWS block (every thread must call them). Each
+# thread stores its value, then reads its row (or column) of the block back and combines it
+# in a fixed order: two barriers per reduction, and every thread holds the same result.
+# Device functions here are inlined into their kernels at the Numba IR level
+# (inline="always"): a separately compiled device function asks the current GPU for its
+# compute capability, which would stop compile_ptx (and the PTX test) on a machine without one.
+@cuda.jit(device=True, inline="always")
+def _lane_sum(sh, v, tx, ty):
+    """Σ of ``v`` over the LANES threads of row lane ``ty``."""
+    sh[ty, tx] = v
+    cuda.syncthreads()
+    total = sh[ty, 0]
+    for k in range(1, LANES):
+        total += sh[ty, k]
+    cuda.syncthreads()
+    return total
+
+
+@cuda.jit(device=True, inline="always")
+def _lane_sum_pair(sh, sh2, v, w, tx, ty):
+    """(Σ v, Σ w) over the LANES threads of row lane ``ty``."""
+    sh[ty, tx] = v
+    sh2[ty, tx] = w
+    cuda.syncthreads()
+    total, total2 = sh[ty, 0], sh2[ty, 0]
+    for k in range(1, LANES):
+        total += sh[ty, k]
+        total2 += sh2[ty, k]
+    cuda.syncthreads()
+    return total, total2
+
+
+@cuda.jit(device=True, inline="always")
+def _lane_max(sh, v, tx, ty):
+    """max of ``v`` over the LANES threads of row lane ``ty``."""
+    sh[ty, tx] = v
+    cuda.syncthreads()
+    best = sh[ty, 0]
+    for k in range(1, LANES):
+        if sh[ty, k] > best:
+            best = sh[ty, k]
+    cuda.syncthreads()
+    return best
+
+
+@cuda.jit(device=True, inline="always")
+def _column_sum(sh, v, tx, ty):
+    """Σ of ``v`` over the ROWS threads of column lane ``tx``."""
+    sh[ty, tx] = v
+    cuda.syncthreads()
+    total = sh[0, tx]
+    for r in range(1, ROWS):
+        total += sh[r, tx]
+    cuda.syncthreads()
+    return total
+
+
+@cuda.jit(device=True, inline="always")
+def _column_sum_pair(sh, sh2, v, w, tx, ty):
+    """(Σ v, Σ w) over the ROWS threads of column lane ``tx``."""
+    sh[ty, tx] = v
+    sh2[ty, tx] = w
+    cuda.syncthreads()
+    total, total2 = sh[0, tx], sh2[0, tx]
+    for r in range(1, ROWS):
+        total += sh[r, tx]
+        total2 += sh2[r, tx]
+    cuda.syncthreads()
+    return total, total2
+
+
+# ---------------------------------------------------------------------------------------
+# Activations: σ and σ' as device functions with constants of the array dtype
+@functools.lru_cache(maxsize=None)
+def _activation(act: str, dtype):
+    """Device functions ``(σ(z, α), σ'(s, α))`` for ``act`` in ``dtype``, where ``s`` is ``z``
+    for activations in NEEDS_Z and ``a = σ(z)`` otherwise (see reference.activate/derivative)."""
+    t = _checked_dtype(dtype).type
+    zero, half, one, three = t(0.0), t(0.5), t(1.0), t(3.0)
+    k, c, inv_sqrt2, inv_sqrt_2pi = t(GELU_K), t(GELU_C), t(INV_SQRT2), t(INV_SQRT_2PI)
+
+    def sigmoid(z, alpha):
+        e = math.exp(-abs(z))
+        if z >= zero:
+            return one / (one + e)
+        return e / (one + e)
+
+    if act == "identity":
+        def forward(z, alpha):
+            return z
+
+        def slope(s, alpha):
+            return one
+    elif act == "relu":
+        def forward(z, alpha):
+            return zero if z < zero else z  # NaN passes through
+
+        def slope(s, alpha):
+            return one if s > zero else zero
+    elif act == "leaky_relu":
+        def forward(z, alpha):
+            return z if z > zero else z * alpha
+
+        def slope(s, alpha):
+            return one if s > zero else alpha
+    elif act == "sigmoid":
+        forward = sigmoid
+
+        def slope(s, alpha):
+            return s * (one - s)
+    elif act == "tanh":
+        def forward(z, alpha):
+            return math.tanh(z)
+
+        def slope(s, alpha):
+            return one - s * s
+    elif act == "gelu_tanh":
+        def forward(z, alpha):
+            return half * z * (one + math.tanh(k * (z + c * z * z * z)))
+
+        def slope(s, alpha):
+            th = math.tanh(k * (s + c * s * s * s))
+            return half * (one + th) + half * s * (one - th * th) * k * (one + three * c * s * s)
+    elif act == "gelu_erf":
+        def forward(z, alpha):
+            return half * z * (one + math.erf(z * inv_sqrt2))
+
+        def slope(s, alpha):
+            return half * (one + math.erf(s * inv_sqrt2)) + s * math.exp(-half * s * s) * inv_sqrt_2pi
+    elif act == "softplus":
+        def forward(z, alpha):
+            return math.log1p(math.exp(-abs(z))) + (zero if z < zero else z)
+
+        slope = sigmoid
+    else:
+        raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+    as_device = cuda.jit(device=True, inline="always")
+    return as_device(forward), as_device(slope)
+
+
+def _needed_input(act, a, z):
+    """``z`` for activations in NEEDS_Z, else ``a`` (the argument σ' is computed from)."""
+    name, src = ("z", z) if act in NEEDS_Z else ("a", a)
+    if src is None:
+        raise ValueError(f"bias_act_backward with activation {act!r} computes σ' from "
+                         f"{name!r}, but {name}=None was given")
+    return src
+
+
+# ---------------------------------------------------------------------------------------
+# 1-2. Dense epilogues
+@functools.lru_cache(maxsize=None)
+def _bias_act_forward_kernel(act: str, dtype):
+    forward, _ = _activation(act, dtype)
+
+    @cuda.jit
+    def kernel(z, b, out, alpha, has_b, write_z):
+        """out_ij = σ(z_ij + b_j) (b_j = 0 unless has_b); z_ij ← z_ij + b_j when write_z."""
+        m = z.shape[1]
+        for k in range(cuda.grid(1), z.size, cuda.gridsize(1)):
+            i = k // m
+            j = k - i * m
+            pre = z[i, j]
+            if has_b:
+                pre += b[j]
+                if write_z:
+                    z[i, j] = pre
+            out[i, j] = forward(pre, alpha)
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _bias_act_backward_kernel(act: str, dtype):
+    _, slope = _activation(act, dtype)
+
+    @cuda.jit
+    def kernel(da, s, alpha, delta, partials, chunk_rows, want_db):
+        """δ_ij = da_ij σ'(s_ij); partials[chunk, j] = Σ_{i in chunk} δ_ij (float64)."""
+        sh = cuda.shared.array((ROWS, LANES), numba.float64)
+        n, m = da.shape
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        j = cuda.blockIdx.x * LANES + tx
+        first = cuda.blockIdx.y * chunk_rows
+        last = min(first + chunk_rows, n)
+        acc = _ZERO64
+        if j < m:
+            for i in range(first + ty, last, ROWS):
+                d = da[i, j] * slope(s[i, j], alpha)
+                delta[i, j] = d
+                acc += d
+        if want_db:
+            total = _column_sum(sh, acc, tx, ty)
+            if ty == 0 and j < m:
+                partials[cuda.blockIdx.y * m + j] = total
+
+    return kernel
+
+
+@cuda.jit
+def _chunk_sum_kernel(partials, chunks, db, accumulate):
+    """db_j = Σ_c partials[c, j] in chunk order (db_j += … when accumulate)."""
+    m = db.shape[0]
+    for j in range(cuda.grid(1), m, cuda.gridsize(1)):
+        total = _ZERO64
+        for c in range(chunks):
+            total += partials[c * m + j]
+        if accumulate:
+            db[j] += total
+        else:
+            db[j] = total
+
+
+def bias_act_forward(z, b, out, act: str, alpha: float = 0.0):
+    """``A = σ(Z + b)``; see :func:`reference.bias_act_forward`."""
+    kernel = _bias_act_forward_kernel(act, z.dtype)
+    if z.size == 0:
+        return out
+    has_b = b is not None
+    _launch(kernel, _blocks(z.size, TPB), TPB, z, b if has_b else z[0], out,
+            z.dtype.type(alpha), has_b, has_b and act in NEEDS_Z)
+    return out
+
+
+def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumulate=False):
+    """``δ = dA ⊙ σ'(Z)``, ``db = Σ_rows δ``; see :func:`reference.bias_act_backward`."""
+    kernel = _bias_act_backward_kernel(act, da.dtype)
+    src = _needed_input(act, a, z)
+    n, m = da.shape
+    if m == 0:
+        return delta_out
+    chunk_rows = max(MIN_CHUNK_ROWS, -(-n // MAX_CHUNKS))
+    chunks = max(1, -(-n // chunk_rows))
+    want_db = db_out is not None
+    partials = _partials(da, chunks * m)
+    _launch(kernel, (-(-m // LANES), chunks), (LANES, ROWS), da, src, da.dtype.type(alpha),
+            delta_out, partials, chunk_rows, want_db)
+    if want_db:
+        _launch(_chunk_sum_kernel, _blocks(m, TPB), TPB, partials, chunks, db_out,
+                bool(accumulate))
+    return delta_out
+
+
+# ---------------------------------------------------------------------------------------
+# Softmax and softmax cross-entropy: one warp per row
+@functools.lru_cache(maxsize=None)
+def _softmax_forward_kernel(dtype):
+    ntype = numba.from_dtype(_checked_dtype(dtype))
+
+    @cuda.jit
+    def kernel(x, out):
+        """out_ij = exp(x_ij - max_k x_ik) / Σ_k exp(x_ik - max_k x_ik)."""
+        shm = cuda.shared.array((ROWS, LANES), ntype)
+        shs = cuda.shared.array((ROWS, LANES), numba.float64)
+        n, c = x.shape
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        for base in range(cuda.blockIdx.x * ROWS, n, cuda.gridDim.x * ROWS):
+            row = base + ty
+            r = min(row, n - 1)  # idle row lanes repeat the last row and write nothing
+            mx = x[r, 0]
+            for k in range(tx, c, LANES):
+                if x[r, k] > mx:
+                    mx = x[r, k]
+            mx = _lane_max(shm, mx, tx, ty)
+            acc = _ZERO64
+            for k in range(tx, c, LANES):
+                acc += math.exp(x[r, k] - mx)
+            total = ntype(_lane_sum(shs, acc, tx, ty))
+            if row < n:
+                for k in range(tx, c, LANES):
+                    out[row, k] = math.exp(x[row, k] - mx) / total
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _softmax_backward_kernel(dtype):
+    ntype = numba.from_dtype(_checked_dtype(dtype))
+
+    @cuda.jit
+    def kernel(dy, y, out):
+        """out_ij = y_ij (dy_ij - Σ_k dy_ik y_ik)."""
+        shs = cuda.shared.array((ROWS, LANES), numba.float64)
+        n, c = dy.shape
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        for base in range(cuda.blockIdx.x * ROWS, n, cuda.gridDim.x * ROWS):
+            row = base + ty
+            r = min(row, n - 1)
+            acc = _ZERO64
+            for k in range(tx, c, LANES):
+                acc += dy[r, k] * y[r, k]
+            dot = ntype(_lane_sum(shs, acc, tx, ty))
+            if row < n:
+                for k in range(tx, c, LANES):
+                    out[row, k] = y[row, k] * (dy[row, k] - dot)
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _softmax_xent_kernel(dtype):
+    ntype = numba.from_dtype(_checked_dtype(dtype))
+
+    @cuda.jit
+    def kernel(logits, labels, on, off, keep, spread, scale, grad, loss):
+        """loss_i = log Σ_k e^(z_ik - m_i) - (1-ε)(z_iy - m_i) - ε/C Σ_k (z_ik - m_i) (float64);
+        grad_ik = scale (softmax(z_i)_k - (on if k = y_i else off))."""
+        shm = cuda.shared.array((ROWS, LANES), ntype)
+        shs = cuda.shared.array((ROWS, LANES), numba.float64)
+        shz = cuda.shared.array((ROWS, LANES), numba.float64)
+        n, c = logits.shape
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        for base in range(cuda.blockIdx.x * ROWS, n, cuda.gridDim.x * ROWS):
+            row = base + ty
+            r = min(row, n - 1)
+            label = labels[r]
+            z_label = _ZERO64 + logits[r, label]  # read before grad (which may alias) is written
+            mx = logits[r, 0]
+            for k in range(tx, c, LANES):
+                if logits[r, k] > mx:
+                    mx = logits[r, k]
+            mx = _lane_max(shm, mx, tx, ty)
+            acc = _ZERO64
+            acc_z = _ZERO64
+            for k in range(tx, c, LANES):
+                acc += math.exp(logits[r, k] - mx)
+                acc_z += logits[r, k]
+            sum_exp, sum_z = _lane_sum_pair(shs, shz, acc, acc_z, tx, ty)
+            if row < n:
+                total = ntype(sum_exp)
+                for k in range(tx, c, LANES):
+                    p = math.exp(logits[row, k] - mx) / total
+                    grad[row, k] = (p - (on if k == label else off)) * scale
+                if tx == 0:
+                    m64 = _ZERO64 + mx
+                    nll = math.log(sum_exp) - keep * (z_label - m64)
+                    if spread != 0.0:  # skipped without smoothing: -inf logits stay finite
+                        nll -= spread * (sum_z - c * m64)
+                    loss[row] = nll
+
+    return kernel
+
+
+def softmax_forward(x, out):
+    """Row softmax; see :func:`reference.softmax_forward`."""
+    kernel = _softmax_forward_kernel(x.dtype)
+    if x.shape[0]:
+        _launch(kernel, _blocks(x.shape[0], ROWS), (LANES, ROWS), x, out)
+    return out
+
+
+def softmax_backward(dy, y, out):
+    """``dx = y ⊙ (dy - Σ dy y)`` per row; see :func:`reference.softmax_backward`."""
+    kernel = _softmax_backward_kernel(dy.dtype)
+    if dy.shape[0]:
+        _launch(kernel, _blocks(dy.shape[0], ROWS), (LANES, ROWS), dy, y, out)
+    return out
+
+
+def softmax_xent(logits, labels, smoothing: float, scale: float, grad_out, loss_out):
+    """Softmax cross-entropy loss and gradient; see :func:`reference.softmax_xent`."""
+    kernel = _softmax_xent_kernel(logits.dtype)
+    n, c = logits.shape
+    if n == 0:
+        return loss_out
+    t = logits.dtype.type
+    off = t(smoothing / c)
+    on = off + t(1.0 - smoothing)  # as the reference builds its target: ε/C, then += 1-ε
+    _launch(kernel, _blocks(n, ROWS), (LANES, ROWS), logits, labels, on, off,
+            np.float64(1.0 - smoothing), np.float64(smoothing / c), t(scale), grad_out, loss_out)
+    return loss_out
+
+
+# ---------------------------------------------------------------------------------------
+# 4. Optimizer updates: element-wise over flat buffers, hyperparameters as arguments
+@cuda.jit
+def _sgd_kernel(p, g, buf, lr, momentum, damp_keep, weight_decay, has_decay, has_momentum,
+                nesterov, first_step):
+    """d = g + λp; buf = d | μ buf + (1-τ) d; d = d + μ buf | buf; p -= lr d."""
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        d = g[i]
+        if has_decay:
+            d += weight_decay * p[i]
+        if has_momentum:
+            if first_step:
+                v = d
+            else:
+                v = momentum * buf[i] + damp_keep * d
+            buf[i] = v
+            if nesterov:
+                d = d + momentum * v
+            else:
+                d = v
+        p[i] -= lr * d
+
+
+@cuda.jit
+def _rmsprop_kernel(p, g, square_avg, buf, grad_avg, lr, alpha, alpha_keep, eps, weight_decay,
+                    has_decay, momentum, has_momentum, centered):
+    """s = αs + (1-α)d²; ḡ += (1-α)(d-ḡ); avg = sqrt(s - ḡ²) + eps; buf = μ buf + d/avg; p -= lr ·."""
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        d = g[i]
+        if has_decay:
+            d += weight_decay * p[i]
+        s = alpha * square_avg[i] + alpha_keep * d * d
+        square_avg[i] = s
+        if centered:
+            ga = grad_avg[i] + alpha_keep * (d - grad_avg[i])
+            grad_avg[i] = ga
+            avg = math.sqrt(s - ga * ga) + eps
+        else:
+            avg = math.sqrt(s) + eps
+        if has_momentum:
+            v = momentum * buf[i] + d / avg
+            buf[i] = v
+            p[i] -= lr * v
+        else:
+            p[i] -= lr * (d / avg)
+
+
+@cuda.jit
+def _adam_kernel(p, g, m, v, vmax, step_size, beta1_keep, beta2, beta2_keep, bias2_sqrt, eps,
+                 decay_factor, weight_decay, decoupled, coupled, amsgrad):
+    """p *= 1-lr λ | d = g + λp; m += (1-β1)(d-m); v = β2 v + (1-β2)d²; p -= lr/(1-β1ᵗ) m/(√v̂/√(1-β2ᵗ)+eps)."""
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        if decoupled:
+            p[i] *= decay_factor
+        d = g[i]
+        if coupled:
+            d += weight_decay * p[i]
+        mi = m[i] + beta1_keep * (d - m[i])
+        m[i] = mi
+        vi = beta2 * v[i] + beta2_keep * d * d
+        v[i] = vi
+        if amsgrad:
+            if not vmax[i] >= vi:  # also takes a NaN v
+                vmax[i] = vi
+            vi = vmax[i]
+        p[i] -= step_size * (mi / (math.sqrt(vi) / bias2_sqrt + eps))
+
+
+@cuda.jit
+def _adagrad_kernel(p, g, state_sum, clr, eps, weight_decay, has_decay):
+    """d = g + λp; s += d²; p -= clr · d / (sqrt(s) + eps)."""
+    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+        d = g[i]
+        if has_decay:
+            d += weight_decay * p[i]
+        s = state_sum[i] + d * d
+        state_sum[i] = s
+        p[i] -= clr * (d / (math.sqrt(s) + eps))
+
+
+def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step):
+    """SGD (PyTorch semantics); see :func:`reference.sgd_step`."""
+    t = _checked_dtype(p.dtype).type
+    pf = _flat(p, "p")
+    if pf.size:
+        _launch(_sgd_kernel, _blocks(pf.size, TPB), TPB, pf, _flat(g, "g"),
+                _flat(buf, "buf") if momentum else pf, t(lr), t(momentum), t(1.0 - dampening),
+                t(weight_decay), bool(weight_decay), bool(momentum), bool(nesterov),
+                bool(first_step))
+
+
+def rmsprop_step(p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay, momentum,
+                 centered):
+    """RMSprop (PyTorch semantics); see :func:`reference.rmsprop_step`."""
+    t = _checked_dtype(p.dtype).type
+    pf = _flat(p, "p")
+    if pf.size:
+        _launch(_rmsprop_kernel, _blocks(pf.size, TPB), TPB, pf, _flat(g, "g"),
+                _flat(square_avg, "square_avg"), _flat(buf, "buf") if momentum else pf,
+                _flat(grad_avg, "grad_avg") if centered else pf, t(lr), t(alpha),
+                t(1.0 - alpha), t(eps), t(weight_decay), bool(weight_decay), t(momentum),
+                bool(momentum), bool(centered))
+
+
+def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, step):
+    """Adam / AdamW (PyTorch semantics); see :func:`reference.adam_step`."""
+    t = _checked_dtype(p.dtype).type
+    pf = _flat(p, "p")
+    if pf.size:
+        bias1 = 1.0 - beta1 ** step
+        bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
+        decay = bool(weight_decay)
+        _launch(_adam_kernel, _blocks(pf.size, TPB), TPB, pf, _flat(g, "g"), _flat(m, "m"),
+                _flat(v, "v"), pf if vmax is None else _flat(vmax, "vmax"), t(lr / bias1),
+                t(1.0 - beta1), t(beta2), t(1.0 - beta2), t(bias2_sqrt), t(eps),
+                t(1.0 - lr * weight_decay), t(weight_decay), decay and bool(decoupled),
+                decay and not decoupled, vmax is not None)
+
+
+def adagrad_step(p, g, state_sum, lr, lr_decay, eps, weight_decay, step):
+    """Adagrad (PyTorch semantics); see :func:`reference.adagrad_step`."""
+    t = _checked_dtype(p.dtype).type
+    pf = _flat(p, "p")
+    if pf.size:
+        _launch(_adagrad_kernel, _blocks(pf.size, TPB), TPB, pf, _flat(g, "g"),
+                _flat(state_sum, "state_sum"), t(lr / (1.0 + (step - 1) * lr_decay)), t(eps),
+                t(weight_decay), bool(weight_decay))
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Dropout: the counter hash of reference.dropout, in uint64 registers masked to 32 bits
+@cuda.jit(device=True, inline="always")
+def _mix32(h):
+    """reference.mix32 ('lowbias32') of ``h < 2**32``, held in a uint64."""
+    h ^= h >> 16
+    h = (h * _MIX1) & _M32
+    h ^= h >> 15
+    h = (h * _MIX2) & _M32
+    h ^= h >> 16
+    return h
+
+
+@cuda.jit
+def _dropout_kernel(x, out, key, threshold, scale):
+    """out_i = x_i · scale if mix32((i φ) ^ key) >> 8 >= threshold else 0 (flat index i)."""
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        h = _mix32((((numba.uint64(i) & _M32) * _GOLDEN) & _M32) ^ key)
+        if (h >> 8) >= threshold:
+            out[i] = x[i] * scale
+        else:
+            out[i] = 0
+
+
+def dropout(x, key: int, threshold: int, scale: float, out):
+    """Inverted dropout with the counter-hash mask; see :func:`reference.dropout`."""
+    t = _checked_dtype(x.dtype).type
+    xf = _flat(x, "x")
+    if xf.size:
+        _launch(_dropout_kernel, _blocks(xf.size, TPB), TPB, xf, _flat(out, "out"),
+                np.uint64(key & MASK32), np.uint64(threshold), t(scale))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# 6. BatchNorm (training mode): one block column of LANES features over all rows
+@functools.lru_cache(maxsize=None)
+def _batchnorm_forward_kernel(dtype):
+    ntype = numba.from_dtype(_checked_dtype(dtype))
+
+    @cuda.jit
+    def kernel(x, gamma, beta, eps, out, xhat, mean_out, var_out, invstd_out):
+        """μ_j = mean_i x_ij; σ²_j = mean_i (x_ij-μ_j)²; r_j = 1/√(σ²_j+eps); x̂ = (x-μ)r; out = γx̂+β."""
+        sh = cuda.shared.array((ROWS, LANES), numba.float64)
+        n, m = x.shape
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        for tile in range(cuda.blockIdx.x, -(-m // LANES), cuda.gridDim.x):
+            j = tile * LANES + tx
+            jj = min(j, m - 1)  # idle lanes repeat the last column and write nothing
+            acc = _ZERO64
+            for i in range(ty, n, ROWS):
+                acc += x[i, jj]
+            mean = _column_sum(sh, acc, tx, ty) / n
+            acc = _ZERO64
+            for i in range(ty, n, ROWS):
+                d = x[i, jj] - mean
+                acc += d * d
+            var = _column_sum(sh, acc, tx, ty) / n
+            invstd = 1.0 / math.sqrt(var + eps)
+            if j < m:
+                mu, r, g, b = ntype(mean), ntype(invstd), gamma[j], beta[j]
+                for i in range(ty, n, ROWS):
+                    xh = (x[i, j] - mu) * r
+                    xhat[i, j] = xh
+                    out[i, j] = g * xh + b
+                if ty == 0:
+                    mean_out[j] = mean
+                    var_out[j] = var
+                    invstd_out[j] = invstd
+
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def _batchnorm_backward_kernel(dtype):
+    ntype = numba.from_dtype(_checked_dtype(dtype))
+
+    @cuda.jit
+    def kernel(dy, xhat, gamma, invstd, dx, dgamma, dbeta, accumulate):
+        """∂β_j = Σ_i dy_ij; ∂γ_j = Σ_i dy_ij x̂_ij; dx_ij = γ_j r_j/N (N dy_ij - ∂β_j - x̂_ij ∂γ_j)."""
+        sh = cuda.shared.array((ROWS, LANES), numba.float64)
+        sh2 = cuda.shared.array((ROWS, LANES), numba.float64)
+        n, m = dy.shape
+        nf = ntype(n)
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        for tile in range(cuda.blockIdx.x, -(-m // LANES), cuda.gridDim.x):
+            j = tile * LANES + tx
+            jj = min(j, m - 1)
+            acc_b = _ZERO64
+            acc_g = _ZERO64
+            for i in range(ty, n, ROWS):
+                acc_b += dy[i, jj]
+                acc_g += dy[i, jj] * xhat[i, jj]
+            sum_b, sum_g = _column_sum_pair(sh, sh2, acc_b, acc_g, tx, ty)
+            db, dg = ntype(sum_b), ntype(sum_g)
+            if j < m:
+                k = gamma[j] * invstd[j] / nf
+                for i in range(ty, n, ROWS):
+                    dx[i, j] = k * (nf * dy[i, j] - db - xhat[i, j] * dg)
+                if ty == 0:
+                    if accumulate:
+                        dgamma[j] += dg
+                        dbeta[j] += db
+                    else:
+                        dgamma[j] = dg
+                        dbeta[j] = db
+
+    return kernel
+
+
+def batchnorm_forward(x, gamma, beta, eps, out, xhat_out, mean_out, var_out, invstd_out):
+    """Training-mode batch normalisation; see :func:`reference.batchnorm_forward`."""
+    kernel = _batchnorm_forward_kernel(x.dtype)
+    if x.shape[1]:
+        _launch(kernel, _blocks(x.shape[1], LANES), (LANES, ROWS), x, gamma, beta, float(eps),
+                out, xhat_out, mean_out, var_out, invstd_out)
+    return out
+
+
+def batchnorm_backward(dy, xhat, gamma, invstd, dx_out, dgamma_out, dbeta_out, accumulate=False):
+    """Backward of training-mode BatchNorm; see :func:`reference.batchnorm_backward`."""
+    kernel = _batchnorm_backward_kernel(dy.dtype)
+    if dy.shape[1]:
+        _launch(kernel, _blocks(dy.shape[1], LANES), (LANES, ROWS), dy, xhat, gamma, invstd,
+                dx_out, dgamma_out, dbeta_out, bool(accumulate))
+    return dx_out

@@ -1,0 +1,776 @@
+"""Every kernel backend against the reference, driven by the registry (one test body).
+
+``test_matches_reference`` runs each case of ``CASES`` (an op, an input recipe and the
+options it exercises) on every backend of ``kernels.BACKENDS`` but the reference, in float32
+and float64, over several shapes, and compares every array the call may write (outputs,
+in-place states, and inputs that must stay untouched) with the reference run on the same
+values. Adding an op or a backend to the registry adds its tests; nothing else to write.
+
+The oracle is the reference evaluated in float64 on the very values given to the backend
+(float32 inputs are widened exactly), so only the backend's own rounding is measured.
+An element passes when it is equal to the oracle, or when
+
+    |got - want| <= rtol · scale + tiny(dtype),   rtol = 1e-6 (float32), 1e-12 (float64)
+
+``scale`` is ``|want|`` for a plain elementwise result. Where a formula cancels (a sum of
+terms of both signs: bias and BatchNorm gradients, ``1 + tanh`` in GELU, ``p - target`` in
+the cross-entropy gradient, ``sqrt(s - ḡ²)`` in centered RMSprop) ``scale`` is the sum of
+the magnitudes of the terms, propagated to first order through the formula: that is the
+size of the error any correct implementation makes by rounding each term once, and
+exactly the error a naive implementation exceeds (e.g. ``E[x²] - E[x]²`` for a variance).
+Sums over 1023 rows get no extra factor: float64 (or pairwise) accumulation keeps their
+error near that of the terms, and a float32 running sum, which can be off by ~n·eps, fails.
+``tiny`` (the smallest normal number) allows for results that underflow.
+
+Arrays are NumPy for numba_cpu and for numba_cuda under ``NUMBA_ENABLE_CUDASIM=1`` (the
+simulator runs kernels on host arrays, one Python thread per element: shapes stay small
+there), CuPy otherwise. A backend that cannot run here is skipped with
+``kernels.unavailable_reason``; an available backend whose module fails to import fails.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import os
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from backprop import kernels as K
+from backprop.kernels import reference as R
+
+SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+BACKENDS = [name for name in K.BACKENDS if name != "reference"]
+DTYPES = [np.float32, np.float64]
+RTOL = {np.float32: 1e-6, np.float64: 1e-12}
+GELUS = ("gelu_tanh", "gelu_erf")
+
+
+def batch_shapes(backend: str) -> list[tuple[int, int]]:
+    if backend == "numba_cuda" and SIMULATOR:
+        return [(1, 1), (3, 5), (17, 9)]
+    return [(1, 1), (1, 300), (300, 1), (1023, 257)]
+
+
+def flat_shapes(backend: str) -> list[tuple[int, ...]]:
+    """Optimizer buffers: flat, and any shape (the kernels ravel them)."""
+    if backend == "numba_cuda" and SIMULATOR:
+        return [(1,), (17,), (3, 5)]
+    return [(1,), (1000,), (33, 7), (1023 * 257,)]
+
+
+def array_module(backend: str):
+    if backend == "numba_cpu" or (backend == "numba_cuda" and SIMULATOR):
+        return np
+    import cupy
+
+    return cupy
+
+
+# ---------------------------------------------------------------------------------------
+# A call: the arrays and scalars of one invocation, and how to judge its results
+@dataclass
+class Call:
+    arrays: dict  # argument name -> host array (the dtype under test) or None
+    scalars: dict  # argument name -> Python scalar
+    alias: dict = field(default_factory=dict)  # argument name -> the argument it shares
+    scales: Callable | None = None  # (before, after, scalars) -> {name: scale}, in float64
+    exact: bool = False  # compare bit for bit with the reference in the same dtype
+
+
+def invoke(fn, op: str, call: Call, xp, dtype=None) -> dict:
+    """Call ``fn`` on device copies of ``call``'s arrays (cast to ``dtype`` when given) and
+    return every array afterwards, on the host (an alias under both of its names)."""
+    objs = {}
+    for name, a in call.arrays.items():
+        if a is not None and dtype is not None and a.dtype.kind == "f":
+            a = a.astype(dtype)
+        objs[name] = None if a is None else xp.array(a, copy=True, order="C")
+    for name, target in call.alias.items():
+        objs[name] = objs[target]
+    params = inspect.signature(getattr(R, op)).parameters
+    fn(*[objs[p] if p in objs else call.scalars[p] for p in params])
+    host = np.asarray if xp is np else xp.asnumpy
+    return {name: host(a) for name, a in objs.items() if a is not None}
+
+
+def assert_close(label: str, got: np.ndarray, want: np.ndarray, scale, dtype) -> None:
+    assert got.shape == want.shape, f"{label}: shape {got.shape}, expected {want.shape}"
+    got64 = got.astype(np.float64)
+    nan_got, nan_want = np.isnan(got64), np.isnan(want)
+    with np.errstate(invalid="ignore", over="ignore"):
+        err = np.abs(got64 - want)
+        tol = RTOL[dtype] * np.asarray(scale, dtype=np.float64) + np.finfo(dtype).tiny
+        ok = (got64 == want) | (nan_got & nan_want) | (err <= tol)
+    if not ok.all():
+        idx = np.argwhere(~ok)[:5]
+        lines = [f"  at {tuple(int(k) for k in i)}: got {got64[tuple(i)]!r}, want "
+                 f"{want[tuple(i)]!r}, tolerance {np.broadcast_to(tol, want.shape)[tuple(i)]!r}"
+                 for i in idx]
+        count = f"{int((~ok).sum())} of {ok.size} elements differ"
+        pytest.fail(f"{label}: {count}\n" + "\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs
+def values(rng, shape, kind: str) -> np.ndarray:
+    """float64 test values: ``normal`` N(0, 3²); ``extreme`` mixes in exact zeros, ±30, ±90
+    (past float32 exp's range) and ±1000 (saturating); ``nonfinite`` mixes in ±inf, NaN."""
+    z = rng.standard_normal(shape) * 3.0
+    special = {"normal": None, "extreme": [0.0, 0.0, 30.0, -30.0, 90.0, -90.0, 1e3, -1e3],
+               "nonfinite": [np.inf, -np.inf, np.nan]}[kind]
+    if special is not None:
+        pick = rng.random(shape) < 0.3
+        z[pick] = rng.choice(special, size=int(pick.sum()))
+    return z
+
+
+def cast(dtype, *arrays):
+    return [None if a is None else np.asarray(a, dtype=dtype) for a in arrays]
+
+
+def colsum(a):
+    return np.abs(a).sum(axis=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Scales (see the module docstring): first-order error magnitudes, float64
+def derivative_terms(act, s, alpha):
+    """Σ|terms| of ``σ'`` evaluated from ``s`` (``a``, or ``z`` for NEEDS_Z)."""
+    if act == "identity":
+        return np.ones_like(s)
+    if act in ("relu", "leaky_relu", "softplus"):
+        return np.abs(R.derivative(np, s, s, act, alpha))
+    if act == "sigmoid":
+        return np.abs(s) + s * s
+    if act == "tanh":
+        return 1.0 + s * s
+    if act == "gelu_tanh":
+        t = np.tanh(R.GELU_K * (s + R.GELU_C * s ** 3))
+        return 0.5 * (1 + np.abs(t)) + 0.5 * np.abs(s) * (1 + t * t) * R.GELU_K * (
+            1 + 3 * R.GELU_C * s * s)
+    if act == "gelu_erf":
+        return 0.5 * (1 + np.abs(R._erf(np, s * R.INV_SQRT2))) + np.abs(s) * (1 + s * s) * np.exp(
+            -0.5 * s * s) * R.INV_SQRT_2PI
+    raise AssertionError(act)
+
+
+def bias_act_forward_scales(before, after, sc):
+    z, b = before["z"], before["b"]
+    pre = z if b is None else z + b
+    spread = np.abs(z) + (0 if b is None else np.abs(b))  # rounding of z + b
+    act, alpha = sc["act"], sc["alpha"]
+    slope = np.abs(R.derivative(np, R.activate(np, pre, act, alpha), pre, act, alpha))
+    out = np.abs(after["out"]) + slope * spread + (np.abs(pre) if act in GELUS else 0)
+    return {"out": out, "z": spread}
+
+
+def bias_act_backward_scales(before, after, sc):
+    act = sc["act"]
+    s = before["z"] if act in R.NEEDS_Z else before["a"]
+    terms = np.abs(before["da"]) * derivative_terms(act, s, sc["alpha"])
+    scales = {"delta_out": terms}
+    if before.get("db_out") is not None:
+        scales["db_out"] = colsum(terms) + (np.abs(before["db_out"]) if sc["accumulate"] else 0)
+    return scales
+
+
+def softmax_forward_scales(before, after, sc):
+    x = before["x"]
+    spread = np.abs(x - x.max(axis=1, keepdims=True))  # exp's condition number
+    return {"out": np.abs(after["out"]) * (1 + spread)}
+
+
+def softmax_backward_scales(before, after, sc):
+    dy, y = before["dy"], before["y"]
+    s = np.abs(y) * (np.abs(dy) + np.abs(dy * y).sum(axis=1, keepdims=True))
+    return {"out": s}
+
+
+def softmax_xent_scales(before, after, sc):
+    z, labels, eps_s, scale = before["logits"], before["labels"], sc["smoothing"], sc["scale"]
+    n, c = z.shape
+    with np.errstate(invalid="ignore", over="ignore"):
+        shifted = z - z.max(axis=1, keepdims=True)
+        p = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
+        spread = np.nan_to_num(np.abs(shifted), posinf=0.0)  # exp(-inf) = 0 exactly
+        sum_err = (p * (1 + spread)).sum(axis=1)
+        log_total = np.log(np.exp(shifted).sum(axis=1))
+        picked = np.abs(shifted[np.arange(n), labels])
+        loss = np.abs(log_total) + (1 - eps_s) * picked + eps_s / c * spread.sum(axis=1)
+        target = np.full_like(z, eps_s / c)
+        target[np.arange(n), labels] += 1 - eps_s
+        grad = abs(scale) * (p * (1 + spread + sum_err[:, None]) + target)
+    return {"loss_out": loss + sum_err, "grad_out": grad}
+
+
+def sgd_scales(before, after, sc):
+    p, g, buf = before["p"], before["g"], before["buf"]
+    mu = sc["momentum"]
+    sd = np.abs(g) + abs(sc["weight_decay"]) * np.abs(p)
+    scales = {}
+    step = sd
+    if mu:
+        sbuf = sd if sc["first_step"] else abs(mu) * np.abs(buf) + abs(1 - sc["dampening"]) * sd
+        scales["buf"] = sbuf
+        step = sd + abs(mu) * sbuf if sc["nesterov"] else sbuf
+    scales["p"] = np.abs(p) + abs(sc["lr"]) * step
+    return scales
+
+
+def _safe_div(a, b):
+    return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+
+def _quotient_scale(num, snum, den, sden):
+    """Scale of ``num / den`` from the scales of both (and one rounding)."""
+    return _safe_div(snum, den) + np.abs(num) * _safe_div(_safe_div(sden, den) + 1, den)
+
+
+def rmsprop_scales(before, after, sc):
+    p, g, s0 = before["p"], before["g"], before["square_avg"]
+    a, mu = sc["alpha"], sc["momentum"]
+    d = g + sc["weight_decay"] * p
+    sd = np.abs(g) + abs(sc["weight_decay"]) * np.abs(p)
+    ss = a * np.abs(s0) + (1 - a) * (d * d + 2 * np.abs(d) * sd)
+    scales = {"square_avg": ss}
+    var, svar = after["square_avg"].copy(), ss
+    if sc["centered"]:
+        g0 = before["grad_avg"]
+        sg = np.abs(g0) + (1 - a) * (sd + np.abs(g0))
+        g1 = after["grad_avg"]
+        scales["grad_avg"] = sg
+        var = var - g1 * g1
+        svar = ss + 2 * np.abs(g1) * sg + g1 * g1
+    root = np.sqrt(np.maximum(var, 0))
+    avg = root + sc["eps"]
+    step = _quotient_scale(d, sd, avg, _safe_div(0.5 * svar, root))
+    if mu:
+        step = abs(mu) * np.abs(before["buf"]) + step
+        scales["buf"] = step
+    scales["p"] = np.abs(p) + abs(sc["lr"]) * step
+    return scales
+
+
+def adam_scales(before, after, sc):
+    p, g, m0, v0 = before["p"], before["g"], before["m"], before["v"]
+    b1, b2, lr, wd, t = sc["beta1"], sc["beta2"], sc["lr"], sc["weight_decay"], sc["step"]
+    l2 = 0.0 if sc["decoupled"] else wd
+    d = g + l2 * p
+    sd = np.abs(g) + abs(l2) * np.abs(p)
+    sm = np.abs(m0) + (1 - b1) * (sd + np.abs(m0))
+    sv = b2 * np.abs(v0) + (1 - b2) * (d * d + 2 * np.abs(d) * sd)
+    scales = {"m": sm, "v": sv}
+    second, s2 = after["v"], sv
+    if before.get("vmax") is not None:
+        second = after["vmax"]
+        s2 = np.where(after["v"] >= before["vmax"], sv, np.abs(before["vmax"]))
+        scales["vmax"] = s2
+    bc2 = np.sqrt(1 - b2 ** t)
+    root = np.sqrt(second) / bc2
+    denom = root + sc["eps"]
+    update = lr / (1 - b1 ** t) * _quotient_scale(after["m"], sm, denom,
+                                                  _safe_div(0.5 * s2 / bc2, np.sqrt(second)))
+    scales["p"] = np.abs(p) * (1 + (abs(lr * wd) if sc["decoupled"] else 0)) + update
+    return scales
+
+
+def adagrad_scales(before, after, sc):
+    p, g, s0 = before["p"], before["g"], before["state_sum"]
+    d = g + sc["weight_decay"] * p
+    sd = np.abs(g) + abs(sc["weight_decay"]) * np.abs(p)
+    ss = np.abs(s0) + d * d + 2 * np.abs(d) * sd
+    root = np.sqrt(after["state_sum"])
+    clr = sc["lr"] / (1 + (sc["step"] - 1) * sc["lr_decay"])
+    update = abs(clr) * _quotient_scale(d, sd, root + sc["eps"], _safe_div(0.5 * ss, root))
+    return {"state_sum": ss, "p": np.abs(p) + update}
+
+
+def batchnorm_forward_scales(before, after, sc):
+    x, gamma, beta = before["x"], before["gamma"], before["beta"]
+    mean, var, r = after["mean_out"], after["var_out"], after["invstd_out"]
+    mabs = np.abs(x).mean(axis=0)  # the rounding of the mean is ~eps·mean|x|
+    svar = var + np.finfo(np.float32).eps * mabs * mabs  # allowance for that rounding
+    sr = r * (1 + 0.5 * svar / (var + sc["eps"]))
+    sxhat = (np.abs(x - mean) + mabs) * r + np.abs(after["xhat_out"]) * sr / r
+    return {"mean_out": mabs, "var_out": svar, "invstd_out": sr, "xhat_out": sxhat,
+            "out": np.abs(gamma) * sxhat + np.abs(beta)}
+
+
+def batchnorm_backward_scales(before, after, sc):
+    dy, xhat, gamma, r = before["dy"], before["xhat"], before["gamma"], before["invstd"]
+    n = dy.shape[0]
+    sb, sg = colsum(dy), colsum(dy * xhat)
+    acc = sc["accumulate"]
+    dx = np.abs(gamma * r / n) * (n * np.abs(dy) + sb + np.abs(xhat) * sg)
+    return {"dx_out": dx,
+            "dbeta_out": sb + (np.abs(before["dbeta_out"]) if acc else 0),
+            "dgamma_out": sg + (np.abs(before["dgamma_out"]) if acc else 0)}
+
+
+# ---------------------------------------------------------------------------------------
+# Cases: (op, variant id, build(rng, dtype, shape) -> Call)
+CASES: list = []
+
+
+def case(op: str, variant: str, build) -> None:
+    CASES.append(pytest.param(op, build, id=f"{op}-{variant}"))
+
+
+def bias_act_forward_case(act, kind, bias, alias):
+    def build(rng, dtype, shape):
+        z = values(rng, shape, kind)
+        b = rng.standard_normal(shape[1]) if bias else None
+        z, b, out = cast(dtype, z, b, np.full(shape, np.nan))
+        return Call({"z": z, "b": b, "out": out}, {"act": act, "alpha": 0.1},
+                    {"out": "z"} if alias else {}, bias_act_forward_scales)
+    return build
+
+
+def bias_act_backward_case(act, kind, db, accumulate=False, alias=False, pass_unused=True):
+    def build(rng, dtype, shape):
+        z = values(rng, shape, kind)
+        da = values(rng, shape, "nonfinite" if kind == "nonfinite" else "normal")
+        z, da = cast(dtype, z, da)
+        with np.errstate(all="ignore"):
+            a = R.activate(np, z.astype(np.float64), act, 0.1).astype(dtype)
+        if not pass_unused:
+            a, z = (None, z) if act in R.NEEDS_Z else (a, None)
+        arrays = {"da": da, "a": a, "z": z, "delta_out": np.full(shape, np.nan, dtype),
+                  "db_out": cast(dtype, rng.standard_normal(shape[1]))[0] if db else None}
+        return Call(arrays, {"act": act, "alpha": 0.1, "accumulate": accumulate},
+                    {"delta_out": "da"} if alias else {}, bias_act_backward_scales)
+    return build
+
+
+for _act in R.ACTIVATIONS:
+    case("bias_act_forward", f"{_act}-bias", bias_act_forward_case(_act, "normal", True, False))
+    if _act not in R.NEEDS_Z:  # z + b is written back for those: out cannot be z
+        case("bias_act_forward", f"{_act}-bias-out_is_z",
+             bias_act_forward_case(_act, "normal", True, True))
+    case("bias_act_forward", f"{_act}-extreme-nobias-out_is_z",
+         bias_act_forward_case(_act, "extreme", False, True))
+    case("bias_act_backward", f"{_act}-db-delta_is_da",
+         bias_act_backward_case(_act, "normal", True, alias=True))
+    case("bias_act_backward", f"{_act}-db_accumulate",
+         bias_act_backward_case(_act, "normal", True, accumulate=True, pass_unused=False))
+    case("bias_act_backward", f"{_act}-nodb", bias_act_backward_case(_act, "normal", False))
+    case("bias_act_backward", f"{_act}-extreme", bias_act_backward_case(_act, "extreme", True))
+    if _act not in GELUS:  # the reference's GELU(-inf) is NaN (-inf · 0): not meaningful
+        case("bias_act_forward", f"{_act}-nonfinite",
+             bias_act_forward_case(_act, "nonfinite", True, False))
+        case("bias_act_backward", f"{_act}-nonfinite",
+             bias_act_backward_case(_act, "nonfinite", True))
+
+
+def softmax_forward_case(kind, alias):
+    def build(rng, dtype, shape):
+        x = values(rng, shape, "normal")
+        if kind == "extreme":
+            x = x * (1e4 / 3.0)
+        if kind == "masked":  # -inf logits (never a whole row)
+            x[(rng.random(shape) < 0.3) & (np.arange(shape[1]) > 0)] = -np.inf
+        x, out = cast(dtype, x, np.full(shape, np.nan))
+        return Call({"x": x, "out": out}, {}, {"out": "x"} if alias else {},
+                    softmax_forward_scales)
+    return build
+
+
+def softmax_backward_case(alias):
+    def build(rng, dtype, shape):
+        y = np.exp(values(rng, shape, "normal"))
+        y /= y.sum(axis=1, keepdims=True)
+        dy, y, out = cast(dtype, values(rng, shape, "normal"), y, np.full(shape, np.nan))
+        return Call({"dy": dy, "y": y, "out": out}, {}, {"out": "dy"} if alias else {},
+                    softmax_backward_scales)
+    return build
+
+
+def softmax_xent_case(kind, smoothing, mean, alias):
+    def build(rng, dtype, shape):
+        n, c = shape
+        z = values(rng, shape, "normal")
+        labels = rng.integers(0, c, n)
+        if kind == "extreme":
+            z = z * (1e4 / 3.0)
+        if kind == "masked":
+            masked = rng.random(shape) < 0.3
+            masked[np.arange(n), labels] = False
+            z[masked] = -np.inf
+        z, grad, loss = cast(dtype, z, np.full(shape, np.nan), np.full(n, np.nan))
+        return Call({"logits": z, "labels": labels, "grad_out": grad, "loss_out": loss},
+                    {"smoothing": smoothing, "scale": 1.0 / n if mean else 1.0},
+                    {"grad_out": "logits"} if alias else {}, softmax_xent_scales)
+    return build
+
+
+case("softmax_forward", "normal", softmax_forward_case("normal", False))
+case("softmax_forward", "logits_1e4-out_is_x", softmax_forward_case("extreme", True))
+case("softmax_forward", "masked_-inf", softmax_forward_case("masked", False))
+case("softmax_backward", "normal", softmax_backward_case(False))
+case("softmax_backward", "out_is_dy", softmax_backward_case(True))
+case("softmax_xent", "mean", softmax_xent_case("normal", 0.0, True, False))
+case("softmax_xent", "smoothing-sum", softmax_xent_case("normal", 0.1, False, False))
+case("softmax_xent", "logits_1e4-smoothing-grad_is_logits",
+     softmax_xent_case("extreme", 0.1, True, True))
+case("softmax_xent", "logits_1e4", softmax_xent_case("extreme", 0.0, True, False))
+case("softmax_xent", "masked_-inf", softmax_xent_case("masked", 0.0, True, False))
+
+
+def optimizer_state(rng, shape):
+    """Parameters, a gradient with exact zeros, and optimizer states of plausible sizes."""
+    g = rng.standard_normal(shape)
+    g[rng.random(shape) < 0.2] = 0.0
+    return {"p": rng.standard_normal(shape), "g": g,
+            "momentum": rng.standard_normal(shape) * 0.1,
+            "second": np.abs(rng.standard_normal(shape)) * 0.01 * (rng.random(shape) < 0.8)}
+
+
+def sgd_case(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0, first_step=False):
+    def build(rng, dtype, shape):
+        s = optimizer_state(rng, shape)
+        buf = s["momentum"] if momentum else None
+        if momentum and first_step:
+            buf = np.full(shape, np.nan)  # the first step overwrites the buffer
+        p, g, buf = cast(dtype, s["p"], s["g"], buf)
+        return Call({"p": p, "g": g, "buf": buf},
+                    {"lr": 0.1, "momentum": momentum, "dampening": dampening,
+                     "nesterov": nesterov, "weight_decay": weight_decay,
+                     "first_step": first_step}, scales=sgd_scales)
+    return build
+
+
+def rmsprop_case(momentum=0.0, weight_decay=0.0, centered=False):
+    def build(rng, dtype, shape):
+        s = optimizer_state(rng, shape)
+        grad_avg = s["momentum"] if centered else None
+        square_avg = s["second"] + (grad_avg ** 2 + 0.01 if centered else 0)  # s ≥ ḡ²
+        p, g, sq, buf, ga = cast(dtype, s["p"], s["g"], square_avg,
+                                 rng.standard_normal(shape) if momentum else None, grad_avg)
+        return Call({"p": p, "g": g, "square_avg": sq, "buf": buf, "grad_avg": ga},
+                    {"lr": 0.01, "alpha": 0.99, "eps": 1e-8, "weight_decay": weight_decay,
+                     "momentum": momentum, "centered": centered}, scales=rmsprop_scales)
+    return build
+
+
+def adam_case(weight_decay=0.0, decoupled=False, amsgrad=False, step=1):
+    def build(rng, dtype, shape):
+        s = optimizer_state(rng, shape)
+        vmax = s["second"] * rng.uniform(0.5, 1.5, shape) if amsgrad else None
+        p, g, m, v, vm = cast(dtype, s["p"], s["g"], s["momentum"], s["second"], vmax)
+        return Call({"p": p, "g": g, "m": m, "v": v, "vmax": vm},
+                    {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8,
+                     "weight_decay": weight_decay, "decoupled": decoupled, "step": step},
+                    scales=adam_scales)
+    return build
+
+
+def adagrad_case(lr_decay=0.0, weight_decay=0.0, step=1):
+    def build(rng, dtype, shape):
+        s = optimizer_state(rng, shape)
+        p, g, ss = cast(dtype, s["p"], s["g"], s["second"])
+        return Call({"p": p, "g": g, "state_sum": ss},
+                    {"lr": 0.01, "lr_decay": lr_decay, "eps": 1e-10,
+                     "weight_decay": weight_decay, "step": step}, scales=adagrad_scales)
+    return build
+
+
+case("sgd_step", "plain", sgd_case())
+case("sgd_step", "weight_decay", sgd_case(weight_decay=1e-2))
+case("sgd_step", "momentum-first_step", sgd_case(momentum=0.9, first_step=True))
+case("sgd_step", "momentum-dampening", sgd_case(momentum=0.9, dampening=0.1))
+case("sgd_step", "nesterov-weight_decay", sgd_case(momentum=0.9, nesterov=True,
+                                                   weight_decay=1e-2))
+case("rmsprop_step", "plain", rmsprop_case())
+case("rmsprop_step", "momentum-weight_decay", rmsprop_case(momentum=0.9, weight_decay=1e-2))
+case("rmsprop_step", "centered", rmsprop_case(centered=True))
+case("rmsprop_step", "centered-momentum", rmsprop_case(momentum=0.9, centered=True,
+                                                       weight_decay=1e-2))
+case("adam_step", "plain-step1", adam_case())
+case("adam_step", "l2-step7", adam_case(weight_decay=1e-2, step=7))
+case("adam_step", "adamw-step7", adam_case(weight_decay=1e-2, decoupled=True, step=7))
+case("adam_step", "amsgrad-step3", adam_case(amsgrad=True, step=3))
+case("adam_step", "amsgrad-adamw", adam_case(weight_decay=1e-2, decoupled=True, amsgrad=True,
+                                             step=2))
+case("adagrad_step", "plain", adagrad_case())
+case("adagrad_step", "lr_decay-weight_decay", adagrad_case(lr_decay=0.1, weight_decay=1e-2,
+                                                           step=5))
+
+
+def dropout_case(p, seed, alias=False, kind="normal"):
+    def build(rng, dtype, shape):
+        (x,) = cast(dtype, values(rng, shape, kind))
+        return Call({"x": x, "out": np.full(shape, np.nan, dtype)},
+                    {"key": R.dropout_key(seed, 12345), "threshold": R.dropout_threshold(p),
+                     "scale": 1.0 / (1.0 - p)}, {"out": "x"} if alias else {}, exact=True)
+    return build
+
+
+case("dropout", "p0", dropout_case(0.0, 1))
+case("dropout", "p0.1", dropout_case(0.1, 2**40 + 7))
+case("dropout", "p0.5-out_is_x", dropout_case(0.5, 3, alias=True))
+case("dropout", "p0.9-nonfinite", dropout_case(0.9, 4, kind="nonfinite"))
+
+
+def batchnorm_forward_case(offset, eps):
+    def build(rng, dtype, shape):
+        x = offset + values(rng, shape, "normal")
+        m = shape[1]
+        x, gamma, beta = cast(dtype, x, rng.standard_normal(m), rng.standard_normal(m))
+        outs = {k: np.full(shape, np.nan, dtype) for k in ("out", "xhat_out")}
+        outs.update({k: np.full(m, np.nan, dtype) for k in ("mean_out", "var_out", "invstd_out")})
+        return Call({"x": x, "gamma": gamma, "beta": beta, **outs},
+                    {"eps": eps}, scales=batchnorm_forward_scales)
+    return build
+
+
+def batchnorm_backward_case(accumulate, alias):
+    def build(rng, dtype, shape):
+        m = shape[1]
+        dy, xhat, gamma, invstd, dg, db = cast(
+            dtype, values(rng, shape, "normal"), rng.standard_normal(shape),
+            rng.standard_normal(m), rng.uniform(0.1, 3.0, m), rng.standard_normal(m),
+            rng.standard_normal(m))
+        return Call({"dy": dy, "xhat": xhat, "gamma": gamma, "invstd": invstd,
+                     "dx_out": np.full(shape, np.nan, dtype), "dgamma_out": dg, "dbeta_out": db},
+                    {"accumulate": accumulate}, {"dx_out": "dy"} if alias else {},
+                    batchnorm_backward_scales)
+    return build
+
+
+case("batchnorm_forward", "normal", batchnorm_forward_case(0.0, 1e-5))
+case("batchnorm_forward", "mean_1000-eps_0.1", batchnorm_forward_case(1000.0, 0.1))
+case("batchnorm_backward", "dx_is_dy", batchnorm_backward_case(False, True))
+case("batchnorm_backward", "accumulate", batchnorm_backward_case(True, False))
+
+
+# ---------------------------------------------------------------------------------------
+# The test
+def skip_unless_available(backend: str) -> None:
+    reason = K.unavailable_reason(backend)
+    if reason is not None:
+        pytest.skip(f"kernel backend {backend} unavailable: {reason}")
+
+
+def test_every_op_has_cases():
+    assert {param.values[0] for param in CASES} == set(K.OPS)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("op, build", CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference(backend, op, build, dtype, request):
+    skip_unless_available(backend)
+    fn = K.implementation(backend, op)
+    xp = array_module(backend)
+    shapes = flat_shapes(backend) if op.endswith("_step") else batch_shapes(backend)
+    for shape in shapes:
+        seed = zlib.crc32(f"{request.node.callspec.id}-{shape}".encode())
+        call = build(np.random.default_rng(seed), dtype, shape)
+        label = f"{backend} {op} {np.dtype(dtype).name} {shape}"
+        got = invoke(fn, op, call, xp)
+        if call.exact:
+            want = invoke(getattr(R, op), op, call, np)
+            for name, w in want.items():
+                assert np.array_equal(got[name], w, equal_nan=True), f"{label}: {name} differs"
+            continue
+        before = {k: None if a is None else a.astype(np.float64) if a.dtype.kind == "f" else a
+                  for k, a in call.arrays.items()}
+        with np.errstate(all="ignore"):
+            want = invoke(getattr(R, op), op, call, np, dtype=np.float64)
+            scales = call.scales(before, want, call.scalars) if call.scales else {}
+        written_as = {target: name for name, target in call.alias.items()}  # z -> out
+        for name, w in want.items():
+            if name in call.alias:
+                continue  # compared under the name of the array it shares
+            scale = scales.get(written_as.get(name, name), scales.get(name, np.abs(w)))
+            assert_close(f"{label} {name}", got[name], w, scale, dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Contract checks that are not numbers
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_unknown_activation_is_rejected(backend):
+    skip_unless_available(backend)
+    xp = array_module(backend) if backend != "reference" else np
+    z = xp.zeros((2, 3))
+    with pytest.raises(ValueError, match="activation"):
+        K.implementation(backend, "bias_act_forward")(z, None, xp.empty_like(z), "swish")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_buffers_are_rejected_or_handled(backend):
+    """A non-contiguous ``out`` must raise a clear error or be written correctly, never be
+    silently mis-indexed."""
+    skip_unless_available(backend)
+    xp = array_module(backend)
+    z = xp.asarray(np.random.default_rng(0).standard_normal((4, 6)))
+    out = xp.zeros((6, 4)).T
+    try:
+        K.implementation(backend, "bias_act_forward")(z, None, out, "relu")
+    except (TypeError, ValueError) as exc:
+        assert "contiguous" in str(exc).lower()
+        return
+    np.testing.assert_array_equal(np.asarray(out if xp is np else xp.asnumpy(out)),
+                                  np.maximum(np.asarray(z if xp is np else xp.asnumpy(z)), 0))
+
+
+def test_numba_cpu_rejects_bad_buffers_clearly():
+    pytest.importorskip("numba")
+    from backprop.kernels import numba_cpu
+
+    z = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"out must be .*float32.*\(3, 4\).*got .*float64"):
+        numba_cpu.bias_act_forward(z, None, np.zeros((3, 4)), "relu")
+    with pytest.raises(ValueError, match="b must be .*shape \\(4,\\)"):
+        numba_cpu.bias_act_forward(z, np.zeros(3, np.float32), np.zeros_like(z), "relu")
+    p = np.zeros(5, np.float32)
+    with pytest.raises(ValueError, match="needs a momentum buffer"):
+        numba_cpu.sgd_step(p, p.copy(), None, 0.1, 0.9, 0.0, False, 0.0, True)
+    readonly = np.zeros(5, np.float32)
+    readonly.flags.writeable = False
+    with pytest.raises(ValueError, match="m must be a C-contiguous writeable"):
+        numba_cpu.adam_step(p, p.copy(), readonly, p.copy(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0,
+                            False, 1)
+
+
+def test_numba_cpu_rejects_partial_overlap():
+    pytest.importorskip("numba")
+    from backprop.kernels import numba_cpu
+
+    buf = np.zeros(12, np.float32)
+    x, out = buf[:6].reshape(2, 3), buf[3:9].reshape(2, 3)
+    with pytest.raises(ValueError, match="out overlaps x without being it"):
+        numba_cpu.softmax_forward(x, out)
+    same = buf[:6].reshape(2, 3)  # another view of x's memory counts as x itself
+    numba_cpu.softmax_forward(x, same)
+    np.testing.assert_allclose(x, np.full((2, 3), 1 / 3), rtol=1e-6)
+
+
+def test_numba_cpu_exp_is_within_one_ulp_everywhere():
+    """The vectorisable exp behind sigmoid, GELU and softmax, over exp's whole range."""
+    numba = pytest.importorskip("numba")
+    from backprop.kernels import numba_cpu
+
+    exp = numba.njit(lambda a: np.array([numba_cpu._exp(v) for v in a]))
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.uniform(-746, 710, 50_000), rng.uniform(-1, 1, 10_000),
+                        [0.0, -0.0, np.inf, -np.inf, np.nan, 709.78, 709.79, -708.39, -745.1,
+                         -745.2, 1e-300]])
+    got = exp(x)
+    with np.errstate(over="ignore"):
+        want = np.exp(x)
+    finite = np.isfinite(want)  # subnormal results: within one unit of the last place too
+    assert np.all(np.abs(got[finite] - want[finite]) <= 1.05 * np.spacing(want[finite]))
+    np.testing.assert_array_equal(got[~finite], want[~finite])  # inf, NaN
+
+
+def test_numba_cpu_sums_do_not_depend_on_thread_count():
+    numba = pytest.importorskip("numba")
+    from backprop.kernels import numba_cpu
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba has a single thread here; nothing to compare")
+    rng = np.random.default_rng(7)
+    da = rng.standard_normal((1023, 257)).astype(np.float32) * 1e3
+    a = rng.random((1023, 257)).astype(np.float32)
+    results = []
+    saved = numba.get_num_threads()
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            delta, db = np.empty_like(da), np.empty(257, np.float32)
+            numba_cpu.bias_act_backward(da, a, None, "sigmoid", 0.0, delta, db)
+            dx, dg, dbeta = np.empty_like(da), np.empty(257, np.float32), np.empty(257, np.float32)
+            numba_cpu.batchnorm_backward(da, a, db, db, dx, dg, dbeta)
+            results.append((db, dg, dbeta, dx))
+    finally:
+        numba.set_num_threads(saved)
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+
+
+# ---------------------------------------------------------------------------------------
+# The registry
+@pytest.fixture
+def kernel_choice(monkeypatch):
+    """Lets a test change the kernel choice; the previous one is restored afterwards."""
+    saved = K._state["choice"]
+    yield monkeypatch
+    K._state["choice"] = saved
+    K._state["tables"] = {}
+
+
+def test_backend_resolution(kernel_choice):
+    cpu_auto = "numba_cpu" if K.unavailable_reason("numba_cpu") is None else "reference"
+    K.set_backend("auto")
+    assert K.backend_name("cpu") == cpu_auto
+    K.set_backend("reference")
+    assert K.backend_name("cpu") == K.backend_name("cuda") == "reference"
+    K.set_backend("cupy")
+    with pytest.raises(K.KernelBackendError, match="only on CUDA arrays.*CPU"):
+        K.backend_name("cpu")
+    if K.unavailable_reason("cupy") is not None:
+        with pytest.raises(K.KernelBackendError, match="'cupy' was requested but cannot run"):
+            K.backend_name("cuda")
+    K.set_backend("numba")
+    if K.unavailable_reason("numba_cpu") is None:
+        assert K.backend_name("cpu") == "numba_cpu"
+    if K.unavailable_reason("numba_cuda") is None:
+        assert K.backend_name("cuda") == "numba_cuda"
+    else:
+        with pytest.raises(K.KernelBackendError, match="numba_cuda"):
+            K.backend_name("cuda")
+    with pytest.raises(K.KernelBackendError, match="unknown kernel choice"):
+        K.set_backend("fastest")
+
+
+@pytest.mark.parametrize("choice, expected", [("reference", "reference"), ("numba", "numba_cpu"),
+                                              ("auto", "numba_cpu"), ("", "numba_cpu")])
+def test_env_choice_selects_the_cpu_kernels(kernel_choice, choice, expected):
+    if expected == "numba_cpu":
+        skip_unless_available("numba_cpu")
+    kernel_choice.setenv("BACKPROP_KERNELS", choice)
+    K._state["choice"], K._state["tables"] = None, {}
+    assert K.backend_name("cpu") == expected
+    z = np.linspace(-1, 1, 6).reshape(2, 3)
+    out = K.bias_act_forward(z, None, np.empty_like(z), "relu")  # dispatched on numpy arrays
+    np.testing.assert_array_equal(out, np.maximum(z, 0))
+    assert K._table("cpu")["bias_act_forward"] is K.implementation(expected, "bias_act_forward")
+
+
+def test_env_choice_rejects_unknown_values(kernel_choice):
+    kernel_choice.setenv("BACKPROP_KERNELS", "fastest")
+    K._state["choice"] = None
+    with pytest.raises(K.KernelBackendError, match="BACKPROP_KERNELS='fastest'.*expected"):
+        K.get_choice()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_module_defines_every_op_it_claims(backend):
+    """A backend's module must import where its dependencies are installed and define a
+    function for every op that OPS lists for it."""
+    module_name = K.BACKENDS[backend][0]
+    reason = K.unavailable_reason(backend)
+    if importlib.util.find_spec(module_name) is None:
+        assert reason is not None, f"{module_name} does not exist, yet {backend} is available"
+        pytest.skip(f"{module_name} is not written yet and {backend} is unavailable: {reason}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:  # only a missing third-party package excuses it
+        missing = (exc.name or "").split(".")[0]
+        if reason is None or missing not in ("cupy", "cupyx", "numba") or \
+                importlib.util.find_spec(missing) is not None:
+            raise
+        pytest.skip(f"{module_name} needs {missing}, which is not installed: {reason}")
+    claimed = [op for op, backends in K.OPS.items() if backend in backends]
+    missing_ops = [op for op in claimed if not callable(getattr(module, op, None))]
+    assert not missing_ops, f"{module_name} lacks {missing_ops}, which kernels.OPS lists for it"
+    for op in claimed:
+        ours = list(inspect.signature(getattr(module, op)).parameters)
+        theirs = list(inspect.signature(getattr(R, op)).parameters)
+        assert ours == theirs, f"{module_name}.{op}{ours} differs from the reference {theirs}"

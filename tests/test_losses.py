@@ -1,0 +1,193 @@
+"""Losses: values against direct formulas, gradients by finite differences, stability for
+extreme inputs, dtype discipline and the errors for bad targets."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+import backprop as bp
+from backprop import losses
+from backprop.gradcheck import gradcheck
+from backprop.losses import (BCELoss, BCEWithLogitsLoss, L1Loss, MSELoss,
+                             SoftmaxCrossEntropyLoss)
+
+
+def _log_softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def _cases(rng):
+    """(loss, prediction, target, value by a direct formula) for each loss and reduction."""
+    p = rng.normal(size=(6, 4))
+    t = rng.normal(size=(6, 4))
+    y01 = rng.uniform(size=(6, 4))
+    prob = rng.uniform(0.05, 0.95, size=(6, 4))
+    labels = np.array([0, 3, 1, 2, 3, 0])
+    dist = rng.dirichlet(np.ones(4), size=6)
+    smooth = 0.9 * np.eye(4)[labels] + 0.1 / 4
+    sig = 1 / (1 + np.exp(-p))
+    cases = []
+    for reduction, r in (("mean", np.mean), ("sum", np.sum)):
+        rows = (lambda v: v.mean()) if reduction == "mean" else (lambda v: v.sum())
+        cases += [
+            (MSELoss(reduction), p, t, r((p - t) ** 2)),
+            (L1Loss(reduction), p, t, r(np.abs(p - t))),
+            (BCEWithLogitsLoss(reduction), p, y01,
+             r(-(y01 * np.log(sig) + (1 - y01) * np.log(1 - sig)))),
+            (BCELoss(reduction), prob, y01,
+             r(-(y01 * np.log(prob) + (1 - y01) * np.log(1 - prob)))),
+            (SoftmaxCrossEntropyLoss(reduction=reduction), p, labels,
+             rows(-_log_softmax(p)[np.arange(6), labels])),
+            (SoftmaxCrossEntropyLoss(0.1, reduction), p, labels,
+             rows(-(smooth * _log_softmax(p)).sum(1))),
+            (SoftmaxCrossEntropyLoss(reduction=reduction), p, dist,
+             rows(-(dist * _log_softmax(p)).sum(1))),
+            (SoftmaxCrossEntropyLoss(0.1, reduction), p, np.eye(4)[labels],
+             rows(-(smooth * _log_softmax(p)).sum(1))),
+        ]
+    return cases
+
+
+CASE_IDS = [f"{name}-{red}" for red in ("mean", "sum") for name in
+            ("mse", "l1", "bce_logits", "bce", "xent", "xent_smooth", "xent_probs", "xent_onehot")]
+
+
+@pytest.mark.parametrize("case", range(len(CASE_IDS)), ids=CASE_IDS)
+def test_value_matches_formula_and_gradient_matches_finite_differences(device, xp, case):
+    loss, pred, target, expected = _cases(np.random.default_rng(5))[case]
+    value = loss.forward(xp.asarray(pred), xp.asarray(target))
+    assert value.ndim == 0 and isinstance(value, xp.ndarray)
+    np.testing.assert_allclose(float(value), expected, rtol=1e-12)
+    result = gradcheck(loss, xp.asarray(pred), target=xp.asarray(target))
+    assert result.worst < 1e-6, str(result)
+
+
+def test_probability_targets_agree_with_integer_labels(device, xp, rng):
+    z = xp.asarray(rng.normal(size=(5, 3)))
+    labels = np.array([2, 0, 1, 1, 0])
+    a, b = SoftmaxCrossEntropyLoss(0.2), SoftmaxCrossEntropyLoss(0.2)
+    np.testing.assert_allclose(float(a.forward(z, xp.asarray(labels))),
+                               float(b.forward(z, xp.asarray(np.eye(3)[labels]))), rtol=1e-12)
+    np.testing.assert_allclose(bp.to_numpy(a.backward()), bp.to_numpy(b.backward()), atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_logits_give_finite_loss_and_gradient(device, xp, dtype):
+    z = xp.asarray([[1e4, -1e4, 0.0], [-1e4, -1e4, 1e4], [1e4, 1e4, -1e4]], dtype=dtype)
+    labels = xp.asarray([1, 2, 0])
+    with warnings.catch_warnings(), np.errstate(over="raise", divide="raise", invalid="raise"):
+        warnings.simplefilter("error")
+        xent = SoftmaxCrossEntropyLoss(0.1)
+        v = xent.forward(z, labels)
+        g = xent.backward()
+        bce = BCEWithLogitsLoss()
+        vb = bce.forward(z, xp.asarray([[1, 0, 1], [0, 1, 0], [1, 1, 0]], dtype=dtype))
+        gb = bce.backward()
+    for value, grad in ((v, g), (vb, gb)):
+        assert np.isfinite(float(value)) and bool(xp.isfinite(grad).all())
+        assert value.dtype == dtype and grad.dtype == dtype
+    # row 0 predicts class 0 by 2e4 but the label is 1: loss ≈ 2e4 (less smoothing's share)
+    assert 1e3 < float(v) < 2e4
+    # two confident mistakes of 1e4 each and one logit of 0 (log 2), over 9 elements
+    np.testing.assert_allclose(float(vb), (2e4 + np.log(2)) / 9, rtol=1e-6)
+
+
+def test_bce_clamps_logs_like_pytorch(device, xp):
+    loss = BCELoss(reduction="sum")
+    with warnings.catch_warnings(), np.errstate(over="raise", invalid="raise"):
+        warnings.simplefilter("error")
+        value = float(loss.forward(xp.asarray([[0.0, 1.0, 1.0]]), xp.asarray([[1.0, 1.0, 0.0]])))
+        grad = bp.to_numpy(loss.backward())
+    assert value == 200.0  # -log(0) clamped at 100, twice
+    assert np.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("loss", [MSELoss(), L1Loss(), BCEWithLogitsLoss(), BCELoss(),
+                                  SoftmaxCrossEntropyLoss()], ids=repr)
+def test_float32_stays_float32(device, xp, rng, loss):
+    pred = xp.asarray(rng.uniform(0.1, 0.9, size=(4, 3)), dtype=np.float32)
+    target = xp.asarray([0, 2, 1, 1]) if isinstance(loss, SoftmaxCrossEntropyLoss) else \
+        xp.asarray(rng.uniform(size=(4, 3)), dtype=np.float32)
+    value = loss.forward(pred, target)
+    assert value.dtype == np.float32 and loss.backward().dtype == np.float32
+
+
+def test_gradient_buffer_is_reused(device, xp, rng):
+    loss = SoftmaxCrossEntropyLoss()
+    z = xp.asarray(rng.normal(size=(4, 3)))
+    loss.forward(z, xp.asarray([0, 1, 2, 0]))
+    first = loss.backward()
+    loss.forward(z, xp.asarray([1, 1, 2, 0]))
+    assert loss.backward() is first
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+def test_shape_mismatch_names_both_shapes_and_the_fix(device, xp):
+    with pytest.raises(ValueError, match=r"\(4, 1\) and target shape \(4,\).*reshape\(-1, 1\)"):
+        MSELoss().forward(xp.zeros((4, 1)), xp.zeros(4))
+    with pytest.raises(ValueError, match=r"labels of shape \(4,\)"):
+        SoftmaxCrossEntropyLoss().forward(xp.zeros((4, 3)), xp.zeros(5, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"y.ravel\(\)"):
+        SoftmaxCrossEntropyLoss().forward(xp.zeros((4, 3)), xp.zeros((4, 1), dtype=np.int64))
+    with pytest.raises(ValueError, match=r"shape \(N, C\)"):
+        SoftmaxCrossEntropyLoss().forward(xp.zeros(4), xp.zeros(4, dtype=np.int64))
+
+
+@pytest.mark.parametrize("labels, match", [([0, 3, 1], r"\[0, 3\).*\[0, 3\]"),
+                                           ([0, -1, 1], r"\[0, 3\).*\[-1, 1\]")])
+def test_labels_out_of_range(device, xp, labels, match):
+    loss = SoftmaxCrossEntropyLoss()
+    with pytest.raises(ValueError, match=match):
+        loss.forward(xp.zeros((3, 3)), xp.asarray(labels))
+
+
+def test_non_integer_labels_and_nan_targets(device, xp):
+    with pytest.raises(TypeError, match="integers.*astype"):
+        SoftmaxCrossEntropyLoss().forward(xp.zeros((3, 3)), xp.asarray([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="NaN"):
+        MSELoss().forward(xp.zeros((2, 2)), xp.asarray([[0.0, np.nan], [1.0, 2.0]]))
+    with pytest.raises(ValueError, match="NaN"):
+        SoftmaxCrossEntropyLoss().forward(xp.zeros((1, 2)), xp.asarray([[np.nan, 1.0]]))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        BCELoss().forward(xp.asarray([[1.5]]), xp.asarray([[1.0]]))
+    with pytest.raises(TypeError, match="floating-point predictions"):
+        MSELoss().forward(xp.zeros((2, 2), dtype=np.int64), xp.zeros((2, 2)))
+
+
+def test_validation_can_be_switched_off_for_prevalidated_data(device, xp):
+    loss = MSELoss()
+    loss.validate_labels = False  # fit() checks the whole data set once instead
+    assert np.isnan(float(loss.forward(xp.zeros((1, 2)), xp.asarray([[np.nan, 1.0]]))))
+
+
+def test_constructor_and_call_order_errors():
+    with pytest.raises(ValueError, match="'mean' or 'sum'"):
+        MSELoss(reduction="none")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        SoftmaxCrossEntropyLoss(label_smoothing=1.0)
+    with pytest.raises(RuntimeError, match="before forward"):
+        L1Loss().backward()
+
+
+# ---------------------------------------------------------------------------------------
+# Config and names
+@pytest.mark.parametrize("loss", [MSELoss("sum"), L1Loss(), BCEWithLogitsLoss(), BCELoss("sum"),
+                                  SoftmaxCrossEntropyLoss(0.1, "sum")], ids=repr)
+def test_config_round_trip(loss):
+    rebuilt = losses.from_config(json.loads(json.dumps(loss.config())))
+    assert type(rebuilt) is type(loss) and rebuilt.config() == loss.config()
+
+
+def test_get_by_name():
+    assert isinstance(losses.get("cross_entropy"), SoftmaxCrossEntropyLoss)
+    assert isinstance(losses.get("MSE"), MSELoss)
+    assert losses.CrossEntropyLoss is SoftmaxCrossEntropyLoss
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        losses.get("hinge")
+    with pytest.raises(ValueError, match="unknown loss config"):
+        losses.from_config({"type": "HingeLoss"})

@@ -1,0 +1,124 @@
+"""Compile every Numba CUDA kernel to PTX, without a GPU.
+
+The CUDA simulator runs the kernels' logic in Python and does not type-check them, so this
+test compiles what the wrappers of ``backprop.kernels.numba_cuda`` launch: each op is called
+on small NumPy arrays with the launch recorded instead of run, and every recorded kernel is
+compiled with ``numba.cuda.compile_ptx`` for the argument types the launch carries, for
+float32 and float64 and every activation. It needs libNVVM (pip: nvidia-cuda-nvcc-cu12).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+from backprop import kernels
+
+SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM", "0").strip() not in ("", "0")
+pytestmark = pytest.mark.skipif(
+    SIMULATED, reason="numba.cuda.compile_ptx is not simulated: run this test without "
+                      "NUMBA_ENABLE_CUDASIM=1")
+
+CC = (8, 0)  # any compute capability works without a GPU; sm_80 has float64 atomics etc.
+DTYPES = (np.float32, np.float64)
+ACTIVATION_OPS = ("bias_act_forward", "bias_act_backward")
+# Element-wise kernels must compute float32 in float32: no f64 instruction in their PTX.
+FLOAT32_ONLY_OPS = ("bias_act_forward", "sgd_step", "rmsprop_step", "adam_step",
+                    "adagrad_step", "dropout")
+
+
+def _arrays(dtype, *shapes):
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal(shape).astype(dtype) for shape in shapes]
+
+
+def _case(op, dtype, act):
+    """Arguments for one call of ``op`` with every optional buffer given."""
+    n, m = 6, 5
+    if op == "bias_act_forward":
+        z, b, out = _arrays(dtype, (n, m), (m,), (n, m))
+        return z, b, out, act, 0.1
+    if op == "bias_act_backward":
+        da, a, z, delta, db = _arrays(dtype, (n, m), (n, m), (n, m), (n, m), (m,))
+        return da, a, z, act, 0.1, delta, db, True
+    if op == "softmax_forward":
+        return tuple(_arrays(dtype, (n, m), (n, m)))
+    if op == "softmax_backward":
+        return tuple(_arrays(dtype, (n, m), (n, m), (n, m)))
+    if op == "softmax_xent":
+        logits, grad, loss = _arrays(dtype, (n, m), (n, m), (n,))
+        return logits, np.arange(n, dtype=np.int64) % m, 0.1, 1.0 / n, grad, loss
+    if op == "sgd_step":
+        p, g, buf = _arrays(dtype, m, m, m)
+        return p, g, buf, 0.1, 0.9, 0.1, True, 0.01, False
+    if op == "rmsprop_step":
+        p, g, sq, buf, avg = _arrays(dtype, m, m, m, m, m)
+        return p, g, np.abs(sq), buf, avg, 0.01, 0.99, 1e-8, 0.01, 0.9, True
+    if op == "adam_step":
+        p, g, mom, v, vmax = _arrays(dtype, m, m, m, m, m)
+        return p, g, mom, np.abs(v), np.abs(vmax), 1e-3, 0.9, 0.999, 1e-8, 0.01, True, 3
+    if op == "adagrad_step":
+        p, g, s = _arrays(dtype, m, m, m)
+        return p, g, np.abs(s), 0.1, 0.01, 1e-10, 0.01, 2
+    if op == "dropout":
+        x, out = _arrays(dtype, (n, m), (n, m))
+        return x, kernels.dropout_key(1, 2), kernels.dropout_threshold(0.25), 1 / 0.75, out
+    if op == "batchnorm_forward":
+        x, gamma, beta, out, xhat, mean, var, invstd = _arrays(
+            dtype, (n, m), m, m, (n, m), (n, m), m, m, m)
+        return x, gamma, beta, 1e-5, out, xhat, mean, var, invstd
+    if op == "batchnorm_backward":
+        dy, xhat, gamma, invstd, dx, dgamma, dbeta = _arrays(
+            dtype, (n, m), (n, m), m, m, (n, m), m, m)
+        return dy, xhat, gamma, np.abs(invstd), dx, dgamma, dbeta, True
+    raise KeyError(op)
+
+
+NUMBA_CUDA_OPS = sorted(op for op, backends in kernels.OPS.items() if "numba_cuda" in backends)
+CASES = [pytest.param(op, dtype, act, id=f"{op}-{np.dtype(dtype).name}" + (f"-{act}" if act else ""))
+         for op in NUMBA_CUDA_OPS for dtype in DTYPES
+         for act in (kernels.ACTIVATIONS if op in ACTIVATION_OPS else (None,))]
+
+
+@pytest.fixture(scope="module")
+def numba_cuda():
+    """The kernel module, once libNVVM is known to load (else the test is skipped)."""
+    pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+    try:
+        from numba.cuda.cudadrv.nvvm import NVVM
+
+        NVVM()
+    except Exception as exc:  # any failure to load libNVVM means: cannot compile here
+        pytest.skip(f"libNVVM is unavailable, so no PTX can be compiled (pip install "
+                    f"nvidia-cuda-nvcc-cu12): {type(exc).__name__}: {exc}")
+    from backprop.kernels import numba_cuda
+
+    return numba_cuda
+
+
+def _recorded_launches(module, monkeypatch, op, args):
+    launches = []
+    monkeypatch.setattr(module, "_launch",
+                        lambda kernel, grid, block, *a: launches.append((kernel, a)))
+    getattr(module, op)(*args)
+    return launches
+
+
+@pytest.mark.parametrize("op, dtype, act", CASES)
+def test_kernels_compile_to_ptx(numba_cuda, monkeypatch, op, dtype, act):
+    import numba
+    from numba import cuda
+
+    launches = _recorded_launches(numba_cuda, monkeypatch, op, _case(op, dtype, act))
+    assert launches, f"{op} launched no kernel"
+    for kernel, args in launches:
+        signature = tuple(numba.typeof(a) for a in args)
+        ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=CC)  # raises on any error
+        assert ".entry" in ptx
+        if dtype == np.float32 and op in FLOAT32_ONLY_OPS:
+            f64 = [line.strip() for line in ptx.splitlines() if re.search(r"\.f64\b", line)]
+            assert not f64, (f"float32 kernel of {op} ({act}) computes in float64, e.g. "
+                             f"{f64[:3]}: cast its constants to the array dtype")
+
