@@ -10,13 +10,7 @@
 # (default: all usable CPUs, for Numba, BLAS and torch alike), BENCH_OUT (results folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-VENV=${VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e ".[test]"
+source ci/venv.sh test
 PYBIN="$VENV/bin/python"
 
 THREADS=${BENCH_THREADS:-$(nproc)}

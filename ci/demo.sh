@@ -4,13 +4,7 @@
 # checkpoint, the history (JSON and CSV) and a PNG of the learning curves to runs/digits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-VENV=${VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e ".[plot]"
+source ci/venv.sh plot
 exec "$VENV/bin/python" -m backprop train --data digits --hidden 128,64 --activation relu \
   --optimizer adam --lr 1e-3 --epochs 30 --batch-size 64 --seed 0 --device auto \
   --out runs/digits "$@"

@@ -7,13 +7,7 @@
 #   4. the benchmarks once in smoke mode (--benchmark-disable) so they cannot rot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-VENV=${VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e ".[test]"
+source ci/venv.sh test
 P="$VENV/bin/python -m pytest"
 export NUMBA_NUM_THREADS=${NUMBA_NUM_THREADS:-2}
 
