@@ -202,6 +202,8 @@ def get_xp():
 
 def get_array_module(x):
     """numpy or cupy, whichever owns ``x`` (numpy for anything that is not a CuPy array)."""
+    if type(x) is np.ndarray:
+        return np
     if type(x).__module__.startswith("cupy"):
         import cupy
 

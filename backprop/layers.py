@@ -205,9 +205,14 @@ def _layer_class(cfg):
     return cls
 
 
-def check_input(x, who: str, in_features, like) -> None:
+def check_input(x, who, in_features, like) -> None:
     """Raise a clear error unless ``x`` is an ``(N, in_features)`` array of ``like``'s array
-    type and dtype (``in_features=None`` skips the shape check)."""
+    type and dtype (``in_features=None`` skips the shape check). ``who`` (a string, or a
+    layer whose repr is taken only for a message) names the caller in the error."""
+    if type(x) is type(like) and x.dtype == like.dtype and (
+            in_features is None or (x.ndim == 2 and x.shape[1] == in_features)):
+        return  # the common case, checked first: this runs on every forward pass
+    who = who if isinstance(who, str) else repr(who)
     if type(x) is not type(like):
         raise TypeError(
             f"{who} has its parameters in {type(like).__module__}.{type(like).__name__} arrays "
@@ -280,7 +285,7 @@ class Dense(Layer):
 
     def forward(self, x):
         W, act = self.W.data, self.activation.kernel
-        check_input(x, repr(self), self.in_features, W)
+        check_input(x, self, self.in_features, W)
         z = self._buffer("z", (x.shape[0], self.out_features), W)
         get_array_module(W).matmul(x, W.T, out=z)
         b = None if self.b is None else self.b.data
@@ -418,7 +423,7 @@ class BatchNorm1d(Layer):
 
     def forward(self, x):
         rm, rv = self._buffers["running_mean"], self._buffers["running_var"]
-        check_input(x, repr(self), self.num_features, rm)
+        check_input(x, self, self.num_features, rm)
         (n, m), xp = x.shape, get_array_module(x)
         gamma, beta = self._affine(x)
         out, xhat = self._buffer("out", x.shape, x), self._buffer("xhat", x.shape, x)

@@ -53,10 +53,10 @@ class Parameter:
         self._stale = False
 
     def _buffer(self):
-        if self._grad is None or self._grad.shape != self.data.shape or \
-                get_array_module(self._grad) is not get_array_module(self.data) or \
-                self._grad.dtype != self.data.dtype:
-            self._grad = get_array_module(self.data).zeros_like(self.data)
+        grad, data = self._grad, self.data
+        if grad is None or type(grad) is not type(data) or grad.shape != data.shape or \
+                grad.dtype != data.dtype:  # none yet, or data moved to another device/dtype
+            self._grad = get_array_module(data).zeros_like(data)
             self._stale = False
         return self._grad
 

@@ -4,19 +4,32 @@ Each public function has the signature and the semantics of the function of the 
 :mod:`reference`, whose docstring states the math; tests/test_kernels.py holds them to it.
 A public function is a thin wrapper: it checks dtypes, shapes and C-contiguity (a clear error
 instead of a silent copy), computes host-side scalars (bias corrections, the effective
-learning rate) and calls one ``@njit(parallel=True, cache=True)`` kernel.
+learning rate) and calls one kernel.
 
 How the kernels are built
+- Each kernel is compiled twice (:class:`_Loops`): with ``parallel=True`` (``prange`` over
+  Numba's threads) and serially; calls with fewer than :data:`PARALLEL_MIN_ELEMENTS`
+  elements run serially, because waking the threads costs more than the work. Both run the
+  same loops in the same order, so results never depend on which one ran.
 - Compiled lazily, on first use, for the dtypes and the ``None`` pattern of the call (Numba
   specialises on ``None``: an optimizer without momentum has no buffer code at all), and
   cached on disk (``cache=True``), so the next process loads them instead of compiling.
+- ``error_model="numpy"``: a division by zero gives inf/NaN as in NumPy instead of raising;
+  Python's model puts a test and a branch before every division, which stops LLVM from
+  vectorising any loop that divides.
 - Activations: one kernel per activation name. The name is a compile-time string constant
   (a closure variable of :func:`_forward_kernel` / :func:`_backward_kernel`), and
-  :func:`_activate` / :func:`_derivative` are overloaded on that literal, so each
-  activation's inner loop holds only its own formula: branch-free and vectorisable, and a
-  program that uses relu never compiles gelu.
-- Precision: float32 inputs are widened to float64 in registers and rounded once when
-  stored; every sum accumulates in float64. The hyperparameters stay Python floats.
+  :func:`_activate` / :func:`_derivative` are overloaded on that literal and on the element
+  type, so each activation's inner loop holds only its own formula, with constants of the
+  array's dtype: branch-free and vectorisable, and a program that uses relu never compiles
+  gelu. ``exp``, ``tanh``, the normal CDF (GELU) and ``softplus`` come from :mod:`vecmath`,
+  polynomials that vectorise (libm's are scalar calls).
+- Precision: elementwise math runs in the dtype of the arrays, as the reference's does
+  (float32 SIMD has twice the lanes of float64, and float32 division and square root cost a
+  quarter); every sum over rows or columns accumulates in float64, in a loop of its own so
+  that the float32 loop keeps its full vector width. The optimizers update their state in
+  float64 registers and round once when storing; only their division and square root are
+  taken in the parameters' dtype (:func:`_narrow`).
 - Sums over rows (bias gradient, BatchNorm statistics) never accumulate into one shared
   vector from parallel rows (that races). The rows are cut into a fixed number of chunks
   (:data:`_ROW_CHUNKS`, not the thread count); each chunk sums its rows in order into its
@@ -29,16 +42,14 @@ How the kernels are built
   (``dst = src if in_place else out``), which keeps reads before writes.
 - ``fastmath``: never ``nnan``/``ninf``/``afn`` (NaN and inf propagate exactly as in the
   reference). The activation kernels use ``{"contract"}`` (FMA); the softmax kernels
-  ``{"reassoc", "contract", "nsz", "arcp"}`` so that LLVM may vectorise their row sums.
-  Everything else is strict IEEE.
-- ``exp`` is :func:`_exp`, a vectorisable polynomial within ~1 ulp of libm (libm's is an
-  opaque scalar call); ``tanh``, ``erf`` and ``log1p`` still call libm, so tanh, gelu_erf
-  and softplus forward are compute-bound.
+  ``{"reassoc", "contract", "nsz", "arcp"}`` so that LLVM may vectorise their row sums, and
+  take row maxima with :func:`vecmath.fmax`. Everything else is strict IEEE.
 """
 from __future__ import annotations
 
 import math
 import os
+import types as pytypes
 
 # Numba's OpenMP workers would otherwise spin after every parallel loop and fight OpenBLAS's
 # threads for the cores: on 2 cores each small kernel after a GEMM then costs ~20 ms.
@@ -46,18 +57,49 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
-from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
-from . import reference
-from .reference import (ACTIVATIONS, GELU_C, GELU_K, GOLDEN32, INV_SQRT2, INV_SQRT_2PI,
-                        NEEDS_Z)
+from . import reference, vecmath
+from .reference import ACTIVATIONS, GELU_C, GELU_K, GOLDEN32, INV_SQRT_2PI, NEEDS_Z
 
 _ROW_SUM_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _CONTRACT = {"contract"}  # a·b + c may become one FMA (one rounding instead of two)
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _ROW_CHUNKS = 32  # row chunks of the parallel column sums (fixed: results independent of threads)
+PARALLEL_MIN_ELEMENTS = 1 << 16  # smaller calls run on the calling thread (see _Loops)
+
+
+class _Loops:
+    """One kernel compiled twice: ``serial`` (``prange`` is ``range``) and ``parallel``.
+
+    Waking Numba's worker threads costs tens of microseconds (more right after a GEMM, while
+    OpenBLAS's threads still spin), far more than a small batch takes on one core, so a call
+    with fewer than :data:`PARALLEL_MIN_ELEMENTS` elements of work runs serially. Both
+    versions execute the same loops in the same order (sums are cut into the same fixed
+    chunks), so the choice never changes a result. The serial copy of the function gets its
+    own qualified name: Numba's on-disk cache keys entries by name and bytecode, not by the
+    ``parallel`` flag, and the two would otherwise load each other's machine code.
+    """
+
+    __slots__ = ("serial", "parallel")
+
+    def __init__(self, fn, fastmath):
+        serial = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                      fn.__defaults__, fn.__closure__)
+        serial.__qualname__ = fn.__qualname__ + "_serial"
+        flags = dict(cache=True, fastmath=fastmath, error_model="numpy")
+        self.serial = njit(**flags)(serial)
+        self.parallel = njit(parallel=True, **flags)(fn)
+
+    def __call__(self, work: int, *args):
+        """Run on ``args``; ``work`` (elements touched) picks serial or parallel."""
+        return (self.parallel if work >= PARALLEL_MIN_ELEMENTS else self.serial)(*args)
+
+
+def _loops(fastmath=False):
+    """Decorator: compile a kernel as :class:`_Loops` (serial and parallel, cached)."""
+    return lambda fn: _Loops(fn, fastmath)
 
 
 # ---------------------------------------------------------------------------------------
@@ -101,7 +143,7 @@ def _flat(op: str, p, named: dict) -> dict:
     for name, a in named.items():
         if a is not None:
             _array(op, name, a, p.dtype, p.shape, out=name != "g")
-            a = a.reshape(-1)
+            a = a if a.ndim == 1 else a.reshape(-1)
         flat[name] = a
     return flat
 
@@ -122,130 +164,98 @@ def _activation(act: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# exp that LLVM can vectorise (libm's exp is an opaque scalar call): within 1.01 ulp of
-# np.exp in float64 over its whole range, inf/NaN/underflow included (measured on 4M points)
-_LOG2E = 1.4426950408889634
-_LN2_HI = 6.93147180369123816490e-01  # ln 2 split so that k·_LN2_HI is exact (Cody-Waite)
-_LN2_LO = 1.90821492927058770002e-10
-
-
-@intrinsic
-def _float_from_bits(typingctx, bits):
-    """The float64 whose IEEE bit pattern is the int64 ``bits``."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return types.float64(types.int64), codegen
-
-
-@njit(inline="always")
-def _exp(x):
-    """``exp(x) = 2ᵏ·exp(r)``, ``r = x - k ln2`` in ``[-ln2/2, ln2/2]``, ``exp(r)`` by its
-    Taylor polynomial to degree 13 (truncation < 1e-17), ``2ᵏ`` as two exponent-field powers
-    so that results near overflow and in the subnormal range are scaled exactly."""
-    clamped = min(max(x, -746.0), 710.0)  # beyond these exp is 0 or inf already
-    k = math.floor(clamped * _LOG2E + 0.5)
-    r = (clamped - k * _LN2_HI) - k * _LN2_LO
-    p = 1.0 / 6227020800.0  # Horner, written out: a loop over a tuple would not vectorise
-    p = p * r + 1.0 / 479001600.0
-    p = p * r + 1.0 / 39916800.0
-    p = p * r + 1.0 / 3628800.0
-    p = p * r + 1.0 / 362880.0
-    p = p * r + 1.0 / 40320.0
-    p = p * r + 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
-    n = np.int64(k)
-    half = n >> 1
-    y = p * _float_from_bits((half + 1023) << 52) * _float_from_bits((n - half + 1023) << 52)
-    return y if x == x else x  # NaN in, NaN out
-
-
-# ---------------------------------------------------------------------------------------
-# Activations, specialised at compile time on the literal name
+# Activations, specialised at compile time on the literal name and on the element type
 def _activate(act, v, alpha):
-    """``σ(v)`` in float64. Compiled code uses the overload below, specialised on the literal
-    name; this Python body is what runs under ``NUMBA_DISABLE_JIT=1``."""
-    return float(reference.activate(np, np.array([v]), act, alpha)[0])
+    """``σ(v)``. Compiled code uses the overload below, specialised on the literal name;
+    this Python body is what runs under ``NUMBA_DISABLE_JIT=1``."""
+    return type(v)(reference.activate(np, np.array([v]), act, alpha)[0])
 
 
 def _derivative(act, s, alpha):
     """``σ'`` from ``s = a`` (σ(z)) or ``s = z`` for activations in NEEDS_Z."""
     a, z = (None, np.array([s])) if act in NEEDS_Z else (np.array([s]), np.array([s]))
-    return float(reference.derivative(np, a, z, act, alpha)[0])
+    return type(s)(reference.derivative(np, a, z, act, alpha)[0])
 
 
 def _literal_name(act):
     return act.literal_value if isinstance(act, types.StringLiteral) else None
 
 
-@overload(_activate)
+def _constants(v, *values):
+    """``values`` as constants of the float type of ``v`` (a Numba type): a float64 constant
+    would promote a float32 expression, and float32 math is what makes these loops fast."""
+    cast = np.float32 if v == types.float32 else np.float64
+    return tuple(cast(x) for x in values)
+
+
+def _narrow(x, like):
+    """``x`` rounded to the element type of the array ``like`` (a no-op for float64).
+    Division and square root cost four to eight times more in float64 than in float32 on
+    x86 vector units, so the optimizers take them in the dtype of the parameters, on
+    operands rounded exactly as the reference's float32 arithmetic rounds them."""
+    return like.dtype.type(x)
+
+
+@overload(_narrow, inline="always")
+def _narrow_impl(x, like):
+    if like.dtype == types.float32:
+        return lambda x, like: np.float32(x)
+    return lambda x, like: x
+
+
+@overload(_activate, inline="always")
 def _activate_impl(act, v, alpha):
     name = _literal_name(act)
+    zero, k2, c = _constants(v, 0.0, 2.0 * GELU_K, GELU_C)
     if name == "identity":
         return lambda act, v, alpha: v
     if name == "relu":  # v < 0 is False for NaN: NaN passes through, as np.maximum does
-        return lambda act, v, alpha: 0.0 if v < 0.0 else v
+        return lambda act, v, alpha: zero if v < zero else v
     if name == "leaky_relu":
-        return lambda act, v, alpha: v if v > 0.0 else v * alpha
+        return lambda act, v, alpha: v if v > zero else v * alpha
     if name == "sigmoid":
-        return lambda act, v, alpha: _sigmoid(v)
+        return lambda act, v, alpha: vecmath.sigmoid(v)
     if name == "tanh":
-        return lambda act, v, alpha: math.tanh(v)
-    if name == "gelu_tanh":
-        return lambda act, v, alpha: v * _sigmoid(2.0 * GELU_K * (v + GELU_C * v * v * v))
+        return lambda act, v, alpha: vecmath.tanh(v)
+    if name == "gelu_tanh":  # ½ z (1 + tanh u) = z σ(2u), u = k (z + c z³)
+        return lambda act, v, alpha: v * vecmath.sigmoid(k2 * (v + c * v * v * v))
     if name == "gelu_erf":
-        return lambda act, v, alpha: 0.5 * v * (1.0 + math.erf(v * INV_SQRT2))
+        return lambda act, v, alpha: v * vecmath.ndtr(v)
     if name == "softplus":
-        return lambda act, v, alpha: math.log1p(_exp(-abs(v))) + (0.0 if v < 0.0 else v)
+        return lambda act, v, alpha: vecmath.softplus(v)
     return None
 
 
 @overload(_derivative)
 def _derivative_impl(act, s, alpha):
     name = _literal_name(act)
+    zero, one, half, k2, c, c3, inv_sqrt_2pi = _constants(
+        s, 0.0, 1.0, 0.5, 2.0 * GELU_K, GELU_C, 3.0 * GELU_C, INV_SQRT_2PI)
     if name == "identity":
-        return lambda act, s, alpha: 1.0
+        return lambda act, s, alpha: one
     if name == "relu":
-        return lambda act, s, alpha: 1.0 if s > 0.0 else 0.0
+        return lambda act, s, alpha: one if s > zero else zero
     if name == "leaky_relu":
-        return lambda act, s, alpha: 1.0 if s > 0.0 else alpha
+        return lambda act, s, alpha: one if s > zero else alpha
     if name == "sigmoid":
-        return lambda act, s, alpha: s * (1.0 - s)
+        return lambda act, s, alpha: s * (one - s)
     if name == "tanh":
-        return lambda act, s, alpha: 1.0 - s * s
+        return lambda act, s, alpha: one - s * s
     if name == "gelu_tanh":
-        return lambda act, s, alpha: _gelu_tanh_derivative(s)
-    if name == "gelu_erf":
-        return lambda act, s, alpha: (0.5 * (1.0 + math.erf(s * INV_SQRT2))
-                                      + s * _exp(-0.5 * s * s) * INV_SQRT_2PI)
+        # with u2 = 2k(z + c z³): ½(1 + tanh u) = σ(u2) and ½(1 - tanh²u) = 2σ(u2)σ(-u2),
+        # the derivative of the reference without its 1 + tanh cancellation
+        def gelu_tanh(act, s, alpha):
+            u2 = k2 * (s + c * s * s * s)
+            e = vecmath.exp(-abs(u2))
+            t = one / (one + e)
+            return (t if u2 >= zero else e * t) + s * k2 * (one + c3 * s * s) * (e * t * t)
+        return gelu_tanh
+    if name == "gelu_erf":  # Φ(z) + z φ(z)
+        return lambda act, s, alpha: (vecmath.ndtr(s)
+                                      + s * vecmath.exp(-half * s * s) * inv_sqrt_2pi)
     if name == "softplus":
-        return lambda act, s, alpha: _sigmoid(s)
+        return lambda act, s, alpha: vecmath.sigmoid(s)
     return None
-
-
-@njit(inline="always")
-def _sigmoid(v):
-    """Stable logistic: ``exp`` only sees ``-|v|``."""
-    e = _exp(-abs(v))
-    t = 1.0 / (1.0 + e)
-    return t if v >= 0.0 else e * t
-
-
-@njit(inline="always")
-def _gelu_tanh_derivative(z):
-    """With ``u = k(z + c z³)``, ``½(1 + tanh u) = σ(2u)`` and ``1 - tanh²u = 4σ(2u)σ(-2u)``:
-    the derivative of the reference, without its ``1 + tanh`` cancellation."""
-    u2 = 2.0 * GELU_K * (z + GELU_C * z * z * z)
-    e = _exp(-abs(u2))
-    t = 1.0 / (1.0 + e)
-    s = t if u2 >= 0.0 else e * t
-    return s + 2.0 * z * GELU_K * (1.0 + 3.0 * GELU_C * z * z) * (e * t * t)
 
 
 @njit(inline="always")
@@ -259,13 +269,13 @@ def _chunk_rows(chunk, chunks, n):
 def _forward_kernel(act: str):
     write_z = act in NEEDS_Z
 
-    @njit(parallel=True, cache=True, fastmath=_CONTRACT)
+    @_loops(fastmath=_CONTRACT)
     def kernel(z, b, out_arg, alpha, in_place):
         n, m = z.shape
         for i in prange(n):
             out = z if in_place else out_arg
             for j in range(m):
-                v = float(z[i, j])
+                v = z[i, j]
                 if b is not None:
                     v += b[j]
                     if write_z:
@@ -276,14 +286,14 @@ def _forward_kernel(act: str):
 
 
 def _backward_kernel(act: str):
-    @njit(parallel=True, cache=True, fastmath=_CONTRACT)
+    @_loops(fastmath=_CONTRACT)
     def kernel(da, s, alpha, delta_arg, db, accumulate, in_place):
         n, m = da.shape
         if db is None:
             for i in prange(n):
                 delta = da if in_place else delta_arg
                 for j in range(m):
-                    delta[i, j] = da[i, j] * _derivative(act, float(s[i, j]), alpha)
+                    delta[i, j] = da[i, j] * _derivative(act, s[i, j], alpha)
             return
         chunks = min(n, _ROW_CHUNKS)
         partial = np.zeros((chunks, m))
@@ -292,9 +302,9 @@ def _backward_kernel(act: str):
             start, stop = _chunk_rows(chunk, chunks, n)
             for i in range(start, stop):
                 for j in range(m):
-                    d = da[i, j] * _derivative(act, float(s[i, j]), alpha)
-                    delta[i, j] = d
-                    partial[chunk, j] += d
+                    delta[i, j] = da[i, j] * _derivative(act, s[i, j], alpha)
+                for j in range(m):  # apart: float64 sums in this loop would halve the lanes above
+                    partial[chunk, j] += delta[i, j]
         for j in prange(m):
             total = 0.0
             for chunk in range(chunks):
@@ -320,7 +330,7 @@ def bias_act_forward(z, b, out, act: str, alpha: float = 0.0):
     if kernel is None:
         _activation(act)
         kernel = _FORWARD[act] = _forward_kernel(act)
-    kernel(z, b, out, float(alpha), _in_place(op, "out", out, "z", z))
+    kernel(z.size, z, b, out, float(alpha), _in_place(op, "out", out, "z", z))
     return out
 
 
@@ -338,27 +348,28 @@ def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumul
     _array(op, "delta_out", delta_out, dtype, da.shape, out=True)
     if db_out is not None:
         _array(op, "db_out", db_out, dtype, da.shape[1:], out=True)
-    kernel(da, source, float(alpha), delta_out, db_out, bool(accumulate),
+    kernel(da.size, da, source, float(alpha), delta_out, db_out, bool(accumulate),
            _in_place(op, "delta_out", delta_out, "da", da))
     return delta_out
 
 
 # ---------------------------------------------------------------------------------------
 # Softmax (the layer) and softmax cross-entropy (the loss): rows in parallel
-@njit(parallel=True, cache=True, fastmath=_ROW_SUM_FASTMATH)
+@_loops(fastmath=_ROW_SUM_FASTMATH)
 def _softmax_forward(x, out_arg, in_place):
     n, m = x.shape
+    if m == 0:
+        return
     for i in prange(n):
         out = x if in_place else out_arg
-        top = -np.inf
+        top = x[i, 0]  # of x's dtype, so that exp runs in it
+        for j in range(1, m):  # a NaN is skipped here, but exp(NaN - top) makes the row NaN
+            top = vecmath.fmax(top, x[i, j])
         for j in range(m):
-            if x[i, j] > top:
-                top = x[i, j]
+            out[i, j] = vecmath.exp(x[i, j] - top)
         total = 0.0
-        for j in range(m):
-            e = _exp(x[i, j] - top)
-            out[i, j] = e
-            total += e
+        for j in range(m):  # apart: a float64 sum in the loop above would halve its lanes
+            total += out[i, j]
         inv = 1.0 / total
         for j in range(m):
             out[i, j] = out[i, j] * inv
@@ -369,11 +380,11 @@ def softmax_forward(x, out):
     op = "softmax_forward"
     dtype = _batch(op, "x", x)
     _array(op, "out", out, dtype, x.shape, out=True)
-    _softmax_forward(x, out, _in_place(op, "out", out, "x", x))
+    _softmax_forward(x.size, x, out, _in_place(op, "out", out, "x", x))
     return out
 
 
-@njit(parallel=True, cache=True, fastmath=_ROW_SUM_FASTMATH)
+@_loops(fastmath=_ROW_SUM_FASTMATH)
 def _softmax_backward(dy, y, out_arg, in_place):
     n, m = dy.shape
     for i in prange(n):
@@ -391,11 +402,11 @@ def softmax_backward(dy, y, out):
     dtype = _batch(op, "dy", dy)
     _array(op, "y", y, dtype, dy.shape)
     _array(op, "out", out, dtype, dy.shape, out=True)
-    _softmax_backward(dy, y, out, _in_place(op, "out", out, "dy", dy))
+    _softmax_backward(dy.size, dy, y, out, _in_place(op, "out", out, "dy", dy))
     return out
 
 
-@njit(parallel=True, cache=True, fastmath=_ROW_SUM_FASTMATH)
+@_loops(fastmath=_ROW_SUM_FASTMATH)
 def _softmax_xent(logits, labels, smoothing, scale, grad_arg, loss, in_place):
     n, c = logits.shape
     off = smoothing / c  # the smoothed target of every class; the label's gets 1 - ε more
@@ -407,19 +418,19 @@ def _softmax_xent(logits, labels, smoothing, scale, grad_arg, loss, in_place):
             for k in range(c):
                 grad[i, k] = np.nan
             continue
-        top = -np.inf
-        for k in range(c):
-            if logits[i, k] > top:
-                top = logits[i, k]
+        top = logits[i, 0]
+        for k in range(1, c):
+            top = vecmath.fmax(top, logits[i, k])
         picked = logits[i, label] - top
-        total = 0.0
         shifted_sum = 0.0
+        if smoothing != 0.0:
+            for k in range(c):
+                shifted_sum += logits[i, k] - top
+        for k in range(c):  # grad may be logits: each logit is read before it is replaced
+            grad[i, k] = vecmath.exp(logits[i, k] - top)
+        total = 0.0
         for k in range(c):
-            shifted = logits[i, k] - top
-            e = _exp(shifted)
-            grad[i, k] = e  # grad may be logits: each logit is read before it is replaced
-            total += e
-            shifted_sum += shifted
+            total += grad[i, k]
         value = math.log(total) - (1.0 - smoothing) * picked
         if smoothing != 0.0:  # guarded: 0 · (-inf) would turn a masked logit into NaN
             value -= off * shifted_sum
@@ -442,14 +453,14 @@ def softmax_xent(logits, labels, smoothing: float, scale: float, grad_out, loss_
         _fail(op, "labels", f"a C-contiguous integer array of shape {(n,)}", labels)
     _array(op, "grad_out", grad_out, dtype, logits.shape, out=True)
     _array(op, "loss_out", loss_out, dtype, (n,), out=True)
-    _softmax_xent(logits, labels, float(smoothing), float(scale), grad_out, loss_out,
+    _softmax_xent(logits.size, logits, labels, float(smoothing), float(scale), grad_out, loss_out,
                   _in_place(op, "grad_out", grad_out, "logits", logits))
     return loss_out
 
 
 # ---------------------------------------------------------------------------------------
 # 4. Optimizer updates: one in-place pass over flat buffers
-@njit(parallel=True, cache=True)
+@_loops()
 def _sgd(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step):
     for i in prange(p.size):
         d = float(g[i])
@@ -469,11 +480,11 @@ def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_s
     if momentum and buf is None:
         raise ValueError(f"{op}: momentum={momentum} needs a momentum buffer, got buf=None")
     f = _flat(op, p, {"p": p, "g": g, "buf": buf if momentum else None})
-    _sgd(f["p"], f["g"], f["buf"], float(lr), float(momentum), float(dampening),
+    _sgd(p.size, f["p"], f["g"], f["buf"], float(lr), float(momentum), float(dampening),
          bool(nesterov), float(weight_decay), bool(first_step))
 
 
-@njit(parallel=True, cache=True)
+@_loops()
 def _rmsprop(p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay, momentum):
     for i in prange(p.size):
         d = float(g[i])
@@ -485,7 +496,7 @@ def _rmsprop(p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay, mome
             mean = grad_avg[i] + (1.0 - alpha) * (d - grad_avg[i])
             grad_avg[i] = mean
             s -= mean * mean
-        step = d / (math.sqrt(s) + eps)
+        step = _narrow(d, p) / (math.sqrt(_narrow(s, p)) + eps)
         if buf is not None:
             step += momentum * buf[i]
             buf[i] = step
@@ -504,12 +515,12 @@ def rmsprop_step(p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay, 
     f = _flat(op, p, {"p": p, "g": g, "square_avg": square_avg,
                       "buf": buf if momentum else None,
                       "grad_avg": grad_avg if centered else None})
-    _rmsprop(f["p"], f["g"], f["square_avg"], f["buf"], f["grad_avg"], float(lr), float(alpha),
-             float(eps), float(weight_decay), float(momentum))
+    _rmsprop(p.size, f["p"], f["g"], f["square_avg"], f["buf"], f["grad_avg"], float(lr),
+             float(alpha), p.dtype.type(eps), float(weight_decay), float(momentum))
 
 
-@njit(parallel=True, cache=True)
-def _adam(p, g, m, v, vmax, step_size, beta1, beta2, eps, l2, decay, bias2_sqrt):
+@_loops()
+def _adam(p, g, m, v, vmax, step_size, beta1, beta2, eps, l2, decay, inv_bias2_sqrt):
     for i in prange(p.size):
         w = float(p[i])
         d = float(g[i])
@@ -526,7 +537,8 @@ def _adam(p, g, m, v, vmax, step_size, beta1, beta2, eps, l2, decay, bias2_sqrt)
                 top = vi
             vmax[i] = top
             vi = top
-        p[i] = w - step_size * (mi / (math.sqrt(vi) / bias2_sqrt + eps))
+        denom = math.sqrt(_narrow(vi, p)) * inv_bias2_sqrt + eps
+        p[i] = w - step_size * (_narrow(mi, p) / denom)
 
 
 def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, step):
@@ -538,12 +550,12 @@ def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, 
     decay = 1.0 - lr * weight_decay if decoupled else 1.0
     l2 = 0.0 if decoupled else weight_decay
     step_size = lr / (1.0 - beta1 ** step)
-    bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
-    _adam(f["p"], f["g"], f["m"], f["v"], f["vmax"], step_size, float(beta1), float(beta2),
-          float(eps), l2, decay, bias2_sqrt)
+    narrow = p.dtype.type  # eps and 1/sqrt(1 - β2ᵗ) join the division in p's dtype
+    _adam(p.size, f["p"], f["g"], f["m"], f["v"], f["vmax"], step_size, float(beta1),
+          float(beta2), narrow(eps), l2, decay, narrow(1.0 / math.sqrt(1.0 - beta2 ** step)))
 
 
-@njit(parallel=True, cache=True)
+@_loops()
 def _adagrad(p, g, state_sum, clr, eps, weight_decay):
     for i in prange(p.size):
         d = float(g[i])
@@ -551,7 +563,7 @@ def _adagrad(p, g, state_sum, clr, eps, weight_decay):
             d += weight_decay * p[i]
         s = state_sum[i] + d * d
         state_sum[i] = s
-        p[i] = p[i] - clr * (d / (math.sqrt(s) + eps))
+        p[i] = p[i] - clr * (_narrow(d, p) / (math.sqrt(_narrow(s, p)) + eps))
 
 
 def adagrad_step(p, g, state_sum, lr, lr_decay, eps, weight_decay, step):
@@ -559,12 +571,12 @@ def adagrad_step(p, g, state_sum, lr, lr_decay, eps, weight_decay, step):
     op = "adagrad_step"
     f = _flat(op, p, {"p": p, "g": g, "state_sum": state_sum})
     clr = float(lr) / (1.0 + (step - 1) * float(lr_decay))
-    _adagrad(f["p"], f["g"], f["state_sum"], clr, float(eps), float(weight_decay))
+    _adagrad(p.size, f["p"], f["g"], f["state_sum"], clr, p.dtype.type(eps), float(weight_decay))
 
 
 # ---------------------------------------------------------------------------------------
 # 5. Dropout: the counter hash of reference.dropout, computed in 64-bit lanes masked to 32
-@njit(parallel=True, cache=True)
+@_loops()
 def _dropout(x, key, threshold, scale, out_arg, in_place):
     mask = np.uint64(0xFFFFFFFF)
     for i in prange(x.size):
@@ -586,14 +598,14 @@ def dropout(x, key: int, threshold: int, scale: float, out):
         _fail(op, "x", "a C-contiguous float32 or float64 array", x)
     _array(op, "out", out, x.dtype, x.shape, out=True)
     # x · scale rounded in x's dtype, as the reference multiplies by x.dtype.type(scale)
-    _dropout(x.reshape(-1), np.uint64(key & 0xFFFFFFFF), np.uint64(threshold),
+    _dropout(x.size, x.reshape(-1), np.uint64(key & 0xFFFFFFFF), np.uint64(threshold),
              x.dtype.type(scale), out.reshape(-1), _in_place(op, "out", out, "x", x))
     return out
 
 
 # ---------------------------------------------------------------------------------------
 # 6. BatchNorm (training mode): per-feature sums from row-chunk partials, then one pass
-@njit(parallel=True, cache=True)
+@_loops()
 def _batchnorm_forward(x, gamma, beta, eps, out, xhat, mean_out, var_out, invstd_out):
     n, m = x.shape
     chunks = min(n, _ROW_CHUNKS)
@@ -641,11 +653,11 @@ def batchnorm_forward(x, gamma, beta, eps, out, xhat_out, mean_out, var_out, inv
         _array(op, name, a, dtype, vec, out=True)
     if x.shape[0] == 0:
         raise ValueError(f"{op}: x has no rows; batch statistics need at least one")
-    _batchnorm_forward(x, gamma, beta, float(eps), out, xhat_out, mean_out, var_out, invstd_out)
+    _batchnorm_forward(x.size, x, gamma, beta, float(eps), out, xhat_out, mean_out, var_out, invstd_out)
     return out
 
 
-@njit(parallel=True, cache=True)
+@_loops()
 def _batchnorm_backward(dy, xhat, gamma, invstd, dx_arg, dgamma, dbeta, accumulate, in_place):
     n, m = dy.shape
     chunks = min(n, _ROW_CHUNKS)
@@ -688,6 +700,6 @@ def batchnorm_backward(dy, xhat, gamma, invstd, dx_out, dgamma_out, dbeta_out, a
     _array(op, "dx_out", dx_out, dtype, dy.shape, out=True)
     _array(op, "dgamma_out", dgamma_out, dtype, vec, out=True)
     _array(op, "dbeta_out", dbeta_out, dtype, vec, out=True)
-    _batchnorm_backward(dy, xhat, gamma, invstd, dx_out, dgamma_out, dbeta_out, bool(accumulate),
+    _batchnorm_backward(dy.size, dy, xhat, gamma, invstd, dx_out, dgamma_out, dbeta_out, bool(accumulate),
                         _in_place(op, "dx_out", dx_out, "dy", dy))
     return dx_out
