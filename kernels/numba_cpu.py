@@ -31,10 +31,12 @@ How the kernels are built
   float64 registers and round once when storing; only their division and square root are
   taken in the parameters' dtype (:func:`_narrow`).
 - Sums over rows (bias gradient, BatchNorm statistics) never accumulate into one shared
-  vector from parallel rows (that races). The rows are cut into a fixed number of chunks
-  (:data:`_ROW_CHUNKS`, not the thread count); each chunk sums its rows in order into its
-  own float64 row of a partial-sum array, and the partials are then added in chunk order,
-  in parallel over columns. The result is therefore the same for any number of threads.
+  vector from parallel rows (that races). The rows are cut into chunks whose number depends
+  on N alone (:func:`_row_chunks`, never on the thread count); each chunk sums its rows in
+  order into its own float64 row of a partial-sum array, and the partials are then added in
+  chunk order, in parallel over columns. The result is therefore the same for any number of
+  threads, serial or parallel. Partial sums live in a reused scratch buffer
+  (:func:`_scratch`): once warm, no kernel allocates.
 - In place: Numba marks the array arguments of a ``prange`` body ``noalias`` unless it sees
   an alias inside the body, and LLVM may then move a read of an input after a write to the
   output. Every kernel whose output may be one of its inputs therefore takes an
@@ -66,7 +68,8 @@ from .reference import ACTIVATIONS, GELU_C, GELU_K, GOLDEN32, INV_SQRT_2PI, NEED
 _ROW_SUM_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _CONTRACT = {"contract"}  # a·b + c may become one FMA (one rounding instead of two)
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-_ROW_CHUNKS = 32  # row chunks of the parallel column sums (fixed: results independent of threads)
+_ROW_CHUNKS = 32  # at most this many row chunks in a column sum ...
+_ROWS_PER_CHUNK = 8  # ... and at least this many rows in each (a function of N alone)
 PARALLEL_MIN_ELEMENTS = 1 << 16  # smaller calls run on the calling thread (see _Loops)
 
 
@@ -258,6 +261,29 @@ def _derivative_impl(act, s, alpha):
     return None
 
 
+def _row_chunks(n: int) -> int:
+    """How many row chunks the column sums over ``n`` rows use: it depends on ``n`` only,
+    never on the thread count, so every sum is the same on any machine."""
+    return max(1, min(_ROW_CHUNKS, n // _ROWS_PER_CHUNK))
+
+
+_SCRATCH = [np.empty(0)]
+
+
+def _scratch(*shapes) -> list:
+    """float64 work arrays of ``shapes`` (partial sums, statistics), carved from one buffer
+    that grows to the largest request and is then reused, so that a kernel call allocates
+    nothing once warm. Kernels hold the GIL: no two calls of a process use it at once."""
+    sizes = [math.prod(shape) for shape in shapes]
+    if _SCRATCH[0].size < sum(sizes):
+        _SCRATCH[0] = np.empty(sum(sizes))
+    views, offset = [], 0
+    for shape, size in zip(shapes, sizes):
+        views.append(_SCRATCH[0][offset:offset + size].reshape(shape))
+        offset += size
+    return views
+
+
 @njit(inline="always")
 def _chunk_rows(chunk, chunks, n):
     """Rows ``[start, stop)`` of chunk ``chunk`` out of ``chunks`` over ``n`` rows."""
@@ -287,7 +313,7 @@ def _forward_kernel(act: str):
 
 def _backward_kernel(act: str):
     @_loops(fastmath=_CONTRACT)
-    def kernel(da, s, alpha, delta_arg, db, accumulate, in_place):
+    def kernel(da, s, alpha, delta_arg, db, accumulate, in_place, partial):
         n, m = da.shape
         if db is None:
             for i in prange(n):
@@ -295,11 +321,12 @@ def _backward_kernel(act: str):
                 for j in range(m):
                     delta[i, j] = da[i, j] * _derivative(act, s[i, j], alpha)
             return
-        chunks = min(n, _ROW_CHUNKS)
-        partial = np.zeros((chunks, m))
+        chunks = partial.shape[0]
         for chunk in prange(chunks):
             delta = da if in_place else delta_arg
             start, stop = _chunk_rows(chunk, chunks, n)
+            for j in range(m):
+                partial[chunk, j] = 0.0
             for i in range(start, stop):
                 for j in range(m):
                     delta[i, j] = da[i, j] * _derivative(act, s[i, j], alpha)
@@ -348,8 +375,9 @@ def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumul
     _array(op, "delta_out", delta_out, dtype, da.shape, out=True)
     if db_out is not None:
         _array(op, "db_out", db_out, dtype, da.shape[1:], out=True)
+    partial = None if db_out is None else _scratch((_row_chunks(da.shape[0]), da.shape[1]))[0]
     kernel(da.size, da, source, float(alpha), delta_out, db_out, bool(accumulate),
-           _in_place(op, "delta_out", delta_out, "da", da))
+           _in_place(op, "delta_out", delta_out, "da", da), partial)
     return delta_out
 
 
@@ -606,20 +634,22 @@ def dropout(x, key: int, threshold: int, scale: float, out):
 # ---------------------------------------------------------------------------------------
 # 6. BatchNorm (training mode): per-feature sums from row-chunk partials, then one pass
 @_loops()
-def _batchnorm_forward(x, gamma, beta, eps, out, xhat, mean_out, var_out, invstd_out):
+def _batchnorm_forward(x, gamma, beta, eps, out, xhat, mean_out, var_out, invstd_out, partial,
+                       stats):
     n, m = x.shape
-    chunks = min(n, _ROW_CHUNKS)
+    chunks = partial.shape[0]
     # shifted sums Σ(x - x₀), Σ(x - x₀)² in float64: no cancellation when |mean| ≫ std
-    partial = np.zeros((chunks, 2, m))
     for chunk in prange(chunks):
         start, stop = _chunk_rows(chunk, chunks, n)
+        for j in range(m):
+            partial[chunk, 0, j] = 0.0
+            partial[chunk, 1, j] = 0.0
         for i in range(start, stop):
             for j in range(m):
                 t = float(x[i, j]) - x[0, j]
                 partial[chunk, 0, j] += t
                 partial[chunk, 1, j] += t * t
-    stats = np.empty((2, m))  # mean and 1/std, kept in float64 for the normalising pass
-    for j in prange(m):
+    for j in prange(m):  # stats: mean and 1/std, kept in float64 for the normalising pass
         s1 = 0.0
         s2 = 0.0
         for chunk in range(chunks):
@@ -653,24 +683,29 @@ def batchnorm_forward(x, gamma, beta, eps, out, xhat_out, mean_out, var_out, inv
         _array(op, name, a, dtype, vec, out=True)
     if x.shape[0] == 0:
         raise ValueError(f"{op}: x has no rows; batch statistics need at least one")
-    _batchnorm_forward(x.size, x, gamma, beta, float(eps), out, xhat_out, mean_out, var_out, invstd_out)
+    n, m = x.shape
+    partial, stats = _scratch((_row_chunks(n), 2, m), (2, m))
+    _batchnorm_forward(x.size, x, gamma, beta, float(eps), out, xhat_out, mean_out, var_out,
+                       invstd_out, partial, stats)
     return out
 
 
 @_loops()
-def _batchnorm_backward(dy, xhat, gamma, invstd, dx_arg, dgamma, dbeta, accumulate, in_place):
+def _batchnorm_backward(dy, xhat, gamma, invstd, dx_arg, dgamma, dbeta, accumulate, in_place,
+                        partial, coef):
     n, m = dy.shape
-    chunks = min(n, _ROW_CHUNKS)
-    partial = np.zeros((chunks, 2, m))
+    chunks = partial.shape[0]
     for chunk in prange(chunks):
         start, stop = _chunk_rows(chunk, chunks, n)
+        for j in range(m):
+            partial[chunk, 0, j] = 0.0
+            partial[chunk, 1, j] = 0.0
         for i in range(start, stop):
             for j in range(m):
                 g = float(dy[i, j])
                 partial[chunk, 0, j] += g
                 partial[chunk, 1, j] += g * xhat[i, j]
-    coef = np.empty((3, m))  # dx = c₀ dy - c₁ - c₂ x̂ with c = γ r / N · (N, ∂β, ∂γ)
-    for j in prange(m):
+    for j in prange(m):  # coef: dx = c₀ dy - c₁ - c₂ x̂ with c = γ r / N · (N, ∂β, ∂γ)
         sum_dy = 0.0
         sum_dy_xhat = 0.0
         for chunk in range(chunks):
@@ -700,6 +735,9 @@ def batchnorm_backward(dy, xhat, gamma, invstd, dx_out, dgamma_out, dbeta_out, a
     _array(op, "dx_out", dx_out, dtype, dy.shape, out=True)
     _array(op, "dgamma_out", dgamma_out, dtype, vec, out=True)
     _array(op, "dbeta_out", dbeta_out, dtype, vec, out=True)
-    _batchnorm_backward(dy.size, dy, xhat, gamma, invstd, dx_out, dgamma_out, dbeta_out, bool(accumulate),
-                        _in_place(op, "dx_out", dx_out, "dy", dy))
+    n, m = dy.shape
+    partial, coef = _scratch((_row_chunks(n), 2, m), (3, m))
+    _batchnorm_backward(dy.size, dy, xhat, gamma, invstd, dx_out, dgamma_out, dbeta_out,
+                        bool(accumulate), _in_place(op, "dx_out", dx_out, "dy", dy), partial,
+                        coef)
     return dx_out
