@@ -10,12 +10,15 @@ cd "$(dirname "$0")/.."
 source ci/venv.sh test
 P="$VENV/bin/python -m pytest"
 export NUMBA_NUM_THREADS=${NUMBA_NUM_THREADS:-2}
+# one pytest worker per core (pytest-xdist): most of the first run is Numba compiling the
+# kernels, which it caches on disk for the later jobs
+WORKERS=${PYTEST_WORKERS:-$(nproc)}
 
 echo "== 1/4 full suite, default kernels =="
-$P tests -q
+$P tests -q -n "$WORKERS"
 
 echo "== 2/4 model suite, BACKPROP_KERNELS=reference =="
-BACKPROP_KERNELS=reference $P tests -q -m "not cudasim" \
+BACKPROP_KERNELS=reference $P tests -q -n "$WORKERS" -m "not cudasim" \
   --ignore=tests/test_kernels.py --ignore=tests/test_cupy_compile.py \
   --ignore=tests/test_numba_cuda_compile.py
 
