@@ -49,9 +49,11 @@ How the kernels are built
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import types as pytypes
+from pathlib import Path
 
 # Numba's OpenMP workers would otherwise spin after every parallel loop and fight OpenBLAS's
 # threads for the cores: on 2 cores each small kernel after a GEMM then costs ~20 ms.
@@ -60,6 +62,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 from numba import njit, prange, types
+from numba.core.caching import FunctionCache
 from numba.extending import overload
 
 from . import reference, vecmath
@@ -71,6 +74,8 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _ROW_CHUNKS = 32  # at most this many row chunks in a column sum ...
 _ROWS_PER_CHUNK = 8  # ... and at least this many rows in each (a function of N alone)
 PARALLEL_MIN_ELEMENTS = 1 << 16  # smaller calls run on the calling thread (see _Loops)
+_DEPENDENCIES = hashlib.sha256(b"".join(  # see _KernelCache
+    Path(module.__file__).read_bytes() for module in (vecmath, reference))).hexdigest()
 
 
 class _Loops:
@@ -91,13 +96,29 @@ class _Loops:
         serial = pytypes.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
                                       fn.__defaults__, fn.__closure__)
         serial.__qualname__ = fn.__qualname__ + "_serial"
-        flags = dict(cache=True, fastmath=fastmath, error_model="numpy")
-        self.serial = njit(**flags)(serial)
-        self.parallel = njit(parallel=True, **flags)(fn)
+        flags = dict(fastmath=fastmath, error_model="numpy")
+        self.serial = _cached(njit(**flags)(serial))
+        self.parallel = _cached(njit(parallel=True, **flags)(fn))
 
     def __call__(self, work: int, *args):
         """Run on ``args``; ``work`` (elements touched) picks serial or parallel."""
         return (self.parallel if work >= PARALLEL_MIN_ELEMENTS else self.serial)(*args)
+
+
+class _KernelCache(FunctionCache):
+    """Numba's on-disk cache, with one more part in each entry's key: the source of
+    :mod:`vecmath` and :mod:`reference`, whose functions and constants the kernels compile
+    in. Numba keys entries by the kernel's own file alone, so an edit of those modules
+    would otherwise keep loading stale machine code."""
+
+    def _index_key(self, sig, codegen):
+        return super()._index_key(sig, codegen) + (_DEPENDENCIES,)
+
+
+def _cached(dispatcher):
+    """``dispatcher`` with the on-disk cache of :class:`_KernelCache`."""
+    dispatcher._cache = _KernelCache(dispatcher.py_func)
+    return dispatcher
 
 
 def _loops(fastmath=False):

@@ -16,7 +16,7 @@ NaN propagates and ±inf gives the limit, as in NumPy. Under ``NUMBA_DISABLE_JIT
 name runs its plain-Python stub (the same math through ``math``/NumPy).
 
     exp(x)        eˣ = 2ᵏ·eʳ,  r = x - k ln2 ∈ [-ln2/2, ln2/2],  eʳ by its Taylor polynomial
-    sigmoid(x)    1/(1 + e⁻ˣ), exp only ever sees -|x| (no overflow)
+    sigmoid(x)    1/(1 + e⁻ˣ) (float64: exp only ever sees -|x|)
     tanh(x)       sign(x)·t/(t + 2),  t = expm1(2|x|)  (no cancellation near 0)
     ndtr(x)       Φ(x) = ½ erfc(-x/√2), the standard normal CDF (GELU's gate); accurate in
                   both tails: erfc(u) = e^(-u²)·R(1/(1 + u/2)) for u ≥ ½, erf = u·P(u²) below
@@ -43,8 +43,10 @@ _LN2_LO = 1.90821492927058770002e-10
 _LN2_HI32 = F32(0.693359375)
 _LN2_LO32 = F32(-2.12194440e-4)
 _LOG2E32 = F32(LOG2E)
-# the least float32 x with e^x ≥ 2⁻¹²⁶, the smallest normal float32
+# the least float32 x with e^x ≥ 2⁻¹²⁶ (the smallest normal float32), and the greatest with
+# e^x < 2¹²⁸: between them 2ᵏ·p, p ∈ [2^-½, 2^½], has a normal exponent for every k
 _LN_FLT_MIN = np.nextafter(F32(-126 * math.log(2.0)), F32(0.0))
+_LN_FLT_MAX = np.nextafter(F32(128 * math.log(2.0)), F32(0.0))
 
 # ndtr, float32. erf(u)/u for u² ∈ [0, ¼] and erfc(u)·e^(u²) for t = 1/(1 + u/2), u ∈ [½, 10.1]:
 # least-squares Chebyshev fits (tests/test_vecmath.py re-derives both and checks they match).
@@ -95,6 +97,15 @@ def fmax(typingctx, a, b):
         return builder.call(fn, args)
 
     return a(a, b), codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, value):
+    """The IEEE bit pattern of the float32 ``value``, as an int32."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
 
 
 @njit(inline="always")
@@ -154,12 +165,12 @@ def _softplus64(x):
 # float32 (every constant is a float32: a float64 one would promote the whole expression)
 @njit(inline="always")
 def _exp32(x):
-    """Taylor polynomial of degree 7 on the reduced argument (truncation < 0.1 ulp); ``2ᵏ``
-    as two powers so that the largest results are reached. Results below the smallest
-    normal float32 (x < ln 2⁻¹²⁶) are flushed to 0: subnormal arithmetic takes a microcode
-    assist of ~100 cycles per instruction on x86, and would make a loop whose inputs reach
-    that range (confident softmax rows) many times slower. The error is < 1.2e-38."""
-    clamped = min(max(x, _LN_FLT_MIN), F32(89.0))  # above 89, exp is inf already
+    """Taylor polynomial of degree 7 on the reduced argument (truncation < 0.1 ulp), scaled
+    by ``2ᵏ`` with an integer add to its exponent field. Results below the smallest normal
+    float32 (x < ln 2⁻¹²⁶) are flushed to 0: subnormal arithmetic takes a microcode assist
+    of ~100 cycles per instruction on x86, and would make a loop whose inputs reach that
+    range (confident softmax rows) many times slower. The error is < 1.2e-38."""
+    clamped = min(max(x, _LN_FLT_MIN), _LN_FLT_MAX)  # every result in range is normal
     k = np.floor(clamped * _LOG2E32 + F32(0.5))
     r = (clamped - k * _LN2_HI32) - k * _LN2_LO32
     p = F32(1.0 / 5040.0) * r + F32(1.0 / 720.0)
@@ -169,10 +180,9 @@ def _exp32(x):
     p = p * r + F32(0.5)
     p = p * r + F32(1.0)
     p = p * r + F32(1.0)
-    n = np.int32(k)
-    half = n >> 1
-    y = p * _pow2_32(half) * _pow2_32(n - half)
+    y = _f32_from_bits(np.int32(_f32_bits(p) + (np.int32(k) << 23)))
     y = y if x >= _LN_FLT_MIN else F32(0.0)
+    y = y if x <= _LN_FLT_MAX else F32(np.inf)
     return y if x == x else x
 
 
@@ -203,9 +213,7 @@ def _tanh32(x):
 
 @njit(inline="always")
 def _sigmoid32(x):
-    e = _exp32(-abs(x))
-    t = F32(1.0) / (F32(1.0) + e)
-    return t if x >= F32(0.0) else e * t
+    return F32(1.0) / (F32(1.0) + _exp32(-x))  # e⁻ˣ = inf for x < -88.7 gives 0, exactly
 
 
 @njit(inline="always")

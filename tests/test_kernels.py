@@ -651,6 +651,51 @@ def test_numba_cpu_rejects_partial_overlap():
     np.testing.assert_allclose(x, np.full((2, 3), 1 / 3), rtol=1e-6)
 
 
+def test_numba_cpu_cache_is_keyed_by_the_modules_it_compiles_in():
+    """The kernels inline vecmath's functions and reference's constants; Numba keys its disk
+    cache by the kernel's own file, so the key must also cover those two sources."""
+    pytest.importorskip("numba")
+    import hashlib
+    from pathlib import Path
+
+    from backprop.kernels import numba_cpu, reference, vecmath
+
+    p = np.ones(3, np.float32)
+    numba_cpu.adam_step(p, p.copy(), p.copy(), p.copy(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0,
+                        False, 1)
+    sources = b"".join(Path(m.__file__).read_bytes() for m in (vecmath, reference))
+    for dispatcher in (numba_cpu._adam.serial, numba_cpu._adam.parallel):
+        assert isinstance(dispatcher._cache, numba_cpu._KernelCache)
+        if not dispatcher.signatures:
+            continue
+        key = dispatcher._cache._index_key(dispatcher.signatures[0],
+                                           dispatcher.targetctx.codegen())
+        assert key[-1] == hashlib.sha256(sources).hexdigest()
+
+
+def test_numba_cpu_serial_and_parallel_kernels_agree_bit_for_bit(monkeypatch):
+    """Small calls run serially, large ones in parallel: the same loops in the same order."""
+    pytest.importorskip("numba")
+    from backprop.kernels import numba_cpu
+
+    rng = np.random.default_rng(5)
+    da = rng.standard_normal((300, 77)).astype(np.float32)
+    a = rng.random((300, 77)).astype(np.float32)
+    logits = rng.standard_normal((300, 77)).astype(np.float32) * 5
+    labels = rng.integers(0, 77, 300)
+    results = []
+    for threshold in (0, 1 << 62):  # all parallel, then all serial
+        monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_ELEMENTS", threshold)
+        delta, db = np.empty_like(da), np.empty(77, np.float32)
+        numba_cpu.bias_act_backward(da, a, None, "sigmoid", 0.0, delta, db)
+        out = numba_cpu.bias_act_forward(da.copy(), db, np.empty_like(da), "gelu_tanh")
+        grad, loss = np.empty_like(logits), np.empty(300, np.float32)
+        numba_cpu.softmax_xent(logits, labels, 0.1, 1 / 300, grad, loss)
+        results.append((delta, db, out, grad, loss))
+    for serial, parallel in zip(*results):
+        np.testing.assert_array_equal(serial, parallel)
+
+
 def test_numba_cpu_sums_do_not_depend_on_thread_count():
     numba = pytest.importorskip("numba")
     from backprop.kernels import numba_cpu
