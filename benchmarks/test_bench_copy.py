@@ -2,7 +2,9 @@
 
 A 64 MB float32 copy moves 128 MB (read + write). The report divides each kernel's achieved
 GB/s by the best copy bandwidth of its device. On the CPU, ``np.copyto`` uses one thread, so a
-Numba ``prange`` copy (every thread) is measured too; on the GPU, ``cupy.copyto``.
+Numba ``prange`` copy (every thread) is measured too, and one with ordinary stores (see
+``workloads.parallel_copy``: the ceiling of a kernel that writes a fresh buffer); on the GPU,
+``cupy.copyto``.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ from workloads import (COPY_BYTES, array_module, copy_buffers, device_unavailabl
                        parallel_copy)
 
 SMOKE_COPY_BYTES = 64 * 1024
-METHODS = [("cpu", "numpy_copyto"), ("cpu", "numba_prange"), ("cuda", "cupy_copyto")]
+METHODS = [("cpu", "numpy_copyto"), ("cpu", "numba_prange"), ("cpu", "numba_plain_stores"),
+           ("cuda", "cupy_copyto")]
+PLAIN_STORES = "numba_plain_stores"  # the report reads this method as the plain-store ceiling
 
 
 @pytest.mark.parametrize("device,method", METHODS, ids=[f"{d}-{m}" for d, m in METHODS])
@@ -24,12 +28,12 @@ def test_copy_bandwidth(measure, smoke, device, method):
     reason = device_unavailable_reason(device)
     if reason is not None:
         pytest.skip(reason)
-    if method == "numba_prange" and importlib.util.find_spec("numba") is None:
+    if method.startswith("numba") and importlib.util.find_spec("numba") is None:
         pytest.skip("Numba is not installed")
     xp = array_module(device)
     src, dst = copy_buffers(xp, SMOKE_COPY_BYTES if smoke else COPY_BYTES)
-    if method == "numba_prange":
-        copy = parallel_copy()
+    if method.startswith("numba"):
+        copy = parallel_copy(plain_stores=method == PLAIN_STORES)
 
         def fn():
             copy(dst, src)

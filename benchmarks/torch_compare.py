@@ -2,11 +2,14 @@
 
     python benchmarks/torch_compare.py --out benchmarks/results/torch.json
         [--devices cpu,cuda] [--threads N] [--models tiny,digits,mnist,wide]
-        [--max-time SECONDS] [--smoke]
+        [--max-time SECONDS] [--repeat R] [--smoke]
 
 Each framework runs in its own subprocess, with the same thread count (``OMP_NUM_THREADS``,
 ``OPENBLAS_NUM_THREADS``, ``MKL_NUM_THREADS``, ``NUMBA_NUM_THREADS`` and
-``torch.set_num_threads``), so their thread pools never compete. The step is the same on
+``torch.set_num_threads``), so their thread pools never compete. The subprocesses alternate
+``R`` times (torch, backprop, backprop, torch, ...), and each framework's result for a model
+is its best median over the repeats: on a shared machine whose speed drifts, both are then
+measured in the same conditions, and a slow spell hits one repeat, not one framework. The step is the same on
 both sides: zero_grad, forward, softmax cross-entropy (mean), backward, Adam(lr=1e-3) on one
 fixed float32 batch (same data), relu hidden layers; the data needs no gradient.
 PyTorch is never a dependency of backprop: without it this script says so and exits 0.
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MLPS), help=f"subset of {list(MLPS)}")
     parser.add_argument("--max-time", type=float, default=1.0,
                         help="seconds of timed steps per model (at least 5 steps)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="alternating runs of each framework; the best median counts")
     parser.add_argument("--smoke", action="store_true",
                         help="small widths and batches, a few steps: checks the script runs")
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
@@ -145,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown model(s) {unknown}; expected a subset of {list(MLPS)}")
     devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     if args.smoke:
-        args.max_time = min(args.max_time, 0.05)
+        args.max_time, args.repeat = min(args.max_time, 0.05), 1
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
 
     if args.worker:
         mlps = [MLPS[m].smoke() if args.smoke else MLPS[m] for m in models]
@@ -159,16 +166,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results, skipped = [], []
     for device in devices:
-        for framework in FRAMEWORKS:
-            for row in run_worker(framework, device, args.threads, models, args.max_time,
-                                  args.smoke):
-                if "skipped" in row:
-                    skipped.append(f"{framework} on {device}: {row['skipped']}")
-                else:
-                    results.append(row)
+        runs: dict[tuple[str, str], list[dict]] = {}
+        for repeat in range(args.repeat):
+            order = FRAMEWORKS if repeat % 2 == 0 else FRAMEWORKS[::-1]
+            for framework in order:
+                for row in run_worker(framework, device, args.threads, models,
+                                      args.max_time, args.smoke):
+                    if "skipped" in row:
+                        skipped.append(f"{framework} on {device}: {row['skipped']}")
+                    else:
+                        runs.setdefault((framework, row["model"]), []).append(row)
+        for rows in runs.values():
+            best = min(rows, key=lambda r: r["median"])
+            results.append(dict(best, repeats=[r["median"] for r in rows]))
+        skipped = sorted(set(skipped))
     from backprop.bench import describe_machine
 
     report = {"threads": args.threads, "smoke": args.smoke, "max_time": args.max_time,
+              "repeat": args.repeat,
               "machine": describe_machine(), "skipped": skipped, "results": results}
     text = json.dumps(report, indent=1)
     if args.out:

@@ -328,23 +328,34 @@ def copy_buffers(xp, nbytes: int):
     return src, xp.empty_like(src)
 
 
-_parallel_copy = None
+_PARALLEL_COPIES: dict = {}
 
 
-def parallel_copy():
+def parallel_copy(plain_stores: bool = False):
     """A Numba ``prange`` copy (all threads), compiled on first use: NumPy's ``copyto``
-    runs on one thread, which understates what the parallel kernels can reach."""
-    global _parallel_copy
-    if _parallel_copy is None:
+    runs on one thread, which understates what the parallel kernels can reach.
+
+    LLVM turns the plain loop into ``memcpy``, whose string-move instructions write whole
+    cache lines without reading them first. A kernel that writes a fresh output buffer with
+    ordinary stores cannot: each line it writes is read in first (read-for-ownership), so it
+    moves half as much again as its counted bytes. ``plain_stores=True`` copies ``x + 0``
+    (not foldable, so not a memcpy): the ceiling of such a kernel on this machine."""
+    if plain_stores not in _PARALLEL_COPIES:
         from numba import njit, prange
 
-        @njit(parallel=True, cache=False)
-        def copy(dst, src):
-            for i in prange(src.size):
-                dst[i] = src[i]
+        if plain_stores:
+            @njit(parallel=True, cache=False)
+            def copy(dst, src):
+                for i in prange(src.size):
+                    dst[i] = src[i] + np.float32(0.0)
+        else:
+            @njit(parallel=True, cache=False)
+            def copy(dst, src):
+                for i in prange(src.size):
+                    dst[i] = src[i]
 
-        _parallel_copy = copy
-    return _parallel_copy
+        _PARALLEL_COPIES[plain_stores] = copy
+    return _PARALLEL_COPIES[plain_stores]
 
 
 # ---------------------------------------------------------------------------------------
