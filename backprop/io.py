@@ -58,7 +58,7 @@ def _split(obj, prefix: str, arrays: dict):
     if hasattr(obj, "shape") and hasattr(obj, "dtype"):
         from backprop.backend import to_numpy
 
-        arrays[prefix] = np.ascontiguousarray(to_numpy(obj))
+        arrays[prefix] = np.asarray(to_numpy(obj), order="C")  # keeps 0-d arrays 0-d
         return {"__array__": prefix}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
@@ -88,7 +88,7 @@ def save(model, path, optimizer=None, epoch: int | None = None, scheduler=None,
     arrays: dict[str, np.ndarray] = {}
     weights = model.state_dict()
     for name, value in weights.items():
-        arrays[f"model/{name}"] = np.ascontiguousarray(value)
+        arrays[f"model/{name}"] = np.asarray(value, order="C")
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -39,6 +39,7 @@ class Layer:
 
     in_features = None        # features the layer checks its input against (None: any)
     preserves_shape = False   # output shape == input shape (used by summary and input checks)
+    _counters: tuple[str, ...] = ()  # integer attributes saved in state_dict (e.g. RNG counters)
     _registry: dict = {}
 
     def __init_subclass__(cls, **kwargs):
@@ -125,13 +126,34 @@ class Layer:
         arrays.update(self.named_buffers())
         return arrays
 
+    def _named_counters(self, prefix: str = ""):
+        """``(name, layer, attribute)`` for the ``_counters`` of this layer and those below."""
+        for attr in self._counters:
+            yield prefix + attr, self, attr
+        for name, child in self.children():
+            yield from child._named_counters(f"{prefix}{name}.")
+
     def state_dict(self) -> dict:
-        """``name -> NumPy array`` (copies) of every parameter and buffer."""
-        return {name: to_numpy(a).copy() for name, a in self._state_arrays().items()}
+        """``name -> NumPy array`` (copies) of every parameter and buffer, and each integer
+        counter (as a 0-d int64 array) that makes a resumed run continue exactly."""
+        state = {name: to_numpy(a).copy() for name, a in self._state_arrays().items()}
+        state.update({name: np.array(getattr(layer, attr), dtype=np.int64)
+                      for name, layer, attr in self._named_counters()})
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Write ``state`` into the existing arrays in place (names and shapes must match)."""
+        """Write ``state`` into the existing arrays in place (names and shapes must match).
+        A counter absent from ``state`` (a checkpoint older than the counter) keeps its value."""
         own = self._state_arrays()
+        counters = {name: (layer, attr) for name, layer, attr in self._named_counters()}
+        state = dict(state)
+        for name, (layer, attr) in counters.items():
+            if name in state:
+                value = np.asarray(state.pop(name))
+                if value.shape != () or value.dtype.kind not in "iu":
+                    raise ValueError(f"state_dict[{name!r}] must be an integer scalar; got "
+                                     f"{value.dtype} of shape {value.shape}")
+                setattr(layer, attr, int(value))
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
             raise ValueError(f"state_dict does not match {type(self).__name__}: missing "
@@ -334,11 +356,13 @@ class Dropout(Layer):
 
     The mask ``M`` is a hash of ``(seed, counter, element index)`` (``K.dropout``): no mask
     is stored, backward applies the same call to ``dA``, and every backend draws the same
-    mask. ``counter`` advances once per training forward; with ``fixed_mask = True`` it does
-    not (gradcheck uses this so that every evaluation sees one mask).
+    mask. ``counter`` advances once per training forward (and is saved in ``state_dict``, so
+    a resumed run draws the masks the uninterrupted one would); with ``fixed_mask = True`` it
+    does not (gradcheck uses this so that every evaluation sees one mask).
     """
 
     preserves_shape = True
+    _counters = ("counter",)
 
     def __init__(self, p=0.5, seed=None):
         super().__init__()

@@ -79,11 +79,14 @@ def test_loads_on_another_device(device, moons, tmp_path):
         assert_same_state(loaded.state_dict(), model.state_dict())
 
 
-def test_resume_reproduces_the_uninterrupted_run(device, moons, tmp_path):
+@pytest.mark.parametrize("extras", [False, True], ids=["dense", "batchnorm-dropout"])
+def test_resume_reproduces_the_uninterrupted_run(device, moons, tmp_path, extras):
+    """Dropout's mask counter and BatchNorm's running statistics are in the checkpoint, so
+    the resumed run draws the same masks and sees the same state as the uninterrupted one."""
     X, y = moons
 
     def setup():
-        model = mlp(seed=4)
+        model = mlp(seed=4, extras=extras)
         opt = Adam(model.parameters(), lr=0.02)
         return model, opt, schedules.StepLR(opt, step_size=1, gamma=0.7)
 
@@ -206,3 +209,20 @@ def test_save_writes_exactly_the_named_file(tmp_path):
     io.load(tmp_path / "model")
     with pytest.raises(TypeError, match="cannot store object"):
         io.save(mlp(), tmp_path / "x.npz", extra={"bad": object()})
+
+
+def test_layer_counters_round_trip_and_tolerate_old_checkpoints():
+    model = mlp(extras=True)
+    model[2].counter = 7
+    state = model.state_dict()
+    assert state["2.counter"].dtype == np.int64 and int(state["2.counter"]) == 7
+    fresh = mlp(extras=True)
+    fresh.load_state_dict(state)
+    assert fresh[2].counter == 7
+    del state["2.counter"]  # a checkpoint written before counters were saved
+    fresh[2].counter = 3
+    fresh.load_state_dict(state)
+    assert fresh[2].counter == 3
+    state["2.counter"] = np.array(1.5)
+    with pytest.raises(ValueError, match="2.counter.*integer"):
+        fresh.load_state_dict(state)
