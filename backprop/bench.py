@@ -280,11 +280,10 @@ def render_markdown(rows: list[dict], machine: dict, torch_rows: list[dict], sta
         "## Kernels", "",
         "GB/s from the minimum bytes an op must move (inputs read once, outputs written once); "
         "*of copy BW* divides it by the best copy bandwidth of the device. The best CPU copy "
-        "is a `memcpy`, whose string moves write whole cache lines without reading them "
-        "first; a kernel that writes a fresh buffer with ordinary stores reads each line in "
-        "first (read-for-ownership), so *of plain-store copy* divides by a copy that does the "
-        "same: that is the ceiling of such a kernel. GFLOP/s counts one per arithmetic "
-        "operation or transcendental (nominal).", "",
+        "is a `memcpy`, whose string moves may write whole cache lines without reading them "
+        "first; a kernel writes with ordinary vector stores, so *of plain-store copy* divides "
+        "by a copy loop that does the same (`numba_plain_stores`). GFLOP/s counts one per "
+        "arithmetic operation or transcendental (nominal).", "",
         kernel_section(rows, bandwidth), ""]
     if chart:
         parts += [f"![benchmark chart]({chart})", ""]

@@ -335,11 +335,11 @@ def parallel_copy(plain_stores: bool = False):
     """A Numba ``prange`` copy (all threads), compiled on first use: NumPy's ``copyto``
     runs on one thread, which understates what the parallel kernels can reach.
 
-    LLVM turns the plain loop into ``memcpy``, whose string-move instructions write whole
-    cache lines without reading them first. A kernel that writes a fresh output buffer with
-    ordinary stores cannot: each line it writes is read in first (read-for-ownership), so it
-    moves half as much again as its counted bytes. ``plain_stores=True`` copies ``x + 0``
-    (not foldable, so not a memcpy): the ceiling of such a kernel on this machine."""
+    LLVM turns the plain loop into ``memcpy``, whose string-move instructions may write whole
+    cache lines without reading them first; a kernel's loop writes with ordinary vector
+    stores, which read each line in first (read-for-ownership) unless it is already cached.
+    ``plain_stores=True`` copies ``x + 0`` (not foldable, so not a memcpy): the ceiling of a
+    kernel that writes a fresh buffer, measured beside the memcpy one."""
     if plain_stores not in _PARALLEL_COPIES:
         from numba import njit, prange
 

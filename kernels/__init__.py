@@ -27,9 +27,15 @@ import importlib
 import importlib.util
 import os
 
-import numpy as np
+# Numba's OpenMP workers would otherwise spin after every parallel loop and fight OpenBLAS's
+# threads for the cores: on 2 cores each small kernel after a GEMM then costs ~20 ms. The
+# OpenMP runtime reads this once, at the first parallel launch of any Numba function in the
+# process (not only ours), so it is set when backprop is imported, before any can run.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import reference
+import numpy as np  # noqa: E402
+
+from . import reference  # noqa: E402
 
 OPS: dict[str, tuple[str, ...]] = {
     "bias_act_forward": ("numba_cpu", "numba_cuda", "cupy"),

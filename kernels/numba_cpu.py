@@ -51,16 +51,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import types as pytypes
 from pathlib import Path
 
-# Numba's OpenMP workers would otherwise spin after every parallel loop and fight OpenBLAS's
-# threads for the cores: on 2 cores each small kernel after a GEMM then costs ~20 ms.
-# Must be set before the first parallel launch (this module is imported lazily, before it).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
+import numpy as np
 from numba import njit, prange, types
 from numba.core.caching import FunctionCache
 from numba.extending import overload
