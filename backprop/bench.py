@@ -145,6 +145,16 @@ def copy_bandwidths(rows: list[dict], method: str | None = None) -> dict[str, fl
     return best
 
 
+def step_over_floor(step: dict, bandwidth: dict[str, float]) -> float | None:
+    """A step's time over its floor, from the step and matmul-floor medians the step
+    benchmark timed alternately (``interleaved``), None when it has none."""
+    pair = step.get("interleaved")
+    if not pair or step["device"] not in bandwidth:
+        return None
+    moved = step["epilogue_bytes"] + step["optimizer_bytes"]
+    return pair["step"] / (pair["matmul_floor"] + moved / bandwidth[step["device"]])
+
+
 def step_floors(rows: list[dict], bandwidth: dict[str, float]) -> dict[tuple[str, str], float]:
     """(device, model) → floor seconds: matmuls alone + minimum other bytes at copy speed."""
     steps = {(r["device"], r["model"]): r for r in rows if r.get("kind") == "step"}
@@ -219,7 +229,7 @@ def step_section(rows: list[dict], bandwidth: dict, torch_rows: list[dict]) -> s
         out.append([
             r["model"], " → ".join(map(str, r["sizes"])), r["batch"], _target(r), _ms(r["time"]),
             f"{r['batch'] / r['time']:,.0f}", _ms(floor),
-            _x(r["time"] / floor) if floor else "–",
+            _x(step_over_floor(r, bandwidth) or (r["time"] / floor if floor else None)),
             _x(ref[key] / r["time"]) if key in ref and r["backend"] != "reference" else "–",
             _x(best_cpu[r["model"]] / r["time"])
             if r["device"] != "cpu" and r["model"] in best_cpu else "–",
@@ -229,7 +239,10 @@ def step_section(rows: list[dict], bandwidth: dict, torch_rows: list[dict]) -> s
                    "torch ms", "backprop/torch"], out)
     return text + (
         "\n\n*floor* = the step's matrix products alone (measured, `out=` buffers) + its minimum "
-        "epilogue, loss and Adam bytes at the device's copy bandwidth. *vs reference* = "
+        "epilogue, loss and Adam bytes at the device's copy bandwidth. *step/floor* comes from "
+        "the step and its matrix products timed alternately in the step's benchmark (the two "
+        "benchmarks' own medians, taken at different moments, are not comparable on a "
+        "shared machine). *vs reference* = "
         "reference-kernel step time / this step time. *backprop/torch* compares the two "
         "frameworks timed by `torch_compare.py`, each in its own process with the same "
         "thread count (>1× means backprop is slower).")

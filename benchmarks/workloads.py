@@ -478,3 +478,20 @@ class TrainingStep:
         self.model.backward(self.loss.backward(), need_input_grad=False)
         self.optimizer.step()
         return value
+
+
+def interleaved_medians(first, second, seconds: float = 2.0, min_pairs: int = 5) -> tuple:
+    """Median times of two callables run alternately (first, second, first, ...) for about
+    ``seconds``: on a shared machine whose speed drifts, their ratio is then measured in the
+    same conditions, which two benchmarks run a minute apart are not."""
+    import time
+
+    times: tuple[list, list] = ([], [])
+    start = time.perf_counter()
+    while len(times[0]) < min_pairs or time.perf_counter() - start < seconds:
+        for fn, out in zip((first, second), times):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return float(np.median(times[0])), float(np.median(times[1]))
+
