@@ -164,22 +164,32 @@ def _softplus64(x):
 # ---------------------------------------------------------------------------------------
 # float32 (every constant is a float32: a float64 one would promote the whole expression)
 @njit(inline="always")
-def _exp32(x):
-    """Taylor polynomial of degree 7 on the reduced argument (truncation < 0.1 ulp), scaled
-    by ``2ᵏ`` with an integer add to its exponent field. Results below the smallest normal
-    float32 (x < ln 2⁻¹²⁶) are flushed to 0: subnormal arithmetic takes a microcode assist
-    of ~100 cycles per instruction on x86, and would make a loop whose inputs reach that
-    range (confident softmax rows) many times slower. The error is < 1.2e-38."""
-    clamped = min(max(x, _LN_FLT_MIN), _LN_FLT_MAX)  # every result in range is normal
-    k = np.floor(clamped * _LOG2E32 + F32(0.5))
-    r = (clamped - k * _LN2_HI32) - k * _LN2_LO32
+def _reduce32(x):
+    """``(k, r)`` with ``x = k ln2 + r``, ``|r| ≤ ln2/2`` (Cody-Waite: k·_LN2_HI32 is exact)."""
+    k = np.floor(x * _LOG2E32 + F32(0.5))
+    return k, (x - k * _LN2_HI32) - k * _LN2_LO32
+
+
+@njit(inline="always")
+def _taylor_tail32(r):
+    """``Σ rʲ/(j+2)!`` for j = 0..5, so that ``eʳ = 1 + r + r²·tail`` to degree 7 (the
+    truncation, r⁸/8!, is under 0.1 ulp on the reduced range)."""
     p = F32(1.0 / 5040.0) * r + F32(1.0 / 720.0)
     p = p * r + F32(1.0 / 120.0)
     p = p * r + F32(1.0 / 24.0)
     p = p * r + F32(1.0 / 6.0)
-    p = p * r + F32(0.5)
-    p = p * r + F32(1.0)
-    p = p * r + F32(1.0)
+    return p * r + F32(0.5)
+
+
+@njit(inline="always")
+def _exp32(x):
+    """``2ᵏ·eʳ``, scaled by an integer add to the exponent field. Results below the smallest
+    normal float32 (x < ln 2⁻¹²⁶) are flushed to 0: subnormal arithmetic takes a microcode
+    assist of ~100 cycles per instruction on x86, and would make a loop whose inputs reach
+    that range (confident softmax rows) many times slower. The error is < 1.2e-38."""
+    clamped = min(max(x, _LN_FLT_MIN), _LN_FLT_MAX)  # every result in range is normal
+    k, r = _reduce32(clamped)
+    p = (_taylor_tail32(r) * r + F32(1.0)) * r + F32(1.0)
     y = _f32_from_bits(np.int32(_f32_bits(p) + (np.int32(k) << 23)))
     y = y if x >= _LN_FLT_MIN else F32(0.0)
     y = y if x <= _LN_FLT_MAX else F32(np.inf)
@@ -190,15 +200,8 @@ def _exp32(x):
 def _expm1_32_nonneg(y):
     """``eʸ - 1`` for ``0 ≤ y ≤ 18``: ``2ᵏ·expm1(r) + (2ᵏ - 1)``, exact in its last step for
     k = 0, so small arguments keep full relative accuracy."""
-    k = np.floor(y * _LOG2E32 + F32(0.5))
-    r = (y - k * _LN2_HI32) - k * _LN2_LO32
-    p = F32(1.0 / 40320.0) * r + F32(1.0 / 5040.0)
-    p = p * r + F32(1.0 / 720.0)
-    p = p * r + F32(1.0 / 120.0)
-    p = p * r + F32(1.0 / 24.0)
-    p = p * r + F32(1.0 / 6.0)
-    p = p * r + F32(0.5)
-    p = p * r * r + r
+    k, r = _reduce32(y)
+    p = _taylor_tail32(r) * r * r + r
     s = _pow2_32(np.int32(k))
     return s * p + (s - F32(1.0))
 
