@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 STATS = ("median", "min", "mean")
-PLAIN_STORES = "numba_plain_stores"  # the copy method of benchmarks/test_bench_copy.py
+PLAIN_STORES = "numba_plain_stores"  # the copy with ordinary stores (benchmarks/test_bench_copy.py)
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
               "NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY")
 

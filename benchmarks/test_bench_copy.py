@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from backprop.backend import to_numpy
+from backprop.bench import PLAIN_STORES
 from workloads import (COPY_BYTES, array_module, copy_buffers, device_unavailable_reason,
                        parallel_copy)
 
 SMOKE_COPY_BYTES = 64 * 1024
-METHODS = [("cpu", "numpy_copyto"), ("cpu", "numba_prange"), ("cpu", "numba_plain_stores"),
+METHODS = [("cpu", "numpy_copyto"), ("cpu", "numba_prange"), ("cpu", PLAIN_STORES),
            ("cuda", "cupy_copyto")]
-PLAIN_STORES = "numba_plain_stores"  # the report reads this method as the plain-store ceiling
 
 
 @pytest.mark.parametrize("device,method", METHODS, ids=[f"{d}-{m}" for d, m in METHODS])

@@ -62,23 +62,22 @@ _NDTR_CLAMP = F32(15.0)  # Φ(-15) < 1e-50: past it Φ is 0 or 1 in float32
 
 
 # ---------------------------------------------------------------------------------------
-# Exponent-field powers of two
-@intrinsic
-def _f64_from_bits(typingctx, bits):
-    """The float64 whose IEEE bit pattern is the int64 ``bits``."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
+# Bit casts and exponent-field powers of two
+def _bitcast(source, target):
+    """An intrinsic that reads the bits of a ``source`` value as a ``target`` (same width)."""
+    @intrinsic
+    def cast(typingctx, value):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(target))
 
-    return types.float64(types.int64), codegen
+        return target(source), codegen
+
+    return cast
 
 
-@intrinsic
-def _f32_from_bits(typingctx, bits):
-    """The float32 whose IEEE bit pattern is the int32 ``bits``."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
+_f64_from_bits = _bitcast(types.int64, types.float64)
+_f32_from_bits = _bitcast(types.int32, types.float32)
+_f32_bits = _bitcast(types.float32, types.int32)
 
 
 @intrinsic
@@ -97,15 +96,6 @@ def fmax(typingctx, a, b):
         return builder.call(fn, args)
 
     return a(a, b), codegen
-
-
-@intrinsic
-def _f32_bits(typingctx, value):
-    """The IEEE bit pattern of the float32 ``value``, as an int32."""
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
 
 
 @njit(inline="always")
