@@ -27,9 +27,8 @@ How the kernels are built
 - Precision: elementwise math runs in the dtype of the arrays, as the reference's does
   (float32 SIMD has twice the lanes of float64, and float32 division and square root cost a
   quarter); every sum over rows or columns accumulates in float64, in a loop of its own so
-  that the float32 loop keeps its full vector width. The optimizers update their state in
-  float64 registers and round once when storing; only their division and square root are
-  taken in the parameters' dtype (:func:`_narrow`).
+  that the float32 loop keeps its full vector width. The optimizers, too, compute in the
+  parameters' dtype (as PyTorch's do), with coefficients rounded once on the host.
 - Sums over rows (bias gradient, BatchNorm statistics) never accumulate into one shared
   vector from parallel rows (that races). The rows are cut into chunks whose number depends
   on N alone (:func:`_row_chunks`, never on the thread count); each chunk sums its rows in
@@ -204,21 +203,6 @@ def _constants(v, *values):
     would promote a float32 expression, and float32 math is what makes these loops fast."""
     cast = np.float32 if v == types.float32 else np.float64
     return tuple(cast(x) for x in values)
-
-
-def _narrow(x, like):
-    """``x`` rounded to the element type of the array ``like`` (a no-op for float64).
-    Division and square root cost four to eight times more in float64 than in float32 on
-    x86 vector units, so the optimizers take them in the dtype of the parameters, on
-    operands rounded exactly as the reference's float32 arithmetic rounds them."""
-    return like.dtype.type(x)
-
-
-@overload(_narrow, inline="always")
-def _narrow_impl(x, like):
-    if like.dtype == types.float32:
-        return lambda x, like: np.float32(x)
-    return lambda x, like: x
 
 
 @overload(_activate, inline="always")
@@ -502,15 +486,25 @@ def softmax_xent(logits, labels, smoothing: float, scale: float, grad_out, loss_
 
 
 # ---------------------------------------------------------------------------------------
-# 4. Optimizer updates: one in-place pass over flat buffers
+# 4. Optimizer updates: one in-place pass over flat buffers, in the parameters' dtype. Every
+# coefficient (1 - β, lr / (1 - β1ᵗ), ...) is computed on the host and passed rounded to that
+# dtype (:func:`_coefficients`): a float64 scalar inside the loop would promote the float32
+# math to float64, which halves the SIMD lanes and makes division and sqrt several times
+# slower, and the reference's float32 arithmetic rounds the same scalars the same way.
+def _coefficients(p, *values):
+    """``values`` as scalars of ``p``'s dtype."""
+    cast = p.dtype.type
+    return tuple(cast(v) for v in values)
+
+
 @_loops()
-def _sgd(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step):
+def _sgd(p, g, buf, lr, momentum, dampened, nesterov, weight_decay, first_step):
     for i in prange(p.size):
-        d = float(g[i])
+        d = g[i]
         if weight_decay != 0.0:
             d += weight_decay * p[i]
         if buf is not None:
-            v = d if first_step else momentum * buf[i] + (1.0 - dampening) * d
+            v = d if first_step else momentum * buf[i] + dampened * d
             buf[i] = v
             d = d + momentum * v if nesterov else v
         p[i] = p[i] - lr * d
@@ -523,23 +517,26 @@ def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_s
     if momentum and buf is None:
         raise ValueError(f"{op}: momentum={momentum} needs a momentum buffer, got buf=None")
     f = _flat(op, p, {"p": p, "g": g, "buf": buf if momentum else None})
-    _sgd(p.size, f["p"], f["g"], f["buf"], float(lr), float(momentum), float(dampening),
-         bool(nesterov), float(weight_decay), bool(first_step))
+    lr, momentum, dampened, weight_decay = _coefficients(p, lr, momentum, 1.0 - dampening,
+                                                         weight_decay)
+    _sgd(p.size, f["p"], f["g"], f["buf"], lr, momentum, dampened, bool(nesterov), weight_decay,
+         bool(first_step))
 
 
 @_loops()
-def _rmsprop(p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay, momentum):
+def _rmsprop(p, g, square_avg, buf, grad_avg, lr, alpha, one_minus_alpha, eps, weight_decay,
+             momentum):
     for i in prange(p.size):
-        d = float(g[i])
+        d = g[i]
         if weight_decay != 0.0:
             d += weight_decay * p[i]
-        s = alpha * square_avg[i] + (1.0 - alpha) * d * d
+        s = alpha * square_avg[i] + one_minus_alpha * d * d
         square_avg[i] = s
         if grad_avg is not None:
-            mean = grad_avg[i] + (1.0 - alpha) * (d - grad_avg[i])
+            mean = grad_avg[i] + one_minus_alpha * (d - grad_avg[i])
             grad_avg[i] = mean
             s -= mean * mean
-        step = _narrow(d, p) / (math.sqrt(_narrow(s, p)) + eps)
+        step = d / (math.sqrt(s) + eps)
         if buf is not None:
             step += momentum * buf[i]
             buf[i] = step
@@ -558,20 +555,21 @@ def rmsprop_step(p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay, 
     f = _flat(op, p, {"p": p, "g": g, "square_avg": square_avg,
                       "buf": buf if momentum else None,
                       "grad_avg": grad_avg if centered else None})
-    _rmsprop(p.size, f["p"], f["g"], f["square_avg"], f["buf"], f["grad_avg"], float(lr),
-             float(alpha), p.dtype.type(eps), float(weight_decay), float(momentum))
+    _rmsprop(p.size, f["p"], f["g"], f["square_avg"], f["buf"], f["grad_avg"],
+             *_coefficients(p, lr, alpha, 1.0 - alpha, eps, weight_decay, momentum))
 
 
 @_loops()
-def _adam(p, g, m, v, vmax, step_size, beta1, beta2, eps, l2, decay, inv_bias2_sqrt):
+def _adam(p, g, m, v, vmax, step_size, one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay,
+          inv_bias2_sqrt):
     for i in prange(p.size):
-        w = float(p[i])
-        d = float(g[i])
+        w = p[i]
+        d = g[i]
         if l2 != 0.0:
             d += l2 * w
         w *= decay
-        mi = m[i] + (1.0 - beta1) * (d - m[i])
-        vi = beta2 * v[i] + (1.0 - beta2) * d * d
+        mi = m[i] + one_minus_beta1 * (d - m[i])
+        vi = beta2 * v[i] + one_minus_beta2 * d * d
         m[i] = mi
         v[i] = vi
         if vmax is not None:
@@ -580,8 +578,7 @@ def _adam(p, g, m, v, vmax, step_size, beta1, beta2, eps, l2, decay, inv_bias2_s
                 top = vi
             vmax[i] = top
             vi = top
-        denom = math.sqrt(_narrow(vi, p)) * inv_bias2_sqrt + eps
-        p[i] = w - step_size * (_narrow(mi, p) / denom)
+        p[i] = w - step_size * (mi / (math.sqrt(vi) * inv_bias2_sqrt + eps))
 
 
 def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, step):
@@ -592,21 +589,20 @@ def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, 
     lr, weight_decay = float(lr), float(weight_decay)
     decay = 1.0 - lr * weight_decay if decoupled else 1.0
     l2 = 0.0 if decoupled else weight_decay
-    step_size = lr / (1.0 - beta1 ** step)
-    narrow = p.dtype.type  # eps and 1/sqrt(1 - β2ᵗ) join the division in p's dtype
-    _adam(p.size, f["p"], f["g"], f["m"], f["v"], f["vmax"], step_size, float(beta1),
-          float(beta2), narrow(eps), l2, decay, narrow(1.0 / math.sqrt(1.0 - beta2 ** step)))
+    _adam(p.size, f["p"], f["g"], f["m"], f["v"], f["vmax"],
+          *_coefficients(p, lr / (1.0 - beta1 ** step), 1.0 - beta1, beta2, 1.0 - beta2, eps, l2,
+                         decay, 1.0 / math.sqrt(1.0 - beta2 ** step)))
 
 
 @_loops()
 def _adagrad(p, g, state_sum, clr, eps, weight_decay):
     for i in prange(p.size):
-        d = float(g[i])
+        d = g[i]
         if weight_decay != 0.0:
             d += weight_decay * p[i]
         s = state_sum[i] + d * d
         state_sum[i] = s
-        p[i] = p[i] - clr * (_narrow(d, p) / (math.sqrt(_narrow(s, p)) + eps))
+        p[i] = p[i] - clr * (d / (math.sqrt(s) + eps))
 
 
 def adagrad_step(p, g, state_sum, lr, lr_decay, eps, weight_decay, step):
@@ -614,7 +610,7 @@ def adagrad_step(p, g, state_sum, lr, lr_decay, eps, weight_decay, step):
     op = "adagrad_step"
     f = _flat(op, p, {"p": p, "g": g, "state_sum": state_sum})
     clr = float(lr) / (1.0 + (step - 1) * float(lr_decay))
-    _adagrad(p.size, f["p"], f["g"], f["state_sum"], clr, p.dtype.type(eps), float(weight_decay))
+    _adagrad(p.size, f["p"], f["g"], f["state_sum"], *_coefficients(p, clr, eps, weight_decay))
 
 
 # ---------------------------------------------------------------------------------------
