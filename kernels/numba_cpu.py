@@ -58,9 +58,10 @@ import types as pytypes
 from pathlib import Path
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.core.caching import FunctionCache
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 from . import reference, vecmath
 from .reference import ACTIVATIONS, GELU_C, GELU_K, GOLDEN32, INV_SQRT_2PI, NEEDS_Z
@@ -621,19 +622,36 @@ def adagrad_step(p, g, state_sum, lr, lr_decay, eps, weight_decay, step):
 
 
 # ---------------------------------------------------------------------------------------
-# 5. Dropout: the counter hash of reference.dropout, computed in 64-bit lanes masked to 32
+# 5. Dropout: the counter hash of reference.dropout, in 32-bit integer lanes
+@intrinsic
+def _dropout_keep(typingctx, index, key, threshold):
+    """``mix32((index · φ) ^ key) >> 8 >= threshold`` in 32-bit integer arithmetic, the mask
+    bit of :func:`reference.dropout`. Numba widens uint32 arithmetic to 64 bits, and x86 has
+    no 64-bit vector multiply before AVX-512: written with uint64s, the hash ran one element
+    at a time. In i32 IR it vectorises (``vpmulld``)."""
+    if not isinstance(index, types.Integer) or key != types.uint32 or threshold != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        i, k, t = args
+        h = builder.trunc(i, i32) if i.type.width > 32 else builder.zext(i, i32)
+        h = builder.xor(builder.mul(h, ir.Constant(i32, GOLDEN32)), k)
+        for shift, factor in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+            h = builder.mul(builder.xor(h, builder.lshr(h, ir.Constant(i32, shift))),
+                            ir.Constant(i32, factor))
+        h = builder.xor(h, builder.lshr(h, ir.Constant(i32, 16)))
+        return builder.icmp_unsigned(">=", builder.lshr(h, ir.Constant(i32, 8)), t)
+
+    return types.boolean(index, key, threshold), codegen
+
+
 @_loops()
 def _dropout(x, key, threshold, scale, out_arg):
-    mask = np.uint64(0xFFFFFFFF)
     for i in prange(x.size):
         out = x if out_arg is None else out_arg
-        h = ((np.uint64(i) * np.uint64(GOLDEN32)) & mask) ^ key
-        h ^= h >> np.uint64(16)
-        h = (h * np.uint64(0x7FEB352D)) & mask
-        h ^= h >> np.uint64(15)
-        h = (h * np.uint64(0x846CA68B)) & mask
-        h ^= h >> np.uint64(16)
-        out[i] = x[i] * scale if (h >> np.uint64(8)) >= threshold else 0.0
+        kept = x[i] * scale  # taken unconditionally: a select, not a masked load
+        out[i] = kept if _dropout_keep(i, key, threshold) else 0.0
 
 
 def dropout(x, key: int, threshold: int, scale: float, out):
@@ -645,7 +663,7 @@ def dropout(x, key: int, threshold: int, scale: float, out):
     _array(op, "out", out, x.dtype, x.shape, out=True)
     # x · scale rounded in x's dtype, as the reference multiplies by x.dtype.type(scale)
     separate = _separate(op, "out", out, "x", x)
-    _dropout(x.size, x.reshape(-1), np.uint64(key & 0xFFFFFFFF), np.uint64(threshold),
+    _dropout(x.size, x.reshape(-1), np.uint32(key & 0xFFFFFFFF), np.uint32(threshold),
              x.dtype.type(scale), None if separate is None else separate.reshape(-1))
     return out
 
