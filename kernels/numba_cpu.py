@@ -274,20 +274,32 @@ def _row_chunks(n: int) -> int:
     return max(1, min(_ROW_CHUNKS, n // _ROWS_PER_CHUNK))
 
 
-_SCRATCH = [np.empty(0)]
+_SCRATCH: dict = {"memory": np.empty(0, np.uint8), "views": {}}
+_SCRATCH_VIEWS_KEPT = 64  # views of this many distinct requests are kept for reuse
 
 
-def _scratch(*shapes) -> list:
-    """float64 work arrays of ``shapes`` (partial sums, statistics), carved from one buffer
-    that grows to the largest request and is then reused, so that a kernel call allocates
-    nothing once warm. Kernels hold the GIL: no two calls of a process use it at once."""
-    sizes = [math.prod(shape) for shape in shapes]
-    if _SCRATCH[0].size < sum(sizes):
-        _SCRATCH[0] = np.empty(sum(sizes))
-    views, offset = [], 0
-    for shape, size in zip(shapes, sizes):
-        views.append(_SCRATCH[0][offset:offset + size].reshape(shape))
-        offset += size
+def _scratch(*specs) -> list:
+    """Work arrays, one per ``(shape, dtype)`` in ``specs`` (partial sums, coefficients),
+    carved from one buffer that grows to the largest request and is then reused, so that a
+    kernel call allocates nothing once warm; the views of a request are kept too (building
+    them costs more than a small kernel). Kernels hold the GIL: no two calls of a process
+    use the buffer at once."""
+    views = _SCRATCH["views"].get(specs)
+    if views is not None:
+        return views
+    offsets, end = [], 0
+    for shape, dtype in specs:
+        offsets.append(end)
+        end += -(-math.prod(shape) * np.dtype(dtype).itemsize // 64) * 64  # 64-byte aligned
+    if _SCRATCH["memory"].size < end:
+        _SCRATCH["memory"] = np.empty(end, np.uint8)
+        _SCRATCH["views"] = {}
+    if len(_SCRATCH["views"]) >= _SCRATCH_VIEWS_KEPT:
+        _SCRATCH["views"] = {}
+    memory = _SCRATCH["memory"]
+    views = [memory[start:start + math.prod(shape) * np.dtype(dtype).itemsize].view(dtype)
+             .reshape(shape) for start, (shape, dtype) in zip(offsets, specs)]
+    _SCRATCH["views"][specs] = views
     return views
 
 
@@ -382,7 +394,8 @@ def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumul
     _array(op, "delta_out", delta_out, dtype, da.shape, out=True)
     if db_out is not None:
         _array(op, "db_out", db_out, dtype, da.shape[1:], out=True)
-    partial = None if db_out is None else _scratch((_row_chunks(da.shape[0]), da.shape[1]))[0]
+    partial = None if db_out is None else \
+        _scratch(((_row_chunks(da.shape[0]), da.shape[1]), np.float64))[0]
     kernel(da.size, da, source, float(alpha), _separate(op, "delta_out", delta_out, "da", da),
            db_out, bool(accumulate), partial)
     return delta_out
@@ -671,8 +684,7 @@ def dropout(x, key: int, threshold: int, scale: float, out):
 # ---------------------------------------------------------------------------------------
 # 6. BatchNorm (training mode): per-feature sums from row-chunk partials, then one pass
 @_loops()
-def _batchnorm_forward(x, gamma, beta, eps, out, xhat, mean_out, var_out, invstd_out, partial,
-                       stats):
+def _batchnorm_forward(x, gamma, beta, eps, out, xhat, mean_out, var_out, invstd_out, partial):
     n, m = x.shape
     chunks = partial.shape[0]
     # shifted sums Σ(x - x₀), Σ(x - x₀)² in float64: no cancellation when |mean| ≫ std
@@ -686,7 +698,7 @@ def _batchnorm_forward(x, gamma, beta, eps, out, xhat, mean_out, var_out, invstd
                 t = float(x[i, j]) - x[0, j]
                 partial[chunk, 0, j] += t
                 partial[chunk, 1, j] += t * t
-    for j in prange(m):  # stats: mean and 1/std, kept in float64 for the normalising pass
+    for j in prange(m):
         s1 = 0.0
         s2 = 0.0
         for chunk in range(chunks):
@@ -694,14 +706,13 @@ def _batchnorm_forward(x, gamma, beta, eps, out, xhat, mean_out, var_out, invstd
             s2 += partial[chunk, 1, j]
         shift = s1 / n
         var = max(s2 / n - shift * shift, 0.0)
-        stats[0, j] = x[0, j] + shift
-        stats[1, j] = 1.0 / math.sqrt(var + eps)
-        mean_out[j] = stats[0, j]
+        mean_out[j] = x[0, j] + shift
         var_out[j] = var
-        invstd_out[j] = stats[1, j]
+        invstd_out[j] = 1.0 / math.sqrt(var + eps)
+    # normalising pass in x's dtype with the rounded statistics, as the reference computes it
     for i in prange(n):
         for j in range(m):
-            h = (x[i, j] - stats[0, j]) * stats[1, j]
+            h = (x[i, j] - mean_out[j]) * invstd_out[j]
             xhat[i, j] = h
             out[i, j] = gamma[j] * h + beta[j]
 
@@ -721,9 +732,9 @@ def batchnorm_forward(x, gamma, beta, eps, out, xhat_out, mean_out, var_out, inv
     if x.shape[0] == 0:
         raise ValueError(f"{op}: x has no rows; batch statistics need at least one")
     n, m = x.shape
-    partial, stats = _scratch((_row_chunks(n), 2, m), (2, m))
+    partial = _scratch(((_row_chunks(n), 2, m), np.float64))[0]
     _batchnorm_forward(x.size, x, gamma, beta, float(eps), out, xhat_out, mean_out, var_out,
-                       invstd_out, partial, stats)
+                       invstd_out, partial)
     return out
 
 
@@ -742,7 +753,7 @@ def _batchnorm_backward(dy, xhat, gamma, invstd, dx_arg, dgamma, dbeta, accumula
                 g = float(dy[i, j])
                 partial[chunk, 0, j] += g
                 partial[chunk, 1, j] += g * xhat[i, j]
-    for j in prange(m):  # coef: dx = c₀ dy - c₁ - c₂ x̂ with c = γ r / N · (N, ∂β, ∂γ)
+    for j in prange(m):  # coef (in dy's dtype): dx = c₀ dy - c₁ - c₂ x̂, c = γ r / N · (N, ∂β, ∂γ)
         sum_dy = 0.0
         sum_dy_xhat = 0.0
         for chunk in range(chunks):
@@ -773,7 +784,7 @@ def batchnorm_backward(dy, xhat, gamma, invstd, dx_out, dgamma_out, dbeta_out, a
     _array(op, "dgamma_out", dgamma_out, dtype, vec, out=True)
     _array(op, "dbeta_out", dbeta_out, dtype, vec, out=True)
     n, m = dy.shape
-    partial, coef = _scratch((_row_chunks(n), 2, m), (3, m))
+    partial, coef = _scratch(((_row_chunks(n), 2, m), np.float64), ((3, m), dtype))
     _batchnorm_backward(dy.size, dy, xhat, gamma, invstd,
                         _separate(op, "dx_out", dx_out, "dy", dy), dgamma_out, dbeta_out,
                         bool(accumulate), partial, coef)
