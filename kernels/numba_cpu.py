@@ -508,18 +508,27 @@ def softmax_xent(logits, labels, smoothing: float, scale: float, grad_out, loss_
 
 # ---------------------------------------------------------------------------------------
 # 4. Optimizer updates: one in-place pass over flat buffers, in the parameters' dtype. Every
-# coefficient (1 - β, lr / (1 - β1ᵗ), ...) is computed on the host and passed rounded to that
-# dtype (:func:`_coefficients`): a float64 scalar inside the loop would promote the float32
-# math to float64, which halves the SIMD lanes and makes division and sqrt several times
-# slower, and the reference's float32 arithmetic rounds the same scalars the same way.
-def _coefficients(p, *values):
-    """``values`` as scalars of ``p``'s dtype."""
-    cast = p.dtype.type
-    return tuple(cast(v) for v in values)
+# coefficient (1 - β, lr / (1 - β1ᵗ), ...) is computed on the host as a Python float and
+# rounded to that dtype once, before the loop (:func:`_like`): a float64 scalar inside the
+# loop would promote the float32 math to float64, which halves the SIMD lanes and makes
+# division and sqrt several times slower; the reference's float32 arithmetic rounds the
+# same scalars the same way.
+def _like(x, a):
+    """The scalar ``x`` rounded to the element type of the array ``a``."""
+    return a.dtype.type(x)
+
+
+@overload(_like, inline="always")
+def _like_impl(x, a):
+    if a.dtype == types.float32:
+        return lambda x, a: np.float32(x)
+    return lambda x, a: np.float64(x)
 
 
 @_loops()
 def _sgd(p, g, buf, lr, momentum, dampened, nesterov, weight_decay, first_step):
+    lr, momentum, dampened = _like(lr, p), _like(momentum, p), _like(dampened, p)
+    weight_decay = _like(weight_decay, p)
     for i in prange(p.size):
         d = g[i]
         if weight_decay != 0.0:
@@ -538,15 +547,15 @@ def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_s
     if momentum and buf is None:
         raise ValueError(f"{op}: momentum={momentum} needs a momentum buffer, got buf=None")
     f = _flat(op, p, {"p": p, "g": g, "buf": buf if momentum else None})
-    lr, momentum, dampened, weight_decay = _coefficients(p, lr, momentum, 1.0 - dampening,
-                                                         weight_decay)
-    _sgd(p.size, f["p"], f["g"], f["buf"], lr, momentum, dampened, bool(nesterov), weight_decay,
-         bool(first_step))
+    _sgd(p.size, f["p"], f["g"], f["buf"], float(lr), float(momentum), 1.0 - dampening,
+         bool(nesterov), float(weight_decay), bool(first_step))
 
 
 @_loops()
 def _rmsprop(p, g, square_avg, buf, grad_avg, lr, alpha, one_minus_alpha, eps, weight_decay,
              momentum):
+    lr, alpha, one_minus_alpha = _like(lr, p), _like(alpha, p), _like(one_minus_alpha, p)
+    eps, weight_decay, momentum = _like(eps, p), _like(weight_decay, p), _like(momentum, p)
     for i in prange(p.size):
         d = g[i]
         if weight_decay != 0.0:
@@ -577,12 +586,17 @@ def rmsprop_step(p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay, 
                       "buf": buf if momentum else None,
                       "grad_avg": grad_avg if centered else None})
     _rmsprop(p.size, f["p"], f["g"], f["square_avg"], f["buf"], f["grad_avg"],
-             *_coefficients(p, lr, alpha, 1.0 - alpha, eps, weight_decay, momentum))
+             float(lr), float(alpha), 1.0 - alpha, float(eps), float(weight_decay),
+             float(momentum))
 
 
 @_loops()
 def _adam(p, g, m, v, vmax, step_size, one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay,
           inv_bias2_sqrt):
+    step_size, one_minus_beta1 = _like(step_size, p), _like(one_minus_beta1, p)
+    beta2, one_minus_beta2 = _like(beta2, p), _like(one_minus_beta2, p)
+    eps, l2, decay = _like(eps, p), _like(l2, p), _like(decay, p)
+    inv_bias2_sqrt = _like(inv_bias2_sqrt, p)
     for i in prange(p.size):
         w = p[i]
         d = g[i]
@@ -610,13 +624,14 @@ def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, 
     lr, weight_decay = float(lr), float(weight_decay)
     decay = 1.0 - lr * weight_decay if decoupled else 1.0
     l2 = 0.0 if decoupled else weight_decay
-    _adam(p.size, f["p"], f["g"], f["m"], f["v"], f["vmax"],
-          *_coefficients(p, lr / (1.0 - beta1 ** step), 1.0 - beta1, beta2, 1.0 - beta2, eps, l2,
-                         decay, 1.0 / math.sqrt(1.0 - beta2 ** step)))
+    _adam(p.size, f["p"], f["g"], f["m"], f["v"], f["vmax"], lr / (1.0 - beta1 ** step),
+          1.0 - beta1, float(beta2), 1.0 - beta2, float(eps), l2, decay,
+          1.0 / math.sqrt(1.0 - beta2 ** step))
 
 
 @_loops()
 def _adagrad(p, g, state_sum, clr, eps, weight_decay):
+    clr, eps, weight_decay = _like(clr, p), _like(eps, p), _like(weight_decay, p)
     for i in prange(p.size):
         d = g[i]
         if weight_decay != 0.0:
@@ -631,7 +646,7 @@ def adagrad_step(p, g, state_sum, lr, lr_decay, eps, weight_decay, step):
     op = "adagrad_step"
     f = _flat(op, p, {"p": p, "g": g, "state_sum": state_sum})
     clr = float(lr) / (1.0 + (step - 1) * float(lr_decay))
-    _adagrad(p.size, f["p"], f["g"], f["state_sum"], *_coefficients(p, clr, eps, weight_decay))
+    _adagrad(p.size, f["p"], f["g"], f["state_sum"], clr, float(eps), float(weight_decay))
 
 
 # ---------------------------------------------------------------------------------------
