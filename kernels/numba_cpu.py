@@ -28,7 +28,9 @@ How the kernels are built
   (float32 SIMD has twice the lanes of float64, and float32 division and square root cost a
   quarter); every sum over rows or columns accumulates in float64, in a loop of its own so
   that the float32 loop keeps its full vector width. The optimizers, too, compute in the
-  parameters' dtype (as PyTorch's do), with coefficients rounded once on the host.
+  parameters' dtype (as PyTorch's do), their coefficients rounded to it once per call
+  (:func:`_like`); BatchNorm normalises with its statistics rounded to the input's dtype,
+  as the reference does.
 - Sums over rows (bias gradient, BatchNorm statistics) never accumulate into one shared
   vector from parallel rows (that races). The rows are cut into chunks whose number depends
   on N alone (:func:`_row_chunks`, never on the thread count); each chunk sums its rows in
