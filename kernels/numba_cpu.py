@@ -289,18 +289,18 @@ def _scratch(*specs) -> list:
     views = _SCRATCH["views"].get(specs)
     if views is not None:
         return views
-    offsets, end = [], 0
-    for shape, dtype in specs:
-        offsets.append(end)
-        end += -(-math.prod(shape) * np.dtype(dtype).itemsize // 64) * 64  # 64-byte aligned
-    if _SCRATCH["memory"].size < end:
-        _SCRATCH["memory"] = np.empty(end, np.uint8)
+    nbytes = [math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in specs]
+    starts = [0]
+    for size in nbytes:
+        starts.append(starts[-1] + -(-size // 64) * 64)  # each array 64-byte aligned
+    if _SCRATCH["memory"].size < starts[-1]:
+        _SCRATCH["memory"] = np.empty(starts[-1], np.uint8)
         _SCRATCH["views"] = {}
     if len(_SCRATCH["views"]) >= _SCRATCH_VIEWS_KEPT:
         _SCRATCH["views"] = {}
     memory = _SCRATCH["memory"]
-    views = [memory[start:start + math.prod(shape) * np.dtype(dtype).itemsize].view(dtype)
-             .reshape(shape) for start, (shape, dtype) in zip(offsets, specs)]
+    views = [memory[start:start + size].view(dtype).reshape(shape)
+             for start, size, (shape, dtype) in zip(starts, nbytes, specs)]
     _SCRATCH["views"][specs] = views
     return views
 
