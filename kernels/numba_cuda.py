@@ -56,8 +56,10 @@ MIN_CHUNK_ROWS = 4 * ROWS   # rows per chunk at least (4 per row lane)
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 _ZERO64 = np.float64(0.0)   # typed literal: starts a float64 accumulator (also in the simulator)
-_M32 = np.uint64(MASK32)      # dropout hash constants (reference.mix32), as uint64 so that
-_GOLDEN = np.uint64(GOLDEN32)  # Numba never mixes signed and unsigned (which gives float64)
+# Dropout hash constants (reference.mix32). They are uint64 so that a uint32 times one is
+# exact in the simulator's NumPy scalars (no overflow warning); the kernel casts each product
+# back to uint32, which LLVM narrows to a 32-bit multiply (NVIDIA GPUs emulate 64-bit ones).
+_GOLDEN = np.uint64(GOLDEN32)
 _MIX1 = np.uint64(0x7FEB352D)
 _MIX2 = np.uint64(0x846CA68B)
 
@@ -663,27 +665,33 @@ def adagrad_step(p, g, state_sum, lr, lr_decay, eps, weight_decay, step):
 
 
 # ---------------------------------------------------------------------------------------
-# 5. Dropout: the counter hash of reference.dropout, in uint64 registers masked to 32 bits
+# 5. Dropout: the counter hash of reference.dropout in uint32 registers
 @cuda.jit(device=True, inline="always")
 def _mix32(h):
-    """reference.mix32 ('lowbias32') of ``h < 2**32``, held in a uint64."""
+    """reference.mix32 ('lowbias32') of a uint32."""
     h ^= h >> 16
-    h = (h * _MIX1) & _M32
+    h = numba.uint32(h * _MIX1)
     h ^= h >> 15
-    h = (h * _MIX2) & _M32
+    h = numba.uint32(h * _MIX2)
     h ^= h >> 16
     return h
 
 
 @cuda.jit
 def _dropout_kernel(x, out, key, threshold, scale):
-    """out_i = x_i · scale if mix32((i φ) ^ key) >> 8 >= threshold else 0 (flat index i)."""
-    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
-        h = _mix32((((numba.uint64(i) & _M32) * _GOLDEN) & _M32) ^ key)
-        if (h >> 8) >= threshold:
-            out[i] = x[i] * scale
-        else:
-            out[i] = 0
+    """out_i = x_i · scale if mix32((i φ) ^ key) >> 8 >= threshold else 0 (flat index i).
+
+    The counter c = i φ (mod 2³²) advances by (grid size) φ per grid-stride step: an add, not
+    a multiply; the select stores without a branch.
+    """
+    start, stride = cuda.grid(1), cuda.gridsize(1)
+    c = numba.uint32(numba.uint32(start) * _GOLDEN)
+    dc = numba.uint64(numba.uint32(numba.uint32(stride) * _GOLDEN))  # < 2³²: c + dc is exact
+    for i in range(start, x.size, stride):
+        keep = (_mix32(c ^ key) >> 8) >= threshold
+        v = x[i] * scale
+        out[i] = v if keep else 0
+        c = numba.uint32(c + dc)
 
 
 def dropout(x, key: int, threshold: int, scale: float, out):
@@ -692,7 +700,7 @@ def dropout(x, key: int, threshold: int, scale: float, out):
     xf = _flat(x, "x")
     if xf.size:
         _launch(_dropout_kernel, _blocks(xf.size, TPB), TPB, xf, _flat(out, "out"),
-                np.uint64(key & MASK32), np.uint64(threshold), t(scale))
+                np.uint32(key & MASK32), np.uint32(threshold), t(scale))
     return out
 
 

@@ -122,3 +122,19 @@ def test_kernels_compile_to_ptx(numba_cuda, monkeypatch, op, dtype, act):
             assert not f64, (f"float32 kernel of {op} ({act}) computes in float64, e.g. "
                              f"{f64[:3]}: cast its constants to the array dtype")
 
+
+
+def test_dropout_hash_multiplies_in_32_bits(numba_cuda, monkeypatch):
+    """NVIDIA GPUs emulate 64-bit integer multiplies: the hash's must compile to 32-bit ones."""
+    import numba
+    from numba import cuda
+
+    (kernel, args), = _recorded_launches(numba_cuda, monkeypatch, "dropout",
+                                         _case("dropout", np.float32, None))
+    ptx, _ = cuda.compile_ptx(kernel.py_func, tuple(numba.typeof(a) for a in args), cc=CC)
+    constants = {0x7FEB352D, 0x846CA68B, kernels.reference.GOLDEN32}
+    spellings = "|".join(str(v) for c in constants for v in (c, c - 2**32))
+    wide = re.findall(rf"mul\.lo\.[su]64\s[^;]*\b(?:{spellings});", ptx)
+    narrow = re.findall(rf"mul\.lo\.[su]32\s[^;]*\b(?:{spellings});", ptx)
+    assert not wide, f"64-bit multiplies in the dropout hash: {wide[:3]}"
+    assert narrow, "no 32-bit hash multiply found in the dropout PTX (did the hash change?)"
