@@ -35,6 +35,18 @@ def xp(device):
 
 
 @pytest.fixture
+def kernels_for_both_devices():
+    """For a test that computes on the CPU and on a GPU in turn: where the job selected
+    BACKPROP_KERNELS=cupy (CUDA arrays only, as the GPU CI does), the test runs with ``auto``
+    instead (cupy on CUDA arrays, numba_cpu on NumPy arrays)."""
+    previous = kernels.get_choice()
+    if previous == "cupy":
+        kernels.set_backend("auto")
+    yield
+    kernels.set_backend(previous)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(1234)
 

@@ -14,10 +14,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The CLI runs on the CPU here, whatever the test job selected (the GPU CI sets
+# BACKPROP_DEVICE=cuda and BACKPROP_KERNELS=cupy, which cannot run CPU arrays).
+CPU_ENV = {**os.environ, "BACKPROP_DEVICE": "cpu", "BACKPROP_KERNELS": "auto"}
+
+
 def run(*args, check=True):
     proc = subprocess.run([sys.executable, "-m", "backprop", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "BACKPROP_DEVICE": "cpu"})
+                          capture_output=True, text=True, timeout=120, env=CPU_ENV)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -108,7 +112,7 @@ def test_errors_are_one_line_without_traceback(args, message):
 
 def test_worked_example_matches_the_library():
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "worked_example.py")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+                          cwd=ROOT, capture_output=True, text=True, timeout=60, env=CPU_ENV)
     assert proc.returncode == 0, proc.stderr
     assert "δ1" in proc.stdout and proc.stdout.rstrip().endswith("All values match.")
     assert proc.stdout.count("library == by hand") == 13

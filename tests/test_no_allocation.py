@@ -6,7 +6,8 @@ each array argument on entry, which the test counts and subtracts) and the peak 
 traced memory (NumPy reports every array buffer to ``tracemalloc``). The model has every kind of
 layer with a fused kernel: Dense with a NEEDS_Z activation (GELU writes Z) and one without,
 BatchNorm1d, Dropout, softmax cross-entropy and Adam; the batch is large enough that any
-temporary array (≥ 16 KB here) would exceed the allowance for small Python objects.
+temporary array (≥ 16 KB here) would exceed the allowance for small Python objects. On a GPU,
+a CuPy MemoryHook counts the requests to the memory pool instead.
 """
 from __future__ import annotations
 
@@ -19,18 +20,20 @@ import backprop as bp
 from backprop import kernels as K
 
 SMALL_OBJECTS = 8 * 1024  # bytes of loss scalars, views and tuples a step may keep alive
+SMALL_REQUEST = 4 * 1024  # bytes: on the GPU, a request below this is no array of the batch
 
 
-def _step_and_model(dtype):
+def _step_and_model(dtype, rows=256):
     model = bp.Sequential([
         bp.Dense(20, 64, activation="gelu", rng=0, dtype=dtype), bp.BatchNorm1d(64, dtype=dtype),
         bp.Dropout(0.2, seed=0), bp.Dense(64, 64, activation="relu", rng=1, dtype=dtype),
         bp.Dense(64, 5, rng=2, dtype=dtype)])
     loss = bp.SoftmaxCrossEntropyLoss()
+    loss.validate_labels = False  # as in fit, which validates its data once, before the steps
     optimizer = bp.Adam(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((256, 20)).astype(dtype)
-    y = rng.integers(0, 5, 256)
+    x = bp.asarray(rng.standard_normal((rows, 20)).astype(dtype))
+    y = bp.asarray(rng.integers(0, 5, rows))
 
     def step():
         optimizer.zero_grad()
@@ -49,10 +52,15 @@ def test_numba_cpu_training_step_allocates_nothing_once_warm(dtype, monkeypatch)
 
     from backprop.kernels import numba_cpu
 
-    if K.backend_name("cpu") != "numba_cpu":
-        pytest.skip(f"the CPU kernels are {K.backend_name('cpu')!r}, not numba_cpu "
+    try:
+        cpu_kernels = K.backend_name("cpu")
+    except K.KernelBackendError as exc:
+        pytest.skip(f"no CPU kernels under this BACKPROP_KERNELS: {exc}")
+    if cpu_kernels != "numba_cpu":
+        pytest.skip(f"the CPU kernels are {cpu_kernels!r}, not numba_cpu "
                     "(BACKPROP_KERNELS selects them); the reference allocates by design")
-    step = _step_and_model(dtype)
+    with bp.use_device("cpu"):
+        step = _step_and_model(dtype)
     for _ in range(3):
         step()
     arguments = [0]  # array arguments handed to compiled kernels: one wrapper record each
@@ -80,3 +88,40 @@ def test_numba_cpu_training_step_allocates_nothing_once_warm(dtype, monkeypatch)
     assert peak - base < SMALL_OBJECTS, (
         f"five warm steps raised traced memory by {peak - base} bytes: an array is "
         "allocated per step")
+
+
+def test_cuda_training_step_allocates_nothing_once_warm():
+    """The same model on the GPU: in five warm steps CuPy's memory pool is asked for no array
+    of the batch (a MemoryHook sees every request, cached blocks included). Allowed: requests
+    under SMALL_REQUEST bytes, the loss value (a fresh 0-d array each step, which a caller may
+    keep) and its reduction's scratch; the smallest array of this batch is 16 KB."""
+    from conftest import skip_unless_device
+
+    skip_unless_device("cuda")
+    import cupy
+
+    kernels = K.backend_name("cuda")
+    if kernels == "reference":
+        pytest.skip("the reference kernels allocate by design (BACKPROP_KERNELS selects them)")
+
+    class CountRequests(cupy.cuda.MemoryHook):
+        name = "CountRequests"
+
+        def __init__(self):
+            self.sizes = []
+
+        def malloc_preprocess(self, **kwargs):
+            if kwargs["size"] >= SMALL_REQUEST:
+                self.sizes.append(kwargs["size"])
+
+    with bp.use_device("cuda"):
+        step = _step_and_model(np.float32, rows=4096)
+    for _ in range(3):
+        step()
+    hook = CountRequests()
+    with hook:
+        for _ in range(5):
+            step()
+    cupy.cuda.Device().synchronize()
+    assert not hook.sizes, (f"five warm steps with the {kernels} kernels asked the memory pool "
+                            f"for {len(hook.sizes)} arrays (bytes: {hook.sizes[:10]})")

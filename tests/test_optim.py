@@ -256,20 +256,20 @@ def test_trajectory_matches_torch(name, kw):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_one_kernel_call_per_step_and_per_dtype_group(monkeypatch):
+def test_one_kernel_call_per_step_and_per_dtype_group(xp, monkeypatch):
     calls = []
     real = K.adam_step
     monkeypatch.setattr(K, "adam_step", lambda p, *a: calls.append(p.size) or real(p, *a))
-    params = make_params(np, np.float64)
+    params = make_params(xp, np.float64)
     opt = optim.Adam(params, lr=0.1)
     run(opt, params, 3)
     assert calls == [N] * 3
     calls.clear()
-    mixed = [Parameter(np.ones((2, 2), np.float32), "a"), Parameter(np.ones(3), "b"),
-             Parameter(np.ones(5, np.float32), "c")]
+    mixed = [Parameter(xp.ones((2, 2), np.float32), "a"), Parameter(xp.ones(3), "b"),
+             Parameter(xp.ones(5, np.float32), "c")]
     opt = optim.Adam(mixed, lr=0.1)
     for p in mixed:
-        p.grad = np.ones(p.shape)
+        p.grad = xp.ones(p.shape, p.dtype)
     opt.step()
     assert sorted(calls) == [3, 9]
     assert mixed[0].data.dtype == np.float32 and mixed[1].data.dtype == np.float64
@@ -350,13 +350,13 @@ def test_state_dict_round_trip_continues_the_trajectory(name, kw, xp):
     np.testing.assert_allclose(rest, straight[3:], rtol=1e-12, atol=1e-14)
 
 
-def test_state_dict_hyper_is_json_and_loads_structural_options():
-    params = make_params(np, np.float32)
+def test_state_dict_hyper_is_json_and_loads_structural_options(xp):
+    params = make_params(xp, np.float32)
     opt = optim.Adam(params, lr=0.01, amsgrad=True)
     run(opt, params, 2)
     saved = json.loads(json.dumps({k: v for k, v in opt.state_dict().items() if k != "state"}))
     assert saved["hyper"]["betas"] == [0.9, 0.999]
-    fresh = optim.Adam(make_params(np, np.float32), lr=0.01)  # no amsgrad buffer yet
+    fresh = optim.Adam(make_params(xp, np.float32), lr=0.01)  # no amsgrad buffer yet
     fresh.load_state_dict(opt.state_dict())
     assert fresh.hyper["amsgrad"] is True and fresh.hyper["betas"] == (0.9, 0.999)
     assert fresh.state_dict()["state"]["0.W.max_exp_avg_sq"].dtype == np.float32
@@ -372,8 +372,8 @@ def test_state_dict_hyper_is_json_and_loads_structural_options():
     (lambda d: d["state"].update({"2.W.exp_avg": np.zeros(2)}), "unexpected ['2.W.exp_avg']"),
     (lambda d: d["state"].update({"0.W.exp_avg_sq": np.zeros((4, 3))}), "shape (4, 3)"),
 ])
-def test_load_state_dict_rejects_mismatches_and_changes_nothing(mutate, message):
-    params = make_params(np, np.float64)
+def test_load_state_dict_rejects_mismatches_and_changes_nothing(xp, mutate, message):
+    params = make_params(xp, np.float64)
     opt = optim.Adam(params, lr=0.01)
     run(opt, params, 2)
     saved = opt.state_dict()
@@ -423,16 +423,16 @@ def test_dtype_change_carries_state_and_keeps_float32(xp):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_changed_shape_is_a_clear_error():
-    params = make_params(np, np.float64)
+def test_changed_shape_is_a_clear_error(xp):
+    params = make_params(xp, np.float64)
     opt = optim.SGD(params, lr=0.1, momentum=0.9)
     run(opt, params, 1)
-    params[1].data = np.zeros(5)
+    params[1].data = xp.zeros(5)
     with pytest.raises(ValueError, match=r"'0.b' changed shape from \(4,\) to \(5,\)"):
         opt.step()
 
 
-def test_to_device_moves_parameters_and_state(device):
+def test_to_device_moves_parameters_and_state(device, kernels_for_both_devices):
     params = make_params(np, np.float64)
     opt = optim.SGD(params, lr=0.1, momentum=0.9)
     want = expected_sgd(THETA0, 4, lr=0.1, momentum=0.9)
@@ -474,8 +474,8 @@ def test_hyperparameters_are_validated(build_it, error, message):
         build_it(make_params(np, np.float32))
 
 
-def test_lr_attribute_is_a_python_float_and_validated():
-    params = make_params(np, np.float32)
+def test_lr_attribute_is_a_python_float_and_validated(xp):
+    params = make_params(xp, np.float32)
     opt = optim.SGD(params, lr=0.1)
     opt.lr = np.float64(0.05)
     assert type(opt.lr) is float and opt.lr == 0.05
@@ -487,8 +487,8 @@ def test_lr_attribute_is_a_python_float_and_validated():
     assert all(p.data.dtype == np.float32 for p in params)
 
 
-def test_step_closure_returns_the_loss():
-    params = make_params(np, np.float64)
+def test_step_closure_returns_the_loss(xp):
+    params = make_params(xp, np.float64)
     opt = optim.SGD(params, lr=0.1)
     assert opt.step(lambda: 3.5) == 3.5 and opt.step() is None
 

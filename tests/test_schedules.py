@@ -92,12 +92,12 @@ def test_a_second_schedule_starts_from_the_initial_lr():
 
 
 @pytest.mark.parametrize("name,kw", [(n, kw) for n, kw, _ in CLOSED_FORMS])
-def test_float32_parameters_stay_float32_under_schedules(name, kw):
-    opt = make_optimizer(dtype=np.float32)
+def test_float32_parameters_stay_float32_under_schedules(xp, name, kw):
+    opt = make_optimizer(dtype=np.float32, xp=xp)
     sched = getattr(schedules, name)(opt, **kw)
     for _ in range(4):
         for p in opt.params:
-            p.grad = np.ones(p.shape, dtype=np.float32)
+            p.grad = xp.ones(p.shape, dtype=np.float32)
         opt.step()
         sched.step()
         assert type(opt.lr) is float
