@@ -369,13 +369,20 @@ def _bars(ax, categories: list[str], series: dict[str, dict[str, float]], scale:
 
 # ---------------------------------------------------------------------------------------
 # Entry point
-def write_report(benchmark_json: Path, torch_json: Path | None, out_dir: Path,
+def write_report(benchmark_jsons: list[Path], torch_json: Path | None, out_dir: Path,
                  stat: str = "median", plot: bool = True) -> Path:
-    """Write ``report.md`` (and ``report.png``) into ``out_dir``; returns the markdown path."""
-    rows, machine = load_benchmarks(benchmark_json, stat)
+    """Write ``report.md`` (and ``report.png``) into ``out_dir`` from one or more
+    pytest-benchmark JSON files of one machine (e.g. a GPU run and a CPU run); returns the
+    markdown path."""
+    rows, machine = [], {}
+    for path in benchmark_jsons:
+        more, described = load_benchmarks(path, stat)
+        rows += more
+        machine = machine or described
     if not rows:
-        raise ValueError(f"{benchmark_json} holds no benchmark results: run the suite with "
-                         "--benchmark-only --benchmark-json=FILE (not --benchmark-disable)")
+        raise ValueError(f"{', '.join(map(str, benchmark_jsons))} hold no benchmark results: run "
+                         "the suite with --benchmark-only --benchmark-json=FILE (not "
+                         "--benchmark-disable)")
     torch_rows = []
     if torch_json is not None and torch_json.exists():
         torch_rows = [dict(r, time=r[stat]) for r in json.loads(torch_json.read_text())["results"]]
@@ -395,8 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Turn benchmark results (pytest-benchmark JSON, torch_compare JSON) into "
                     "a markdown report and a PNG chart; run the suite with ci/bench.sh.")
     parser.add_argument("results", nargs="?", type=Path,
-                        help="folder with benchmark.json (and torch.json); the report goes there")
-    parser.add_argument("--benchmark-json", type=Path, help="pytest-benchmark JSON file")
+                        help="folder with benchmark*.json (and torch.json); the report goes there")
+    parser.add_argument("--benchmark-json", type=Path, nargs="+",
+                        help="pytest-benchmark JSON files of one machine")
     parser.add_argument("--torch-json", type=Path, help="torch_compare.py JSON file")
     parser.add_argument("--out", type=Path, help="folder for report.md and report.png")
     parser.add_argument("--stat", choices=STATS, default="median", help="statistic to report")
@@ -412,15 +420,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.slug:
         print(machine_slug())
         return 0
-    bench_json = args.benchmark_json or (args.results / "benchmark.json" if args.results else None)
-    if bench_json is None:
+    bench_jsons = args.benchmark_json or (
+        sorted(args.results.glob("benchmark*.json")) if args.results else None)
+    if bench_jsons is None:
         parser.error("give a results folder or --benchmark-json FILE")
-    if not bench_json.exists():
-        parser.error(f"{bench_json} does not exist: run ci/bench.sh, or pytest benchmarks/ "
-                     f"--benchmark-only --benchmark-json={bench_json}")
+    if not bench_jsons or not all(p.exists() for p in bench_jsons):
+        where = bench_jsons or [args.results / "benchmark.json"]
+        parser.error(f"{', '.join(map(str, where))}: no such file: run ci/bench.sh, or pytest "
+                     f"benchmarks/ --benchmark-only --benchmark-json={where[0]}")
     torch_json = args.torch_json or (args.results / "torch.json" if args.results else None)
-    out = args.out or args.results or bench_json.parent
-    md = write_report(bench_json, torch_json, out, args.stat, plot=not args.no_plot)
+    out = args.out or args.results or bench_jsons[0].parent
+    md = write_report(bench_jsons, torch_json, out, args.stat, plot=not args.no_plot)
     print(f"wrote {md}" + ("" if args.no_plot else f" and {md.with_suffix('.png')}"))
     return 0
 

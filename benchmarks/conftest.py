@@ -19,6 +19,15 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["backprop"] = describe_machine()
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_benchmark_generate_json(config, benchmarks, include_data, machine_info, commit_info):
+    """Keep the statistics of each benchmark, drop its per-round times from the JSON (tens of
+    MB for the microsecond benchmarks)."""
+    outcome = yield
+    for bench in outcome.get_result()["benchmarks"]:
+        bench["stats"].pop("data", None)
+
+
 @pytest.fixture
 def smoke(benchmark) -> bool:
     """True when benchmarks run once as tests (``--benchmark-disable``, or under xdist):

@@ -90,6 +90,24 @@ def test_report_derives_bandwidth_floor_and_ratios(tmp_path):
     assert [c.strip() for c in gpu_step.strip("|").split("|")][9] == "4.00×"
 
 
+def test_report_of_split_runs_equals_the_report_of_one(tmp_path):
+    """ci/gpu.sh times the GPU and the CPU in two runs (two JSON files): same report."""
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    _results(whole)
+    data = json.loads((whole / "benchmark.json").read_text())
+    split = tmp_path / "split"
+    split.mkdir()
+    for device in ("cuda", "cpu"):
+        part = dict(data, benchmarks=[b for b in data["benchmarks"]
+                                      if b["extra_info"]["device"] == device])
+        (split / f"benchmark-{device}.json").write_text(json.dumps(part))
+    (split / "torch.json").write_text((whole / "torch.json").read_text())
+    assert bench.main([str(whole), "--no-plot"]) == 0
+    assert bench.main([str(split), "--no-plot"]) == 0
+    assert (split / "report.md").read_text() == (whole / "report.md").read_text()
+
+
 def test_report_chart_is_written(tmp_path):
     pytest.importorskip("matplotlib")
     results = _results(tmp_path)

@@ -25,14 +25,6 @@ echo "== benchmark suite ($THREADS threads) -> $OUT/benchmark.json"
 "$PYBIN" -m pytest benchmarks --benchmark-only --benchmark-group-by=group \
   --benchmark-sort=name --benchmark-columns=min,median,iqr,rounds \
   --benchmark-json="$OUT/benchmark.json" "$@" | tee "$OUT/pytest.txt"
-# keep the statistics, drop the per-round times (tens of MB for the microsecond benchmarks)
-"$PYBIN" - "$OUT/benchmark.json" <<'PY'
-import json, sys
-data = json.load(open(sys.argv[1]))
-for b in data["benchmarks"]:
-    b["stats"].pop("data", None)
-json.dump(data, open(sys.argv[1], "w"), indent=1)
-PY
 
 echo "== PyTorch comparison"
 if "$PYBIN" -c "import torch" 2>/dev/null; then

@@ -9,26 +9,35 @@
 #   install     `pip install --no-deps --no-build-isolation --no-index -e .` when setuptools
 #               can build an editable install, else an import path (a symlink tree in which
 #               backprop/kernels -> kernels/); both are checked to resolve to this checkout
-#   kernels     the kernel harness and the compile tests (every backend vs the reference)
+#   bench-cuda  pytest benchmarks/ --benchmark-only on CUDA, alone on the machine and first,
+#               so the figures exist even when a later step runs out of time (every GPU
+#               kernel backend; pytest-benchmark max time BACKPROP_CI_BENCH_MAX_TIME s each)
+#   torch       benchmarks/torch_compare.py on CUDA, when PyTorch imports (else skipped)
+#   bench-cpu   the CPU benchmarks of the same run (fused kernels, copy, steps, floors)
+#   report      python -m backprop.bench: report.md (and report.png with matplotlib)
+#   kernels     the kernel harness on the GPU backends (cupy, numba_cuda vs the reference)
+#               and the compile tests
 #   cuda-cupy   the test suite on CUDA with BACKPROP_KERNELS=cupy   (CUDA-device tests)
 #   cuda-numba  the test suite on CUDA with BACKPROP_KERNELS=numba  (CUDA-device tests)
-#   cpu         the test suite on the CPU once, for comparison (runs beside the GPU steps)
-#   bench       pytest benchmarks/ --benchmark-only --benchmark-json (alone, last)
-# The kernel files run only in `kernels`; the suites drop tests parametrized with the other
-# device (a pytest plugin written under the work dir), since an explicit BACKPROP_KERNELS=cupy
-# cannot run CPU arrays.
+#   cpu         the test suite on the CPU once, numba_cpu kernel harness included, beside
+#               the GPU test steps
+# The kernel files run only in `kernels` (and their numba_cpu cases in `cpu`); the suites drop
+# tests parametrized with the other device (a pytest plugin written under the work dir).
 #
 # Results: benchmarks/results/<gpu-name-slug>-<date>/{summary.md, summary.json, env.json,
-# benchmarks.json, logs.tar.gz}, also copied to $OUT/<same name>/ when OUT is set. Exits
-# non-zero when any step failed, after writing the summary. The whole run is kept inside
-# BACKPROP_CI_BUDGET_S seconds (default 540); later steps get what is left.
+# machine.json, benchmark-{cuda,cpu}.json, pytest-{cuda,cpu}.txt, torch.json, report.md,
+# report.png, logs.tar.gz},
+# also copied to $OUT/<same name>/ when OUT is set. Exits non-zero when any step failed, after
+# writing the summary. The whole run is kept inside BACKPROP_CI_BUDGET_S seconds (default 570);
+# each step has a cap, and later steps get what is left.
 # Knobs: PYTHON, BACKPROP_CI_BUDGET_S, BACKPROP_CI_WORKERS (pytest-xdist workers, default 4,
-# 0 = none), BACKPROP_CI_INSTALL (auto | editable | path).
+# 0 = none), BACKPROP_CI_INSTALL (auto | editable | path), BACKPROP_CI_BENCH_MAX_TIME (0.2).
 set -u
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd -P)
 PY=${PYTHON:-python3}
-BUDGET=${BACKPROP_CI_BUDGET_S:-540}
+BUDGET=${BACKPROP_CI_BUDGET_S:-570}
+BENCH_MAX_TIME=${BACKPROP_CI_BENCH_MAX_TIME:-0.2}
 WORKERS=${BACKPROP_CI_WORKERS:-4}
 INSTALL=${BACKPROP_CI_INSTALL:-auto}
 RESERVE=25                                   # seconds kept for the summary
@@ -198,36 +207,63 @@ IGNORE_KERNELS=()
 for f in "${KERNEL_FILES[@]}"; do IGNORE_KERNELS+=("--ignore=$f"); done
 
 # --------------------------------------------------------------------------------------
-# cpu suite in the background (4 Numba threads), while the GPU steps run
+# benchmarks first, alone on the machine: the GPU ones, PyTorch on CUDA, then the CPU ones
+# (fused kernels, copy, training steps and matmul floors; not the CPU reference kernels),
+# each run its own JSON; then the report of both
+"${PYRUN[@]}" -m backprop.bench --machine > "$RESULTS/machine.json" 2> "$LOGS/machine.log"
+bench_step() {  # bench_step DEVICE SELECTION PYTEST...
+  local device=$1 selection=$2; shift 2
+  "$@" benchmarks --benchmark-only -k "$selection" --benchmark-max-time="$BENCH_MAX_TIME" \
+    --benchmark-group-by=group --benchmark-sort=name --benchmark-columns=min,median,iqr,rounds \
+    --benchmark-json="$RESULTS/benchmark-$device.json" --junitxml="$LOGS/bench-$device.xml" \
+    | tee "$RESULTS/pytest-$device.txt"
+  return "${PIPESTATUS[0]}"
+}
+torch_step() {  # torch_step PYTHON...
+  "$@" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null \
+    || { echo "PyTorch with CUDA is not importable here: no comparison"; return 0; }
+  "$@" benchmarks/torch_compare.py --devices cuda --max-time 0.3 --repeat 2 \
+    --out "$RESULTS/torch.json"
+}
+export BENCH_MAX_TIME RESULTS LOGS
+export -f bench_step torch_step
+REPORT_FLAGS=()
+"${PYRUN[@]}" -c 'import matplotlib' 2>/dev/null || REPORT_FLAGS=(--no-plot)
+if [[ -d benchmarks ]] && ls benchmarks/test_*.py > /dev/null 2>&1; then
+  BACKPROP_DEVICE=cuda run_step bench-cuda 150 bash -c 'bench_step "$@"' _ cuda cuda \
+    "${PYTEST[@]}"
+  BACKPROP_DEVICE=cuda run_step torch 60 bash -c 'torch_step "$@"' _ "${PYRUN[@]}"
+  BACKPROP_DEVICE=cpu run_step bench-cpu 90 bash -c 'bench_step "$@"' _ cpu \
+    "not cuda and not cpu-reference" "${PYTEST[@]}"
+  run_step report 20 "${PYRUN[@]}" -m backprop.bench "$RESULTS" "${REPORT_FLAGS[@]}"
+else
+  say "bench: benchmarks/ has no test_*.py: nothing to time"
+  record bench-cuda 0 0 "absent: benchmarks/ has no test_*.py"
+fi
+
+# --------------------------------------------------------------------------------------
+# tests: the cpu suite in the background (4 Numba threads), while the GPU steps run
 (
   export BACKPROP_DEVICE=cpu BP_CI_DEVICE=cpu NUMBA_NUM_THREADS=4
-  run_step cpu 300 "${PYTEST[@]}" tests "${XDIST[@]}" -m "not cudasim" "${IGNORE_KERNELS[@]}" \
-    -p bp_ci_device_filter --junitxml="$LOGS/cpu.xml" > /dev/null
+  run_step cpu 300 "${PYTEST[@]}" tests "${XDIST[@]}" -m "not cudasim" \
+    --ignore=tests/test_cupy_compile.py --ignore=tests/test_numba_cuda_compile.py \
+    -k "not cupy and not numba_cuda" -p bp_ci_device_filter --junitxml="$LOGS/cpu.xml" \
+    > /dev/null
 ) &
 CPU_PID=$!
 
 if (( ${#KERNEL_FILES[@]} )); then
-  run_step kernels 120 "${PYTEST[@]}" "${KERNEL_FILES[@]}" "${XDIST[@]}" \
+  run_step kernels 100 "${PYTEST[@]}" "${KERNEL_FILES[@]}" "${XDIST[@]}" -k "not numba_cpu" \
     --junitxml="$LOGS/kernels.xml"
 else
   record kernels 1 0 "no kernel test files found"
 fi
 for choice in cupy numba; do
   BACKPROP_DEVICE=cuda BACKPROP_KERNELS=$choice BP_CI_DEVICE=cuda \
-    run_step "cuda-$choice" 150 "${PYTEST[@]}" tests "${XDIST[@]}" "${IGNORE_KERNELS[@]}" \
+    run_step "cuda-$choice" 120 "${PYTEST[@]}" tests "${XDIST[@]}" "${IGNORE_KERNELS[@]}" \
       -p bp_ci_device_filter --junitxml="$LOGS/cuda-$choice.xml"
 done
 wait "$CPU_PID"
-
-# --------------------------------------------------------------------------------------
-# benchmarks, alone on the machine
-if [[ -d benchmarks ]] && ls benchmarks/test_*.py > /dev/null 2>&1; then
-  BACKPROP_DEVICE=cuda run_step bench 150 "${PYTEST[@]}" benchmarks --benchmark-only \
-    --benchmark-json="$RESULTS/benchmarks.json" --junitxml="$LOGS/bench.xml"
-else
-  say "bench: benchmarks/ has no test_*.py: nothing to time"
-  record bench 0 0 "absent: benchmarks/ has no test_*.py"
-fi
 
 # --------------------------------------------------------------------------------------
 # summary (markdown + JSON) and artefacts
@@ -236,7 +272,8 @@ tar -czf "$RESULTS/logs.tar.gz" -C "$WORK" logs 2>/dev/null
 import json, os, sys, xml.etree.ElementTree as ET
 
 status_dir, logs, results, run_name, total = sys.argv[1:6]
-order = ["env", "install", "kernels", "cuda-cupy", "cuda-numba", "cpu", "bench"]
+order = ["env", "install", "bench-cuda", "torch", "bench-cpu", "report", "kernels", "cuda-cupy",
+         "cuda-numba", "cpu"]
 info = {}
 if os.path.exists(os.path.join(results, "env.json")):
     info = json.load(open(os.path.join(results, "env.json")))
@@ -269,15 +306,17 @@ for name in order:
 informational = {"env"}
 failed = [s["step"] for s in steps if s["step"] not in informational and s["rc"] not in (0,)]
 bench = []
-bench_path = os.path.join(results, "benchmarks.json")
-if os.path.exists(bench_path):
+for device in ("cuda", "cpu"):
+    bench_path = os.path.join(results, f"benchmark-{device}.json")
+    if not os.path.exists(bench_path):
+        continue
     try:
         for b in json.load(open(bench_path)).get("benchmarks", []):
             st = b["stats"]
             bench.append({"group": b.get("group"), "name": b["name"], "mean_s": st["mean"],
                           "stddev_s": st["stddev"], "min_s": st["min"], "rounds": st["rounds"]})
     except (ValueError, KeyError) as exc:
-        bench.append({"error": f"benchmarks.json unreadable: {exc}"})
+        bench.insert(0, {"error": f"benchmark-{device}.json unreadable: {exc}"})
 
 summary = {"run": run_name, "total_seconds": int(total), "ok": not failed, "failed_steps": failed,
            "env": info, "steps": steps, "benchmarks": bench}
