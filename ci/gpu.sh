@@ -200,7 +200,8 @@ if [[ $WORKERS != 0 ]] && "$PY" -c 'import xdist' 2>/dev/null; then
 fi
 PYTEST=("${PYRUN[@]}" -m pytest -q -ra -p no:cacheprovider)
 KERNEL_FILES=()
-for f in tests/test_kernels.py tests/test_cupy_compile.py tests/test_numba_cuda_compile.py; do
+for f in tests/test_kernels.py tests/test_cupy_compile.py tests/test_cupy_launches.py \
+         tests/test_numba_cuda_compile.py; do
   [[ -f $f ]] && KERNEL_FILES+=("$f")
 done
 IGNORE_KERNELS=()

@@ -55,3 +55,52 @@ def skip_unless_backend(name: str) -> None:
     reason = kernels.unavailable_reason(name)
     if reason is not None:
         pytest.skip(f"kernel backend {name} unavailable: {reason}")
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel calls built from the registry's signatures (the PTX and CuPy launch tests)
+def _arrays(dtype, *shapes):
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal(shape).astype(dtype) for shape in shapes]
+
+
+def kernel_arguments(op, dtype, act, n=6, m=5):
+    """Arguments for one call of the registry op ``op`` (NumPy arrays of ``dtype``, an (n, m)
+    batch, activation ``act`` where the op takes one) with every optional buffer given."""
+    if op == "bias_act_forward":
+        z, b, out = _arrays(dtype, (n, m), (m,), (n, m))
+        return z, b, out, act, 0.1
+    if op == "bias_act_backward":
+        da, a, z, delta, db = _arrays(dtype, (n, m), (n, m), (n, m), (n, m), (m,))
+        return da, a, z, act, 0.1, delta, db, True
+    if op == "softmax_forward":
+        return tuple(_arrays(dtype, (n, m), (n, m)))
+    if op == "softmax_backward":
+        return tuple(_arrays(dtype, (n, m), (n, m), (n, m)))
+    if op == "softmax_xent":
+        logits, grad, loss = _arrays(dtype, (n, m), (n, m), (n,))
+        return logits, np.arange(n, dtype=np.int64) % m, 0.1, 1.0 / n, grad, loss
+    if op == "sgd_step":
+        p, g, buf = _arrays(dtype, m, m, m)
+        return p, g, buf, 0.1, 0.9, 0.1, True, 0.01, False
+    if op == "rmsprop_step":
+        p, g, sq, buf, avg = _arrays(dtype, m, m, m, m, m)
+        return p, g, np.abs(sq), buf, avg, 0.01, 0.99, 1e-8, 0.01, 0.9, True
+    if op == "adam_step":
+        p, g, mom, v, vmax = _arrays(dtype, m, m, m, m, m)
+        return p, g, mom, np.abs(v), np.abs(vmax), 1e-3, 0.9, 0.999, 1e-8, 0.01, True, 3
+    if op == "adagrad_step":
+        p, g, s = _arrays(dtype, m, m, m)
+        return p, g, np.abs(s), 0.1, 0.01, 1e-10, 0.01, 2
+    if op == "dropout":
+        x, out = _arrays(dtype, (n, m), (n, m))
+        return x, kernels.dropout_key(1, 2), kernels.dropout_threshold(0.25), 1 / 0.75, out
+    if op == "batchnorm_forward":
+        x, gamma, beta, out, xhat, mean, var, invstd = _arrays(
+            dtype, (n, m), m, m, (n, m), (n, m), m, m, m)
+        return x, gamma, beta, 1e-5, out, xhat, mean, var, invstd
+    if op == "batchnorm_backward":
+        dy, xhat, gamma, invstd, dx, dgamma, dbeta = _arrays(
+            dtype, (n, m), (n, m), m, m, (n, m), m, m)
+        return dy, xhat, gamma, np.abs(invstd), dx, dgamma, dbeta, True
+    raise KeyError(op)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from backprop import kernels
+from conftest import kernel_arguments
 
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM", "0").strip() not in ("", "0")
 pytestmark = pytest.mark.skipif(
@@ -27,53 +28,6 @@ ACTIVATION_OPS = ("bias_act_forward", "bias_act_backward")
 # Element-wise kernels must compute float32 in float32: no f64 instruction in their PTX.
 FLOAT32_ONLY_OPS = ("bias_act_forward", "sgd_step", "rmsprop_step", "adam_step",
                     "adagrad_step", "dropout")
-
-
-def _arrays(dtype, *shapes):
-    rng = np.random.default_rng(0)
-    return [rng.standard_normal(shape).astype(dtype) for shape in shapes]
-
-
-def _case(op, dtype, act):
-    """Arguments for one call of ``op`` with every optional buffer given."""
-    n, m = 6, 5
-    if op == "bias_act_forward":
-        z, b, out = _arrays(dtype, (n, m), (m,), (n, m))
-        return z, b, out, act, 0.1
-    if op == "bias_act_backward":
-        da, a, z, delta, db = _arrays(dtype, (n, m), (n, m), (n, m), (n, m), (m,))
-        return da, a, z, act, 0.1, delta, db, True
-    if op == "softmax_forward":
-        return tuple(_arrays(dtype, (n, m), (n, m)))
-    if op == "softmax_backward":
-        return tuple(_arrays(dtype, (n, m), (n, m), (n, m)))
-    if op == "softmax_xent":
-        logits, grad, loss = _arrays(dtype, (n, m), (n, m), (n,))
-        return logits, np.arange(n, dtype=np.int64) % m, 0.1, 1.0 / n, grad, loss
-    if op == "sgd_step":
-        p, g, buf = _arrays(dtype, m, m, m)
-        return p, g, buf, 0.1, 0.9, 0.1, True, 0.01, False
-    if op == "rmsprop_step":
-        p, g, sq, buf, avg = _arrays(dtype, m, m, m, m, m)
-        return p, g, np.abs(sq), buf, avg, 0.01, 0.99, 1e-8, 0.01, 0.9, True
-    if op == "adam_step":
-        p, g, mom, v, vmax = _arrays(dtype, m, m, m, m, m)
-        return p, g, mom, np.abs(v), np.abs(vmax), 1e-3, 0.9, 0.999, 1e-8, 0.01, True, 3
-    if op == "adagrad_step":
-        p, g, s = _arrays(dtype, m, m, m)
-        return p, g, np.abs(s), 0.1, 0.01, 1e-10, 0.01, 2
-    if op == "dropout":
-        x, out = _arrays(dtype, (n, m), (n, m))
-        return x, kernels.dropout_key(1, 2), kernels.dropout_threshold(0.25), 1 / 0.75, out
-    if op == "batchnorm_forward":
-        x, gamma, beta, out, xhat, mean, var, invstd = _arrays(
-            dtype, (n, m), m, m, (n, m), (n, m), m, m, m)
-        return x, gamma, beta, 1e-5, out, xhat, mean, var, invstd
-    if op == "batchnorm_backward":
-        dy, xhat, gamma, invstd, dx, dgamma, dbeta = _arrays(
-            dtype, (n, m), (n, m), m, m, (n, m), m, m)
-        return dy, xhat, gamma, np.abs(invstd), dx, dgamma, dbeta, True
-    raise KeyError(op)
 
 
 NUMBA_CUDA_OPS = sorted(op for op, backends in kernels.OPS.items() if "numba_cuda" in backends)
@@ -111,7 +65,7 @@ def test_kernels_compile_to_ptx(numba_cuda, monkeypatch, op, dtype, act):
     import numba
     from numba import cuda
 
-    launches = _recorded_launches(numba_cuda, monkeypatch, op, _case(op, dtype, act))
+    launches = _recorded_launches(numba_cuda, monkeypatch, op, kernel_arguments(op, dtype, act))
     assert launches, f"{op} launched no kernel"
     for kernel, args in launches:
         signature = tuple(numba.typeof(a) for a in args)
@@ -130,7 +84,7 @@ def test_dropout_hash_multiplies_in_32_bits(numba_cuda, monkeypatch):
     from numba import cuda
 
     (kernel, args), = _recorded_launches(numba_cuda, monkeypatch, "dropout",
-                                         _case("dropout", np.float32, None))
+                                         kernel_arguments("dropout", np.float32, None))
     ptx, _ = cuda.compile_ptx(kernel.py_func, tuple(numba.typeof(a) for a in args), cc=CC)
     constants = {0x7FEB352D, 0x846CA68B, kernels.reference.GOLDEN32}
     spellings = "|".join(str(v) for c in constants for v in (c, c - 2**32))
