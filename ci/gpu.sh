@@ -254,7 +254,7 @@ fi
 CPU_PID=$!
 
 if (( ${#KERNEL_FILES[@]} )); then
-  run_step kernels 100 "${PYTEST[@]}" "${KERNEL_FILES[@]}" "${XDIST[@]}" -k "not numba_cpu" \
+  run_step kernels 150 "${PYTEST[@]}" "${KERNEL_FILES[@]}" "${XDIST[@]}" -k "not numba_cpu" \
     --junitxml="$LOGS/kernels.xml"
 else
   record kernels 1 0 "no kernel test files found"
