@@ -678,6 +678,7 @@ def _dropout_keep(typingctx, index, key, threshold):
 
 @_loops()
 def _dropout(x, key, threshold, scale, out_arg):
+    scale = _like(scale, x)  # x · scale in x's dtype, as the reference's x.dtype.type(scale)
     for i in prange(x.size):
         out = x if out_arg is None else out_arg
         kept = x[i] * scale  # taken unconditionally: a select, not a masked load
@@ -691,10 +692,9 @@ def dropout(x, key: int, threshold: int, scale: float, out):
     if type(x) is not np.ndarray or x.dtype not in _FLOATS or not x.flags.c_contiguous:
         _fail(op, "x", "a C-contiguous float32 or float64 array", x)
     _array(op, "out", out, x.dtype, x.shape, out=True)
-    # x · scale rounded in x's dtype, as the reference multiplies by x.dtype.type(scale)
     separate = _separate(op, "out", out, "x", x)
     _dropout(x.size, x.reshape(-1), np.uint32(key & 0xFFFFFFFF), np.uint32(threshold),
-             x.dtype.type(scale), None if separate is None else separate.reshape(-1))
+             float(scale), None if separate is None else separate.reshape(-1))
     return out
 
 

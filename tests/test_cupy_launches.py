@@ -32,8 +32,7 @@ cupy = pytest.importorskip("cupy", reason="CuPy is not installed: its backend ca
 
 from backprop.kernels import cupy_kernels as CK  # noqa: E402
 
-SCALARS = {"long long": np.int64, "int": np.int32, "double": np.float64}
-ELEMENT = {"long long": np.int64, "int": np.int32, "double": np.float64}
+C_TYPES = {"long long": np.int64, "int": np.int32, "double": np.float64}  # besides T
 SHAPES = [(6, 5), (600, 70)]  # 600 rows: more than _BIAS_ROWS_PER_BLOCK, so partial sums
 
 
@@ -94,7 +93,7 @@ def _check_raw_launch(module, kernel, dtype, grid, block, args):
     assert len(args) == len(params), (f"{where}: {len(args)} arguments for {len(params)} "
                                       f"parameters {params}")
     for k, ((ctype, pointer), arg) in enumerate(zip(params, args)):
-        want = dtype.type if ctype == "T" else (ELEMENT if pointer else SCALARS)[ctype]
+        want = dtype.type if ctype == "T" else C_TYPES[ctype]
         if pointer:
             assert isinstance(arg, np.ndarray) and arg.dtype == want, (
                 f"{where}: parameter {k} is {ctype}*, given {type(arg).__name__} "
