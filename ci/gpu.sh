@@ -197,6 +197,10 @@ export PYTHONPATH="$WORK/plugins${PYTHONPATH:+:$PYTHONPATH}"
 XDIST=()
 if [[ $WORKERS != 0 ]] && "$PY" -c 'import xdist' 2>/dev/null; then
   XDIST=(-n "$WORKERS")
+  # worksteal (pytest-xdist 3.2+): a worker left with compile-heavy tests hands them over
+  if "$PY" -c 'import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split(".")[:2])) < (3, 2))'; then
+    XDIST+=(--dist worksteal)
+  fi
 fi
 PYTEST=("${PYRUN[@]}" -m pytest -q -ra -p no:cacheprovider)
 KERNEL_FILES=()

@@ -11,14 +11,17 @@ source ci/venv.sh test
 P="$VENV/bin/python -m pytest"
 export NUMBA_NUM_THREADS=${NUMBA_NUM_THREADS:-2}
 # one pytest worker per core (pytest-xdist): most of the first run is Numba compiling the
-# kernels, which it caches on disk for the later jobs
+# kernels, which it caches on disk for the later jobs. Compilation makes a few hundred tests
+# cost seconds and the rest milliseconds: with xdist's default (load) scheduling one worker
+# was left with a queue of them while the other sat idle; worksteal hands them over.
 WORKERS=${PYTEST_WORKERS:-$(nproc)}
+XDIST="-n $WORKERS --dist worksteal"
 
 echo "== 1/4 full suite, default kernels =="
-$P tests -q -n "$WORKERS"
+$P tests -q $XDIST
 
 echo "== 2/4 model suite, BACKPROP_KERNELS=reference =="
-BACKPROP_KERNELS=reference $P tests -q -n "$WORKERS" -m "not cudasim" \
+BACKPROP_KERNELS=reference $P tests -q $XDIST -m "not cudasim" \
   --ignore=tests/test_kernels.py --ignore=tests/test_cupy_compile.py \
   --ignore=tests/test_cupy_launches.py --ignore=tests/test_numba_cuda_compile.py
 
