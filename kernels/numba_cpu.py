@@ -19,11 +19,13 @@ How the kernels are built
   vectorising any loop that divides.
 - Activations: one kernel per activation name. The name is a compile-time string constant
   (a closure variable of :func:`_forward_kernel` / :func:`_backward_kernel`), and
-  :func:`_activate` / :func:`_derivative` are overloaded on that literal and on the element
-  type, so each activation's inner loop holds only its own formula, with constants of the
-  array's dtype: branch-free and vectorisable, and a program that uses relu never compiles
-  gelu. ``exp``, ``tanh``, the normal CDF (GELU) and ``softplus`` come from :mod:`vecmath`,
-  polynomials that vectorise (libm's are scalar calls).
+  :func:`_activate` / :func:`_derivative` choose their formula by that literal and by the
+  element type, so each activation's inner loop holds only its own formula, with constants
+  of the array's dtype: branch-free and vectorisable, and a program that uses relu never
+  compiles gelu. ``exp``, ``tanh``, the normal CDF (GELU) and ``softplus`` come from
+  :mod:`vecmath`, polynomials that vectorise (libm's are scalar calls). Every such call is
+  inlined by LLVM (:func:`inline.inlined`): a loop is vectorised only if nothing in it is a
+  call, and Numba's own IR inlining compiled several times slower.
 - Precision: elementwise math runs in the dtype of the arrays, as the reference's does
   (float32 SIMD has twice the lanes of float64, and float32 division and square root cost a
   quarter); every sum over rows or columns accumulates in float64, in a loop of its own so
@@ -65,7 +67,8 @@ from numba import njit, prange, types
 from numba.core.caching import FunctionCache
 from numba.extending import intrinsic, overload
 
-from . import reference, vecmath
+from . import inline, reference, vecmath
+from .inline import inlined, jit
 from .reference import ACTIVATIONS, GELU_C, GELU_K, GOLDEN32, INV_SQRT_2PI, NEEDS_Z
 
 _ROW_SUM_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -75,7 +78,7 @@ _ROW_CHUNKS = 32  # at most this many row chunks in a column sum ...
 _ROWS_PER_CHUNK = 8  # ... and at least this many rows in each (a function of N alone)
 PARALLEL_MIN_ELEMENTS = 1 << 16  # smaller calls run on the calling thread (see _Loops)
 _DEPENDENCIES = hashlib.sha256(b"".join(  # see _KernelCache
-    Path(module.__file__).read_bytes() for module in (vecmath, reference))).hexdigest()
+    Path(module.__file__).read_bytes() for module in (inline, vecmath, reference))).hexdigest()
 
 
 class _Loops:
@@ -192,18 +195,6 @@ def _activation(act: str) -> None:
 
 # ---------------------------------------------------------------------------------------
 # Activations, specialised at compile time on the literal name and on the element type
-def _activate(act, v, alpha):
-    """``σ(v)``. Compiled code uses the overload below, specialised on the literal name;
-    this Python body is what runs under ``NUMBA_DISABLE_JIT=1``."""
-    return type(v)(reference.activate(np, np.array([v]), act, alpha)[0])
-
-
-def _derivative(act, s, alpha):
-    """``σ'`` from ``s = a`` (σ(z)) or ``s = z`` for activations in NEEDS_Z."""
-    a, z = (None, np.array([s])) if act in NEEDS_Z else (np.array([s]), np.array([s]))
-    return type(s)(reference.derivative(np, a, z, act, alpha)[0])
-
-
 def _literal_name(act):
     return act.literal_value if isinstance(act, types.StringLiteral) else None
 
@@ -215,59 +206,72 @@ def _constants(v, *values):
     return tuple(cast(x) for x in values)
 
 
-@overload(_activate, inline="always")
-def _activate_impl(act, v, alpha):
+def _activation_impl(act, v, alpha):
+    """``σ`` for the literal name ``act``, with constants of ``v``'s float type."""
     name = _literal_name(act)
     zero, k2, c = _constants(v, 0.0, 2.0 * GELU_K, GELU_C)
     if name == "identity":
-        return lambda act, v, alpha: v
+        return lambda v, alpha: v
     if name == "relu":  # v < 0 is False for NaN: NaN passes through, as np.maximum does
-        return lambda act, v, alpha: zero if v < zero else v
+        return lambda v, alpha: zero if v < zero else v
     if name == "leaky_relu":
-        return lambda act, v, alpha: v if v > zero else v * alpha
+        return lambda v, alpha: v if v > zero else v * alpha
     if name == "sigmoid":
-        return lambda act, v, alpha: vecmath.sigmoid(v)
+        return lambda v, alpha: vecmath.sigmoid(v)
     if name == "tanh":
-        return lambda act, v, alpha: vecmath.tanh(v)
+        return lambda v, alpha: vecmath.tanh(v)
     if name == "gelu_tanh":  # ½ z (1 + tanh u) = z σ(2u), u = k (z + c z³)
-        return lambda act, v, alpha: v * vecmath.sigmoid(k2 * (v + c * v * v * v))
+        return lambda v, alpha: v * vecmath.sigmoid(k2 * (v + c * v * v * v))
     if name == "gelu_erf":
-        return lambda act, v, alpha: v * vecmath.ndtr(v)
+        return lambda v, alpha: v * vecmath.ndtr(v)
     if name == "softplus":
-        return lambda act, v, alpha: vecmath.softplus(v)
+        return lambda v, alpha: vecmath.softplus(v)
     return None
 
 
-@overload(_derivative)
 def _derivative_impl(act, s, alpha):
+    """``σ'`` for the literal name ``act``, with constants of ``s``'s float type."""
     name = _literal_name(act)
     zero, one, half, k2, c, c3, inv_sqrt_2pi = _constants(
         s, 0.0, 1.0, 0.5, 2.0 * GELU_K, GELU_C, 3.0 * GELU_C, INV_SQRT_2PI)
     if name == "identity":
-        return lambda act, s, alpha: one
+        return lambda s, alpha: one
     if name == "relu":
-        return lambda act, s, alpha: one if s > zero else zero
+        return lambda s, alpha: one if s > zero else zero
     if name == "leaky_relu":
-        return lambda act, s, alpha: one if s > zero else alpha
+        return lambda s, alpha: one if s > zero else alpha
     if name == "sigmoid":
-        return lambda act, s, alpha: s * (one - s)
+        return lambda s, alpha: s * (one - s)
     if name == "tanh":
-        return lambda act, s, alpha: one - s * s
+        return lambda s, alpha: one - s * s
     if name == "gelu_tanh":
         # with u2 = 2k(z + c z³): ½(1 + tanh u) = σ(u2) and ½(1 - tanh²u) = 2σ(u2)σ(-u2),
         # the derivative of the reference without its 1 + tanh cancellation
-        def gelu_tanh(act, s, alpha):
+        def gelu_tanh(s, alpha):
             u2 = k2 * (s + c * s * s * s)
             e = vecmath.exp(-abs(u2))
             t = one / (one + e)
             return (t if u2 >= zero else e * t) + s * k2 * (one + c3 * s * s) * (e * t * t)
         return gelu_tanh
     if name == "gelu_erf":  # Φ(z) + z φ(z)
-        return lambda act, s, alpha: (vecmath.ndtr(s)
-                                      + s * vecmath.exp(-half * s * s) * inv_sqrt_2pi)
+        return lambda s, alpha: vecmath.ndtr(s) + s * vecmath.exp(-half * s * s) * inv_sqrt_2pi
     if name == "softplus":
-        return lambda act, s, alpha: vecmath.sigmoid(s)
+        return lambda s, alpha: vecmath.sigmoid(s)
     return None
+
+
+@inlined(_activation_impl)
+def _activate(act, v, alpha):
+    """``σ(v)``; compiled code runs :func:`_activation_impl`'s function for the literal name,
+    inlined. This Python body is what runs under ``NUMBA_DISABLE_JIT=1``."""
+    return type(v)(reference.activate(np, np.array([v]), act, alpha)[0])
+
+
+@inlined(_derivative_impl)
+def _derivative(act, s, alpha):
+    """``σ'`` from ``s = a`` (σ(z)) or ``s = z`` for activations in NEEDS_Z."""
+    a, z = (None, np.array([s])) if act in NEEDS_Z else (np.array([s]), np.array([s]))
+    return type(s)(reference.derivative(np, a, z, act, alpha)[0])
 
 
 def _row_chunks(n: int) -> int:
@@ -305,7 +309,7 @@ def _scratch(*specs) -> list:
     return views
 
 
-@njit(inline="always")
+@jit
 def _chunk_rows(chunk, chunks, n):
     """Rows ``[start, stop)`` of chunk ``chunk`` out of ``chunks`` over ``n`` rows."""
     return chunk * n // chunks, (chunk + 1) * n // chunks
@@ -520,7 +524,7 @@ def _like(x, a):
     return a.dtype.type(x)
 
 
-@overload(_like, inline="always")
+@overload(_like)
 def _like_impl(x, a):
     if a.dtype == types.float32:
         return lambda x, a: np.float32(x)

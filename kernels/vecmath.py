@@ -2,8 +2,11 @@
 
 libm's ``exp``, ``tanh``, ``erfc`` and ``log1p`` are opaque scalar calls: a loop that calls
 them runs one element at a time. The functions here are a range reduction and a polynomial,
-branch-free, so inside a kernel's inner loop they compile to SIMD code. Each is generic in
-the precision of its argument and returns that precision:
+branch-free, and inlined into their callers (:func:`inline.inlined`), so inside a kernel's
+inner loop they compile to SIMD code. They are compiled on their own, with
+:data:`inline.FLAGS` (NumPy's error model, FMA contraction), so every kernel gets the same
+results from them. Each is generic in the precision of its argument and returns that
+precision:
 
 - float32: computed in float32 (twice the SIMD lanes of float64, and division four to eight
   times cheaper), within a few float32 ulps of the exact value; tests/test_vecmath.py
@@ -28,9 +31,11 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
+
+from .inline import inlined, jit
 
 F32 = np.float32
 LOG2E = 1.4426950408889634
@@ -98,7 +103,7 @@ def fmax(typingctx, a, b):
     return a(a, b), codegen
 
 
-@njit(inline="always")
+@jit
 def _pow2_32(n):
     """``2ⁿ`` in float32 for an integer ``n`` in [-126, 127]."""
     return _f32_from_bits(np.int32((n + 127) << 23))
@@ -106,7 +111,7 @@ def _pow2_32(n):
 
 # ---------------------------------------------------------------------------------------
 # float64
-@njit(inline="always")
+@jit
 def _exp64(x):
     """Taylor polynomial of degree 13 on the reduced argument (truncation < 1e-17); ``2ᵏ``
     as two exponent-field powers so that results near overflow and in the subnormal range
@@ -134,33 +139,38 @@ def _exp64(x):
     return y if x == x else x  # NaN in, NaN out
 
 
-@njit(inline="always")
+@jit
 def _sigmoid64(x):
-    e = _exp64(-abs(x))
+    e = exp(-abs(x))
     t = 1.0 / (1.0 + e)
     return t if x >= 0.0 else e * t
 
 
-@njit(inline="always")
+@jit
+def _tanh64(x):
+    return math.tanh(x)
+
+
+@jit
 def _ndtr64(x):
     return 0.5 * math.erfc(-x * INV_SQRT2)
 
 
-@njit(inline="always")
+@jit
 def _softplus64(x):
-    return math.log1p(_exp64(-abs(x))) + (0.0 if x < 0.0 else x)
+    return math.log1p(exp(-abs(x))) + (0.0 if x < 0.0 else x)
 
 
 # ---------------------------------------------------------------------------------------
 # float32 (every constant is a float32: a float64 one would promote the whole expression)
-@njit(inline="always")
+@jit
 def _reduce32(x):
     """``(k, r)`` with ``x = k ln2 + r``, ``|r| ≤ ln2/2`` (Cody-Waite: k·_LN2_HI32 is exact)."""
     k = np.floor(x * _LOG2E32 + F32(0.5))
     return k, (x - k * _LN2_HI32) - k * _LN2_LO32
 
 
-@njit(inline="always")
+@jit
 def _taylor_tail32(r):
     """``Σ rʲ/(j+2)!`` for j = 0..5, so that ``eʳ = 1 + r + r²·tail`` to degree 7 (the
     truncation, r⁸/8!, is under 0.1 ulp on the reduced range)."""
@@ -171,7 +181,7 @@ def _taylor_tail32(r):
     return p * r + F32(0.5)
 
 
-@njit(inline="always")
+@jit
 def _exp32(x):
     """``2ᵏ·eʳ``, scaled by an integer add to the exponent field. Results below the smallest
     normal float32 (x < ln 2⁻¹²⁶) are flushed to 0: subnormal arithmetic takes a microcode
@@ -186,7 +196,7 @@ def _exp32(x):
     return y if x == x else x
 
 
-@njit(inline="always")
+@jit
 def _expm1_32_nonneg(y):
     """``eʸ - 1`` for ``0 ≤ y ≤ 18``: ``2ᵏ·expm1(r) + (2ᵏ - 1)``, exact in its last step for
     k = 0, so small arguments keep full relative accuracy."""
@@ -196,7 +206,7 @@ def _expm1_32_nonneg(y):
     return s * p + (s - F32(1.0))
 
 
-@njit(inline="always")
+@jit
 def _tanh32(x):
     a = min(abs(x), F32(9.0))  # tanh(9) rounds to 1 in float32
     t = _expm1_32_nonneg(a + a)
@@ -204,12 +214,12 @@ def _tanh32(x):
     return y if x == x else x
 
 
-@njit(inline="always")
+@jit
 def _sigmoid32(x):
-    return F32(1.0) / (F32(1.0) + _exp32(-x))  # e⁻ˣ = inf for x < -88.7 gives 0, exactly
+    return F32(1.0) / (F32(1.0) + exp(-x))  # e⁻ˣ = inf for x < -88.7 gives 0, exactly
 
 
-@njit(inline="always")
+@jit
 def _ndtr32(x):
     a = min(abs(x), _NDTR_CLAMP)
     u = a * F32(INV_SQRT2)
@@ -223,7 +233,7 @@ def _ndtr32(x):
     uu = 0.5 * float(a) * float(a)
     hi = F32(uu)
     lo = F32(uu - hi)
-    e = _exp32(-hi) * (F32(1.0) - lo)
+    e = exp(-hi) * (F32(1.0) - lo)
     t = F32(1.0) / (F32(1.0) + F32(0.5) * u)
     c = _ERFC_TAIL
     r = c[9] * t + c[8]
@@ -241,9 +251,9 @@ def _ndtr32(x):
     return y if x == x else x
 
 
-@njit(inline="always")
+@jit
 def _softplus32(x):
-    e = _exp32(-abs(x))
+    e = exp(-abs(x))
     s = e / (F32(2.0) + e)  # log1p(e) = 2 atanh(s), s ∈ [0, 1/3]: the odd series, 8 terms
     z = s * s
     p = F32(1.0 / 15.0) * z + F32(1.0 / 13.0)
@@ -257,47 +267,39 @@ def _softplus32(x):
 
 
 # ---------------------------------------------------------------------------------------
-# The generic names: Python stubs (what runs with the JIT disabled) and their overloads
+# The generic names: Python stubs (what runs with the JIT disabled); from compiled code, the
+# implementation of the argument's precision, inlined at the call site
+def _by_precision(f32, f64):
+    return lambda x: f32 if x == types.float32 else f64 if isinstance(x, types.Float) else None
+
+
+@inlined(_by_precision(_exp32, _exp64))
 def exp(x):
     """``eˣ``."""
     with np.errstate(over="ignore"):
         return type(x)(np.exp(x))
 
 
+@inlined(_by_precision(_sigmoid32, _sigmoid64))
 def sigmoid(x):
     """``1/(1 + e⁻ˣ)``."""
     e = exp(-abs(x))
     return 1.0 / (1.0 + e) if x >= 0 else e / (1.0 + e)
 
 
+@inlined(_by_precision(_tanh32, _tanh64))
 def tanh(x):
     """``tanh x``."""
     return type(x)(np.tanh(x))
 
 
+@inlined(_by_precision(_ndtr32, _ndtr64))
 def ndtr(x):
     """``Φ(x) = ½ erfc(-x/√2)``, the standard normal CDF."""
     return type(x)(0.5 * math.erfc(-float(x) * INV_SQRT2))
 
 
+@inlined(_by_precision(_softplus32, _softplus64))
 def softplus(x):
     """``log(1 + eˣ)``."""
     return type(x)(math.log1p(math.exp(-abs(float(x)))) + max(float(x), 0.0))
-
-
-def _by_precision(f32, f64):
-    def impl(x):
-        if x == types.float32:
-            return lambda x: f32(x)
-        if isinstance(x, types.Float):
-            return lambda x: f64(x)
-        return None
-
-    return impl
-
-
-overload(exp, inline="always")(_by_precision(_exp32, _exp64))
-overload(sigmoid, inline="always")(_by_precision(_sigmoid32, _sigmoid64))
-overload(tanh, inline="always")(_by_precision(_tanh32, math.tanh))
-overload(ndtr, inline="always")(_by_precision(_ndtr32, _ndtr64))
-overload(softplus, inline="always")(_by_precision(_softplus32, _softplus64))

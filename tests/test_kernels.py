@@ -652,18 +652,19 @@ def test_numba_cpu_rejects_partial_overlap():
 
 
 def test_numba_cpu_cache_is_keyed_by_the_modules_it_compiles_in():
-    """The kernels inline vecmath's functions and reference's constants; Numba keys its disk
-    cache by the kernel's own file, so the key must also cover those two sources."""
+    """The kernels inline vecmath's functions (through inline's calls) and reference's
+    constants; Numba keys its disk cache by the kernel's own file, so the key must also
+    cover those three sources."""
     pytest.importorskip("numba")
     import hashlib
     from pathlib import Path
 
-    from backprop.kernels import numba_cpu, reference, vecmath
+    from backprop.kernels import inline, numba_cpu, reference, vecmath
 
     p = np.ones(3, np.float32)
     numba_cpu.adam_step(p, p.copy(), p.copy(), p.copy(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0,
                         False, 1)
-    sources = b"".join(Path(m.__file__).read_bytes() for m in (vecmath, reference))
+    sources = b"".join(Path(m.__file__).read_bytes() for m in (inline, vecmath, reference))
     for dispatcher in (numba_cpu._adam.serial, numba_cpu._adam.parallel):
         assert isinstance(dispatcher._cache, numba_cpu._KernelCache)
         if not dispatcher.signatures:
@@ -671,6 +672,27 @@ def test_numba_cpu_cache_is_keyed_by_the_modules_it_compiles_in():
         key = dispatcher._cache._index_key(dispatcher.signatures[0],
                                            dispatcher.targetctx.codegen())
         assert key[-1] == hashlib.sha256(sources).hexdigest()
+
+
+@pytest.mark.parametrize("with_db", [False, True], ids=["nodb", "db"])
+def test_numba_cpu_activation_is_inlined_into_the_backward_loop(with_db):
+    """GELU's derivative (Φ and φ, the largest formula) is inlined into the backward kernel's
+    loop, which then runs on SIMD vectors. Left to LLVM's cost model it stayed a call in
+    some specialisations and ran 6× slower. Compiled afresh: Numba cannot show the IR of
+    code it loaded from its disk cache."""
+    numba = pytest.importorskip("numba")
+    from backprop.kernels import numba_cpu
+    from test_vecmath import outlined_calls
+
+    kernel = numba_cpu._backward_kernel("gelu_erf").serial
+    options = {k: v for k, v in kernel.targetoptions.items() if k != "nopython"}
+    fresh = numba.njit(**options)(kernel.py_func)
+    da = np.ones((4, 8), np.float32)
+    db, partial = (np.zeros(8, np.float32), np.zeros((1, 8))) if with_db else (None, None)
+    fresh(da, da, 0.0, np.empty_like(da), db, False, partial)
+    ir = fresh.inspect_llvm(fresh.signatures[0])
+    assert outlined_calls(ir) == []
+    assert "x float>" in ir, "the loop was not vectorised"
 
 
 def test_numba_cpu_serial_and_parallel_kernels_agree_bit_for_bit(monkeypatch):

@@ -11,6 +11,7 @@ the error allowed is the smallest normal number, as in the kernel tests.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -47,6 +48,7 @@ FUNCTIONS = {
     "softplus": (_exact_softplus, 3.0, 2.0, (-110.0, 40.0)),
 }
 FLOAT64_DOMAIN = {"ndtr": (-1.5, 1.5)}
+LIBM_FLOAT64 = ("tanh", "ndtr", "softplus")  # scalar libm calls in float64: no SIMD there
 _LOOPS: dict = {}
 
 
@@ -163,6 +165,28 @@ def test_ndtr_coefficients_are_the_documented_fits():
                           len(V._ERFC_TAIL) - 1)
     np.testing.assert_allclose(np.float32(small), V._ERF_SMALL, rtol=1e-6)
     np.testing.assert_allclose(np.float32(tail), V._ERFC_TAIL, rtol=1e-6)
+
+
+def outlined_calls(ir: str) -> list:
+    """The functions of ``kernels/vecmath.py`` and the activation formulas of
+    ``kernels/numba_cpu.py`` that optimised LLVM IR still calls (not inlined); Numba's
+    mangled names spell each module as its length and name."""
+    return [name for name in re.findall(r'call [^@]*@"?([\w.$]+)', ir)
+            if re.search(r"7kernels(7vecmath|9numba_cpu\d+_(activation|derivative)_impl)", name)]
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_inlined_into_the_calling_loop_which_then_vectorises(name, dtype):
+    """No call is left in the loop (LLVM inlined the whole function), so the loop runs on
+    SIMD vectors (except around float64's libm calls)."""
+    evaluate(name, np.zeros(64, dtype))
+    loop = _LOOPS[name]
+    (signature,) = [s for s in loop.signatures if s[0].dtype == numba.from_dtype(dtype)]
+    ir = loop.inspect_llvm(signature)
+    assert outlined_calls(ir) == []
+    if dtype is np.float32 or name not in LIBM_FLOAT64:
+        assert re.search(r"<\d+ x (float|double)>", ir), "the loop was not vectorised"
 
 
 @pytest.mark.parametrize("name", list(FUNCTIONS))
