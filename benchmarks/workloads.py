@@ -158,8 +158,9 @@ class KernelCase:
         return f"kernel:{self.name}:{shape_label(self.shape)}"
 
 
-# nominal FLOPs per element of the activation σ (forward) and of dA ⊙ σ' (backward)
-_ACT_FLOPS = {"relu": (1, 2), "sigmoid": (5, 3), "gelu_tanh": (9, 18)}
+# nominal FLOPs per element of the activation σ (forward) and of dA ⊙ σ' (backward);
+# exp counted as 12, Φ (GELU's erf form: two polynomials and an exp) as 36
+_ACT_FLOPS = {"relu": (1, 2), "sigmoid": (5, 3), "gelu_tanh": (9, 18), "gelu_erf": (37, 52)}
 ACT_VARIANTS = tuple(_ACT_FLOPS)
 
 
