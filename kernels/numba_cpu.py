@@ -199,23 +199,28 @@ def _literal_name(act):
     return act.literal_value if isinstance(act, types.StringLiteral) else None
 
 
+def _scalar_type(v):
+    """The NumPy scalar type of the float type ``v`` (a Numba type)."""
+    return np.float32 if v == types.float32 else np.float64
+
+
 def _constants(v, *values):
     """``values`` as constants of the float type of ``v`` (a Numba type): a float64 constant
     would promote a float32 expression, and float32 math is what makes these loops fast."""
-    cast = np.float32 if v == types.float32 else np.float64
-    return tuple(cast(x) for x in values)
+    return tuple(_scalar_type(v)(x) for x in values)
 
 
 def _activation_impl(act, v, alpha):
     """``σ`` for the literal name ``act``, with constants of ``v``'s float type."""
     name = _literal_name(act)
     zero, k2, c = _constants(v, 0.0, 2.0 * GELU_K, GELU_C)
+    like = _scalar_type(v)  # leaky_relu's slope rounded to v's type, as the reference's
     if name == "identity":
         return lambda v, alpha: v
     if name == "relu":  # v < 0 is False for NaN: NaN passes through, as np.maximum does
         return lambda v, alpha: zero if v < zero else v
     if name == "leaky_relu":
-        return lambda v, alpha: v if v > zero else v * alpha
+        return lambda v, alpha: v if v > zero else v * like(alpha)
     if name == "sigmoid":
         return lambda v, alpha: vecmath.sigmoid(v)
     if name == "tanh":
@@ -234,12 +239,13 @@ def _derivative_impl(act, s, alpha):
     name = _literal_name(act)
     zero, one, half, k2, c, c3, inv_sqrt_2pi = _constants(
         s, 0.0, 1.0, 0.5, 2.0 * GELU_K, GELU_C, 3.0 * GELU_C, INV_SQRT_2PI)
+    like = _scalar_type(s)
     if name == "identity":
         return lambda s, alpha: one
     if name == "relu":
         return lambda s, alpha: one if s > zero else zero
     if name == "leaky_relu":
-        return lambda s, alpha: one if s > zero else alpha
+        return lambda s, alpha: one if s > zero else like(alpha)
     if name == "sigmoid":
         return lambda s, alpha: s * (one - s)
     if name == "tanh":

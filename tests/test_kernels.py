@@ -695,6 +695,21 @@ def test_numba_cpu_activation_is_inlined_into_the_backward_loop(with_db):
     assert "x float>" in ir, "the loop was not vectorised"
 
 
+def test_numba_cpu_leaky_relu_rounds_its_slope_to_the_dtype_as_the_reference():
+    """float32 ``z · α`` multiplies by α rounded to float32, as NumPy does (and in float32
+    lanes); multiplying by the float64 α and rounding the product differs in the last bit."""
+    pytest.importorskip("numba")
+    from backprop.kernels import numba_cpu
+
+    z = np.random.default_rng(8).standard_normal((64, 512)).astype(np.float32)
+    expected = R.activate(np, z, "leaky_relu", 0.1)
+    out = numba_cpu.bias_act_forward(z, None, np.empty_like(z), "leaky_relu", 0.1)
+    np.testing.assert_array_equal(out, expected)
+    da = np.ones_like(z)
+    delta = numba_cpu.bias_act_backward(da, out, None, "leaky_relu", 0.1, np.empty_like(z))
+    np.testing.assert_array_equal(delta, R.derivative(np, out, None, "leaky_relu", 0.1))
+
+
 def test_numba_cpu_serial_and_parallel_kernels_agree_bit_for_bit(monkeypatch):
     """Small calls run serially, large ones in parallel: the same loops in the same order."""
     pytest.importorskip("numba")
