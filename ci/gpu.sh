@@ -9,7 +9,9 @@
 #   install     `pip install --no-deps --no-build-isolation --no-index -e .` when setuptools
 #               can build an editable install, else an import path (a symlink tree in which
 #               backprop/kernels -> kernels/); both are checked to resolve to this checkout
-#   bench-cuda  pytest benchmarks/ --benchmark-only on CUDA, alone on the machine and first,
+#   warm-cpu    beside bench-cuda and torch, on one core: the CPU benchmarks run once untimed,
+#               so that Numba has compiled (and cached) their kernels before bench-cpu
+#   bench-cuda  pytest benchmarks/ --benchmark-only on CUDA, first (only warm-cpu beside it),
 #               so the figures exist even when a later step runs out of time (every GPU
 #               kernel backend; pytest-benchmark max time BACKPROP_CI_BENCH_MAX_TIME s each)
 #   torch       benchmarks/torch_compare.py on CUDA, when PyTorch imports (else skipped)
@@ -36,6 +38,7 @@ set -u
 cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd -P)
 PY=${PYTHON:-python3}
+[[ $PY == */* ]] && PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")"  # steps change dir
 BUDGET=${BACKPROP_CI_BUDGET_S:-570}
 BENCH_MAX_TIME=${BACKPROP_CI_BENCH_MAX_TIME:-0.2}
 WORKERS=${BACKPROP_CI_WORKERS:-4}
@@ -235,9 +238,15 @@ export -f bench_step torch_step
 REPORT_FLAGS=()
 "${PYRUN[@]}" -c 'import matplotlib' 2>/dev/null || REPORT_FLAGS=(--no-plot)
 if [[ -d benchmarks ]] && ls benchmarks/test_*.py > /dev/null 2>&1; then
+  # meanwhile, on another core, Numba compiles the CPU benchmarks' kernels into its disk cache
+  # (each benchmark run once, untimed): cold, bench-cpu would spend most of its cap compiling
+  (BACKPROP_DEVICE=cpu NUMBA_NUM_THREADS=1 run_step warm-cpu 200 "${PYTEST[@]}" benchmarks \
+    --benchmark-disable -k "not cuda and not cpu-reference" > /dev/null) &
+  WARM_PID=$!
   BACKPROP_DEVICE=cuda run_step bench-cuda 150 bash -c 'bench_step "$@"' _ cuda cuda \
     "${PYTEST[@]}"
   BACKPROP_DEVICE=cuda run_step torch 60 bash -c 'torch_step "$@"' _ "${PYRUN[@]}"
+  wait "$WARM_PID"
   BACKPROP_DEVICE=cpu run_step bench-cpu 90 bash -c 'bench_step "$@"' _ cpu \
     "not cuda and not cpu-reference" "${PYTEST[@]}"
   run_step report 20 "${PYRUN[@]}" -m backprop.bench "$RESULTS" "${REPORT_FLAGS[@]}"
@@ -277,7 +286,7 @@ tar -czf "$RESULTS/logs.tar.gz" -C "$WORK" logs 2>/dev/null
 import json, os, sys, xml.etree.ElementTree as ET
 
 status_dir, logs, results, run_name, total = sys.argv[1:6]
-order = ["env", "install", "bench-cuda", "torch", "bench-cpu", "report", "kernels", "cuda-cupy",
+order = ["env", "install", "warm-cpu", "bench-cuda", "torch", "bench-cpu", "report", "kernels", "cuda-cupy",
          "cuda-numba", "cpu"]
 info = {}
 if os.path.exists(os.path.join(results, "env.json")):
