@@ -674,23 +674,38 @@ def test_numba_cpu_cache_is_keyed_by_the_modules_it_compiles_in():
         assert key[-1] == hashlib.sha256(sources).hexdigest()
 
 
-@pytest.mark.parametrize("with_db", [False, True], ids=["nodb", "db"])
-def test_numba_cpu_activation_is_inlined_into_the_backward_loop(with_db):
-    """GELU's derivative (Φ and φ, the largest formula) is inlined into the backward kernel's
-    loop, which then runs on SIMD vectors. Left to LLVM's cost model it stayed a call in
-    some specialisations and ran 6× slower. Compiled afresh: Numba cannot show the IR of
-    code it loaded from its disk cache."""
+def _fresh_ir(loops, *args) -> str:
+    """Optimised LLVM IR of a numba_cpu kernel's serial loop compiled afresh for ``args``
+    (Numba cannot show the IR of code it loaded from its disk cache)."""
     numba = pytest.importorskip("numba")
+    kernel = loops.serial
+    options = {k: v for k, v in kernel.targetoptions.items() if k != "nopython"}
+    fresh = numba.njit(**options)(kernel.py_func)
+    fresh(*args)
+    return fresh.inspect_llvm(fresh.signatures[0])
+
+
+@pytest.mark.parametrize("case", [(act, "forward") for act in R.ACTIVATIONS]
+                         + [(act, "backward") for act in R.ACTIVATIONS]
+                         + [("gelu_erf", "backward_db")], ids="-".join)
+def test_numba_cpu_activation_is_inlined_and_the_loop_vectorised(case):
+    """Each activation's formula (and vecmath's functions in it) is inlined into the
+    epilogue's loop, which then runs on SIMD vectors. Left to LLVM's cost model, GELU's
+    derivative (Φ and φ, the largest formula) stayed a call in three of its four backward
+    specialisations, which ran 6× slower."""
+    pytest.importorskip("numba")
     from backprop.kernels import numba_cpu
     from test_vecmath import outlined_calls
 
-    kernel = numba_cpu._backward_kernel("gelu_erf").serial
-    options = {k: v for k, v in kernel.targetoptions.items() if k != "nopython"}
-    fresh = numba.njit(**options)(kernel.py_func)
-    da = np.ones((4, 8), np.float32)
-    db, partial = (np.zeros(8, np.float32), np.zeros((1, 8))) if with_db else (None, None)
-    fresh(da, da, 0.0, np.empty_like(da), db, False, partial)
-    ir = fresh.inspect_llvm(fresh.signatures[0])
+    act, direction = case
+    z = np.ones((4, 8), np.float32)
+    if direction == "forward":
+        ir = _fresh_ir(numba_cpu._forward_kernel(act), z, z[0], np.empty_like(z), 0.1)
+    else:
+        db, partial = ((np.zeros(8, np.float32), np.zeros((1, 8))) if direction == "backward_db"
+                       else (None, None))
+        ir = _fresh_ir(numba_cpu._backward_kernel(act), z, z, 0.1, np.empty_like(z), db,
+                       False, partial)
     assert outlined_calls(ir) == []
     assert "x float>" in ir, "the loop was not vectorised"
 
