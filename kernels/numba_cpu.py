@@ -119,8 +119,10 @@ class _KernelCache(FunctionCache):
 
 
 def _cached(dispatcher):
-    """``dispatcher`` with the on-disk cache of :class:`_KernelCache`."""
-    dispatcher._cache = _KernelCache(dispatcher.py_func)
+    """``dispatcher`` with the on-disk cache of :class:`_KernelCache` (under
+    ``NUMBA_DISABLE_JIT=1`` njit returns the Python function itself: nothing to cache)."""
+    if hasattr(dispatcher, "py_func"):
+        dispatcher._cache = _KernelCache(dispatcher.py_func)
     return dispatcher
 
 
@@ -578,7 +580,7 @@ def _rmsprop(p, g, square_avg, buf, grad_avg, lr, alpha, one_minus_alpha, eps, w
             mean = grad_avg[i] + one_minus_alpha * (d - grad_avg[i])
             grad_avg[i] = mean
             s -= mean * mean
-        step = d / (math.sqrt(s) + eps)
+        step = d / (np.sqrt(s) + eps)  # centered: s < 0 gives NaN, also as Python
         if buf is not None:
             step += momentum * buf[i]
             buf[i] = step
@@ -664,7 +666,7 @@ def adagrad_step(p, g, state_sum, lr, lr_decay, eps, weight_decay, step):
 # ---------------------------------------------------------------------------------------
 # 5. Dropout: the counter hash of reference.dropout, in 32-bit integer lanes
 @intrinsic
-def _dropout_keep(typingctx, index, key, threshold):
+def _keep_bit(typingctx, index, key, threshold):
     """``mix32((index · φ) ^ key) >> 8 >= threshold`` in 32-bit integer arithmetic, the mask
     bit of :func:`reference.dropout`. Numba widens uint32 arithmetic to 64 bits, and x86 has
     no 64-bit vector multiply before AVX-512: written with uint64s, the hash ran one element
@@ -684,6 +686,15 @@ def _dropout_keep(typingctx, index, key, threshold):
         return builder.icmp_unsigned(">=", builder.lshr(h, ir.Constant(i32, 8)), t)
 
     return types.boolean(index, key, threshold), codegen
+
+
+_keep_bit_compiled = jit(lambda index, key, threshold: _keep_bit(index, key, threshold))
+
+
+@inlined(lambda index, key, threshold: _keep_bit_compiled)
+def _dropout_keep(index, key, threshold):
+    """The mask bit of element ``index`` (:func:`_keep_bit` in compiled code)."""
+    return reference.mix32(int(index) * GOLDEN32 ^ int(key)) >> 8 >= threshold
 
 
 @_loops()

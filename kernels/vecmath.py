@@ -86,10 +86,8 @@ _f32_bits = _bitcast(types.float32, types.int32)
 
 
 @intrinsic
-def fmax(typingctx, a, b):
-    """``max(a, b)`` ignoring a NaN operand (C's ``fmax``, LLVM's ``maxnum``). A loop that
-    reduces with it vectorises; one that compares and selects does not (the order of NaN
-    comparisons would change), which makes a row maximum ten times slower."""
+def _maxnum(typingctx, a, b):
+    """LLVM's ``maxnum`` of two floats of one type."""
     if a != b or not isinstance(a, types.Float):
         return None
 
@@ -101,6 +99,17 @@ def fmax(typingctx, a, b):
         return builder.call(fn, args)
 
     return a(a, b), codegen
+
+
+_fmax = jit(lambda a, b: _maxnum(a, b))
+
+
+@inlined(lambda a, b: _fmax)
+def fmax(a, b):
+    """``max(a, b)`` ignoring a NaN operand (C's ``fmax``, LLVM's ``maxnum``). A loop that
+    reduces with it vectorises; one that compares and selects does not (the order of NaN
+    comparisons would change), which makes a row maximum ten times slower."""
+    return type(a)(np.fmax(a, b))
 
 
 @jit

@@ -710,6 +710,45 @@ def test_numba_cpu_activation_is_inlined_and_the_loop_vectorised(case):
     assert "x float>" in ir, "the loop was not vectorised"
 
 
+_AS_PYTHON = """
+import copy, sys
+import numpy as np
+from conftest import kernel_arguments
+from backprop.kernels import OPS, numba_cpu, reference
+assert not hasattr(numba_cpu._sgd.serial, "py_func"), "the JIT is not disabled"
+for op in OPS:
+    for act in reference.ACTIVATIONS if op.startswith("bias_act") else [None]:
+        for dtype, rtol in ((np.float32, 2e-6), (np.float64, 1e-12)):
+            args = kernel_arguments(op, dtype, act)
+            if op == "rmsprop_step":  # a reachable centered state: square_avg >= grad_avg²
+                args[2][:] += args[4] ** 2
+            ours, theirs = copy.deepcopy(args), copy.deepcopy(args)
+            getattr(numba_cpu, op)(*ours)
+            getattr(reference, op)(*theirs)
+            for a, b in zip(ours, theirs):
+                if isinstance(a, np.ndarray):
+                    np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-30, err_msg=op)
+print("ok")
+"""
+
+
+def test_numba_cpu_kernels_run_as_python_with_the_jit_disabled():
+    """``NUMBA_DISABLE_JIT=1`` (to step through a kernel in a debugger) runs every numba_cpu
+    op as plain Python, intrinsics included (their Python stubs), with the reference's
+    results."""
+    pytest.importorskip("numba")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent),
+                                           os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", _AS_PYTHON], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
 def test_numba_cpu_leaky_relu_rounds_its_slope_to_the_dtype_as_the_reference():
     """float32 ``z · α`` multiplies by α rounded to float32, as NumPy does (and in float32
     lanes); multiplying by the float64 α and rounding the product differs in the last bit."""
