@@ -201,7 +201,8 @@ XDIST=()
 if [[ $WORKERS != 0 ]] && "$PY" -c 'import xdist' 2>/dev/null; then
   XDIST=(-n "$WORKERS")
   # worksteal (pytest-xdist 3.2+): a worker left with compile-heavy tests hands them over
-  if "$PY" -c 'import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split(".")[:2])) < (3, 2))'; then
+  if "$PY" -c 'import sys, xdist
+sys.exit(tuple(map(int, xdist.__version__.split(".")[:2])) < (3, 2))'; then
     XDIST+=(--dist worksteal)
   fi
 fi
@@ -286,8 +287,8 @@ tar -czf "$RESULTS/logs.tar.gz" -C "$WORK" logs 2>/dev/null
 import json, os, sys, xml.etree.ElementTree as ET
 
 status_dir, logs, results, run_name, total = sys.argv[1:6]
-order = ["env", "install", "warm-cpu", "bench-cuda", "torch", "bench-cpu", "report", "kernels", "cuda-cupy",
-         "cuda-numba", "cpu"]
+order = ["env", "install", "warm-cpu", "bench-cuda", "torch", "bench-cpu", "report", "kernels",
+         "cuda-cupy", "cuda-numba", "cpu"]
 info = {}
 if os.path.exists(os.path.join(results, "env.json")):
     info = json.load(open(os.path.join(results, "env.json")))

@@ -2,6 +2,8 @@
 cannot run here is skipped with its reason shown (``pytest -ra`` lists them)."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -104,3 +106,11 @@ def kernel_arguments(op, dtype, act, n=6, m=5):
             dtype, (n, m), (n, m), m, m, (n, m), m, m)
         return dy, xhat, gamma, np.abs(invstd), dx, dgamma, dbeta, True
     raise KeyError(op)
+
+
+def outlined_calls(ir: str) -> list:
+    """The functions of ``kernels/vecmath.py`` and the activation formulas of
+    ``kernels/numba_cpu.py`` that optimised LLVM IR still calls (not inlined); Numba's
+    mangled names spell each module as its length and name."""
+    return [name for name in re.findall(r'call [^@]*@"?([\w.$]+)', ir)
+            if re.search(r"7kernels(7vecmath|9numba_cpu\d+_(activation|derivative)_impl)", name)]

@@ -677,7 +677,8 @@ def test_numba_cpu_cache_is_keyed_by_the_modules_it_compiles_in():
 def _fresh_ir(loops, *args) -> str:
     """Optimised LLVM IR of a numba_cpu kernel's serial loop compiled afresh for ``args``
     (Numba cannot show the IR of code it loaded from its disk cache)."""
-    numba = pytest.importorskip("numba")
+    import numba
+
     kernel = loops.serial
     options = {k: v for k, v in kernel.targetoptions.items() if k != "nopython"}
     fresh = numba.njit(**options)(kernel.py_func)
@@ -695,7 +696,7 @@ def test_numba_cpu_activation_is_inlined_and_the_loop_vectorised(case):
     specialisations, which ran 6× slower."""
     pytest.importorskip("numba")
     from backprop.kernels import numba_cpu
-    from test_vecmath import outlined_calls
+    from conftest import outlined_calls
 
     act, direction = case
     z = np.ones((4, 8), np.float32)
@@ -711,7 +712,7 @@ def test_numba_cpu_activation_is_inlined_and_the_loop_vectorised(case):
 
 
 _AS_PYTHON = """
-import copy, sys
+import copy
 import numpy as np
 from conftest import kernel_arguments
 from backprop.kernels import OPS, numba_cpu, reference

@@ -19,6 +19,7 @@ import pytest
 numba = pytest.importorskip("numba")
 
 from backprop.kernels import vecmath as V  # noqa: E402
+from conftest import outlined_calls  # noqa: E402
 
 LD = np.longdouble
 HAS_EXTENDED = np.finfo(LD).eps < np.finfo(np.float64).eps
@@ -165,14 +166,6 @@ def test_ndtr_coefficients_are_the_documented_fits():
                           len(V._ERFC_TAIL) - 1)
     np.testing.assert_allclose(np.float32(small), V._ERF_SMALL, rtol=1e-6)
     np.testing.assert_allclose(np.float32(tail), V._ERFC_TAIL, rtol=1e-6)
-
-
-def outlined_calls(ir: str) -> list:
-    """The functions of ``kernels/vecmath.py`` and the activation formulas of
-    ``kernels/numba_cpu.py`` that optimised LLVM IR still calls (not inlined); Numba's
-    mangled names spell each module as its length and name."""
-    return [name for name in re.findall(r'call [^@]*@"?([\w.$]+)', ir)
-            if re.search(r"7kernels(7vecmath|9numba_cpu\d+_(activation|derivative)_impl)", name)]
 
 
 @pytest.mark.parametrize("name", list(FUNCTIONS))
