@@ -436,7 +436,7 @@ def _softmax_forward(x, out_arg):
         total = 0.0
         for j in range(m):  # apart: a float64 sum in the loop above would halve its lanes
             total += out[i, j]
-        inv = 1.0 / total
+        inv = _like(1.0 / total, x)  # of x's dtype: float64 math would halve the lanes too
         for j in range(m):
             out[i, j] = out[i, j] * inv
 
@@ -476,6 +476,8 @@ def softmax_backward(dy, y, out):
 def _softmax_xent(logits, labels, smoothing, scale, grad_arg, loss):
     n, c = logits.shape
     off = smoothing / c  # the smoothed target of every class; the label's gets 1 - ε more
+    miss, hit, step = _like(off, logits), _like(off + (1.0 - smoothing), logits), \
+        _like(scale, logits)
     for i in prange(n):
         grad = logits if grad_arg is None else grad_arg
         label = np.int64(labels[i])
@@ -501,10 +503,10 @@ def _softmax_xent(logits, labels, smoothing, scale, grad_arg, loss):
         if smoothing != 0.0:  # guarded: 0 · (-inf) would turn a masked logit into NaN
             value -= off * shifted_sum
         loss[i] = value
-        inv = 1.0 / total
+        inv = _like(1.0 / total, logits)  # the last loop in the logits' dtype, as above
         for k in range(c):
-            target = off + (1.0 - smoothing) if k == label else off
-            grad[i, k] = scale * (grad[i, k] * inv - target)
+            target = hit if k == label else miss
+            grad[i, k] = step * (grad[i, k] * inv - target)
 
 
 def softmax_xent(logits, labels, smoothing: float, scale: float, grad_out, loss_out):

@@ -48,6 +48,8 @@ _LN2_LO = 1.90821492927058770002e-10
 _LN2_HI32 = F32(0.693359375)
 _LN2_LO32 = F32(-2.12194440e-4)
 _LOG2E32 = F32(LOG2E)
+_ROUND32 = F32(1.5 * 2**23)  # x + _ROUND32 - _ROUND32 rounds |x| < 2²² to an integer
+_ONE_BITS32 = np.int32(127 << 23)  # the bits of 1.0
 # the least float32 x with e^x ≥ 2⁻¹²⁶ (the smallest normal float32), and the greatest with
 # e^x < 2¹²⁸: between them 2ᵏ·p, p ∈ [2^-½, 2^½], has a normal exponent for every k
 _LN_FLT_MIN = np.nextafter(F32(-126 * math.log(2.0)), F32(0.0))
@@ -112,12 +114,6 @@ def fmax(a, b):
     return type(a)(np.fmax(a, b))
 
 
-@jit
-def _pow2_32(n):
-    """``2ⁿ`` in float32 for an integer ``n`` in [-126, 127]."""
-    return _f32_from_bits(np.int32((n + 127) << 23))
-
-
 # ---------------------------------------------------------------------------------------
 # float64
 @jit
@@ -174,9 +170,14 @@ def _softplus64(x):
 # float32 (every constant is a float32: a float64 one would promote the whole expression)
 @jit
 def _reduce32(x):
-    """``(k, r)`` with ``x = k ln2 + r``, ``|r| ≤ ln2/2`` (Cody-Waite: k·_LN2_HI32 is exact)."""
-    k = np.floor(x * _LOG2E32 + F32(0.5))
-    return k, (x - k * _LN2_HI32) - k * _LN2_LO32
+    """``(k, r, n)`` with ``x = k ln2 + r``, ``|r| ≤ ln2/2`` (Cody-Waite: k·_LN2_HI32 is
+    exact) and ``n = k·2²³``, what adding k to a float32's exponent field adds to its bits.
+    Adding 1.5·2²³ rounds x·log₂e to an integer k and leaves k in the sum's low mantissa
+    bits, so the sum's bits shifted left by 23 are n (mod 2³²): no float-to-int conversion.
+    Valid for |x| < 2²¹; outside it r and n are meaningless, and the callers select."""
+    t = x * _LOG2E32 + _ROUND32
+    k = t - _ROUND32
+    return k, (x - k * _LN2_HI32) - k * _LN2_LO32, np.int32(_f32_bits(t) << 23)
 
 
 @jit
@@ -195,23 +196,23 @@ def _exp32(x):
     """``2ᵏ·eʳ``, scaled by an integer add to the exponent field. Results below the smallest
     normal float32 (x < ln 2⁻¹²⁶) are flushed to 0: subnormal arithmetic takes a microcode
     assist of ~100 cycles per instruction on x86, and would make a loop whose inputs reach
-    that range (confident softmax rows) many times slower. The error is < 1.2e-38."""
-    clamped = min(max(x, _LN_FLT_MIN), _LN_FLT_MAX)  # every result in range is normal
-    k, r = _reduce32(clamped)
+    that range (confident softmax rows) many times slower. The error is < 1.2e-38. Outside
+    [ln 2⁻¹²⁶, ln 2¹²⁸) the polynomial's result is discarded, not clamped into range: 0 below,
+    x + inf above (inf, or NaN for NaN)."""
+    k, r, n = _reduce32(x)
     p = (_taylor_tail32(r) * r + F32(1.0)) * r + F32(1.0)
-    y = _f32_from_bits(np.int32(_f32_bits(p) + (np.int32(k) << 23)))
-    y = y if x >= _LN_FLT_MIN else F32(0.0)
-    y = y if x <= _LN_FLT_MAX else F32(np.inf)
-    return y if x == x else x
+    y = _f32_from_bits(np.int32(_f32_bits(p) + n))
+    y = y if x <= _LN_FLT_MAX else x + F32(np.inf)
+    return F32(0.0) if x < _LN_FLT_MIN else y
 
 
 @jit
 def _expm1_32_nonneg(y):
     """``eʸ - 1`` for ``0 ≤ y ≤ 18``: ``2ᵏ·expm1(r) + (2ᵏ - 1)``, exact in its last step for
     k = 0, so small arguments keep full relative accuracy."""
-    k, r = _reduce32(y)
+    k, r, n = _reduce32(y)
     p = _taylor_tail32(r) * r * r + r
-    s = _pow2_32(np.int32(k))
+    s = _f32_from_bits(np.int32(n + _ONE_BITS32))
     return s * p + (s - F32(1.0))
 
 
