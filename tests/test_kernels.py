@@ -563,8 +563,11 @@ def test_every_op_has_cases():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("op, build", CASES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference(backend, op, build, dtype, request):
+def test_matches_reference(backend, op, build, dtype, request, monkeypatch):
     skip_unless_available(backend)
+    if backend == "numba_cpu":  # the largest shapes through the parallel loops, others serial
+        monkeypatch.setattr(importlib.import_module("backprop.kernels.numba_cpu"),
+                            "PARALLEL_MIN_ELEMENTS", 1023 * 257)
     fn = K.implementation(backend, op)
     xp = array_module(backend)
     shapes = flat_shapes(backend) if op.endswith("_step") else batch_shapes(backend)
