@@ -122,6 +122,19 @@ def test_special_values(name, dtype, at_nan, at_minus_inf, at_inf):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_huge_finite_arguments_give_the_limits(name, dtype):
+    """Far outside any range reduction (float32 ``exp`` rounds ``x·log₂e`` by adding 1.5·2²³,
+    valid below 2²¹, and discards the result beyond its range): the exact limits, as NumPy."""
+    big = np.finfo(dtype).max
+    x = np.array([-big, -1e30, -2.0**22, 2.0**22, 1e30, big], dtype)
+    exact_fn = FUNCTIONS[name][0]
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(evaluate(name, x), exact_fn(x.astype(np.float64))
+                                      .astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 def test_odd_and_even_symmetries_at_zero(dtype):
     x = np.array([0.0, -0.0], dtype)
     np.testing.assert_array_equal(np.signbit(evaluate("tanh", x)), [False, True])
