@@ -137,3 +137,9 @@ def test_torch_compare_smoke(tmp_path):
     assert {(r["framework"], r["model"]) for r in data["results"]} == \
         {("torch", "tiny"), ("backprop", "tiny")}
     assert all(r["threads"] == 1 and r["median"] > 0 for r in data["results"])
+    rows = {r["framework"]: r for r in data["results"]}
+    # PyTorch runs under its own default policy and under "active" (the best counts), never
+    # under the "passive" that importing backprop sets for Numba
+    assert set(rows["torch"]["median_by_wait_policy"]) == {"default", "active"}
+    assert rows["torch"]["omp_wait_policy_seen"] == rows["torch"]["omp_wait_policy"]
+    assert rows["backprop"]["omp_wait_policy_seen"].lower() == "passive"
