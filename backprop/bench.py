@@ -245,7 +245,8 @@ def step_section(rows: list[dict], bandwidth: dict, torch_rows: list[dict]) -> s
         "shared machine). *vs reference* = "
         "reference-kernel step time / this step time. *backprop/torch* compares the two "
         "frameworks timed by `torch_compare.py`, each in its own process with the same "
-        "thread count (>1× means backprop is slower).")
+        "thread count, PyTorch at the faster of its default and `OMP_WAIT_POLICY=active` "
+        "(>1× means backprop is slower).")
 
 
 def copy_section(rows: list[dict]) -> str:
