@@ -23,6 +23,7 @@ name runs its plain-Python stub (the same math through ``math``/NumPy).
     tanh(x)       sign(x)·t/(t + 2),  t = expm1(2|x|)  (no cancellation near 0)
     ndtr(x)       Φ(x) = ½ erfc(-x/√2), the standard normal CDF (GELU's gate); accurate in
                   both tails: erfc(u) = e^(-u²)·R(1/(1 + u/2)) for u ≥ ½, erf = u·P(u²) below
+    ndtr_pdf(x)   (Φ(x), φ(x)), φ = e^(-x²/2)/√(2π) from the e^(-u²) that Φ's tail computes
     softplus(x)   log(1 + eˣ) = log1p(e^-|x|) + max(x, 0),  log1p(e) = 2 atanh(e/(2 + e))
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .inline import inlined, jit
 F32 = np.float32
 LOG2E = 1.4426950408889634
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 # float64 exp: ln 2 split so that k·LN2_HI is exact for every k in range (Cody-Waite)
 _LN2_HI = 6.93147180369123816490e-01
@@ -162,6 +164,11 @@ def _ndtr64(x):
 
 
 @jit
+def _ndtr_pdf64(x):
+    return 0.5 * math.erfc(-x * INV_SQRT2), exp(-0.5 * x * x) * INV_SQRT_2PI
+
+
+@jit
 def _softplus64(x):
     return math.log1p(exp(-abs(x))) + (0.0 if x < 0.0 else x)
 
@@ -230,7 +237,8 @@ def _sigmoid32(x):
 
 
 @jit
-def _ndtr32(x):
+def _ndtr_pdf32(x):
+    """``(Φ(x), φ(x))``: the tail of Φ holds e^(-x²/2) already, so φ costs one multiply."""
     a = min(abs(x), _NDTR_CLAMP)
     u = a * F32(INV_SQRT2)
     # centre: ½ ± ½ erf(u), erf(u) = u·P(u²)
@@ -258,7 +266,13 @@ def _ndtr32(x):
     half = F32(0.5) * e * r
     tail = half if x < F32(0.0) else F32(1.0) - half
     y = centre if u < _NDTR_SPLIT else tail
-    return y if x == x else x
+    pdf = e * F32(INV_SQRT_2PI)  # past the clamp e^(-x²/2) < 1e-48: 0 in float32 either way
+    return (y, pdf) if x == x else (x, x)
+
+
+@jit
+def _ndtr32(x):
+    return ndtr_pdf(x)[0]  # inlined, and φ's one multiply is then dead code
 
 
 @jit
@@ -307,6 +321,16 @@ def tanh(x):
 def ndtr(x):
     """``Φ(x) = ½ erfc(-x/√2)``, the standard normal CDF."""
     return type(x)(0.5 * math.erfc(-float(x) * INV_SQRT2))
+
+
+@inlined(_by_precision(_ndtr_pdf32, _ndtr_pdf64))
+def ndtr_pdf(x):
+    """``(Φ(x), φ(x))``, the standard normal CDF and density ``φ(x) = e^(-x²/2)/√(2π)``
+    (GELU's derivative ``Φ + xφ``); Φ is :func:`ndtr`'s, and in float32 both come from one
+    exponential."""
+    f = float(x)
+    return (type(x)(0.5 * math.erfc(-f * INV_SQRT2)),
+            type(x)(math.exp(-0.5 * f * f) * INV_SQRT_2PI))
 
 
 @inlined(_by_precision(_softplus32, _softplus64))

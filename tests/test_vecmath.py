@@ -121,6 +121,31 @@ def test_special_values(name, dtype, at_nan, at_minus_inf, at_inf):
     np.testing.assert_array_equal(got, np.array([at_nan, at_minus_inf, at_inf], dtype))
 
 
+@numba.njit(error_model="numpy", fastmath={"contract"})
+def _ndtr_pdf_loop(a, cdf, pdf):
+    for i in range(a.size):
+        cdf[i], pdf[i] = V.ndtr_pdf(a[i])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_ndtr_pdf_is_ndtr_and_the_normal_density(dtype):
+    """Φ bit for bit as :func:`ndtr`'s; φ within a few ulps. float64 φ rounds x²/2 once
+    (relative error up to x²/2 ulps), so it is measured where that stays small, |x| ≤ 4."""
+    if dtype == np.float64 and not HAS_EXTENDED:
+        pytest.skip("no extended precision long double here to measure float64 ulps")
+    x = points(dtype, *((-16.0, 16.0) if dtype == np.float32 else (-4.0, 4.0)))
+    x = np.concatenate([x, np.array([np.nan, -np.inf, np.inf], dtype)])
+    cdf, pdf = np.empty_like(x), np.empty_like(x)
+    _ndtr_pdf_loop(x, cdf, pdf)
+    np.testing.assert_array_equal(cdf, evaluate("ndtr", x))
+    np.testing.assert_array_equal(pdf[-3:], np.array([np.nan, 0.0, 0.0], dtype))
+    xl = x[:-3].astype(LD)
+    exact = np.exp(-xl * xl / 2) / np.sqrt(2 * np.pi * LD(1))
+    err = ulp_error(pdf[:-3], exact, dtype)
+    bound = 4.0 if dtype == np.float32 else 10.0
+    assert err.max() <= bound, f"φ: {err.max():.2f} ulps at x={x[int(np.argmax(err))]!r}"
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("name", list(FUNCTIONS))
 def test_huge_finite_arguments_give_the_limits(name, dtype):
