@@ -108,6 +108,22 @@ def _maxnum(typingctx, a, b):
 _fmax = jit(lambda a, b: _maxnum(a, b))
 
 
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """LLVM's ``fma``: ``a·b + c`` with one rounding (never two, as a contraction may be)."""
+    if not (a == b == c and isinstance(a, types.Float)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        fty = context.get_value_type(signature.args[0])
+        name = "llvm.fma.f32" if fty == ir.FloatType() else "llvm.fma.f64"
+        fn = cgutils.get_or_insert_function(builder.module,
+                                            ir.FunctionType(fty, [fty, fty, fty]), name)
+        return builder.call(fn, args)
+
+    return a(a, b, c), codegen
+
+
 @inlined(lambda a, b: _fmax)
 def fmax(a, b):
     """``max(a, b)`` ignoring a NaN operand (C's ``fmax``, LLVM's ``maxnum``). A loop that
@@ -246,11 +262,10 @@ def _ndtr_pdf32(x):
     c = _ERF_SMALL
     erf = u * (c[0] + z * (c[1] + z * (c[2] + z * (c[3] + z * c[4]))))
     centre = F32(0.5) + math.copysign(F32(0.5) * erf, x)
-    # tails: ½ erfc(u) = ½ e^(-u²) R(t); u² = x²/2 carried as hi + lo (float64 square, exact)
-    # so that e^(-u²) keeps float32 accuracy where u² is large
-    uu = 0.5 * float(a) * float(a)
-    hi = F32(uu)
-    lo = F32(uu - hi)
+    # tails: ½ erfc(u) = ½ e^(-u²) R(t); u² = x²/2 carried as hi + lo (hi rounded, lo its
+    # exact error by an FMA) so that e^(-u²) keeps float32 accuracy where u² is large
+    hi = (F32(0.5) * a) * a
+    lo = _fma(F32(0.5) * a, a, -hi)
     e = exp(-hi) * (F32(1.0) - lo)
     t = F32(1.0) / (F32(1.0) + F32(0.5) * u)
     c = _ERFC_TAIL
