@@ -37,11 +37,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .inline import inlined, jit
+from .reference import INV_SQRT2, INV_SQRT_2PI
 
 F32 = np.float32
 LOG2E = 1.4426950408889634
-INV_SQRT2 = 1.0 / math.sqrt(2.0)
-INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 # float64 exp: ln 2 split so that k·LN2_HI is exact for every k in range (Cody-Waite)
 _LN2_HI = 6.93147180369123816490e-01
@@ -89,39 +88,35 @@ _f32_from_bits = _bitcast(types.int32, types.float32)
 _f32_bits = _bitcast(types.float32, types.int32)
 
 
+def _llvm_float_call(name: str, *args):
+    """The typing result of an intrinsic that calls LLVM's ``llvm.<name>.f32/.f64`` on
+    ``args`` (Numba types), or None unless they are floats of one type."""
+    if len(set(args)) != 1 or not isinstance(args[0], types.Float):
+        return None
+
+    def codegen(context, builder, signature, values):
+        fty = context.get_value_type(signature.args[0])
+        suffix = "f32" if fty == ir.FloatType() else "f64"
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(fty, [fty] * len(values)), f"llvm.{name}.{suffix}")
+        return builder.call(fn, values)
+
+    return args[0](*args), codegen
+
+
 @intrinsic
 def _maxnum(typingctx, a, b):
     """LLVM's ``maxnum`` of two floats of one type."""
-    if a != b or not isinstance(a, types.Float):
-        return None
-
-    def codegen(context, builder, signature, args):
-        fty = context.get_value_type(signature.args[0])
-        name = "llvm.maxnum.f32" if fty == ir.FloatType() else "llvm.maxnum.f64"
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fty, [fty, fty]),
-                                            name)
-        return builder.call(fn, args)
-
-    return a(a, b), codegen
-
-
-_fmax = jit(lambda a, b: _maxnum(a, b))
+    return _llvm_float_call("maxnum", a, b)
 
 
 @intrinsic
 def _fma(typingctx, a, b, c):
     """LLVM's ``fma``: ``a·b + c`` with one rounding (never two, as a contraction may be)."""
-    if not (a == b == c and isinstance(a, types.Float)):
-        return None
+    return _llvm_float_call("fma", a, b, c)
 
-    def codegen(context, builder, signature, args):
-        fty = context.get_value_type(signature.args[0])
-        name = "llvm.fma.f32" if fty == ir.FloatType() else "llvm.fma.f64"
-        fn = cgutils.get_or_insert_function(builder.module,
-                                            ir.FunctionType(fty, [fty, fty, fty]), name)
-        return builder.call(fn, args)
 
-    return a(a, b, c), codegen
+_fmax = jit(lambda a, b: _maxnum(a, b))
 
 
 @inlined(lambda a, b: _fmax)
@@ -181,7 +176,7 @@ def _ndtr64(x):
 
 @jit
 def _ndtr_pdf64(x):
-    return 0.5 * math.erfc(-x * INV_SQRT2), exp(-0.5 * x * x) * INV_SQRT_2PI
+    return _ndtr64(x), exp(-0.5 * x * x) * INV_SQRT_2PI
 
 
 @jit
@@ -335,7 +330,7 @@ def tanh(x):
 @inlined(_by_precision(_ndtr32, _ndtr64))
 def ndtr(x):
     """``Φ(x) = ½ erfc(-x/√2)``, the standard normal CDF."""
-    return type(x)(0.5 * math.erfc(-float(x) * INV_SQRT2))
+    return ndtr_pdf(x)[0]
 
 
 @inlined(_by_precision(_ndtr_pdf32, _ndtr_pdf64))
