@@ -485,6 +485,20 @@ def _exp_row(x, i, top, dst, ahead):
     return following
 
 
+@njit(inline="always", **inline.FLAGS)
+def _chunk_schedule(chunk, chunks, n, pipelined):
+    """Rows ``[start, stop)`` of a softmax kernel's chunk: a fixed chunk of rows when
+    pipelined, else row ``chunk`` alone (the kernel then has one chunk per row)."""
+    return _chunk_rows(chunk, chunks, n) if pipelined else (chunk, chunk + 1)
+
+
+@njit(inline="always", **inline.FLAGS)
+def _row_ahead(i, stop, pipelined):
+    """The row whose maximum :func:`_exp_row` reads while it computes row ``i``'s
+    exponentials: the next one of the chunk (row ``i`` itself at its end), or -1 for none."""
+    return min(i + 1, stop - 1) if pipelined else -1
+
+
 def _softmax_kernel(pipelined: bool):
     @_loops(fastmath=_ROW_SUM_FASTMATH)
     def kernel(x, chunks, out_arg):
@@ -493,11 +507,11 @@ def _softmax_kernel(pipelined: bool):
             return
         for chunk in prange(chunks):
             out = x if out_arg is None else out_arg
-            start, stop = _chunk_rows(chunk, chunks, n) if pipelined else (chunk, chunk + 1)
+            start, stop = _chunk_schedule(chunk, chunks, n, pipelined)
             following = _row_max(x, start) if pipelined else x[start, 0]
             for i in range(start, stop):
                 top = following if pipelined else _row_max(x, i)
-                following = _exp_row(x, i, top, out, min(i + 1, stop - 1) if pipelined else -1)
+                following = _exp_row(x, i, top, out, _row_ahead(i, stop, pipelined))
                 total = 0.0
                 for j in range(m):  # apart: a float64 sum in the loop above would halve its lanes
                     total += out[i, j]
@@ -562,11 +576,11 @@ def _softmax_xent_kernel(pipelined: bool):
             _like(scale, logits)
         for chunk in prange(chunks):
             grad = logits if grad_arg is None else grad_arg
-            start, stop = _chunk_rows(chunk, chunks, n) if pipelined else (chunk, chunk + 1)
+            start, stop = _chunk_schedule(chunk, chunks, n, pipelined)
             following = _row_max(logits, start) if pipelined else logits[start, 0]
             for i in range(start, stop):
                 top = following if pipelined else _row_max(logits, i)
-                ahead = min(i + 1, stop - 1) if pipelined else -1
+                ahead = _row_ahead(i, stop, pipelined)
                 label = np.int64(labels[i])
                 if label < 0 or label >= c:  # the caller validates labels: never read past
                     loss[i] = np.nan
