@@ -412,6 +412,9 @@ class BatchNorm1d(Layer):
         running_var  ← (1 - m) running_var  + m σ²_B · N/(N-1)     (unbiased)
 
     Eval: the same formula with the running statistics (then ``∂X = dA γ / sqrt(σ² + ε)``).
+
+    x̂ is not stored: backward recomputes it from the input ``X`` (kept by reference, as
+    ``Dense`` keeps its ``X`` for ``∂W``), ``μ`` and ``1/sqrt(σ² + ε)``.
     """
 
     preserves_shape = True
@@ -450,8 +453,7 @@ class BatchNorm1d(Layer):
         check_input(x, self, self.num_features, rm)
         (n, m), xp = x.shape, get_array_module(x)
         gamma, beta = self._affine(x)
-        out, xhat = self._buffer("out", x.shape, x), self._buffer("xhat", x.shape, x)
-        invstd = self._buffer("invstd", (m,), x)
+        out, invstd = self._buffer("out", x.shape, x), self._buffer("invstd", (m,), x)
         self._trained = self.training
         if self.training:
             if n < 2:
@@ -459,20 +461,21 @@ class BatchNorm1d(Layer):
                                  f"to estimate a variance; got {n}: use larger batches or "
                                  "call model.eval()")
             mean, var = self._buffer("mean", (m,), x), self._buffer("var", (m,), x)
-            K.batchnorm_forward(x, gamma, beta, self.eps, out, xhat, mean, var, invstd)
-            mom = self.momentum
-            mean -= rm; mean *= mom; rm += mean                   # noqa: E702
-            var *= n / (n - 1); var -= rv; var *= mom; rv += var  # noqa: E702
+            K.batchnorm_forward(x, gamma, beta, self.eps, out, mean, var, invstd)
+            mom, step = self.momentum, self._buffer("step", (m,), x)
+            xp.subtract(mean, rm, out=step); step *= mom; rm += step  # noqa: E702
+            var *= n / (n - 1); var -= rv; var *= mom; rv += var     # noqa: E702
         else:
+            mean = rm
             xp.reciprocal(xp.sqrt(xp.add(rv, self.eps, out=invstd), out=invstd), out=invstd)
-            xp.multiply(xp.subtract(x, rm, out=xhat), invstd, out=xhat)
-            xp.multiply(xhat, gamma, out=out)
+            xp.multiply(xp.subtract(x, mean, out=out), invstd, out=out)  # x̂
+            out *= gamma
             out += beta
-        self._xhat, self._invstd = xhat, invstd
+        self._x, self._mean, self._invstd = x, mean, invstd  # backward recomputes x̂ from x
         return out
 
     def backward(self, grad, need_input_grad=True):
-        xhat, invstd = self._xhat, self._invstd
+        x, mean, invstd = self._x, self._mean, self._invstd
         gamma, _ = self._affine(grad)
         if self.affine:
             dgamma, acc_g = self.gamma.grad_for_write()
@@ -485,8 +488,11 @@ class BatchNorm1d(Layer):
             dgamma, dbeta = self._buffer("dgamma", (m,), grad), self._buffer("dbeta", (m,), grad)
             accumulate = False
         if self._trained:
-            K.batchnorm_backward(grad, xhat, gamma, invstd, grad, dgamma, dbeta, accumulate)
+            K.batchnorm_backward(grad, x, gamma, mean, invstd, grad, dgamma, dbeta, accumulate)
         else:  # eval: μ and σ² are constants, so ∂X = dA γ r, ∂γ = Σ dA x̂, ∂β = Σ dA
+            xp = get_array_module(grad)
+            xhat = self._buffer("xhat", x.shape, x)
+            xp.multiply(xp.subtract(x, mean, out=xhat), invstd, out=xhat)
             sums = ((grad * xhat).sum(axis=0), grad.sum(axis=0))
             for out, s in zip((dgamma, dbeta), sums):
                 if accumulate:

@@ -391,11 +391,11 @@ __device__ double bp_lane_sum(double v, double (*lanes)[STRIP]) {
     return t;  // every lane of the column gets the same bits
 }
 
-// mu = mean x, var = mean (x - mu)^2, r = 1/sqrt(var + eps), xhat = (x - mu) r,
-// out = gamma xhat + beta
+// mu = mean x, var = mean (x - mu)^2, r = 1/sqrt(var + eps), out = gamma (x - mu) r + beta
+// (xhat = (x - mu) r is not stored: the backward kernel recomputes it from x)
 template <typename T>
 __global__ void bp_batchnorm_forward(const T* x, const T* gamma, const T* beta, const T eps,
-                                     T* out, T* xhat, T* mean, T* var, T* invstd,
+                                     T* out, T* mean, T* var, T* invstd,
                                      const long long n, const long long m) {
     __shared__ double lanes[LANES][STRIP];
     const long long col = (long long)blockIdx.x * STRIP + threadIdx.x;
@@ -415,36 +415,38 @@ __global__ void bp_batchnorm_forward(const T* x, const T* gamma, const T* beta, 
     for (long long r = threadIdx.y; r < n; r += LANES) {
         const long long k = r * m + col;
         const T h = (x[k] - mu) * inv;
-        xhat[k] = h;
         out[k] = g * h + b;
     }
     if (threadIdx.y == 0) { mean[col] = mu; var[col] = v; invstd[col] = inv; }
 }
 
-// dbeta = sum dy, dgamma = sum dy xhat, dx = gamma r / n (n dy - dbeta - xhat dgamma);
-// dx may alias dy.
+// xhat = (x - mu) r as the forward kernel computed it, dbeta = sum dy,
+// dgamma = sum dy xhat, dx = gamma r / n (n dy - dbeta - xhat dgamma); dx may alias dy.
 template <typename T>
-__global__ void bp_batchnorm_backward(const T* dy, const T* xhat, const T* gamma,
-                                      const T* invstd, T* dx, T* dgamma, T* dbeta,
-                                      const long long n, const long long m,
+__global__ void bp_batchnorm_backward(const T* dy, const T* x, const T* gamma,
+                                      const T* mean, const T* invstd, T* dx, T* dgamma,
+                                      T* dbeta, const long long n, const long long m,
                                       const int accumulate) {
     __shared__ double lanes[LANES][STRIP];
     const long long col = (long long)blockIdx.x * STRIP + threadIdx.x;
     const bool active = col < m;
+    const T mu = active ? mean[col] : T(0), inv = active ? invstd[col] : T(0);
     double sb = 0.0, sg = 0.0;
     if (active) for (long long r = threadIdx.y; r < n; r += LANES) {
         const long long k = r * m + col;
+        const T h = (x[k] - mu) * inv;
         sb += (double)dy[k];
-        sg += (double)dy[k] * (double)xhat[k];
+        sg += (double)dy[k] * (double)h;
     }
     const T db = (T)bp_lane_sum(sb, lanes);
     const T dg = (T)bp_lane_sum(sg, lanes);
     if (!active) return;
     const T nn = (T)n;
-    const T k0 = gamma[col] * invstd[col] / nn;
+    const T k0 = gamma[col] * inv / nn;
     for (long long r = threadIdx.y; r < n; r += LANES) {
         const long long k = r * m + col;
-        dx[k] = k0 * (nn * dy[k] - db - xhat[k] * dg);
+        const T h = (x[k] - mu) * inv;
+        dx[k] = k0 * (nn * dy[k] - db - h * dg);
     }
     if (threadIdx.y == 0) {
         dgamma[col] = accumulate ? T(dgamma[col] + dg) : dg;
@@ -702,30 +704,31 @@ def dropout(x, key: int, threshold: int, scale: float, out):
     return out
 
 
-def batchnorm_forward(x, gamma, beta, eps, out, xhat_out, mean_out, var_out, invstd_out):
+def batchnorm_forward(x, gamma, beta, eps, out, mean_out, var_out, invstd_out):
     """Training-mode batch norm of reference.batchnorm_forward: mean, biased variance (two
-    passes, float64 sums), x̂ and ``γ x̂ + β`` in one launch, one block per 32 features."""
-    _require_c_contiguous(x=x, out=out, xhat_out=xhat_out, gamma=gamma, beta=beta,
-                          mean_out=mean_out, var_out=var_out, invstd_out=invstd_out)
+    passes, float64 sums) and ``γ x̂ + β`` in one launch, one block per 32 features."""
+    _require_c_contiguous(x=x, out=out, gamma=gamma, beta=beta, mean_out=mean_out,
+                          var_out=var_out, invstd_out=invstd_out)
     n, m = x.shape
     if m:
         raw_kernel("bp_batchnorm", "bp_batchnorm_forward", x.dtype)(
             (-(-m // _STRIP),), (_STRIP, _BN_LANES),
-            (x, gamma, beta, x.dtype.type(eps), out, xhat_out, mean_out, var_out, invstd_out,
+            (x, gamma, beta, x.dtype.type(eps), out, mean_out, var_out, invstd_out,
              np.int64(n), np.int64(m)))
     return out
 
 
-def batchnorm_backward(dy, xhat, gamma, invstd, dx_out, dgamma_out, dbeta_out,
+def batchnorm_backward(dy, x, gamma, mean, invstd, dx_out, dgamma_out, dbeta_out,
                        accumulate=False):
-    """reference.batchnorm_backward: ``∂β, ∂γ`` column sums (float64) and
-    ``dx = γ r / N (N dy - ∂β - x̂ ∂γ)`` in one launch, one block per 32 features."""
-    _require_c_contiguous(dy=dy, xhat=xhat, gamma=gamma, invstd=invstd, dx_out=dx_out,
+    """reference.batchnorm_backward: x̂ recomputed from ``x``, ``∂β, ∂γ`` column sums
+    (float64) and ``dx = γ r / N (N dy - ∂β - x̂ ∂γ)`` in one launch, one block per 32
+    features."""
+    _require_c_contiguous(dy=dy, x=x, gamma=gamma, mean=mean, invstd=invstd, dx_out=dx_out,
                           dgamma_out=dgamma_out, dbeta_out=dbeta_out)
     n, m = dy.shape
     if m:
         raw_kernel("bp_batchnorm", "bp_batchnorm_backward", dy.dtype)(
             (-(-m // _STRIP),), (_STRIP, _BN_LANES),
-            (dy, xhat, gamma, invstd, dx_out, dgamma_out, dbeta_out, np.int64(n),
+            (dy, x, gamma, mean, invstd, dx_out, dgamma_out, dbeta_out, np.int64(n),
              np.int64(m), np.int32(bool(accumulate))))
     return dx_out

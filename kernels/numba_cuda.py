@@ -711,8 +711,8 @@ def _batchnorm_forward_kernel(dtype):
     ntype = numba.from_dtype(_checked_dtype(dtype))
 
     @cuda.jit
-    def kernel(x, gamma, beta, eps, out, xhat, mean_out, var_out, invstd_out):
-        """μ_j = mean_i x_ij; σ²_j = mean_i (x_ij-μ_j)²; r_j = 1/√(σ²_j+eps); x̂ = (x-μ)r; out = γx̂+β."""
+    def kernel(x, gamma, beta, eps, out, mean_out, var_out, invstd_out):
+        """μ_j = mean_i x_ij; σ²_j = mean_i (x_ij-μ_j)²; r_j = 1/√(σ²_j+eps); out = γ(x-μ)r + β."""
         sh = cuda.shared.array((ROWS, LANES), numba.float64)
         n, m = x.shape
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
@@ -732,9 +732,7 @@ def _batchnorm_forward_kernel(dtype):
             if j < m:
                 mu, r, g, b = ntype(mean), ntype(invstd), gamma[j], beta[j]
                 for i in range(ty, n, ROWS):
-                    xh = (x[i, j] - mu) * r
-                    xhat[i, j] = xh
-                    out[i, j] = g * xh + b
+                    out[i, j] = g * ((x[i, j] - mu) * r) + b
                 if ty == 0:
                     mean_out[j] = mean
                     var_out[j] = var
@@ -748,8 +746,9 @@ def _batchnorm_backward_kernel(dtype):
     ntype = numba.from_dtype(_checked_dtype(dtype))
 
     @cuda.jit
-    def kernel(dy, xhat, gamma, invstd, dx, dgamma, dbeta, accumulate):
-        """∂β_j = Σ_i dy_ij; ∂γ_j = Σ_i dy_ij x̂_ij; dx_ij = γ_j r_j/N (N dy_ij - ∂β_j - x̂_ij ∂γ_j)."""
+    def kernel(dy, x, gamma, mean, invstd, dx, dgamma, dbeta, accumulate):
+        """x̂ = (x-μ)r; ∂β_j = Σ_i dy_ij; ∂γ_j = Σ_i dy_ij x̂_ij;
+        dx_ij = γ_j r_j/N (N dy_ij - ∂β_j - x̂_ij ∂γ_j)."""
         sh = cuda.shared.array((ROWS, LANES), numba.float64)
         sh2 = cuda.shared.array((ROWS, LANES), numba.float64)
         n, m = dy.shape
@@ -758,17 +757,18 @@ def _batchnorm_backward_kernel(dtype):
         for tile in range(cuda.blockIdx.x, -(-m // LANES), cuda.gridDim.x):
             j = tile * LANES + tx
             jj = min(j, m - 1)
+            mu, r = mean[jj], invstd[jj]
             acc_b = _ZERO64
             acc_g = _ZERO64
             for i in range(ty, n, ROWS):
                 acc_b += dy[i, jj]
-                acc_g += dy[i, jj] * xhat[i, jj]
+                acc_g += dy[i, jj] * ((x[i, jj] - mu) * r)
             sum_b, sum_g = _column_sum_pair(sh, sh2, acc_b, acc_g, tx, ty)
             db, dg = ntype(sum_b), ntype(sum_g)
             if j < m:
-                k = gamma[j] * invstd[j] / nf
+                k = gamma[j] * r / nf
                 for i in range(ty, n, ROWS):
-                    dx[i, j] = k * (nf * dy[i, j] - db - xhat[i, j] * dg)
+                    dx[i, j] = k * (nf * dy[i, j] - db - (x[i, j] - mu) * r * dg)
                 if ty == 0:
                     if accumulate:
                         dgamma[j] += dg
@@ -780,19 +780,20 @@ def _batchnorm_backward_kernel(dtype):
     return kernel
 
 
-def batchnorm_forward(x, gamma, beta, eps, out, xhat_out, mean_out, var_out, invstd_out):
+def batchnorm_forward(x, gamma, beta, eps, out, mean_out, var_out, invstd_out):
     """Training-mode batch normalisation; see :func:`reference.batchnorm_forward`."""
     kernel = _batchnorm_forward_kernel(x.dtype)
     if x.shape[1]:
         _launch(kernel, _blocks(x.shape[1], LANES), (LANES, ROWS), x, gamma, beta, float(eps),
-                out, xhat_out, mean_out, var_out, invstd_out)
+                out, mean_out, var_out, invstd_out)
     return out
 
 
-def batchnorm_backward(dy, xhat, gamma, invstd, dx_out, dgamma_out, dbeta_out, accumulate=False):
+def batchnorm_backward(dy, x, gamma, mean, invstd, dx_out, dgamma_out, dbeta_out,
+                       accumulate=False):
     """Backward of training-mode BatchNorm; see :func:`reference.batchnorm_backward`."""
     kernel = _batchnorm_backward_kernel(dy.dtype)
     if dy.shape[1]:
-        _launch(kernel, _blocks(dy.shape[1], LANES), (LANES, ROWS), dy, xhat, gamma, invstd,
+        _launch(kernel, _blocks(dy.shape[1], LANES), (LANES, ROWS), dy, x, gamma, mean, invstd,
                 dx_out, dgamma_out, dbeta_out, bool(accumulate))
     return dx_out

@@ -327,32 +327,41 @@ def dropout(x, key: int, threshold: int, scale: float, out):
 
 # ---------------------------------------------------------------------------------------
 # 6. BatchNorm (training mode), per feature
-def batchnorm_forward(x, gamma, beta, eps, out, xhat_out, mean_out, var_out, invstd_out):
+def batchnorm_normalized(x, mean, invstd):
+    """``x̂ = (x - μ) r``, in the dtype of ``x``: what the forward pass scales and shifts, and
+    what the backward pass recomputes (the same operations on the same rounded ``μ`` and
+    ``r``, so both see the same x̂)."""
+    return (x - mean) * invstd
+
+
+def batchnorm_forward(x, gamma, beta, eps, out, mean_out, var_out, invstd_out):
     """Batch normalisation over the rows of ``x`` (N, M), per feature ``j``::
 
         μ_j = mean_i x_ij ;  σ²_j = mean_i (x_ij - μ_j)² (biased) ;  r_j = 1/sqrt(σ²_j + eps)
         x̂_ij = (x_ij - μ_j) r_j ;  out_ij = γ_j x̂_ij + β_j
 
-    Writes ``out``, ``xhat_out`` (N, M) and ``mean_out``, ``var_out``, ``invstd_out`` (M,).
-    Returns ``out``.
+    Writes ``out`` (N, M) and ``mean_out``, ``var_out``, ``invstd_out`` (M,), ``μ`` and ``r``
+    rounded to the dtype of ``x``, from which x̂ is computed. x̂ itself is not stored: the
+    backward pass recomputes it from ``x``, ``μ`` and ``r`` (as PyTorch's native batch norm
+    does), which spares writing and reading an (N, M) array. Returns ``out``.
     """
     xp = _xp(x)
     mean = x.mean(axis=0)
     centered = x - mean
     var = (centered * centered).mean(axis=0)
-    invstd = 1.0 / xp.sqrt(var + eps)
-    xhat = centered * invstd
     mean_out[...] = mean
     var_out[...] = var
-    invstd_out[...] = invstd
-    xhat_out[...] = xhat
-    out[...] = gamma * xhat + beta
+    invstd_out[...] = 1.0 / xp.sqrt(var + eps)
+    out[...] = gamma * batchnorm_normalized(x, mean_out, invstd_out) + beta
     return out
 
 
-def batchnorm_backward(dy, xhat, gamma, invstd, dx_out, dgamma_out, dbeta_out, accumulate=False):
-    """Backward of training-mode BatchNorm, per feature ``j`` with ``N`` rows::
+def batchnorm_backward(dy, x, gamma, mean, invstd, dx_out, dgamma_out, dbeta_out,
+                       accumulate=False):
+    """Backward of training-mode BatchNorm, per feature ``j`` with ``N`` rows, from the
+    forward pass's input ``x`` and statistics ``μ``, ``r``::
 
+        x̂_ij = (x_ij - μ_j) r_j   (recomputed, as the forward pass computed it)
         ∂β_j = Σ_i dy_ij ;  ∂γ_j = Σ_i dy_ij x̂_ij
         dx_ij = γ_j r_j / N · (N dy_ij - ∂β_j - x̂_ij ∂γ_j)
 
@@ -360,6 +369,7 @@ def batchnorm_backward(dy, xhat, gamma, invstd, dx_out, dgamma_out, dbeta_out, a
     ``dx_out`` may be ``dy``. Returns ``dx_out``.
     """
     n = dy.shape[0]
+    xhat = batchnorm_normalized(x, mean, invstd)
     dbeta = dy.sum(axis=0)
     dgamma = (dy * xhat).sum(axis=0)
     dx_out[...] = (gamma * invstd / n) * (n * dy - dbeta - xhat * dgamma)

@@ -98,13 +98,12 @@ def kernel_arguments(op, dtype, act, n=6, m=5):
         x, out = _arrays(dtype, (n, m), (n, m))
         return x, kernels.dropout_key(1, 2), kernels.dropout_threshold(0.25), 1 / 0.75, out
     if op == "batchnorm_forward":
-        x, gamma, beta, out, xhat, mean, var, invstd = _arrays(
-            dtype, (n, m), m, m, (n, m), (n, m), m, m, m)
-        return x, gamma, beta, 1e-5, out, xhat, mean, var, invstd
+        x, gamma, beta, out, mean, var, invstd = _arrays(dtype, (n, m), m, m, (n, m), m, m, m)
+        return x, gamma, beta, 1e-5, out, mean, var, invstd
     if op == "batchnorm_backward":
-        dy, xhat, gamma, invstd, dx, dgamma, dbeta = _arrays(
-            dtype, (n, m), (n, m), m, m, (n, m), m, m)
-        return dy, xhat, gamma, np.abs(invstd), dx, dgamma, dbeta, True
+        dy, x, gamma, mean, invstd, dx, dgamma, dbeta = _arrays(
+            dtype, (n, m), (n, m), m, m, m, (n, m), m, m)
+        return dy, x, gamma, mean, np.abs(invstd), dx, dgamma, dbeta, True
     raise KeyError(op)
 
 

@@ -296,17 +296,19 @@ def batchnorm_forward_scales(before, after, sc):
     mabs = np.abs(x).mean(axis=0)  # the rounding of the mean is ~eps·mean|x|
     svar = var + np.finfo(np.float32).eps * mabs * mabs  # allowance for that rounding
     sr = r * (1 + 0.5 * svar / (var + sc["eps"]))
-    sxhat = (np.abs(x - mean) + mabs) * r + np.abs(after["xhat_out"]) * sr / r
-    return {"mean_out": mabs, "var_out": svar, "invstd_out": sr, "xhat_out": sxhat,
+    xhat = R.batchnorm_normalized(x, mean, r)
+    sxhat = (np.abs(x - mean) + mabs) * r + np.abs(xhat) * sr / r
+    return {"mean_out": mabs, "var_out": svar, "invstd_out": sr,
             "out": np.abs(gamma) * sxhat + np.abs(beta)}
 
 
 def batchnorm_backward_scales(before, after, sc):
-    dy, xhat, gamma, r = before["dy"], before["xhat"], before["gamma"], before["invstd"]
+    dy, x, gamma, r = before["dy"], before["x"], before["gamma"], before["invstd"]
     n = dy.shape[0]
-    sb, sg = colsum(dy), colsum(dy * xhat)
+    sxhat = (np.abs(x) + np.abs(before["mean"])) * r  # x̂ recomputed: x - μ cancels
+    sb, sg = colsum(dy), colsum(np.abs(dy) * sxhat)
     acc = sc["accumulate"]
-    dx = np.abs(gamma * r / n) * (n * np.abs(dy) + sb + np.abs(xhat) * sg)
+    dx = np.abs(gamma * r / n) * (n * np.abs(dy) + sb + sxhat * sg)
     return {"dx_out": dx,
             "dbeta_out": sb + (np.abs(before["dbeta_out"]) if acc else 0),
             "dgamma_out": sg + (np.abs(before["dgamma_out"]) if acc else 0)}
@@ -521,21 +523,21 @@ def batchnorm_forward_case(offset, eps):
         x = offset + values(rng, shape, "normal")
         m = shape[1]
         x, gamma, beta = cast(dtype, x, rng.standard_normal(m), rng.standard_normal(m))
-        outs = {k: np.full(shape, np.nan, dtype) for k in ("out", "xhat_out")}
+        outs = {"out": np.full(shape, np.nan, dtype)}
         outs.update({k: np.full(m, np.nan, dtype) for k in ("mean_out", "var_out", "invstd_out")})
         return Call({"x": x, "gamma": gamma, "beta": beta, **outs},
                     {"eps": eps}, scales=batchnorm_forward_scales)
     return build
 
 
-def batchnorm_backward_case(accumulate, alias):
+def batchnorm_backward_case(accumulate, alias, offset=0.0):
     def build(rng, dtype, shape):
         m = shape[1]
-        dy, xhat, gamma, invstd, dg, db = cast(
-            dtype, values(rng, shape, "normal"), rng.standard_normal(shape),
-            rng.standard_normal(m), rng.uniform(0.1, 3.0, m), rng.standard_normal(m),
-            rng.standard_normal(m))
-        return Call({"dy": dy, "xhat": xhat, "gamma": gamma, "invstd": invstd,
+        x = offset + rng.standard_normal(shape)
+        dy, x, gamma, mean, invstd, dg, db = cast(
+            dtype, values(rng, shape, "normal"), x, rng.standard_normal(m), x.mean(axis=0),
+            rng.uniform(0.1, 3.0, m), rng.standard_normal(m), rng.standard_normal(m))
+        return Call({"dy": dy, "x": x, "gamma": gamma, "mean": mean, "invstd": invstd,
                      "dx_out": np.full(shape, np.nan, dtype), "dgamma_out": dg, "dbeta_out": db},
                     {"accumulate": accumulate}, {"dx_out": "dy"} if alias else {},
                     batchnorm_backward_scales)
@@ -546,6 +548,7 @@ case("batchnorm_forward", "normal", batchnorm_forward_case(0.0, 1e-5))
 case("batchnorm_forward", "mean_1000-eps_0.1", batchnorm_forward_case(1000.0, 0.1))
 case("batchnorm_backward", "dx_is_dy", batchnorm_backward_case(False, True))
 case("batchnorm_backward", "accumulate", batchnorm_backward_case(True, False))
+case("batchnorm_backward", "mean_1000", batchnorm_backward_case(False, False, offset=1000.0))
 
 
 # ---------------------------------------------------------------------------------------
@@ -879,7 +882,7 @@ def test_numba_cpu_sums_do_not_depend_on_thread_count():
             delta, db = np.empty_like(da), np.empty(257, np.float32)
             numba_cpu.bias_act_backward(da, a, None, "sigmoid", 0.0, delta, db)
             dx, dg, dbeta = np.empty_like(da), np.empty(257, np.float32), np.empty(257, np.float32)
-            numba_cpu.batchnorm_backward(da, a, db, db, dx, dg, dbeta)
+            numba_cpu.batchnorm_backward(da, a, db, db, db, dx, dg, dbeta)
             results.append((db, dg, dbeta, dx))
     finally:
         numba.set_num_threads(saved)
