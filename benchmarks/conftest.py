@@ -6,6 +6,8 @@ on small shapes, so the suite cannot rot. Timings are never asserted.
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from backprop import kernels as K
@@ -52,21 +54,40 @@ def kernel_choice():
     K.set_backend(previous)
 
 
-@pytest.fixture
-def measure(benchmark):
-    """``measure(fn, device=..., group=..., **info)``: warm ``fn`` up (compilation, first-call
-    allocations), then time it with pytest-benchmark, synchronising the device after each
-    call, and record ``info`` (bytes, flops, shape, …) with the device, dtype and threads."""
+MAX_RESET_ROUNDS = 2000  # rounds of an in-place benchmark (each restores its input first)
 
-    def run(fn, *, device: str, group: str, warmup: int = 2, **info):
+
+@pytest.fixture
+def measure(benchmark, request):
+    """``measure(fn, device=..., group=..., reset=None, **info)``: warm ``fn`` up (compilation,
+    first-call allocations), then time it with pytest-benchmark, synchronising the device after
+    each call, and record ``info`` (bytes, flops, shape, …) with the device, dtype and threads.
+    ``reset`` (untimed) runs before every call of ``fn``: an in-place call overwrites its input,
+    and repeated on its own output it would drift (into subnormals, which slow the arithmetic
+    down, or to a fixed point)."""
+
+    def run(fn, *, device: str, group: str, warmup: int = 2, reset=None, **info):
         call = synced(device, fn)
+        setup = None if reset is None else synced(device, reset)
+        elapsed = 0.0
         if benchmark.enabled:
             for _ in range(warmup):
+                if setup is not None:
+                    setup()
+                start = time.perf_counter()
                 call()
+                elapsed = time.perf_counter() - start
         benchmark.group = group
         benchmark.extra_info.update(device=device, dtype=str(DTYPE), **info)
         if device == "cpu":
             benchmark.extra_info["threads"] = thread_info()
-        benchmark(call)
+        if setup is None:
+            benchmark(call)
+            return
+        # pedantic: a setup before each round; rounds as pytest-benchmark's max-time would give
+        option = request.config.getoption  # (their defaults are strings)
+        rounds = int(float(option("benchmark_max_time")) / max(elapsed, 1e-7))
+        rounds = max(int(option("benchmark_min_rounds")), min(rounds, MAX_RESET_ROUNDS))
+        benchmark.pedantic(call, setup=setup, rounds=rounds)
 
     return run

@@ -143,3 +143,23 @@ def test_torch_compare_smoke(tmp_path):
     assert set(rows["torch"]["median_by_wait_policy"]) == {"default", "active"}
     assert rows["torch"]["omp_wait_policy_seen"] == rows["torch"]["omp_wait_policy"]
     assert rows["backprop"]["omp_wait_policy_seen"].lower() == "passive"
+
+
+@pytest.mark.parametrize("op", ["bias_act_backward", "softmax_forward", "batchnorm_backward"])
+def test_in_place_case_overwrites_its_input_and_reset_restores_it(op):
+    """An in-place kernel case passes its input as the output, and its ``reset`` puts the
+    input back, so that every timed call starts from the same values."""
+    import numpy as np
+
+    from backprop import kernels as K
+    from workloads import IN_PLACE, kernel_case
+
+    variant = "sigmoid" if op == "bias_act_backward" else ""
+    case = kernel_case(op, variant, "small", np, smoke=True, in_place=True)
+    out, source = IN_PLACE[op]
+    assert case.args[out] is case.args[source] and case.name.endswith("in place]")
+    before = case.args[source].copy()
+    K.implementation("reference", op)(*case.args)
+    assert not np.array_equal(case.args[source], before)
+    case.reset()
+    np.testing.assert_array_equal(case.args[source], before)

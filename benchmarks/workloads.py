@@ -149,10 +149,12 @@ class KernelCase:
     args: tuple
     bytes: int
     flops: int
+    reset: Callable[[], None] | None = None  # in place: restores the overwritten input
 
     @property
     def name(self) -> str:
-        return f"{self.op}[{self.variant}]" if self.variant else self.op
+        label = ", ".join(filter(None, (self.variant, "in place" if self.reset else "")))
+        return f"{self.op}[{label}]" if label else self.op
 
     def group(self) -> str:
         return f"kernel:{self.name}:{shape_label(self.shape)}"
@@ -292,14 +294,25 @@ CASE_BUILDERS: dict[str, tuple[Callable, tuple[str, ...]]] = {
 }
 
 
-def kernel_variants() -> list[tuple[str, str]]:
-    """Every (op, variant) of the registry that the suite benchmarks, in registry order.
-    An op without a case builder raises, so a new op cannot go unbenchmarked."""
+# The calls that the layers make in place (Dense's epilogues and softmax, the backward passes
+# of Dropout and BatchNorm): op -> (index of the output argument, of the input it overwrites).
+# A fresh output buffer costs a kernel more than the same bytes written over its input,
+# whose cache lines it has just read (a store to a line not in cache reads it in first), so
+# these ops are timed both ways. bias_act_forward runs in place only where σ' needs A alone.
+IN_PLACE = {"bias_act_forward": (2, 0), "bias_act_backward": (5, 0), "softmax_forward": (1, 0),
+            "softmax_backward": (2, 0), "dropout": (4, 0), "batchnorm_backward": (5, 0)}
+
+
+def kernel_variants() -> list[tuple[str, str, bool]]:
+    """Every (op, variant, in place) of the registry that the suite benchmarks, in registry
+    order. An op without a case builder raises, so a new op cannot go unbenchmarked."""
     missing = sorted(set(K.OPS) - set(CASE_BUILDERS))
     if missing:
         raise KeyError(f"benchmarks/workloads.py has no kernel case for the registry op(s) "
                        f"{missing}: add a builder to CASE_BUILDERS")
-    return [(op, v) for op in K.OPS for v in CASE_BUILDERS[op][1]]
+    return [(op, v, in_place) for op in K.OPS for v in CASE_BUILDERS[op][1]
+            for in_place in (False, True)
+            if not in_place or (op in IN_PLACE and v not in K.NEEDS_Z)]
 
 
 def case_shape(op: str, size: str, smoke: bool) -> tuple[int, ...]:
@@ -311,13 +324,24 @@ def case_shape(op: str, size: str, smoke: bool) -> tuple[int, ...]:
 
 
 def kernel_case(op: str, variant: str, size: str, xp, smoke: bool = False,
-                seed: int = 0) -> KernelCase:
-    """The arguments of one ``op`` call on arrays of ``xp`` (fresh buffers, fixed seed)."""
+                seed: int = 0, in_place: bool = False) -> KernelCase:
+    """The arguments of one ``op`` call on arrays of ``xp`` (fresh buffers, fixed seed); with
+    ``in_place``, the output is the input of :data:`IN_PLACE`, and the case's ``reset``
+    restores that input (a benchmark calls it before each timed call)."""
     builder, _ = CASE_BUILDERS[op]
     shape = case_shape(op, size, smoke)
     args, nbytes, flops = builder(xp, np.random.default_rng(seed), shape,
                                   variant if variant in _ACT_FLOPS else None)
-    return KernelCase(op, variant, shape, args, int(nbytes), int(flops))
+    reset = None
+    if in_place:
+        out, source = IN_PLACE[op]
+        args = args[:out] + (args[source],) + args[out + 1:]
+        original = args[source].copy()
+
+        def reset():
+            xp.copyto(args[source], original)
+
+    return KernelCase(op, variant, shape, args, int(nbytes), int(flops), reset)
 
 
 # ---------------------------------------------------------------------------------------
