@@ -9,6 +9,9 @@ One step of ``fit`` is exactly::
     r.add_grad(params) for each regularizer; L += Σ r.penalty(params)
     if L is finite: optimizer.step()
 
+On the CPU the loop runs with no more BLAS threads than the model's matrix products pay for
+(:mod:`backprop.blas`: one thread for a small MLP, whose products are slower split in two).
+
 Data: ``X``/``y`` (NumPy or CuPy) are validated once, before any step (NaN/inf, label
 range, lengths, feature count), then moved to the model's device and dtype once. Each
 epoch draws a permutation on the host from ``(seed, epoch)`` only, gathers the data into a
@@ -35,6 +38,7 @@ import time
 
 import numpy as np
 
+from backprop import blas
 from backprop import data as bpdata
 from backprop import metrics as bpmetrics
 from backprop.backend import get_array_module, get_device, use_device
@@ -250,7 +254,10 @@ def fit(model, X, y, *, loss, optimizer="adam", lr=None, epochs: int = 1, batch_
         seed = int(np.random.default_rng().integers(2**63))
 
     device, _ = _placement(model)
-    with use_device(device), _targets_prevalidated(loss):
+    # on the CPU, no more BLAS threads than the model's matrix products pay for (blas.py)
+    threads = blas.threads_for(blas.largest_product(model, batch_size)) if device == "cpu" \
+        else contextlib.nullcontext()
+    with use_device(device), _targets_prevalidated(loss), threads:
         Xd, yd = _prepare(model, X, y, kind, "training data")
         val = None
         if validation_data is not None:

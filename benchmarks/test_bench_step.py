@@ -29,11 +29,12 @@ def test_training_step(measure, target, kernel_choice, smoke, model):
     step = TrainingStep(mlp, target.device)
     # the step and its matrix products alone, alternated: the report's step/floor ratio
     floor = MatmulFloor(mlp, array_module(target.device))
-    pair = interleaved_medians(synced(target.device, step), synced(target.device, floor),
-                               seconds=0.05 if smoke else 2.0)
-    measure(step, device=target.device, group=f"step:{model}", warmup=3, kind="step",
-            backend=target.backend, interleaved={"step": pair[0], "matmul_floor": pair[1]},
-            **_info(mlp))
+    with mlp.blas_threads(target.device):  # as fit trains it
+        pair = interleaved_medians(synced(target.device, step), synced(target.device, floor),
+                                   seconds=0.05 if smoke else 2.0)
+        measure(step, device=target.device, group=f"step:{model}", warmup=3, kind="step",
+                backend=target.backend, interleaved={"step": pair[0], "matmul_floor": pair[1]},
+                **_info(mlp))
 
 
 @pytest.mark.parametrize("model", list(MLPS))
@@ -44,5 +45,6 @@ def test_matmul_floor(measure, smoke, device, model):
         pytest.skip(reason)
     mlp = MLPS[model].smoke() if smoke else MLPS[model]
     floor = MatmulFloor(mlp, array_module(device))
-    measure(floor, device=device, group=f"step:{model}", kind="matmul_floor",
-            backend="blas" if device == "cpu" else "cublas", **_info(mlp))
+    with mlp.blas_threads(device):
+        measure(floor, device=device, group=f"step:{model}", kind="matmul_floor",
+                backend="blas" if device == "cpu" else "cublas", **_info(mlp))

@@ -105,8 +105,9 @@ def backprop_worker(device: str, threads: int, mlps, max_time: float) -> list[di
     results = []
     for mlp in mlps:
         step = TrainingStep(mlp, device)
-        results.append(dict(time_step(step, synced(device, lambda: None), max_time),
-                            model=mlp.name, threads=_numba_threads(),
+        with mlp.blas_threads(device):  # as fit trains it
+            timing = time_step(step, synced(device, lambda: None), max_time)
+        results.append(dict(timing, model=mlp.name, threads=_numba_threads(),
                             kernels=K.backend_name(device), version=backprop.__version__,
                             omp_wait_policy_seen=os.environ.get("OMP_WAIT_POLICY", "default")))
     return results

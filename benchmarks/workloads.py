@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -399,6 +400,18 @@ class MLP:
     @property
     def n_params(self) -> int:
         return sum(i * o + o for i, o in self.layers)
+
+    def largest_product(self) -> int:
+        """Multiply-adds of the step's largest matrix product (``backprop.blas``)."""
+        return max(self.batch * i * o for i, o in self.layers)
+
+    def blas_threads(self, device: str):
+        """The BLAS thread cap under which ``fit`` would train this MLP on ``device``: the
+        step and its floor are timed inside it."""
+        from backprop import blas
+
+        return blas.threads_for(self.largest_product()) if device == "cpu" \
+            else contextlib.nullcontext()
 
     def matmul_flops(self) -> int:
         """Forward X Wᵀ per layer, backward δᵀX per layer and δW for all but the first."""

@@ -1,0 +1,74 @@
+"""BLAS threads for a model's matrix products: no more than their size pays for.
+
+Each Dense layer of a training step runs three matrix products (``X Wᵀ``, ``δᵀX``, ``δW``)
+of ``N·in·out`` multiply-adds each. OpenBLAS splits every product above 2¹⁸ multiply-adds
+across all its threads; for the products of a small MLP the second thread costs more in
+waking and joining than it saves, and spinning between products it slows the step's other
+work too. Whole training steps (Adam, float32) on a 2-core VM, medians, one BLAS thread
+against two (``benchmarks/workloads.py`` models):
+
+    64-128-128-10, batch 64     largest product  1.05 M    143 vs 160 µs   one thread 10 % faster
+    64-256-256-10, batch 32                      2.1 M     270 vs 270 µs
+    64-256-256-10, batch 64                      4.2 M     374 vs 358 µs
+    128-256-256-10, batch 128                    8.4 M     669 vs 586 µs
+    256-512-512-10, batch 64                    16.8 M    1546 vs 1152 µs
+
+So :func:`threads_for` caps OpenBLAS at one thread per :data:`MACS_PER_THREAD` multiply-adds
+of the largest product (at least one, never more than it is set to), and ``fit`` trains
+inside it. The cap is set through threadpoolctl, which finds the OpenBLAS that NumPy loaded,
+and only where that OpenBLAS runs its own pthreads pool (an OpenMP build shares its
+thread-count setting with every OpenMP user of the thread, Numba's kernels among them; MKL
+and other BLAS libraries are left alone).
+"""
+from __future__ import annotations
+
+import contextlib
+
+__all__ = ["MACS_PER_THREAD", "largest_product", "threads_for"]
+
+MACS_PER_THREAD = 1_500_000
+"""Multiply-adds of the largest product per BLAS thread that ``fit`` lets OpenBLAS use."""
+
+_state: dict = {}
+
+
+def largest_product(model, batch_size: int) -> int:
+    """Multiply-adds of the largest matrix product of ``model`` on a batch of
+    ``batch_size`` rows: ``batch_size · in · out`` of its largest Dense layer (0 for none)."""
+    from backprop.layers import Dense
+
+    return max((batch_size * m.in_features * m.out_features for m in model.modules()
+                if isinstance(m, Dense)), default=0)
+
+
+def _openblas():
+    """threadpoolctl's controller of the pthreads OpenBLAS libraries loaded here (None if
+    there is none, or threadpoolctl cannot inspect this process)."""
+    if "openblas" not in _state:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            controller = ThreadpoolController().select(internal_api="openblas")
+            pthreads = [lib for lib in controller.lib_controllers
+                        if getattr(lib, "threading_layer", None) == "pthreads"]
+            _state["openblas"] = controller if pthreads and len(pthreads) == len(
+                controller.lib_controllers) else None
+        except Exception:  # threadpoolctl's inspection failed: leave BLAS as it is
+            _state["openblas"] = None
+    return _state["openblas"]
+
+
+@contextlib.contextmanager
+def threads_for(largest: int):
+    """Within: OpenBLAS runs on at most ``max(1, largest // MACS_PER_THREAD)`` threads
+    (``largest``: the multiply-adds of the largest product, see :func:`largest_product`);
+    the thread count it had is restored on exit."""
+    openblas = _openblas()
+    wanted = max(1, largest // MACS_PER_THREAD)
+    current = 0 if openblas is None else min(
+        lib.num_threads for lib in openblas.lib_controllers)
+    if wanted >= current:
+        yield
+        return
+    with openblas.limit(limits=wanted):
+        yield

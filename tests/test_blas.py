@@ -1,0 +1,67 @@
+"""BLAS threads sized to a model's matrix products (backprop/blas.py) and fit running under
+that cap."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backprop import blas
+from backprop import callbacks as C
+from backprop import training
+from backprop.layers import BatchNorm1d, Dense, Dropout, Residual
+from backprop.model import Sequential
+
+
+def _openblas_threads() -> int:
+    """OpenBLAS's thread count now, or skip (with the reason) where it cannot be capped."""
+    if blas._openblas() is None:
+        pytest.skip("no OpenBLAS with a pthreads pool in this process (threadpoolctl found "
+                    "none): blas.threads_for leaves BLAS alone here")
+    return min(lib.num_threads for lib in blas._openblas().lib_controllers)
+
+
+def test_largest_product_is_the_largest_dense_layer_times_the_batch():
+    model = Sequential([Dense(64, 128, activation="relu"), BatchNorm1d(128), Dropout(0.1),
+                        Residual([Dense(128, 300, activation="relu"), Dense(300, 128)]),
+                        Dense(128, 10)])
+    assert blas.largest_product(model, 32) == 32 * 128 * 300
+    assert blas.largest_product(Sequential([Dropout(0.5)]), 32) == 0
+
+
+def test_small_products_run_on_one_thread_and_the_count_is_restored():
+    before = _openblas_threads()
+    if before < 2:
+        pytest.skip(f"OpenBLAS runs {before} thread here: nothing to cap")
+    with blas.threads_for(blas.MACS_PER_THREAD - 1):
+        assert _openblas_threads() == 1
+    assert _openblas_threads() == before
+    with blas.threads_for(before * blas.MACS_PER_THREAD):  # large enough for every thread
+        assert _openblas_threads() == before
+    assert _openblas_threads() == before
+
+
+class _BlasThreads(C.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_batch_end(self, batch, logs=None):
+        self.seen.append(_openblas_threads())
+
+
+@pytest.mark.parametrize("features, width", [(8, 32), (64, 2048)], ids=["small", "large"])
+def test_fit_trains_under_the_cap_of_its_model(features, width):
+    before = _openblas_threads()
+    if before < 2:
+        pytest.skip(f"OpenBLAS runs {before} thread here: nothing to cap")
+    model = Sequential([Dense(features, width, activation="relu"), Dense(width, 2)])
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((256, features)).astype(np.float32), rng.integers(0, 2, 256)
+    record = _BlasThreads()
+    training.fit(model, X, y, loss="cross_entropy", epochs=1, batch_size=128,
+                 callbacks=[record], verbose=0, seed=0)
+    # 128·8·32 multiply-adds: one thread; 128·64·2048 = 16.8 M: every thread OpenBLAS has
+    want = min(before, max(1, 128 * features * width // blas.MACS_PER_THREAD))
+    assert want == (1 if width == 32 else before)
+    assert record.seen == [want, want]
+    assert _openblas_threads() == before
