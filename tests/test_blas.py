@@ -1,5 +1,6 @@
 """BLAS threads sized to a model's matrix products (backprop/blas.py) and fit running under
-that cap."""
+that cap. CPU models only (the cap concerns the host's BLAS), also under
+``BACKPROP_DEVICE=cuda``."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from backprop import blas
 from backprop import callbacks as C
 from backprop import training
+from backprop.backend import use_device
 from backprop.layers import BatchNorm1d, Dense, Dropout, Residual
 from backprop.model import Sequential
 
@@ -20,6 +22,7 @@ def _openblas_threads() -> int:
     return min(lib.num_threads for lib in blas._openblas().lib_controllers)
 
 
+@use_device("cpu")
 def test_largest_product_is_the_largest_dense_layer_times_the_batch():
     model = Sequential([Dense(64, 128, activation="relu"), BatchNorm1d(128), Dropout(0.1),
                         Residual([Dense(128, 300, activation="relu"), Dense(300, 128)]),
@@ -50,6 +53,7 @@ class _BlasThreads(C.Callback):
 
 
 @pytest.mark.parametrize("features, width", [(8, 32), (64, 2048)], ids=["small", "large"])
+@use_device("cpu")
 def test_fit_trains_under_the_cap_of_its_model(features, width):
     before = _openblas_threads()
     if before < 2:
