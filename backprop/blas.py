@@ -49,10 +49,10 @@ def _openblas():
             from threadpoolctl import ThreadpoolController
 
             controller = ThreadpoolController().select(internal_api="openblas")
-            pthreads = [lib for lib in controller.lib_controllers
-                        if getattr(lib, "threading_layer", None) == "pthreads"]
-            _state["openblas"] = controller if pthreads and len(pthreads) == len(
-                controller.lib_controllers) else None
+            libraries = controller.lib_controllers
+            pthreads = libraries and all(getattr(lib, "threading_layer", None) == "pthreads"
+                                         for lib in libraries)
+            _state["openblas"] = controller if pthreads else None
         except Exception:  # threadpoolctl's inspection failed: leave BLAS as it is
             _state["openblas"] = None
     return _state["openblas"]
