@@ -328,7 +328,12 @@ def kernel_case(op: str, variant: str, size: str, xp, smoke: bool = False,
                 seed: int = 0, in_place: bool = False) -> KernelCase:
     """The arguments of one ``op`` call on arrays of ``xp`` (fresh buffers, fixed seed); with
     ``in_place``, the output is the input of :data:`IN_PLACE`, and the case's ``reset``
-    restores that input (a benchmark calls it before each timed call)."""
+    restores that input (a benchmark calls it before each timed call). On the CPU it
+    restores with :func:`parallel_copy`, on every thread, as the product before an
+    epilogue keeps every core busy: ``np.copyto`` (one thread, 8 ms for 64 MB) left the
+    second core idle that long, and a kernel started then ran at half speed on this VM
+    (sigmoid forward in place, 4096x4096: 6.2 ms after a one-thread restore, 3.5 ms after
+    a parallel one, 3.0 ms with no restore at all)."""
     builder, _ = CASE_BUILDERS[op]
     shape = case_shape(op, size, smoke)
     args, nbytes, flops = builder(xp, np.random.default_rng(seed), shape,
@@ -338,9 +343,10 @@ def kernel_case(op: str, variant: str, size: str, xp, smoke: bool = False,
         out, source = IN_PLACE[op]
         args = args[:out] + (args[source],) + args[out + 1:]
         original = args[source].copy()
+        restore = xp.copyto if xp is not np else parallel_copy()
 
         def reset():
-            xp.copyto(args[source], original)
+            restore(args[source].reshape(-1), original.reshape(-1))
 
     return KernelCase(op, variant, shape, args, int(nbytes), int(flops), reset)
 
