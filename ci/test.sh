@@ -23,7 +23,8 @@ $P tests -q $XDIST
 echo "== 2/4 model suite, BACKPROP_KERNELS=reference =="
 BACKPROP_KERNELS=reference $P tests -q $XDIST -m "not cudasim" \
   --ignore=tests/test_kernels.py --ignore=tests/test_cupy_compile.py \
-  --ignore=tests/test_cupy_launches.py --ignore=tests/test_numba_cuda_compile.py
+  --ignore=tests/test_cupy_launches.py --ignore=tests/test_numba_cuda_compile.py \
+  --ignore=tests/test_cuda_host.py
 
 echo "== 3/4 Numba CUDA kernels in the simulator =="
 NUMBA_ENABLE_CUDASIM=1 $P tests/test_kernels.py -q -k numba_cuda

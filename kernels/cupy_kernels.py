@@ -11,7 +11,8 @@ type placeholder in the elementwise kernels, a template parameter (both instanti
 raw modules; literal constants are cast to ``T``; sums are accumulated in float64.
 
     op                   kernel(s)
-    bias_act_forward     ElementwiseKernel per activation: no bias | bias | bias and Z ← Z + b
+    bias_act_forward     ElementwiseKernel per activation: no bias | bias (bias and Z ← Z + b
+                         where σ' needs Z)
     bias_act_backward    RawModule per activation: δ and the column sums of δ in one pass
                          (+ ElementwiseKernel ``bp_bias_grad_finalize`` on tall batches)
     softmax_*            RawModule ``bp_softmax``: one block per row, shared-memory max/sum
@@ -128,18 +129,16 @@ class RawModuleSpec:
 
 def _forward_specs(act: str) -> list[ElementwiseSpec]:
     pre = activation_source(act)
-    specs = [
-        ElementwiseSpec(f"bp_act_{act}", "T z, T alpha", "T a",
-                        "a = bp_activate<T>(z, alpha)", ("alpha",), pre),
-        ElementwiseSpec(f"bp_bias_act_{act}", "T z, raw T b, int64 m, T alpha", "T a",
-                        "a = bp_activate<T>(z + b[i % m], alpha)", ("m", "alpha"), pre),
-    ]
-    if act in NEEDS_Z:  # also keeps the pre-activation for the backward pass
-        specs.append(ElementwiseSpec(
+    plain = ElementwiseSpec(f"bp_act_{act}", "T z, T alpha", "T a",
+                            "a = bp_activate<T>(z, alpha)", ("alpha",), pre)
+    if act in NEEDS_Z:  # with a bias, also keeps the pre-activation for the backward pass
+        return [plain, ElementwiseSpec(
             f"bp_bias_act_keep_z_{act}", "raw T b, int64 m, T alpha", "T z, T a",
             "const T pre = z + b[i % m];\nz = pre;\na = bp_activate<T>(pre, alpha)",
-            ("m", "alpha"), pre))
-    return specs
+            ("m", "alpha"), pre)]
+    return [plain, ElementwiseSpec(
+        f"bp_bias_act_{act}", "T z, raw T b, int64 m, T alpha", "T a",
+        "a = bp_activate<T>(z + b[i % m], alpha)", ("m", "alpha"), pre)]
 
 
 _OPTIMIZER_SPECS = [

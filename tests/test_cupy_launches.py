@@ -26,27 +26,12 @@ import numpy as np
 import pytest
 
 from backprop import kernels
+from backprop.kernels import cupy_kernels as CK
 from conftest import kernel_arguments
+from cuda_host import C_SCALARS, install, kernel_signature
 
-cupy = pytest.importorskip("cupy", reason="CuPy is not installed: its backend cannot load")
-
-from backprop.kernels import cupy_kernels as CK  # noqa: E402
-
-C_TYPES = {"long long": np.int64, "int": np.int32, "double": np.float64}  # besides T
+C_TYPES = {ctype: numpy_type for ctype, (numpy_type, _) in C_SCALARS.items()}  # besides T
 SHAPES = [(6, 5), (600, 70)]  # 600 rows: more than _BIAS_ROWS_PER_BLOCK, so partial sums
-
-
-def _signature(code: str, kernel: str) -> tuple[list[tuple[str, bool]], str]:
-    """``([(C type, is pointer), ...], body)`` of ``__global__ void kernel(...)`` in ``code``."""
-    match = re.search(rf"__global__\s+void\s+{kernel}\s*\((.*?)\)\s*\{{", code, re.S)
-    assert match, f"no __global__ void {kernel}(...) in its module's source"
-    params = []
-    for param in match.group(1).split(","):
-        words = param.replace("const", " ").replace("*", " * ").split()[:-1]  # drop the name
-        params.append((" ".join(w for w in words if w != "*"), "*" in words))
-    following = code[match.end():]
-    end = following.find("template")
-    return params, following if end < 0 else following[:end]
 
 
 def _count_params(params: str) -> int:
@@ -70,11 +55,7 @@ class Recorder:
 @pytest.fixture
 def recorder(monkeypatch):
     rec = Recorder()
-    monkeypatch.setattr(CK, "raw_kernel", rec.raw_kernel)
-    monkeypatch.setattr(CK, "elementwise_kernel", rec.elementwise_kernel)
-    monkeypatch.setattr(CK, "_sm_count", lambda: 132)  # an H100/H200
-    monkeypatch.setattr(CK, "_workspace", lambda size: np.empty(max(size, 4096), np.float64))
-    monkeypatch.setattr(cupy, "ascontiguousarray", np.ascontiguousarray)
+    install(monkeypatch, rec.raw_kernel, rec.elementwise_kernel)
     return rec
 
 
@@ -89,7 +70,7 @@ CASES = [pytest.param(op, dtype, act, shape,
 
 def _check_raw_launch(module, kernel, dtype, grid, block, args):
     where = f"{kernel}<{dtype.name}>"
-    params, body = _signature(CK.RAW_MODULES[module].code, kernel)
+    params, body = kernel_signature(CK.RAW_MODULES[module].code, kernel)
     assert len(args) == len(params), (f"{where}: {len(args)} arguments for {len(params)} "
                                       f"parameters {params}")
     for k, ((ctype, pointer), arg) in enumerate(zip(params, args)):

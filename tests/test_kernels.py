@@ -26,6 +26,11 @@ Arrays are NumPy for numba_cpu and for numba_cuda under ``NUMBA_ENABLE_CUDASIM=1
 simulator runs kernels on host arrays, one Python thread per element: shapes stay small
 there), CuPy otherwise. A backend that cannot run here is skipped with
 ``kernels.unavailable_reason``; an available backend whose module fails to import fails.
+
+``cupy_on_host`` is the CuPy backend without a GPU: its op functions drive its CUDA C++
+sources compiled for the CPU by ``cuda_host.py`` (blocks in turn, threads as coroutines),
+on NumPy arrays and fewer rows. It checks the kernels' logic and math here; the GPU's own
+``exp``/``tanh``/``erf`` rounding is checked by the ``cupy`` backend on a GPU (ci/gpu.sh).
 """
 from __future__ import annotations
 
@@ -40,10 +45,12 @@ from typing import Callable
 import numpy as np
 import pytest
 
+import cuda_host
 from backprop import kernels as K
 from backprop.kernels import reference as R
 
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+CUPY_ON_HOST = "cupy_on_host"  # the CuPy backend's CUDA C++ compiled for the CPU (cuda_host.py)
 BACKENDS = [name for name in K.BACKENDS if name != "reference"]
 DTYPES = [np.float32, np.float64]
 RTOL = {np.float32: 1e-6, np.float64: 1e-12}
@@ -53,6 +60,8 @@ GELUS = ("gelu_tanh", "gelu_erf")
 def batch_shapes(backend: str) -> list[tuple[int, int]]:
     if backend == "numba_cuda" and SIMULATOR:
         return [(1, 1), (3, 5), (17, 9)]
+    if backend == CUPY_ON_HOST:  # every thread a coroutine: rows of 257 and tall batches
+        return [(1, 1), (1, 300), (300, 1), (67, 257)]  # (two-stage bias sums), fewer rows
     return [(1, 1), (1, 300), (300, 1), (1023, 257)]
 
 
@@ -64,7 +73,7 @@ def flat_shapes(backend: str) -> list[tuple[int, ...]]:
 
 
 def array_module(backend: str):
-    if backend == "numba_cpu" or (backend == "numba_cuda" and SIMULATOR):
+    if backend in ("numba_cpu", CUPY_ON_HOST) or (backend == "numba_cuda" and SIMULATOR):
         return np
     import cupy
 
@@ -554,9 +563,19 @@ case("batchnorm_backward", "mean_1000", batchnorm_backward_case(False, False, of
 # ---------------------------------------------------------------------------------------
 # The test
 def skip_unless_available(backend: str) -> None:
-    reason = K.unavailable_reason(backend)
+    reason = (cuda_host.unavailable_reason() if backend == CUPY_ON_HOST
+              else K.unavailable_reason(backend))
     if reason is not None:
         pytest.skip(f"kernel backend {backend} unavailable: {reason}")
+
+
+def backend_implementation(backend: str, op: str, monkeypatch):
+    """``op`` of ``backend``; for :data:`CUPY_ON_HOST`, the CuPy backend's own op function
+    driving its kernels compiled for the host (:func:`cuda_host.install`)."""
+    if backend == CUPY_ON_HOST:
+        cuda_host.install(monkeypatch)
+        return getattr(cuda_host.CK, op)
+    return K.implementation(backend, op)
 
 
 def test_every_op_has_cases():
@@ -565,13 +584,13 @@ def test_every_op_has_cases():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("op, build", CASES)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + [CUPY_ON_HOST])
 def test_matches_reference(backend, op, build, dtype, request, monkeypatch):
     skip_unless_available(backend)
     if backend == "numba_cpu":  # the largest shapes through the parallel loops, others serial
         monkeypatch.setattr(importlib.import_module("backprop.kernels.numba_cpu"),
                             "PARALLEL_MIN_ELEMENTS", 1023 * 257)
-    fn = K.implementation(backend, op)
+    fn = backend_implementation(backend, op, monkeypatch)
     xp = array_module(backend)
     shapes = flat_shapes(backend) if op.endswith("_step") else batch_shapes(backend)
     for shape in shapes:

@@ -1,0 +1,209 @@
+// The CUDA C++ that backprop's CuPy kernels use, on the host: enough to run the kernel
+// sources of kernels/cupy_kernels.py unchanged on a CPU (tests/cuda_host.py compiles them
+// with this header and launches them on NumPy arrays). It proves the kernels' logic and
+// math (indexing, reductions, barriers, warp shuffles) without a GPU; the GPU's own
+// rounding of exp, tanh or erf is left to ci/gpu.sh.
+//
+// Execution: the blocks of a grid run one after another; the threads of a block are
+// coroutines (one stack each) run in turn by a scheduler until each exits or waits:
+//   __syncthreads()      waits until every thread of the block is there
+//   __shfl_xor_sync()    publishes the lane's value, waits for every live lane of its warp,
+//                        reads the partner's value, waits again (so no slot is reused early)
+// A wait that can never be released (threads of a block waiting at different barriers, a
+// shuffle with lanes that exited) stops the launch with an error instead of hanging, and so
+// does a partial shuffle mask. __shared__ variables are function statics: one copy, shared
+// by the threads of the block that runs, as shared memory is.
+//
+// A coroutine starts through ucontext (makecontext/swapcontext) and then switches with
+// _setjmp/_longjmp, which do not save the signal mask (swapcontext makes a system call per
+// switch: a block reduction switches dozens of times per thread).
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <csetjmp>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <vector>
+#include <ucontext.h>
+
+using std::erf;
+using std::exp;
+using std::fabs;
+using std::fmax;
+using std::log;
+using std::log1p;
+using std::sqrt;
+using std::tanh;
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+
+struct dim3 {
+    unsigned x = 1, y = 1, z = 1;
+};
+
+namespace cuda_host {
+
+enum State { RUNNABLE, AT_BARRIER, AT_SHUFFLE, EXITED };
+
+struct Thread {
+    dim3 index;
+    State state = RUNNABLE;
+    bool started = false;
+    std::uint64_t slot = 0;  // the value this lane offers to a shuffle
+    jmp_buf resume;
+    ucontext_t start;
+};
+
+constexpr std::size_t STACK_BYTES = 64 * 1024;
+constexpr unsigned WARP = 32;
+
+inline dim3 block_index, block_dim, grid_dim;
+inline std::vector<Thread> threads;
+inline std::vector<char> stacks;
+inline Thread* current = nullptr;
+inline jmp_buf scheduler;
+inline std::function<void()> body;
+inline char error[512];
+
+inline void fail(const char* what) {
+    if (!error[0]) {
+        std::snprintf(error, sizeof error, "block (%u, %u, %u) thread (%u, %u, %u): %s",
+                      block_index.x, block_index.y, block_index.z, current->index.x,
+                      current->index.y, current->index.z, what);
+    }
+    current->state = EXITED;
+    _longjmp(scheduler, 1);
+}
+
+inline void wait(State state) {
+    current->state = state;
+    if (!_setjmp(current->resume)) _longjmp(scheduler, 1);
+}
+
+inline void entry() {
+    body();
+    current->state = EXITED;
+    _longjmp(scheduler, 1);  // never returns through the ucontext link
+}
+
+// Release the waits that can be released: a warp whose 32 lanes are all at a shuffle, or
+// the block when every thread is at the barrier (CUDA requires a __syncthreads that every
+// thread of the block reaches, and a full-mask shuffle that every lane of the warp reaches).
+// False if none can.
+inline bool release() {
+    bool released = false;
+    for (std::size_t w = 0; w < threads.size(); w += WARP) {
+        const std::size_t end = std::min(threads.size(), w + WARP);
+        bool shuffle = false, all = true;
+        for (std::size_t k = w; k < end; ++k) {
+            shuffle |= threads[k].state == AT_SHUFFLE;
+            all &= threads[k].state == AT_SHUFFLE;
+        }
+        if (shuffle && all) {
+            for (std::size_t k = w; k < end; ++k) threads[k].state = RUNNABLE;
+            released = true;
+        }
+    }
+    if (released) return true;
+    bool barrier = true;
+    for (const Thread& t : threads) barrier &= t.state == AT_BARRIER;
+    if (barrier)
+        for (Thread& t : threads) t.state = RUNNABLE;
+    return barrier;
+}
+
+// Run one block to completion; false with `error` set if it cannot finish.
+inline bool run_block() {
+    const unsigned n = block_dim.x * block_dim.y * block_dim.z;
+    for (unsigned k = 0; k < n; ++k) {
+        Thread& t = threads[k];
+        t.index = {k % block_dim.x, k / block_dim.x % block_dim.y,
+                   k / (block_dim.x * block_dim.y)};
+        t.state = RUNNABLE;
+        t.started = false;
+    }
+    for (;;) {
+        for (Thread& t : threads) {
+            if (t.state != RUNNABLE) continue;
+            current = &t;
+            if (!_setjmp(scheduler)) {
+                if (t.started) _longjmp(t.resume, 1);
+                t.started = true;
+                getcontext(&t.start);
+                t.start.uc_stack.ss_sp = stacks.data() + (&t - threads.data()) * STACK_BYTES;
+                t.start.uc_stack.ss_size = STACK_BYTES;
+                t.start.uc_link = nullptr;
+                makecontext(&t.start, entry, 0);
+                ucontext_t here;
+                swapcontext(&here, &t.start);
+            }
+            if (error[0]) return false;
+        }
+        bool done = true;
+        for (const Thread& t : threads) done &= t.state == EXITED;
+        if (done) return true;
+        if (!release()) {
+            std::snprintf(error, sizeof error,
+                          "block (%u, %u, %u): threads wait at different barriers, or at "
+                          "one that other threads exited without reaching (a __syncthreads "
+                          "or __shfl_xor_sync not reached by every thread of the block or "
+                          "warp)",
+                          block_index.x, block_index.y, block_index.z);
+            return false;
+        }
+    }
+}
+
+// Launch `kernel` (a call of the __global__ function with its arguments bound) on a grid.
+inline int launch(const unsigned* grid, const unsigned* block, std::function<void()> kernel) {
+    grid_dim = {grid[0], grid[1], grid[2]};
+    block_dim = {block[0], block[1], block[2]};
+    const unsigned n = block_dim.x * block_dim.y * block_dim.z;
+    error[0] = 0;
+    if (n == 0 || n > 1024) {
+        std::snprintf(error, sizeof error, "a block of %u threads (CUDA allows 1 to 1024)", n);
+        return 1;
+    }
+    threads.assign(n, Thread{});
+    if (stacks.size() < n * STACK_BYTES) stacks.resize(n * STACK_BYTES);
+    body = std::move(kernel);
+    for (unsigned z = 0; z < grid_dim.z; ++z)
+        for (unsigned y = 0; y < grid_dim.y; ++y)
+            for (unsigned x = 0; x < grid_dim.x; ++x) {
+                block_index = {x, y, z};
+                if (!run_block()) return 1;
+            }
+    return 0;
+}
+
+}  // namespace cuda_host
+
+#define threadIdx (cuda_host::current->index)
+#define blockIdx (cuda_host::block_index)
+#define blockDim (cuda_host::block_dim)
+#define gridDim (cuda_host::grid_dim)
+
+inline void __syncthreads() { cuda_host::wait(cuda_host::AT_BARRIER); }
+
+template <typename V>
+V __shfl_xor_sync(unsigned mask, V value, int lane_mask) {
+    static_assert(sizeof(V) <= sizeof(std::uint64_t), "a shuffle moves at most 8 bytes");
+    using namespace cuda_host;
+    if (mask != 0xffffffffu) fail("__shfl_xor_sync with a partial mask (not emulated)");
+    const std::size_t me = current - threads.data();
+    const std::size_t partner = me - me % WARP + ((me % WARP) ^ (unsigned(lane_mask) % WARP));
+    if (partner >= threads.size()) fail("__shfl_xor_sync reads a lane past the block");
+    std::memcpy(&current->slot, &value, sizeof value);
+    wait(AT_SHUFFLE);
+    V result;
+    std::memcpy(&result, &threads[partner].slot, sizeof result);
+    wait(AT_SHUFFLE);
+    return result;
+}
+
+extern "C" const char* cuda_host_error() { return cuda_host::error; }

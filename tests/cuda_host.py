@@ -1,0 +1,275 @@
+"""The CuPy backend's kernels run on the CPU: their CUDA C++ compiled for the host.
+
+``kernels/cupy_kernels.py`` declares every kernel as source text (:data:`ELEMENTWISE` specs
+and :data:`RAW_MODULES`). This module compiles all of it, unchanged, with the host C++
+compiler and ``cuda_host.h`` (a block scheduler with coroutine threads, ``__syncthreads``
+and warp shuffles; see its header comment), into one shared library, and gives launchers
+that run on NumPy arrays in place of ``cupy.RawKernel`` and ``cupy.ElementwiseKernel``.
+:func:`install` puts them under the backend's own op functions, so that the tests run the
+ops exactly as a GPU would be driven (launch geometry, two-stage reductions, workspaces) and
+compare the results with the reference. An elementwise kernel becomes the loop CuPy would
+generate: non-raw arguments bound to element ``i`` (read-only for inputs, by reference for
+outputs), ``raw`` ones as pointers, scalars as values of their declared type.
+
+What it cannot show: the GPU's own rounding (CUDA's ``exp``, ``tanh``, ``erf`` are not the
+host's libm), races between threads that a real GPU would interleave differently, and
+out-of-bounds accesses. ci/gpu.sh runs the same tests on a GPU.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+
+from backprop.kernels import cupy_kernels as CK
+
+HEADER = Path(__file__).with_name("cuda_host.h")
+COMPILERS = ("g++", "c++", "clang++")
+FLAGS = ("-std=c++17", "-O1", "-fPIC", "-shared", "-U_FORTIFY_SOURCE", "-w")
+CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+# CuPy's type names in ElementwiseKernel parameters -> C++ and NumPy
+_CUPY_TYPES = {"int64": ("long long", np.int64), "int32": ("int", np.int32),
+               "uint32": ("unsigned int", np.uint32), "float64": ("double", np.float64),
+               "float32": ("float", np.float32)}
+# C++ scalar types of raw-kernel parameters (T aside) -> NumPy and ctypes
+C_SCALARS = {"long long": (np.int64, ctypes.c_longlong), "int": (np.int32, ctypes.c_int),
+              "unsigned int": (np.uint32, ctypes.c_uint), "double": (np.float64, ctypes.c_double),
+              "float": (np.float32, ctypes.c_float)}
+
+
+def kernel_signature(code: str, kernel: str) -> tuple[list[tuple[str, bool]], str]:
+    """``([(C type, is pointer), ...], body)`` of ``__global__ void kernel(...)`` in ``code``
+    (``const`` dropped: ``const T* x`` is ``("T", True)``)."""
+    match = re.search(rf"__global__\s+void\s+{kernel}\s*\((.*?)\)\s*\{{", code, re.S)
+    assert match, f"no __global__ void {kernel}(...) in its module's source"
+    params = []
+    for param in match.group(1).split(","):
+        words = param.replace("const", " ").replace("*", " * ").split()[:-1]  # drop the name
+        params.append((" ".join(w for w in words if w != "*"), "*" in words))
+    following = code[match.end():]
+    end = following.find("template")
+    return params, following if end < 0 else following[:end]
+
+
+def elementwise_params(params: str) -> list[tuple[bool, str, str]]:
+    """``[(raw, CuPy type, name), ...]`` of an ElementwiseKernel parameter list."""
+    out = []
+    for param in filter(None, (p.strip() for p in params.split(","))):
+        words = param.split()
+        out.append((words[0] == "raw", words[-2], words[-1]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Code generation
+def _cxx_type(cupy_type: str) -> str:
+    return "T" if cupy_type == "T" else _CUPY_TYPES[cupy_type][0]
+
+
+def _unpack(k: int, ctype: str, pointer: bool) -> str:
+    """Argument ``k`` of a launch, read from ``void** a`` (each entry points at the value)."""
+    return f"*({ctype}**)a[{k}]" if pointer else f"*({ctype}*)a[{k}]"
+
+
+def _raw_module_source(spec) -> str:
+    lines = [f"namespace {spec.name} {{", spec.code, "}"]
+    for kernel in spec.kernels:
+        params, _ = kernel_signature(spec.code, kernel)
+        call = ", ".join(_unpack(k, c, p) for k, (c, p) in enumerate(params))
+        for ctype in CTYPES.values():
+            lines.append(
+                f'extern "C" int raw__{spec.name}__{kernel}__{ctype}'
+                "(const unsigned* g, const unsigned* b, void** a) {\n"
+                f"    using T = {ctype};\n"
+                f"    return cuda_host::launch(g, b, [=] {{ {spec.name}::{kernel}<T>({call}); }});\n"
+                "}")
+    return "\n".join(lines)
+
+
+def _elementwise_source(spec) -> str:
+    params = elementwise_params(spec.in_params) + elementwise_params(spec.out_params)
+    n_in = len(elementwise_params(spec.in_params))
+    decls, binds = [], []
+    for k, (raw, ctype, name) in enumerate(params):
+        ctype = _cxx_type(ctype)
+        if name in spec.scalars:
+            decls.append(f"const {ctype} {name}")
+        elif raw:
+            decls.append(f"{ctype}* {name}")
+        else:
+            decls.append(f"{ctype}* {name}_")
+            binds.append(f"const {ctype} {name} = {name}_[i];" if k < n_in
+                         else f"{ctype}& {name} = {name}_[i];")
+    call = ", ".join(_unpack(k, _cxx_type(t), name not in spec.scalars)
+                     for k, (_, t, name) in enumerate(params))
+    lines = [f"namespace {spec.name} {{", spec.preamble,
+             "template <typename T>",
+             f"void run(const long long n, {', '.join(decls)}) {{",
+             "    for (long long i = 0; i < n; ++i) {",
+             *(f"        {b}" for b in binds),
+             f"        {spec.operation};",
+             "    }", "}", "}"]
+    for ctype in CTYPES.values():
+        lines.append(f'extern "C" void elementwise__{spec.name}__{ctype}(long long n, void** a) '
+                     f"{{\n    using T = {ctype};\n    {spec.name}::run<T>(n, {call});\n}}")
+    return "\n".join(lines)
+
+
+def source(raw_modules, elementwise) -> str:
+    """The translation unit: the header, each raw module and each elementwise kernel in a
+    namespace of its own name, with ``extern "C"`` launchers for float and double."""
+    parts = ['#include "cuda_host.h"']
+    parts += [_raw_module_source(spec) for spec in raw_modules]
+    parts += [_elementwise_source(spec) for spec in elementwise]
+    return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
+# Build
+def compiler() -> str | None:
+    return next((c for c in map(shutil.which, COMPILERS) if c), None)
+
+
+def unavailable_reason() -> str | None:
+    if sys.platform != "linux":
+        return f"the host emulation of CUDA needs Linux's ucontext, not {sys.platform}"
+    if compiler() is None:
+        return f"no C++ compiler on PATH ({', '.join(COMPILERS)})"
+    return None
+
+
+_LIBRARIES: dict = {}
+
+
+def build(raw_modules=(), elementwise=()) -> ctypes.CDLL:
+    """The kernels of ``raw_modules`` (RawModuleSpecs) and ``elementwise`` (ElementwiseSpecs)
+    compiled for the host, once per source (kept in the temp directory); a compile error
+    raises with the compiler's message."""
+    code, cxx = source(raw_modules, elementwise), compiler()
+    key = hashlib.sha256("\n".join([code, HEADER.read_text(), cxx, *FLAGS]).encode()).hexdigest()
+    if key in _LIBRARIES:
+        return _LIBRARIES[key]
+    path = Path(tempfile.gettempdir()) / f"backprop-cuda-host-{key[:16]}.so"
+    if not path.exists():
+        work = Path(tempfile.mkdtemp(prefix="backprop-cuda-host-"))
+        (work / "kernels.cpp").write_text(code)
+        built = work / "kernels.so"
+        result = subprocess.run([cxx, *FLAGS, f"-I{HEADER.parent}", "kernels.cpp", "-o",
+                                 built.name], cwd=work, capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"{cxx} could not compile the kernels for the host "
+                               f"({work / 'kernels.cpp'}):\n{result.stderr[-4000:]}")
+        os.replace(built, path)  # atomic: parallel test workers may build it at once
+        shutil.rmtree(work)
+    lib = _LIBRARIES[key] = ctypes.CDLL(str(path))
+    lib.cuda_host_error.restype = ctypes.c_char_p
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """Every kernel of the CuPy backend, compiled for the host."""
+    return build(CK.RAW_MODULES.values(), CK.ELEMENTWISE.values())
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers in place of cupy's kernel objects
+def _pointers(values) -> ctypes.Array:
+    return (ctypes.c_void_p * len(values))(
+        *[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
+
+
+def _array(where: str, arg, dtype) -> ctypes.c_void_p:
+    assert isinstance(arg, np.ndarray) and arg.dtype == dtype and arg.flags.c_contiguous, (
+        f"{where}: expected a C-contiguous {np.dtype(dtype).name} array, got "
+        f"{type(arg).__name__} {getattr(arg, 'dtype', '')}")
+    return ctypes.c_void_p(arg.ctypes.data)
+
+
+def raw_launcher(lib: ctypes.CDLL, spec, kernel: str, dtype):
+    """``kernel<T>`` of the raw module ``spec`` in ``lib``, as ``launch(grid, block, args)``
+    (the call of a ``cupy.RawKernel``): pointers take C-contiguous arrays of their element
+    type, scalars NumPy scalars of exactly their type."""
+    dtype = np.dtype(dtype)
+    fn = getattr(lib, f"raw__{spec.name}__{kernel}__{CTYPES[dtype]}")
+    params, _ = kernel_signature(spec.code, kernel)
+    scalar_t = (dtype.type, C_SCALARS[CTYPES[dtype]][1])
+
+    def launch(grid, block, args):
+        where = f"{kernel}<{dtype.name}>"
+        assert len(args) == len(params), f"{where}: {len(args)} arguments for {len(params)}"
+        values = []
+        for (ctype, pointer), arg in zip(params, args):
+            want, cvalue = scalar_t if ctype == "T" else C_SCALARS[ctype]
+            if pointer:
+                values.append(_array(where, arg, want))
+            else:
+                assert type(arg) is want, f"{where}: {ctype} given as {type(arg).__name__}"
+                values.append(cvalue(arg))
+        dims = [(ctypes.c_uint * 3)(*(tuple(d) + (1,) * (3 - len(d)))) for d in (grid, block)]
+        if fn(*dims, _pointers(values)):
+            raise RuntimeError(f"{where}: {lib.cuda_host_error().decode()}")
+
+    return launch
+
+
+def elementwise_launcher(lib: ctypes.CDLL, spec):
+    """The elementwise kernel ``spec`` in ``lib``, as ``call(*in_args, *out_args)`` (the
+    call of a ``cupy.ElementwiseKernel``; ``T`` from the arrays, scalars cast to their
+    declared type, non-raw arrays of one size and C-contiguous)."""
+    params = elementwise_params(spec.in_params) + elementwise_params(spec.out_params)
+    name = spec.name
+
+    def call(*args):
+        assert len(args) == len(params), f"{name}: {len(args)} arguments for {len(params)}"
+        dtype = next(a.dtype for (_, t, _), a in zip(params, args)
+                     if t == "T" and isinstance(a, np.ndarray))
+        sizes = {a.size for (raw, _, p), a in zip(params, args)
+                 if not raw and p not in spec.scalars}
+        assert len(sizes) == 1, f"{name}: non-raw arrays of different sizes {sizes}"
+        values = []
+        for (raw, t, p), arg in zip(params, args):
+            numpy_type = dtype.type if t == "T" else _CUPY_TYPES[t][1]
+            if p in spec.scalars:
+                assert not isinstance(arg, np.ndarray), f"{name}: {p} is a scalar"
+                value = numpy_type(arg)
+                values.append(np.ctypeslib.as_ctypes_type(value.dtype)(value))
+            else:
+                values.append(_array(f"{name} {p}", arg, numpy_type))
+        getattr(lib, f"elementwise__{name}__{CTYPES[dtype]}")(
+            ctypes.c_longlong(sizes.pop()), _pointers(values))
+
+    return call
+
+
+def raw_kernel(module: str, kernel: str, dtype):
+    """The CuPy backend's ``raw_kernel``, on the host."""
+    return raw_launcher(library(), CK.RAW_MODULES[module], kernel, dtype)
+
+
+def elementwise_kernel(name: str):
+    """The CuPy backend's ``elementwise_kernel``, on the host."""
+    return elementwise_launcher(library(), CK.ELEMENTWISE[name])
+
+
+def install(monkeypatch, raw=raw_kernel, elementwise=elementwise_kernel) -> None:
+    """Drive ``cupy_kernels``' ops on NumPy arrays: its kernel factories replaced by ``raw``
+    and ``elementwise`` (these launchers, or a recorder), an H100's 132 SMs, host
+    workspaces, and a stand-in ``cupy`` module for the ops that import it."""
+    monkeypatch.setattr(CK, "raw_kernel", raw)
+    monkeypatch.setattr(CK, "elementwise_kernel", elementwise)
+    monkeypatch.setattr(CK, "_sm_count", lambda: 132)
+    monkeypatch.setattr(CK, "_workspace", lambda size: np.empty(max(size, 4096), np.float64))
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+        ascontiguousarray=np.ascontiguousarray, int64=np.int64))
