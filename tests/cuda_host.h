@@ -5,7 +5,9 @@
 // rounding of exp, tanh or erf is left to ci/gpu.sh.
 //
 // Execution: the blocks of a grid run one after another; the threads of a block are
-// coroutines (one stack each) run in turn by a scheduler until each exits or waits:
+// coroutines (one stack each) run in turn by a scheduler until each exits or waits (in
+// index order, or from the last to the first in odd-numbered blocks, so that a race
+// between threads shows as blocks that disagree):
 //   __syncthreads()      waits until every thread of the block is there
 //   __shfl_xor_sync()    publishes the lane's value, waits for every live lane of its warp,
 //                        reads the partner's value, waits again (so no slot is reused early)
@@ -127,8 +129,14 @@ inline bool run_block() {
         t.state = RUNNABLE;
         t.started = false;
     }
+    // odd blocks run their threads last to first: a kernel whose result depends on the
+    // order of threads between two barriers (a race) gives different blocks different
+    // results, which the comparison with the reference catches
+    const bool reversed = (block_index.x + grid_dim.x * (block_index.y + grid_dim.y *
+                                                         block_index.z)) % 2;
     for (;;) {
-        for (Thread& t : threads) {
+        for (unsigned step = 0; step < n; ++step) {
+            Thread& t = threads[reversed ? n - 1 - step : step];
             if (t.state != RUNNABLE) continue;
             current = &t;
             if (!_setjmp(scheduler)) {

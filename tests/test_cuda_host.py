@@ -39,6 +39,14 @@ __global__ void bp_probe_block_reduce(const T* x, T* sums, T* maxes) {
     maxes[k] = (T)bp_block_max(v, scratch);
 }
 
+// x[t] = x[t + 1] with no barrier between the reads and the writes: a race
+template <typename T>
+__global__ void bp_probe_race(T* x) {
+    T* row = x + (long long)blockIdx.x * blockDim.x;
+    const T next = threadIdx.x + 1 < blockDim.x ? row[threadIdx.x + 1] : T(0);
+    row[threadIdx.x] = next;
+}
+
 // a barrier that only the even threads reach
 template <typename T>
 __global__ void bp_probe_divergent(T* out) {
@@ -53,7 +61,8 @@ __global__ void bp_probe_partial_mask(T* out) {
 }
 """
 _PROBE = CK.RawModuleSpec("bp_probe", _PROBE_CODE, (
-    "bp_probe_indices", "bp_probe_block_reduce", "bp_probe_divergent", "bp_probe_partial_mask"))
+    "bp_probe_indices", "bp_probe_block_reduce", "bp_probe_race", "bp_probe_divergent",
+    "bp_probe_partial_mask"))
 
 
 def _probe(kernel: str, dtype=np.float64, code: str = _PROBE_CODE):
@@ -95,6 +104,14 @@ def test_a_missing_barrier_gives_a_wrong_block_sum():
     _probe("bp_probe_block_reduce", code=_PROBE_CODE.replace(CK._BLOCK_REDUCE, broken))(
         (3,), (128,), (x, sums, maxes))
     assert not np.allclose(sums, np.repeat(x.sum(1, keepdims=True), 128, 1))
+
+
+def test_a_race_between_threads_makes_blocks_disagree():
+    """Odd blocks run their threads in the opposite order: in the even block every thread
+    reads its neighbour before the neighbour writes, in the odd one after."""
+    x = np.tile(np.arange(1.0, 5.0), (2, 1))
+    _probe("bp_probe_race")((2,), (4,), (x,))
+    np.testing.assert_array_equal(x, [[2, 3, 4, 0], [0, 0, 0, 0]])
 
 
 def test_a_barrier_not_reached_by_every_thread_is_an_error():
