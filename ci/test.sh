@@ -3,8 +3,10 @@
 # backprop with its test extra, then runs, each as its own pytest job:
 #   1. the whole suite with the default kernels (numba_cpu on this CPU);
 #   2. the model-level suite again with BACKPROP_KERNELS=reference (the oracle path);
-#   3. the Numba CUDA kernels for real in Numba's CUDA simulator (small shapes);
-#   4. the benchmarks once in smoke mode (--benchmark-disable) so they cannot rot.
+#   3. the model-level suite again on the CuPy backend's kernels, their CUDA C++ compiled
+#      for this CPU (tests/cuda_host.py; skipped with the reason where no C++ compiler is);
+#   4. the Numba CUDA kernels for real in Numba's CUDA simulator (small shapes);
+#   5. the benchmarks once in smoke mode (--benchmark-disable) so they cannot rot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source ci/venv.sh test
@@ -17,19 +19,25 @@ export NUMBA_NUM_THREADS=${NUMBA_NUM_THREADS:-2}
 WORKERS=${PYTEST_WORKERS:-$(nproc)}
 XDIST="-n $WORKERS --dist worksteal"
 
-echo "== 1/4 full suite, default kernels =="
+KERNEL_TESTS="--ignore=tests/test_kernels.py --ignore=tests/test_cupy_compile.py \
+  --ignore=tests/test_cupy_launches.py --ignore=tests/test_numba_cuda_compile.py \
+  --ignore=tests/test_cuda_host.py"
+
+echo "== 1/5 full suite, default kernels =="
 $P tests -q $XDIST
 
-echo "== 2/4 model suite, BACKPROP_KERNELS=reference =="
-BACKPROP_KERNELS=reference $P tests -q $XDIST -m "not cudasim" \
-  --ignore=tests/test_kernels.py --ignore=tests/test_cupy_compile.py \
-  --ignore=tests/test_cupy_launches.py --ignore=tests/test_numba_cuda_compile.py \
-  --ignore=tests/test_cuda_host.py
+echo "== 2/5 model suite, BACKPROP_KERNELS=reference =="
+BACKPROP_KERNELS=reference $P tests -q $XDIST -m "not cudasim" $KERNEL_TESTS
 
-echo "== 3/4 Numba CUDA kernels in the simulator =="
+echo "== 3/5 model suite, the CuPy kernels compiled for this CPU =="
+# test_no_allocation holds numba_cpu's step to zero allocations; the host launchers allocate
+BACKPROP_TEST_KERNELS=cupy_on_host $P tests -q -ra $XDIST -m "not cudasim" $KERNEL_TESTS \
+  --ignore=tests/test_no_allocation.py | grep -v "^SKIPPED.*no CUDA device"
+
+echo "== 4/5 Numba CUDA kernels in the simulator =="
 NUMBA_ENABLE_CUDASIM=1 $P tests/test_kernels.py -q -k numba_cuda
 
-echo "== 4/4 benchmarks, smoke mode =="
+echo "== 5/5 benchmarks, smoke mode =="
 if [ -d benchmarks ] && ls benchmarks/test_*.py >/dev/null 2>&1; then
   $P benchmarks -q --benchmark-disable
 else

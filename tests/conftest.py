@@ -2,6 +2,7 @@
 cannot run here is skipped with its reason shown (``pytest -ra`` lists them)."""
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -46,6 +47,26 @@ def kernels_for_both_devices():
         kernels.set_backend("auto")
     yield
     kernels.set_backend(previous)
+
+
+@pytest.fixture(autouse=True)
+def cupy_kernels_on_host(monkeypatch):
+    """With ``BACKPROP_TEST_KERNELS=cupy_on_host`` (a job of ci/test.sh), every kernel call on
+    NumPy arrays runs the CuPy backend's op, its CUDA C++ compiled for the host
+    (``cuda_host.py``): the model-level suite then drives that backend as a GPU run would
+    (its buffers, aliases, accumulation flags and workspaces), without a GPU."""
+    if os.environ.get("BACKPROP_TEST_KERNELS") != "cupy_on_host":
+        yield
+        return
+    import cuda_host
+
+    reason = cuda_host.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the CuPy kernels cannot run on the host: {reason}")
+    cuda_host.install(monkeypatch)
+    monkeypatch.setitem(kernels._state["tables"], "cpu",
+                        {op: getattr(cuda_host.CK, op) for op in kernels.OPS})
+    yield
 
 
 @pytest.fixture

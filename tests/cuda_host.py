@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import os
 import re
 import shutil
@@ -263,13 +264,30 @@ def elementwise_kernel(name: str):
     return elementwise_launcher(library(), CK.ELEMENTWISE[name])
 
 
+_WORKSPACE: dict = {"array": np.empty(0)}
+
+
+def _workspace(size: int) -> np.ndarray:
+    """The backend's float64 scratch vector, on the host: grown when too small, then reused
+    (as the backend's own, so a warm training step allocates nothing)."""
+    if _WORKSPACE["array"].size < size:
+        _WORKSPACE["array"] = np.empty(max(size, 4096), np.float64)
+    return _WORKSPACE["array"]
+
+
 def install(monkeypatch, raw=raw_kernel, elementwise=elementwise_kernel) -> None:
     """Drive ``cupy_kernels``' ops on NumPy arrays: its kernel factories replaced by ``raw``
-    and ``elementwise`` (these launchers, or a recorder), an H100's 132 SMs, host
-    workspaces, and a stand-in ``cupy`` module for the ops that import it."""
+    and ``elementwise`` (these launchers, or a recorder), an H100's 132 SMs, a host
+    workspace, and ``cupy.ascontiguousarray`` (the one CuPy function an op calls itself) by
+    NumPy's: on CuPy's module where it is installed, else on a stand-in module."""
     monkeypatch.setattr(CK, "raw_kernel", raw)
     monkeypatch.setattr(CK, "elementwise_kernel", elementwise)
     monkeypatch.setattr(CK, "_sm_count", lambda: 132)
-    monkeypatch.setattr(CK, "_workspace", lambda size: np.empty(max(size, 4096), np.float64))
-    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
-        ascontiguousarray=np.ascontiguousarray, int64=np.int64))
+    monkeypatch.setattr(CK, "_workspace", _workspace)
+    if importlib.util.find_spec("cupy") is not None:
+        import cupy
+
+        monkeypatch.setattr(cupy, "ascontiguousarray", np.ascontiguousarray)
+    else:
+        monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+            ascontiguousarray=np.ascontiguousarray, int64=np.int64))
