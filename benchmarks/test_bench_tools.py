@@ -163,3 +163,14 @@ def test_in_place_case_overwrites_its_input_and_reset_restores_it(op):
     assert not np.array_equal(case.args[source], before)
     case.reset()
     np.testing.assert_array_equal(case.args[source], before)
+
+
+def test_in_place_variants_are_the_layers_calls():
+    """Dense runs every backward epilogue in place (δ over dA) and a forward epilogue in
+    place only where σ' needs A alone (GELU keeps Z and writes A to a second buffer)."""
+    from workloads import kernel_variants
+
+    in_place = {(op, v) for op, v, place in kernel_variants() if place}
+    for act in ("relu", "sigmoid", "gelu_tanh", "gelu_erf"):
+        assert ("bias_act_backward", act) in in_place
+        assert (("bias_act_forward", act) in in_place) == act.startswith(("relu", "sigmoid"))
