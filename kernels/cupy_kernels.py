@@ -303,6 +303,7 @@ __global__ void bp_softmax_backward(const T* dy, const T* y, T* dx, const long l
 
 // loss_i = (1 - eps)(lse - z_label) - eps/C (sum_k z_k - C lse), grad = scale (softmax(z) - y)
 // with y = off + on at the label, off elsewhere (off = eps/C, on = 1 - eps); grad may alias z.
+// A label outside [0, C) gives a NaN loss and gradient row, as in the numba backends.
 template <typename T>
 __global__ void bp_softmax_xent(const T* z, const long long* labels, const T off, const T on,
                                 const T scale, const double smoothing, T* grad, T* loss,
@@ -312,6 +313,11 @@ __global__ void bp_softmax_xent(const T* z, const long long* labels, const T off
     const T* zr = z + row * c;
     T* gr = grad + row * c;
     const long long label = labels[row];
+    if (label < 0 || label >= c) {  // the caller validates labels: never read past the row
+        for (long long j = threadIdx.x; j < c; j += blockDim.x) gr[j] = (T)nan("");
+        if (threadIdx.x == 0) loss[row] = (T)nan("");
+        return;  // the whole block: one row per block
+    }
     const double z_label = (double)zr[label];  // read before any thread overwrites the row
     double mx = (double)zr[0];
     for (long long j = threadIdx.x; j < c; j += blockDim.x) mx = fmax(mx, (double)zr[j]);

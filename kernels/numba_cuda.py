@@ -464,11 +464,13 @@ def _softmax_backward_kernel(dtype):
 @functools.lru_cache(maxsize=None)
 def _softmax_xent_kernel(dtype):
     ntype = numba.from_dtype(_checked_dtype(dtype))
+    nan = ntype(math.nan)
 
     @cuda.jit
     def kernel(logits, labels, on, off, keep, spread, scale, grad, loss):
         """loss_i = log Σ_k e^(z_ik - m_i) - (1-ε)(z_iy - m_i) - ε/C Σ_k (z_ik - m_i) (float64);
-        grad_ik = scale (softmax(z_i)_k - (on if k = y_i else off))."""
+        grad_ik = scale (softmax(z_i)_k - (on if k = y_i else off)); a label outside [0, C)
+        gives a NaN row."""
         shm = cuda.shared.array((ROWS, LANES), ntype)
         shs = cuda.shared.array((ROWS, LANES), numba.float64)
         shz = cuda.shared.array((ROWS, LANES), numba.float64)
@@ -478,7 +480,9 @@ def _softmax_xent_kernel(dtype):
             row = base + ty
             r = min(row, n - 1)
             label = labels[r]
-            z_label = _ZERO64 + logits[r, label]  # read before grad (which may alias) is written
+            valid = 0 <= label < c  # the caller validates labels: never read past the row
+            # read before grad (which may alias) is written
+            z_label = _ZERO64 + logits[r, label if valid else 0]
             mx = logits[r, 0]
             for k in range(tx, c, LANES):
                 if logits[r, k] > mx:
@@ -490,7 +494,12 @@ def _softmax_xent_kernel(dtype):
                 acc += math.exp(logits[r, k] - mx)
                 acc_z += logits[r, k]
             sum_exp, sum_z = _lane_sum_pair(shs, shz, acc, acc_z, tx, ty)
-            if row < n:
+            if row < n and not valid:  # a NaN row (the lanes stay for the sums above)
+                for k in range(tx, c, LANES):
+                    grad[row, k] = nan
+                if tx == 0:
+                    loss[row] = nan
+            elif row < n:
                 total = ntype(sum_exp)
                 for k in range(tx, c, LANES):
                     p = math.exp(logits[row, k] - mx) / total

@@ -16,6 +16,10 @@
 // does a partial shuffle mask. __shared__ variables are function statics: one copy, shared
 // by the threads of the block that runs, as shared memory is.
 //
+// Memory: every pointer of a kernel is a bp_ptr (below) that checks each index against the
+// size of the array it came from: an array argument, or a __shared__ array passed to a
+// function (a __shared__ array indexed where it is declared is a plain C array, unchecked).
+//
 // A coroutine starts through ucontext (makecontext/swapcontext) and then switches with
 // _setjmp/_longjmp, which do not save the signal mask (swapcontext makes a system call per
 // switch: a block reduction switches dozens of times per thread).
@@ -36,6 +40,7 @@ using std::fabs;
 using std::fmax;
 using std::log;
 using std::log1p;
+using std::nan;
 using std::sqrt;
 using std::tanh;
 
@@ -62,6 +67,7 @@ struct Thread {
 };
 
 constexpr std::size_t STACK_BYTES = 64 * 1024;
+constexpr unsigned ONE[3] = {1, 1, 1};  // the grid and block of an elementwise kernel's loop
 constexpr unsigned WARP = 32;
 
 inline dim3 block_index, block_dim, grid_dim;
@@ -72,7 +78,7 @@ inline jmp_buf scheduler;
 inline std::function<void()> body;
 inline char error[512];
 
-inline void fail(const char* what) {
+[[noreturn]] inline void fail(const char* what) {
     if (!error[0]) {
         std::snprintf(error, sizeof error, "block (%u, %u, %u) thread (%u, %u, %u): %s",
                       block_index.x, block_index.y, block_index.z, current->index.x,
@@ -189,7 +195,38 @@ inline int launch(const unsigned* grid, const unsigned* block, std::function<voi
     return 0;
 }
 
+[[noreturn]] inline void out_of_bounds(const char* name, long long at, long long size) {
+    char what[256];
+    std::snprintf(what, sizeof what, "%s[%lld] is outside the %lld elements of %s", name, at,
+                  size, name);
+    fail(what);
+}
+
 }  // namespace cuda_host
+
+// A pointer that knows the array it points into: tests/cuda_host.py declares every pointer
+// of a kernel (parameters, and pointers computed from them) as one, so that an index outside
+// the array stops the launch with an error where a GPU would read or write stray memory.
+template <typename T>
+struct bp_ptr {
+    T* base;
+    long long size;
+    const char* name;
+    long long offset = 0;
+
+    bp_ptr(T* base_, long long size_, const char* name_, long long offset_ = 0)
+        : base(base_), size(size_), name(name_), offset(offset_) {}
+    template <std::size_t N>
+    bp_ptr(T (&array)[N]) : base(array), size(N), name("a __shared__ array") {}
+
+    T& operator[](long long k) const {
+        const long long at = offset + k;
+        if (at < 0 || at >= size) cuda_host::out_of_bounds(name, at, size);
+        return base[at];
+    }
+    bp_ptr operator+(long long k) const { return bp_ptr(base, size, name, offset + k); }
+    operator bp_ptr<const T>() const { return bp_ptr<const T>(base, size, name, offset); }
+};
 
 #define threadIdx (cuda_host::current->index)
 #define blockIdx (cuda_host::block_index)

@@ -49,18 +49,27 @@ C_SCALARS = {"long long": (np.int64, ctypes.c_longlong), "int": (np.int32, ctype
               "float": (np.float32, ctypes.c_float)}
 
 
-def kernel_signature(code: str, kernel: str) -> tuple[list[tuple[str, bool]], str]:
-    """``([(C type, is pointer), ...], body)`` of ``__global__ void kernel(...)`` in ``code``
-    (``const`` dropped: ``const T* x`` is ``("T", True)``)."""
+def kernel_signature(code: str, kernel: str) -> tuple[list[tuple[str, bool, str]], str]:
+    """``([(C type, is pointer, name), ...], body)`` of ``__global__ void kernel(...)`` in
+    ``code`` (``const`` dropped: ``const T* x`` is ``("T", True, "x")``)."""
     match = re.search(rf"__global__\s+void\s+{kernel}\s*\((.*?)\)\s*\{{", code, re.S)
     assert match, f"no __global__ void {kernel}(...) in its module's source"
     params = []
     for param in match.group(1).split(","):
-        words = param.replace("const", " ").replace("*", " * ").split()[:-1]  # drop the name
-        params.append((" ".join(w for w in words if w != "*"), "*" in words))
+        words = param.replace("const", " ").replace("*", " * ").split()
+        params.append((" ".join(w for w in words[:-1] if w != "*"), "*" in words, words[-1]))
     following = code[match.end():]
     end = following.find("template")
     return params, following if end < 0 else following[:end]
+
+
+_POINTER = re.compile(r"\b((?:const\s+)?(?:T|double|float|long long|unsigned int|int))\s*\*(?=\s*\w)")
+
+
+def checked_pointers(code: str) -> str:
+    """``code`` with every pointer declaration ``[const] X* name`` (parameters and locals)
+    turned into ``bp_ptr<[const] X> name``, which checks each index (cuda_host.h)."""
+    return _POINTER.sub(lambda m: f"bp_ptr<{m.group(1)}> ", code)
 
 
 def elementwise_params(params: str) -> list[tuple[bool, str, str]]:
@@ -78,23 +87,28 @@ def _cxx_type(cupy_type: str) -> str:
     return "T" if cupy_type == "T" else _CUPY_TYPES[cupy_type][0]
 
 
-def _unpack(k: int, ctype: str, pointer: bool) -> str:
-    """Argument ``k`` of a launch, read from ``void** a`` (each entry points at the value)."""
-    return f"*({ctype}**)a[{k}]" if pointer else f"*({ctype}*)a[{k}]"
+def _unpack(k: int, ctype: str, pointer: bool, name: str) -> str:
+    """Argument ``k`` of a launch, read from ``void** a`` (each entry points at the value);
+    a pointer becomes a ``bp_ptr`` over the ``n[k]`` elements of its array."""
+    if pointer:
+        return f'bp_ptr<{ctype}>(*({ctype}**)a[{k}], n[{k}], "{name}")'
+    return f"*({ctype}*)a[{k}]"
+
+
+_LAUNCHER = ('extern "C" int {symbol}({params}) {{\n    using T = {ctype};\n'
+             "    return cuda_host::launch({grid}, [=] {{ {call}; }});\n}}")
 
 
 def _raw_module_source(spec) -> str:
-    lines = [f"namespace {spec.name} {{", spec.code, "}"]
+    lines = [f"namespace {spec.name} {{", checked_pointers(spec.code), "}"]
     for kernel in spec.kernels:
         params, _ = kernel_signature(spec.code, kernel)
-        call = ", ".join(_unpack(k, c, p) for k, (c, p) in enumerate(params))
+        args = ", ".join(_unpack(k, *param) for k, param in enumerate(params))
         for ctype in CTYPES.values():
-            lines.append(
-                f'extern "C" int raw__{spec.name}__{kernel}__{ctype}'
-                "(const unsigned* g, const unsigned* b, void** a) {\n"
-                f"    using T = {ctype};\n"
-                f"    return cuda_host::launch(g, b, [=] {{ {spec.name}::{kernel}<T>({call}); }});\n"
-                "}")
+            lines.append(_LAUNCHER.format(
+                symbol=f"raw__{spec.name}__{kernel}__{ctype}", ctype=ctype, grid="g, b",
+                params="const unsigned* g, const unsigned* b, void** a, const long long* n",
+                call=f"{spec.name}::{kernel}<T>({args})"))
     return "\n".join(lines)
 
 
@@ -107,12 +121,12 @@ def _elementwise_source(spec) -> str:
         if name in spec.scalars:
             decls.append(f"const {ctype} {name}")
         elif raw:
-            decls.append(f"{ctype}* {name}")
+            decls.append(f"bp_ptr<{ctype}> {name}")
         else:
-            decls.append(f"{ctype}* {name}_")
+            decls.append(f"bp_ptr<{ctype}> {name}_")
             binds.append(f"const {ctype} {name} = {name}_[i];" if k < n_in
                          else f"{ctype}& {name} = {name}_[i];")
-    call = ", ".join(_unpack(k, _cxx_type(t), name not in spec.scalars)
+    args = ", ".join(_unpack(k, _cxx_type(t), name not in spec.scalars, name)
                      for k, (_, t, name) in enumerate(params))
     lines = [f"namespace {spec.name} {{", spec.preamble,
              "template <typename T>",
@@ -121,9 +135,12 @@ def _elementwise_source(spec) -> str:
              *(f"        {b}" for b in binds),
              f"        {spec.operation};",
              "    }", "}", "}"]
-    for ctype in CTYPES.values():
-        lines.append(f'extern "C" void elementwise__{spec.name}__{ctype}(long long n, void** a) '
-                     f"{{\n    using T = {ctype};\n    {spec.name}::run<T>(n, {call});\n}}")
+    for ctype in CTYPES.values():  # one thread of one block: the loop as CuPy writes it
+        lines.append(_LAUNCHER.format(
+            symbol=f"elementwise__{spec.name}__{ctype}", ctype=ctype,
+            grid="cuda_host::ONE, cuda_host::ONE",
+            params="long long size, void** a, const long long* n",
+            call=f"{spec.name}::run<T>(size, {args})"))
     return "\n".join(lines)
 
 
@@ -191,6 +208,12 @@ def _pointers(values) -> ctypes.Array:
         *[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
 
 
+def _sizes(args) -> ctypes.Array:
+    """The element count of each array argument (0 for a scalar), for the ``bp_ptr``s."""
+    return (ctypes.c_longlong * len(args))(
+        *[a.size if isinstance(a, np.ndarray) else 0 for a in args])
+
+
 def _array(where: str, arg, dtype) -> ctypes.c_void_p:
     assert isinstance(arg, np.ndarray) and arg.dtype == dtype and arg.flags.c_contiguous, (
         f"{where}: expected a C-contiguous {np.dtype(dtype).name} array, got "
@@ -211,7 +234,7 @@ def raw_launcher(lib: ctypes.CDLL, spec, kernel: str, dtype):
         where = f"{kernel}<{dtype.name}>"
         assert len(args) == len(params), f"{where}: {len(args)} arguments for {len(params)}"
         values = []
-        for (ctype, pointer), arg in zip(params, args):
+        for (ctype, pointer, _), arg in zip(params, args):
             want, cvalue = scalar_t if ctype == "T" else C_SCALARS[ctype]
             if pointer:
                 values.append(_array(where, arg, want))
@@ -219,7 +242,7 @@ def raw_launcher(lib: ctypes.CDLL, spec, kernel: str, dtype):
                 assert type(arg) is want, f"{where}: {ctype} given as {type(arg).__name__}"
                 values.append(cvalue(arg))
         dims = [(ctypes.c_uint * 3)(*(tuple(d) + (1,) * (3 - len(d)))) for d in (grid, block)]
-        if fn(*dims, _pointers(values)):
+        if fn(*dims, _pointers(values), _sizes(args)):
             raise RuntimeError(f"{where}: {lib.cuda_host_error().decode()}")
 
     return launch
@@ -248,8 +271,9 @@ def elementwise_launcher(lib: ctypes.CDLL, spec):
                 values.append(np.ctypeslib.as_ctypes_type(value.dtype)(value))
             else:
                 values.append(_array(f"{name} {p}", arg, numpy_type))
-        getattr(lib, f"elementwise__{name}__{CTYPES[dtype]}")(
-            ctypes.c_longlong(sizes.pop()), _pointers(values))
+        fn = getattr(lib, f"elementwise__{name}__{CTYPES[dtype]}")
+        if fn(ctypes.c_longlong(sizes.pop()), _pointers(values), _sizes(args)):
+            raise RuntimeError(f"{name}: {lib.cuda_host_error().decode()}")
 
     return call
 

@@ -47,6 +47,22 @@ __global__ void bp_probe_race(T* x) {
     row[threadIdx.x] = next;
 }
 
+// out[t] = x[t + 1]: the last thread reads one past the end of x
+template <typename T>
+__global__ void bp_probe_past_the_end(const T* x, T* out) {
+    const T* from = x + 1;
+    out[threadIdx.x] = from[threadIdx.x];
+}
+
+// a __shared__ array of 32 written by every thread of the block
+template <typename T>
+__global__ void bp_probe_past_shared(T* out) {
+    __shared__ double scratch[32];
+    bp_ptr<double> s = scratch;
+    s[threadIdx.x] = 1.0;
+    out[threadIdx.x] = T(s[threadIdx.x]);
+}
+
 // a barrier that only the even threads reach
 template <typename T>
 __global__ void bp_probe_divergent(T* out) {
@@ -61,8 +77,8 @@ __global__ void bp_probe_partial_mask(T* out) {
 }
 """
 _PROBE = CK.RawModuleSpec("bp_probe", _PROBE_CODE, (
-    "bp_probe_indices", "bp_probe_block_reduce", "bp_probe_race", "bp_probe_divergent",
-    "bp_probe_partial_mask"))
+    "bp_probe_indices", "bp_probe_block_reduce", "bp_probe_race", "bp_probe_past_the_end",
+    "bp_probe_past_shared", "bp_probe_divergent", "bp_probe_partial_mask"))
 
 
 def _probe(kernel: str, dtype=np.float64, code: str = _PROBE_CODE):
@@ -112,6 +128,19 @@ def test_a_race_between_threads_makes_blocks_disagree():
     x = np.tile(np.arange(1.0, 5.0), (2, 1))
     _probe("bp_probe_race")((2,), (4,), (x,))
     np.testing.assert_array_equal(x, [[2, 3, 4, 0], [0, 0, 0, 0]])
+
+
+def test_an_index_past_an_array_is_an_error():
+    """Every pointer of a kernel knows its array: a read one past the end of an argument
+    (through a pointer computed from it) and a write past a __shared__ array are caught."""
+    x, out = np.arange(8.0), np.zeros(8)
+    _probe("bp_probe_past_the_end")((1,), (7,), (x, out))  # threads 0..6 read x[1..7]
+    np.testing.assert_array_equal(out[:7], x[1:])
+    with pytest.raises(RuntimeError, match=r"x\[8\] is outside the 8 elements of x"):
+        _probe("bp_probe_past_the_end")((1,), (8,), (x, out))
+    _probe("bp_probe_past_shared")((1,), (32,), (out := np.zeros(64),))
+    with pytest.raises(RuntimeError, match=r"__shared__ array\[32\] is outside the 32"):
+        _probe("bp_probe_past_shared")((1,), (64,), (out,))
 
 
 def test_a_barrier_not_reached_by_every_thread_is_an_error():

@@ -73,7 +73,7 @@ def _check_raw_launch(module, kernel, dtype, grid, block, args):
     params, body = kernel_signature(CK.RAW_MODULES[module].code, kernel)
     assert len(args) == len(params), (f"{where}: {len(args)} arguments for {len(params)} "
                                       f"parameters {params}")
-    for k, ((ctype, pointer), arg) in enumerate(zip(params, args)):
+    for k, ((ctype, pointer, _), arg) in enumerate(zip(params, args)):
         want = dtype.type if ctype == "T" else C_TYPES[ctype]
         if pointer:
             assert isinstance(arg, np.ndarray) and arg.dtype == want, (

@@ -644,6 +644,35 @@ def test_strided_buffers_are_rejected_or_handled(backend):
                                   np.maximum(np.asarray(z if xp is np else xp.asnumpy(z)), 0))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("backend", BACKENDS + [CUPY_ON_HOST])
+def test_a_label_outside_the_classes_gives_a_nan_row(backend, dtype, monkeypatch):
+    """The losses validate labels before any kernel sees them; a kernel called directly with
+    a label outside [0, C) must still not read outside its row (a GPU would read stray
+    memory, CuPy would wrap a negative index): its loss and gradient row are NaN, and the
+    other rows are what they would be without it."""
+    skip_unless_available(backend)
+    fn = backend_implementation(backend, "softmax_xent", monkeypatch)
+    xp = array_module(backend)
+    rng = np.random.default_rng(5)
+    n, c = 6, 7
+    logits = rng.standard_normal((n, c)).astype(dtype)
+    labels = rng.integers(0, c, n)
+    bad = [1, n - 1]
+    labels[bad] = [-1, c]  # the last row's: past the end of the whole array
+    grad, loss = xp.empty((n, c), dtype), xp.empty(n, dtype)
+    fn(xp.asarray(logits), xp.asarray(labels), 0.1, 1.0 / n, grad, loss)
+    grad, loss = (a if xp is np else xp.asnumpy(a) for a in (grad, loss))
+    assert np.isnan(loss[bad]).all() and np.isnan(grad[bad]).all()
+    good = np.setdiff1d(np.arange(n), bad)
+    want_grad, want_loss = np.empty((good.size, c)), np.empty(good.size)
+    R.softmax_xent(logits[good].astype(np.float64), labels[good], 0.1, 1.0 / n, want_grad,
+                   want_loss)
+    np.testing.assert_allclose(loss[good], want_loss, rtol=10 * RTOL[dtype])
+    np.testing.assert_allclose(grad[good], want_grad, rtol=10 * RTOL[dtype],
+                               atol=10 * RTOL[dtype] / n)
+
+
 def test_numba_cpu_rejects_bad_buffers_clearly():
     pytest.importorskip("numba")
     from backprop.kernels import numba_cpu
