@@ -1,9 +1,10 @@
 """The CuPy backend's kernels run on the CPU: their CUDA C++ compiled for the host.
 
 ``kernels/cupy_kernels.py`` declares every kernel as source text (:data:`ELEMENTWISE` specs
-and :data:`RAW_MODULES`). This module compiles all of it, unchanged, with the host C++
-compiler and ``cuda_host.h`` (a block scheduler with coroutine threads, ``__syncthreads``
-and warp shuffles; see its header comment), into one shared library, and gives launchers
+and :data:`RAW_MODULES`). This module compiles all of it with the host C++ compiler and
+``cuda_host.h`` (a block scheduler with coroutine threads, ``__syncthreads`` and warp
+shuffles, bounds-checked pointers; see its header comment), unchanged but for its pointer
+declarations (:func:`checked_pointers`), into one shared library, and gives launchers
 that run on NumPy arrays in place of ``cupy.RawKernel`` and ``cupy.ElementwiseKernel``.
 :func:`install` puts them under the backend's own op functions, so that the tests run the
 ops exactly as a GPU would be driven (launch geometry, two-stage reductions, workspaces) and
@@ -11,9 +12,13 @@ compare the results with the reference. An elementwise kernel becomes the loop C
 generate: non-raw arguments bound to element ``i`` (read-only for inputs, by reference for
 outputs), ``raw`` ones as pointers, scalars as values of their declared type.
 
-What it cannot show: the GPU's own rounding (CUDA's ``exp``, ``tanh``, ``erf`` are not the
-host's libm), races between threads that a real GPU would interleave differently, and
-out-of-bounds accesses. ci/gpu.sh runs the same tests on a GPU.
+What it shows besides the numbers: a barrier or shuffle not reached by every thread, an
+index outside an array, and races that the order of the threads between two barriers
+decides (odd blocks run their threads in reverse). What it cannot show: the GPU's own
+rounding (CUDA's ``exp``, ``tanh``, ``erf`` are not the host's libm), races that only an
+interleaving of instructions reveals (the emulator switches threads at barriers alone), and
+indexes into a ``__shared__`` array where it is declared. ci/gpu.sh runs the same tests on
+a GPU.
 """
 from __future__ import annotations
 
