@@ -380,6 +380,11 @@ def _format_logs(logs: dict, keys=None) -> str:
     return " - ".join(parts)
 
 
+def _format_seconds(seconds: float) -> str:
+    """``"1.25 s"``, or ``"3.4 ms"`` below a second (a small model's epoch is milliseconds)."""
+    return f"{seconds:.2f} s" if seconds >= 1.0 else f"{seconds * 1e3:.3g} ms"
+
+
 class ProgressBar(Callback):
     """A tqdm bar per epoch (samples, samples/s, running loss and metrics) when stdout is a
     terminal; otherwise one line per epoch. ``fit`` adds it for ``verbose=1`` (bar on a
@@ -430,8 +435,9 @@ class ProgressBar(Callback):
             return
         if self.verbose:
             print(f"Epoch {epoch + 1}/{self.params.get('epochs')}: "
-                  f"{logs.get('time', 0.0):.2f} s, {logs.get('samples_per_s', 0.0):.0f} samples/s"
-                  f" - {_format_logs(logs)}", file=self._out(), flush=True)
+                  f"{_format_seconds(logs.get('time', 0.0))}, "
+                  f"{logs.get('samples_per_s', 0.0):,.0f} samples/s - {_format_logs(logs)}",
+                  file=self._out(), flush=True)
 
     def on_train_end(self, logs=None):
         if self._bar is not None:

@@ -5,6 +5,7 @@ import csv
 import io as stdio
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -203,6 +204,12 @@ def test_progress_output(moons, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[1].startswith("Epoch 2/2:") and "samples/s" in lines[1]
     assert "loss" in lines[1] and "accuracy" in lines[1]
+    assert re.match(r"Epoch 2/2: [\d.]+ m?s, [\d,]+ samples/s - ", lines[1]), lines[1]
+
+
+def test_epoch_times_are_shown_in_a_readable_unit():
+    assert [C._format_seconds(t) for t in (0.0034, 0.25, 1.0, 12.345)] == [
+        "3.4 ms", "250 ms", "1.00 s", "12.35 s"]
 
 
 class FakeTTY(stdio.StringIO):
