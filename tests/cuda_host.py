@@ -175,17 +175,33 @@ def unavailable_reason() -> str | None:
 _LIBRARIES: dict = {}
 
 
+def _cache_dir() -> Path:
+    """Where the compiled libraries are kept: ``$XDG_CACHE_HOME/backprop/cuda_host`` (as CuPy
+    keeps its kernels under the home directory: a temp directory may be mounted noexec,
+    which no shared library loads from), else the temp directory."""
+    for base in (os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                 tempfile.gettempdir()):
+        folder = Path(base) / "backprop" / "cuda_host"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            return folder
+    raise RuntimeError("no writable directory for the host-compiled CUDA kernels")
+
+
 def build(raw_modules=(), elementwise=()) -> ctypes.CDLL:
     """The kernels of ``raw_modules`` (RawModuleSpecs) and ``elementwise`` (ElementwiseSpecs)
-    compiled for the host, once per source (kept in the temp directory); a compile error
+    compiled for the host, once per source (kept in :func:`_cache_dir`); a compile error
     raises with the compiler's message."""
     code, cxx = source(raw_modules, elementwise), compiler()
     key = hashlib.sha256("\n".join([code, HEADER.read_text(), cxx, *FLAGS]).encode()).hexdigest()
     if key in _LIBRARIES:
         return _LIBRARIES[key]
-    path = Path(tempfile.gettempdir()) / f"backprop-cuda-host-{key[:16]}.so"
+    path = _cache_dir() / f"kernels-{key[:16]}.so"
     if not path.exists():
-        work = Path(tempfile.mkdtemp(prefix="backprop-cuda-host-"))
+        work = Path(tempfile.mkdtemp(prefix="kernels-", dir=path.parent))
         (work / "kernels.cpp").write_text(code)
         built = work / "kernels.so"
         result = subprocess.run([cxx, *FLAGS, f"-I{HEADER.parent}", "kernels.cpp", "-o",
