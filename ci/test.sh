@@ -5,7 +5,8 @@
 #   2. the model-level suite again with BACKPROP_KERNELS=reference (the oracle path);
 #   3. the model-level suite again on the CuPy backend's kernels, their CUDA C++ compiled
 #      for this CPU (tests/cuda_host.py; skipped with the reason where no C++ compiler is);
-#   4. the Numba CUDA kernels for real in Numba's CUDA simulator (small shapes);
+#   4. the Numba CUDA kernels for real in Numba's CUDA simulator (small shapes), then the
+#      layer, loss, optimizer, gradcheck and regularizer tests on them;
 #   5. the benchmarks once in smoke mode (--benchmark-disable) so they cannot rot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,10 @@ BACKPROP_TEST_KERNELS=cupy_on_host $P tests -q -ra $XDIST -m "not cudasim" $KERN
 
 echo "== 4/5 Numba CUDA kernels in the simulator =="
 NUMBA_ENABLE_CUDASIM=1 $P tests/test_kernels.py -q -k numba_cuda
+# the training loops (test_training, test_model, ...) would take the simulator many minutes
+NUMBA_ENABLE_CUDASIM=1 BACKPROP_TEST_KERNELS=numba_cuda_sim $P -q $XDIST -m "not cudasim" \
+  tests/test_layers.py tests/test_losses.py tests/test_optim.py tests/test_gradcheck.py \
+  tests/test_regularizers.py
 
 echo "== 5/5 benchmarks, smoke mode =="
 if [ -d benchmarks ] && ls benchmarks/test_*.py >/dev/null 2>&1; then

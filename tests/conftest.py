@@ -50,22 +50,34 @@ def kernels_for_both_devices():
 
 
 @pytest.fixture(autouse=True)
-def cupy_kernels_on_host(monkeypatch):
-    """With ``BACKPROP_TEST_KERNELS=cupy_on_host`` (a job of ci/test.sh), every kernel call on
-    NumPy arrays runs the CuPy backend's op, its CUDA C++ compiled for the host
-    (``cuda_host.py``): the model-level suite then drives that backend as a GPU run would
-    (its buffers, aliases, accumulation flags and workspaces), without a GPU."""
-    if os.environ.get("BACKPROP_TEST_KERNELS") != "cupy_on_host":
-        yield
-        return
-    import cuda_host
+def gpu_kernels_on_host(monkeypatch):
+    """``BACKPROP_TEST_KERNELS`` (jobs of ci/test.sh) routes every kernel call on NumPy arrays
+    to a GPU backend's op run on the host, so that the model-level tests drive that backend
+    as a GPU run would (its buffers, aliases, accumulation flags and workspaces):
 
-    reason = cuda_host.unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"the CuPy kernels cannot run on the host: {reason}")
-    cuda_host.install(monkeypatch)
-    monkeypatch.setitem(kernels._state["tables"], "cpu",
-                        {op: getattr(cuda_host.CK, op) for op in kernels.OPS})
+    - ``cupy_on_host``: the CuPy backend, its CUDA C++ compiled for the CPU (cuda_host.py);
+    - ``numba_cuda_sim``: the Numba CUDA backend in Numba's simulator (with
+      ``NUMBA_ENABLE_CUDASIM=1``; a Python thread per GPU thread, so for the unit-level
+      files, not the training loops)."""
+    choice = os.environ.get("BACKPROP_TEST_KERNELS")
+    if choice == "cupy_on_host":
+        import cuda_host
+
+        reason = cuda_host.unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"the CuPy kernels cannot run on the host: {reason}")
+        cuda_host.install(monkeypatch)
+        module = cuda_host.CK
+    elif choice == "numba_cuda_sim":
+        if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+            pytest.fail("BACKPROP_TEST_KERNELS=numba_cuda_sim needs NUMBA_ENABLE_CUDASIM=1")
+        from backprop.kernels import numba_cuda as module
+    elif choice:
+        pytest.fail(f"BACKPROP_TEST_KERNELS={choice!r}: expected cupy_on_host or "
+                    "numba_cuda_sim")
+    if choice:
+        monkeypatch.setitem(kernels._state["tables"], "cpu",
+                            {op: getattr(module, op) for op in kernels.OPS})
     yield
 
 
