@@ -1,6 +1,6 @@
 // The CUDA C++ that backprop's CuPy kernels use, on the host: enough to run the kernel
-// sources of kernels/cupy_kernels.py unchanged on a CPU (tests/cuda_host.py compiles them
-// with this header and launches them on NumPy arrays). It proves the kernels' logic and
+// sources of kernels/cupy_kernels.py on a CPU, unchanged but for their pointer declarations
+// (tests/cuda_host.py compiles them with this header and launches them on NumPy arrays). It proves the kernels' logic and
 // math (indexing, reductions, barriers, warp shuffles) without a GPU; the GPU's own
 // rounding of exp, tanh or erf is left to ci/gpu.sh.
 //
@@ -9,11 +9,11 @@
 // index order, or from the last to the first in odd-numbered blocks, so that a race
 // between threads shows as blocks that disagree):
 //   __syncthreads()      waits until every thread of the block is there
-//   __shfl_xor_sync()    publishes the lane's value, waits for every live lane of its warp,
+//   __shfl_xor_sync()    publishes the lane's value, waits for every lane of its warp,
 //                        reads the partner's value, waits again (so no slot is reused early)
-// A wait that can never be released (threads of a block waiting at different barriers, a
-// shuffle with lanes that exited) stops the launch with an error instead of hanging, and so
-// does a partial shuffle mask. __shared__ variables are function statics: one copy, shared
+// A wait that can never be released (threads of a block waiting at different barriers, or
+// at one that others exited without reaching) stops the launch with an error instead of
+// hanging, and so does a partial shuffle mask. __shared__ variables are function statics: one copy, shared
 // by the threads of the block that runs, as shared memory is.
 //
 // Memory: every pointer of a kernel is a bp_ptr (below) that checks each index against the
