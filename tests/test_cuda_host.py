@@ -185,3 +185,35 @@ def test_a_wrong_formula_in_the_backend_source_is_caught(monkeypatch):
     want = [a.copy() for a in (p, g, m, v)]
     R.adam_step(*want, None, *args)
     assert not np.allclose(got[0], want[0], rtol=1e-12)
+
+
+def test_a_training_step_launches_one_kernel_per_fused_op(monkeypatch):
+    """What a GPU step of the CuPy backend launches besides cuBLAS's matrix products: one
+    kernel per layer and direction (Dense's epilogues, BatchNorm, Dropout), one for the loss,
+    and one Adam update for all eight parameter tensors of the model."""
+    from backprop import kernels as K
+    from test_no_allocation import _step_and_model
+
+    launched = []
+
+    def recorded(factory, name):
+        launch = factory()
+        return lambda *args: (launched.append(name), launch(*args))
+
+    cuda_host.install(
+        monkeypatch,
+        raw=lambda module, kernel, dtype: recorded(
+            lambda: cuda_host.raw_kernel(module, kernel, dtype), kernel),
+        elementwise=lambda name: recorded(lambda: cuda_host.elementwise_kernel(name), name))
+    monkeypatch.setitem(K._state["tables"], "cpu", {op: getattr(CK, op) for op in K.OPS})
+    step = _step_and_model(np.float32)  # Dense gelu, BatchNorm, Dropout, Dense relu, Dense
+    step()
+    launched.clear()
+    step()
+    assert launched == [
+        "bp_bias_act_keep_z_gelu_erf", "bp_batchnorm_forward", "bp_dropout",
+        "bp_bias_act_relu", "bp_bias_act_identity",
+        "bp_softmax_xent",
+        "bp_bias_act_backward", "bp_bias_act_backward", "bp_dropout", "bp_batchnorm_backward",
+        "bp_bias_act_backward",
+        "bp_adam"]
