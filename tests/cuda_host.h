@@ -1,8 +1,8 @@
 // The CUDA C++ that backprop's CuPy kernels use, on the host: enough to run the kernel
 // sources of kernels/cupy_kernels.py on a CPU, unchanged but for their pointer declarations
-// (tests/cuda_host.py compiles them with this header and launches them on NumPy arrays). It proves the kernels' logic and
-// math (indexing, reductions, barriers, warp shuffles) without a GPU; the GPU's own
-// rounding of exp, tanh or erf is left to ci/gpu.sh.
+// (tests/cuda_host.py compiles them with this header and launches them on NumPy arrays).
+// It proves the kernels' logic and math (indexing, reductions, barriers, warp shuffles)
+// without a GPU; the GPU's own rounding of exp, tanh or erf is left to ci/gpu.sh.
 //
 // Execution: the blocks of a grid run one after another; the threads of a block are
 // coroutines (one stack each) run in turn by a scheduler until each exits or waits (in
@@ -13,8 +13,8 @@
 //                        reads the partner's value, waits again (so no slot is reused early)
 // A wait that can never be released (threads of a block waiting at different barriers, or
 // at one that others exited without reaching) stops the launch with an error instead of
-// hanging, and so does a partial shuffle mask. __shared__ variables are function statics: one copy, shared
-// by the threads of the block that runs, as shared memory is.
+// hanging, and so does a partial shuffle mask. __shared__ variables are function statics:
+// one copy, shared by the threads of the block that runs, as shared memory is.
 //
 // Memory: every pointer of a kernel is a bp_ptr (below) that checks each index against the
 // size of the array it came from: an array argument, or a __shared__ array passed to a

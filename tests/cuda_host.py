@@ -68,7 +68,8 @@ def kernel_signature(code: str, kernel: str) -> tuple[list[tuple[str, bool, str]
     return params, following if end < 0 else following[:end]
 
 
-_POINTER = re.compile(r"\b((?:const\s+)?(?:T|double|float|long long|unsigned int|int))\s*\*(?=\s*\w)")
+_POINTER = re.compile(
+    r"\b((?:const\s+)?(?:T|double|float|long long|unsigned int|int))\s*\*(?=\s*\w)")
 
 
 def checked_pointers(code: str) -> str:
