@@ -76,9 +76,14 @@ def gpu_kernels_on_host(monkeypatch):
         pytest.fail(f"BACKPROP_TEST_KERNELS={choice!r}: expected cupy_on_host or "
                     "numba_cuda_sim")
     if choice:
-        monkeypatch.setitem(kernels._state["tables"], "cpu",
-                            {op: getattr(module, op) for op in kernels.OPS})
+        route_cpu_kernels(monkeypatch, module)
     yield
+
+
+def route_cpu_kernels(monkeypatch, module) -> None:
+    """Until the test ends, kernel calls on NumPy arrays run ``module``'s op functions."""
+    monkeypatch.setitem(kernels._state["tables"], "cpu",
+                        {op: getattr(module, op) for op in kernels.OPS})
 
 
 @pytest.fixture

@@ -191,7 +191,7 @@ def test_a_training_step_launches_one_kernel_per_fused_op(monkeypatch):
     """What a GPU step of the CuPy backend launches besides cuBLAS's matrix products: one
     kernel per layer and direction (Dense's epilogues, BatchNorm, Dropout), one for the loss,
     and one Adam update for all eight parameter tensors of the model."""
-    from backprop import kernels as K
+    from conftest import route_cpu_kernels
     from test_no_allocation import _step_and_model
 
     launched = []
@@ -205,7 +205,7 @@ def test_a_training_step_launches_one_kernel_per_fused_op(monkeypatch):
         raw=lambda module, kernel, dtype: recorded(
             lambda: cuda_host.raw_kernel(module, kernel, dtype), kernel),
         elementwise=lambda name: recorded(lambda: cuda_host.elementwise_kernel(name), name))
-    monkeypatch.setitem(K._state["tables"], "cpu", {op: getattr(CK, op) for op in K.OPS})
+    route_cpu_kernels(monkeypatch, CK)
     step = _step_and_model(np.float32)  # Dense gelu, BatchNorm, Dropout, Dense relu, Dense
     step()
     launched.clear()
