@@ -40,14 +40,14 @@ class Activation(Layer):
     def forward(self, x):
         out = self._buffer("out", x.shape, x)
         K.bias_act_forward(_rows(x), None, _rows(out), self.kernel, self.alpha)
-        self._x, self._out = x, out
+        self._ctx.saved = x, out
         return out
 
     def backward(self, grad, need_input_grad=True):
         if not need_input_grad:
             return None
-        g = _rows(grad)
-        K.bias_act_backward(g, _rows(self._out), _rows(self._x), self.kernel, self.alpha, g)
+        g, (x, out) = _rows(grad), self._ctx.saved
+        K.bias_act_backward(g, _rows(out), _rows(x), self.kernel, self.alpha, g)
         return grad
 
     def config(self) -> dict:
@@ -117,14 +117,14 @@ class Softmax(Activation):
     def forward(self, x):
         out = self._buffer("out", x.shape, x)
         K.softmax_forward(_rows(x, True), _rows(out, True))
-        self._out = out
+        self._ctx.out = out
         return out
 
     def backward(self, grad, need_input_grad=True):
         if not need_input_grad:
             return None
         g = _rows(grad, True)
-        K.softmax_backward(g, _rows(self._out, True), g)
+        K.softmax_backward(g, _rows(self._ctx.out, True), g)
         return grad
 
 

@@ -19,10 +19,16 @@ inside it. The cap is set through threadpoolctl, which finds the OpenBLAS that N
 and only where that OpenBLAS runs its own pthreads pool (an OpenMP build shares its
 thread-count setting with every OpenMP user of the thread, Numba's kernels among them; MKL
 and other BLAS libraries are left alone).
+
+The thread count of OpenBLAS is one setting for the whole process, while ``fit`` may run in
+several threads at once: the caps of the ``fit`` calls in progress are kept in one
+registry, the largest of them applies (no model is starved of the threads it pays for),
+and the original count returns when the last one ends, whatever the order they end in.
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 
 __all__ = ["MACS_PER_THREAD", "largest_product", "threads_for"]
 
@@ -30,6 +36,9 @@ MACS_PER_THREAD = 1_500_000
 """Multiply-adds of the largest product per BLAS thread that ``fit`` lets OpenBLAS use."""
 
 _state: dict = {}
+_lock = threading.Lock()
+_active: list[int] = []  # the caps of the threads_for blocks in progress, in any thread
+_original: dict = {}  # the count OpenBLAS had before the first of them
 
 
 def largest_product(model, batch_size: int) -> int:
@@ -58,17 +67,35 @@ def _openblas():
     return _state["openblas"]
 
 
+def _apply(openblas) -> None:
+    """Set OpenBLAS to the largest active cap (never above the original count), or back to
+    the original count when no cap is active. Called with ``_lock`` held."""
+    original = _original["threads"]
+    count = min(max(_active), original) if _active else original
+    for lib in openblas.lib_controllers:
+        if lib.num_threads != count:
+            lib.set_num_threads(count)
+
+
 @contextlib.contextmanager
 def threads_for(largest: int):
     """Within: OpenBLAS runs on at most ``max(1, largest // MACS_PER_THREAD)`` threads
-    (``largest``: the multiply-adds of the largest product, see :func:`largest_product`);
-    the thread count it had is restored on exit."""
+    (``largest``: the multiply-adds of the largest product, see :func:`largest_product`),
+    or on more where a concurrent block in another thread asked for more; the thread count
+    it had is restored when the last block ends. Thread-safe."""
     openblas = _openblas()
-    wanted = max(1, largest // MACS_PER_THREAD)
-    current = 0 if openblas is None else min(
-        lib.num_threads for lib in openblas.lib_controllers)
-    if wanted >= current:
+    if openblas is None:
         yield
         return
-    with openblas.limit(limits=wanted):
+    wanted = max(1, largest // MACS_PER_THREAD)
+    with _lock:
+        if not _active:
+            _original["threads"] = min(lib.num_threads for lib in openblas.lib_controllers)
+        _active.append(wanted)
+        _apply(openblas)
+    try:
         yield
+    finally:
+        with _lock:
+            _active.remove(wanted)
+            _apply(openblas)

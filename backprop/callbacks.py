@@ -2,7 +2,8 @@
 
 ``fit`` calls, in this order::
 
-    on_train_begin(logs)
+    on_train_begin(logs)                     each callback checks here, before any step,
+                                             that what it needs will be there (see below)
       on_epoch_begin(epoch, logs)            epoch counts from 0 (printed from 1)
         on_batch_begin(batch, logs)          logs: {"batch", "size"}
         on_batch_end(batch, logs)            logs: {"batch", "size", "loss"} (host float)
@@ -11,8 +12,24 @@
 
 Every callback sees ``self.model``, ``self.optimizer``, ``self.scheduler`` and ``self.params``
 (``epochs``, ``initial_epoch``, ``steps``, ``samples``, ``batch_size``, ``verbose``,
-``log_keys``: the keys every epoch's logs will have). Setting
+``log_keys``: the keys every complete epoch's logs will have). Setting
 ``self.model.stop_training = True`` ends training after the current batch.
+
+Checks. Arguments are checked when a callback is built (``TypeError``/``ValueError``); what
+depends on the run is checked in ``on_train_begin``, before the first step: the log keys a
+callback reads (a monitored key, the fields of a file name pattern) against
+``params["log_keys"]``, and the directory it writes to (it must exist and be writable). So a
+misconfigured callback fails at once, not after an epoch of training.
+
+An epoch stopped mid-way (a callback set ``stop_training`` in ``on_batch_end``, e.g.
+:class:`TerminateOnNaN`) still gets ``on_epoch_end``, as in Keras, so that :class:`History`
+records the loss that stopped it. Its logs are the running logs of the steps so far: the
+loss may be NaN or inf, and ``val_*`` and other keys may be missing. During that call
+``self.epoch_complete`` is False (``CallbackList`` sets it: the model's ``stop_training`` was
+already set when the epoch ended). History and CSVLogger record such an epoch (NaN / an
+empty field for a missing key); ModelCheckpoint, EarlyStopping and LearningRateScheduler
+skip it (it is not a finished epoch: a checkpoint of it would claim one, and resuming from
+the last complete epoch replays it exactly).
 """
 from __future__ import annotations
 
@@ -20,10 +37,14 @@ import csv
 import json
 import math
 import os
+import string
 import sys
 import time
+import warnings
 
 import numpy as np
+
+from backprop import checks
 
 __all__ = [
     "Callback", "CallbackList", "History", "EarlyStopping", "ModelCheckpoint", "TerminateOnNaN",
@@ -32,12 +53,16 @@ __all__ = [
 
 
 class Callback:
-    """Base class: override the hooks you need; each does nothing by default."""
+    """Base class: override the hooks you need; each does nothing by default.
+
+    ``epoch_complete`` is False only inside ``on_epoch_end`` of an epoch that a callback
+    stopped mid-way (see the module docstring)."""
 
     model = None
     optimizer = None
     scheduler = None
     params: dict = {}
+    epoch_complete: bool = True
 
     def set_context(self, model, optimizer, scheduler, params: dict) -> None:
         self.model, self.optimizer, self.scheduler, self.params = \
@@ -57,10 +82,13 @@ class Callback:
 
 
 class CallbackList:
-    """Calls a hook on every callback in order; ``fit`` talks only to this."""
+    """Calls a hook on every callback in order; ``fit`` talks only to this. Before
+    ``on_epoch_end`` it sets each callback's ``epoch_complete``: False when the model's
+    ``stop_training`` is already set, i.e. a callback stopped the epoch before its end."""
 
     def __init__(self, callbacks, model, optimizer, scheduler, params: dict):
         self.callbacks = list(callbacks)
+        self.model = model
         for cb in self.callbacks:
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be backprop.callbacks.Callback instances, got "
@@ -81,8 +109,15 @@ class CallbackList:
             cb.on_epoch_begin(epoch, logs)
 
     def on_epoch_end(self, epoch, logs=None):
-        for cb in self.callbacks:
-            cb.on_epoch_end(epoch, logs)
+        # read before any on_epoch_end runs: EarlyStopping sets the flag after a full epoch
+        complete = not getattr(self.model, "stop_training", False)
+        try:
+            for cb in self.callbacks:
+                cb.epoch_complete = complete
+                cb.on_epoch_end(epoch, logs)
+        finally:
+            for cb in self.callbacks:
+                cb.epoch_complete = True
 
     def on_batch_begin(self, batch, logs=None):
         for cb in self._batch_hooks:
@@ -103,6 +138,46 @@ def _stop(model) -> None:
     model.stop_training = True
 
 
+# -- argument checks (at construction) ------------------------------------------------------
+def _key(owner: str, name: str, value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{owner}: {name} must be the name of a log key such as 'val_loss', "
+                        f"got {value!r}")
+    if not value:
+        raise ValueError(f"{owner}: {name} must be the name of a log key such as 'val_loss', "
+                         "got ''")
+    return value
+
+
+def _flag(owner: str, name: str, value) -> bool:
+    return checks.flag(f"{owner}: {name}", value)
+
+
+def _count(owner: str, name: str, value) -> int:
+    """An integer >= 0 (bools and floats refused: ``int()`` would truncate them silently)."""
+    return checks.integer(f"{owner}: {name}", value, minimum=0)
+
+
+def _verbosity(owner: str, value) -> int:
+    """``verbose``: True/False or an integer >= 0."""
+    return int(value) if isinstance(value, (bool, np.bool_)) else _count(owner, "verbose", value)
+
+
+def _at_least_zero(owner: str, name: str, value) -> float:
+    return checks.non_negative(f"{owner}: {name}", value)
+
+
+def _path(owner: str, path) -> str:
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"{owner}: path must be a str or os.PathLike, got "
+                        f"{type(path).__name__}") from None
+    if not isinstance(path, str) or not path:
+        raise TypeError(f"{owner}: path must be a non-empty str or os.PathLike, got {path!r}")
+    return path
+
+
 def _resolve_mode(mode: str, monitor: str) -> str:
     if mode not in ("auto", "min", "max"):
         raise ValueError(f"mode={mode!r}: expected 'auto', 'min' or 'max'")
@@ -112,13 +187,80 @@ def _resolve_mode(mode: str, monitor: str) -> str:
     return "max" if "acc" in name or name.startswith("r2") else "min"
 
 
-def _check_monitor(cb_name: str, monitor: str, params: dict) -> None:
+def _pattern_fields(owner: str, pattern: str) -> list[str]:
+    """The names of the ``str.format`` fields of ``pattern``; each field's format spec is
+    tried on a dummy value (an int for ``epoch``, a float for a log key) so that a bad spec
+    fails here rather than when the first file is written."""
+    try:
+        parsed = list(string.Formatter().parse(pattern))
+    except ValueError as e:
+        raise ValueError(f"{owner}: {pattern!r} is not a valid str.format pattern ({e}); "
+                         "write a literal brace as '{{' or '}}'") from None
+    names = []
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if not field.isidentifier():
+            raise ValueError(f"{owner}: {pattern!r} has the field {{{field}}}; name a log key "
+                             "instead, e.g. {epoch:03d} or {val_loss:.4f}")
+        if "{" in spec:
+            raise ValueError(f"{owner}: {pattern!r}: nested fields in a format spec "
+                             f"({{{field}:{spec}}}) are not supported")
+        dummy = 1 if field == "epoch" else 1.0
+        try:
+            ("{0" + (f"!{conversion}" if conversion else "") + f":{spec}}}").format(dummy)
+        except (ValueError, TypeError) as e:
+            kind = "the epoch number (an int)" if field == "epoch" else "a log value (a float)"
+            raise ValueError(f"{owner}: {pattern!r}: the format spec {spec!r} of {{{field}}} "
+                             f"cannot format {kind}: {e}") from None
+        names.append(field)
+    return names
+
+
+# -- run checks (at on_train_begin) ---------------------------------------------------------
+def _log_keys(params: dict):
     keys = params.get("log_keys")
+    return None if keys is None else list(keys)
+
+
+def _check_monitor(cb_name: str, monitor: str, params: dict) -> None:
+    keys = _log_keys(params)
     if keys is not None and monitor not in keys:
         hint = " (pass validation_data or validation_split to fit)" \
             if monitor.startswith("val_") else ""
         raise ValueError(f"{cb_name} monitors {monitor!r}, which this fit does not log{hint}; "
                          f"logged keys: {sorted(keys)}")
+
+
+def _check_fields(owner: str, pattern: str, fields, params: dict) -> None:
+    keys = _log_keys(params)
+    if keys is None:
+        return
+    for field in fields:
+        if field != "epoch" and field not in keys:
+            hint = "pass validation_data or validation_split to fit, or " \
+                if field.startswith("val_") else ""
+            raise ValueError(f"{owner}: {pattern!r} uses {{{field}}}, which this fit does not "
+                             f"log; {hint}use one of: epoch, {', '.join(keys)}")
+
+
+def _check_writable(owner: str, path: str) -> None:
+    """Raise unless ``path`` names a file that can be created or replaced: its directory
+    exists and is writable, and it is not a directory itself."""
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        example = os.path.join(path, "log.csv" if owner == "CSVLogger" else "model.npz")
+        raise IsADirectoryError(f"{owner}: {path!r} is a directory; give a file name such as "
+                                f"{example!r}")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{owner}: cannot write {path!r}: the directory {directory!r} "
+                                "does not exist; create it first (os.makedirs(directory, "
+                                "exist_ok=True))")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(f"{owner}: cannot write {path!r}: the directory {directory!r} is "
+                              "not writable")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise PermissionError(f"{owner}: cannot write {path!r}: the file is not writable")
 
 
 class _Improvement:
@@ -136,19 +278,36 @@ class _Improvement:
         return value > self.best + self.min_delta
 
 
+def _monitored(owner: str, monitor: str, logs: dict) -> float:
+    if monitor not in logs:  # only without params["log_keys"] (a loop other than fit's)
+        raise ValueError(f"{owner} monitors {monitor!r}, which is not in this epoch's logs; "
+                         f"logged keys: {sorted(logs)}")
+    return float(logs[monitor])
+
+
 # ---------------------------------------------------------------------------------------
 class History(Callback):
     """Per-epoch logs: ``history.history`` is ``{key: [value per epoch]}`` and
-    ``history.epoch`` the epoch indices. Export with :meth:`to_json` / :meth:`to_csv`."""
+    ``history.epoch`` the epoch indices. Export with :meth:`to_json` / :meth:`to_csv`.
+
+    Requires nothing. Every list has one value per recorded epoch: a key an epoch's logs
+    lack (``val_*`` of an epoch stopped mid-way) gets NaN, so ``history.history[k][i]`` is
+    always epoch ``history.epoch[i]``. An epoch stopped mid-way is recorded (with its loss,
+    NaN or inf when that is what stopped it)."""
 
     def __init__(self):
         self.history: dict[str, list] = {}
         self.epoch: list[int] = []
 
     def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        seen = len(self.epoch)
+        for key in [*logs, *(_log_keys(self.params) or [])]:
+            if key not in self.history:
+                self.history[key] = [math.nan] * seen
+        for key, column in self.history.items():
+            column.append(logs.get(key, math.nan))
         self.epoch.append(epoch)
-        for key, value in (logs or {}).items():
-            self.history.setdefault(key, []).append(value)
 
     def __len__(self) -> int:
         return len(self.epoch)
@@ -190,13 +349,21 @@ class EarlyStopping(Callback):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience``
     epochs. ``mode``: ``min``, ``max`` or ``auto`` (max for accuracy/R², else min).
     With ``restore_best_weights`` the model ends with the weights of its best epoch
-    (copied to the host when it improves; restored at the end of training)."""
+    (copied to the host when it improves; restored at the end of training).
+
+    Requires ``monitor`` in the epoch logs (``val_*`` keys need validation data): checked at
+    the start of ``fit``. ``patience`` must be an integer >= 0 and ``min_delta`` a number
+    >= 0 (checked here). A NaN value counts as no improvement; an epoch stopped mid-way is
+    skipped (its value is not an epoch's)."""
 
     def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0,
                  mode: str = "auto", restore_best_weights: bool = True, verbose: int = 0):
-        self.monitor, self.patience = monitor, int(patience)
-        self.min_delta, self.restore_best_weights = min_delta, restore_best_weights
-        self.mode, self.verbose = _resolve_mode(mode, monitor), verbose
+        name = "EarlyStopping"
+        self.monitor = _key(name, "monitor", monitor)
+        self.patience = _count(name, "patience", patience)
+        self.min_delta = _at_least_zero(name, "min_delta", min_delta)
+        self.restore_best_weights = _flag(name, "restore_best_weights", restore_best_weights)
+        self.mode, self.verbose = _resolve_mode(mode, monitor), _verbosity(name, verbose)
 
     def on_train_begin(self, logs=None):
         _check_monitor("EarlyStopping", self.monitor, self.params)
@@ -209,7 +376,9 @@ class EarlyStopping(Callback):
         return self._tracker.best
 
     def on_epoch_end(self, epoch, logs=None):
-        value = float(logs[self.monitor])
+        if not self.epoch_complete:
+            return
+        value = _monitored("EarlyStopping", self.monitor, logs or {})
         if self._tracker.improved(value):
             self._tracker.best, self.best_epoch, self.wait = value, epoch, 0
             if self.restore_best_weights:
@@ -240,29 +409,56 @@ class ModelCheckpoint(Callback):
     (``save_best_only=True``: the best epoch). ``path`` may hold ``str.format`` fields
     of the epoch (counted from 1) and the logs: ``"ckpt-{epoch:03d}-{val_loss:.3f}.npz"``.
     The saved ``epoch`` is the number of completed epochs, so ``fit(initial_epoch=ckpt.epoch)``
-    resumes where it stopped. Writes are atomic (see :func:`backprop.io.save`)."""
+    resumes where it stopped. Writes are atomic (see :func:`backprop.io.save`).
+
+    Requires: every field of ``path`` is ``epoch`` or a key of the epoch logs, and its
+    format spec formats a number (checked here: ``{loss:.3q}`` fails); with
+    ``save_best_only``, ``monitor`` in the logs; the directory of ``path`` exists and is
+    writable (the run-dependent parts checked at the start of ``fit``; a directory that
+    itself holds fields is not checked). A NaN or inf value is never "best", and an epoch
+    stopped mid-way is not saved (it was not completed; resuming from the last complete
+    epoch replays it exactly)."""
 
     def __init__(self, path, monitor: str = "val_loss", save_best_only: bool = False,
                  mode: str = "auto", save_optimizer: bool = True, verbose: int = 0):
-        self.path, self.monitor, self.save_best_only = str(path), monitor, save_best_only
-        self.mode, self.save_optimizer, self.verbose = _resolve_mode(mode, monitor), \
-            save_optimizer, verbose
+        name = "ModelCheckpoint"
+        self.path = _path(name, path)
+        self.fields = _pattern_fields(name, self.path)
+        self.monitor = _key(name, "monitor", monitor)
+        self.save_best_only = _flag(name, "save_best_only", save_best_only)
+        self.mode = _resolve_mode(mode, monitor)
+        self.save_optimizer = _flag(name, "save_optimizer", save_optimizer)
+        self.verbose = _verbosity(name, verbose)
         self.last_saved: str | None = None
 
     def on_train_begin(self, logs=None):
+        name = "ModelCheckpoint"
         if self.save_best_only:
-            _check_monitor("ModelCheckpoint", self.monitor, self.params)
+            _check_monitor(name, self.monitor, self.params)
+        _check_fields(name, self.path, self.fields, self.params)
+        directory = os.path.dirname(self.path)
+        if "{" not in directory:  # (a directory made of fields is known only per epoch)
+            dummy = {f: 1 if f == "epoch" else 0.0 for f in self.fields}
+            _check_writable(name, self.path.format(**dummy))
         self._tracker = _Improvement(self.mode, 0.0)
 
     def on_epoch_end(self, epoch, logs=None):
+        if not self.epoch_complete:
+            if self.verbose:
+                print(f"ModelCheckpoint: epoch {epoch + 1} was stopped mid-way; not saved")
+            return
         logs = logs or {}
         if self.save_best_only:
-            value = float(logs[self.monitor])
+            value = _monitored("ModelCheckpoint", self.monitor, logs)
             if not self._tracker.improved(value):
                 return
             self._tracker.best = value
         from backprop import io
 
+        missing = [f for f in self.fields if f != "epoch" and f not in logs]
+        if missing:  # only without params["log_keys"] (a loop other than fit's)
+            raise ValueError(f"ModelCheckpoint: {self.path!r} uses {missing[0]!r}, which is "
+                             f"not in this epoch's logs; logged keys: {sorted(logs)}")
         path = self.path.format(epoch=epoch + 1, **logs)
         io.save(self.model, path, optimizer=self.optimizer if self.save_optimizer else None,
                 epoch=epoch + 1,
@@ -275,7 +471,10 @@ class ModelCheckpoint(Callback):
 class TerminateOnNaN(Callback):
     """Stop training at the first non-finite loss. ``fit`` never applies the update of a
     step whose loss is NaN or inf, so the weights stay those of the step before; without
-    this callback ``fit`` raises :class:`backprop.training.NonFiniteLossError` instead."""
+    this callback ``fit`` raises :class:`backprop.training.NonFiniteLossError` instead.
+
+    Requires nothing (it reads each step's ``loss``). The stopped epoch is still recorded
+    by :class:`History`, with the non-finite loss."""
 
     def on_train_begin(self, logs=None):
         self.stopped_at: tuple[int, int] | None = None  # (epoch, step), counted from 0
@@ -299,20 +498,53 @@ class LearningRateScheduler(Callback):
 
     - a function ``schedule(epoch, lr) -> new_lr`` (Keras), applied at the start of each
       epoch (``epoch`` counts from 0), or
-    - a :mod:`backprop.schedules` scheduler, stepped at the end of each epoch
-      (``ReduceLROnPlateau`` is stepped with ``logs[monitor]``, falling back to ``loss``
-      when there is no validation data).
+    - a :mod:`backprop.schedules` scheduler, stepped at the end of each complete epoch
+      (not after an epoch stopped mid-way, so that a resumed run steps it once per epoch).
+      ``ReduceLROnPlateau`` is stepped with ``logs[monitor]``; with ``monitor=None`` (the
+      default) that is ``val_loss``, or ``loss`` when the fit has no validation data.
+
+    Requires, for ``ReduceLROnPlateau`` with an explicit ``monitor``, that key in the epoch
+    logs (checked at the start of ``fit``); it warns there when the monitored key improves
+    upwards (accuracy, R²) but the scheduler's ``mode`` is ``"min"``, or the reverse. A
+    function's lr is checked each epoch (finite, >= 0) before that epoch's first step.
     """
 
-    def __init__(self, schedule, monitor: str = "val_loss", verbose: int = 0):
+    def __init__(self, schedule, monitor: str | None = None, verbose: int = 0):
         if not callable(schedule) and not hasattr(schedule, "step"):
             raise TypeError("LearningRateScheduler needs a function (epoch, lr) -> lr or a "
                             f"backprop.schedules scheduler, got {type(schedule).__name__}")
-        self.schedule, self.monitor, self.verbose = schedule, monitor, verbose
+        self._fallback = monitor is None
+        self.monitor = "val_loss" if monitor is None else \
+            _key("LearningRateScheduler", "monitor", monitor)
+        self.schedule, self.verbose = schedule, _verbosity("LearningRateScheduler", verbose)
+        self._resolved = None
 
     @property
     def is_scheduler(self) -> bool:
         return hasattr(self.schedule, "step") and hasattr(self.schedule, "state_dict")
+
+    def _plateau(self) -> bool:
+        from backprop import schedules
+
+        return self.is_scheduler and isinstance(self.schedule, schedules.ReduceLROnPlateau)
+
+    def on_train_begin(self, logs=None):
+        self._resolved = None
+        keys = _log_keys(self.params)
+        if not self._plateau() or keys is None:
+            return
+        if self._fallback and self.monitor not in keys:
+            self._resolved = "loss"
+        else:
+            _check_monitor("LearningRateScheduler(ReduceLROnPlateau)", self.monitor, self.params)
+            self._resolved = self.monitor
+        mode = getattr(self.schedule, "mode", None)
+        improves = _resolve_mode("auto", self._resolved)
+        if mode in ("min", "max") and mode != improves:
+            warnings.warn(f"LearningRateScheduler: ReduceLROnPlateau(mode={mode!r}) is stepped "
+                          f"with {self._resolved!r}, which improves when it "
+                          f"{'rises' if improves == 'max' else 'falls'}; pass "
+                          f"mode={improves!r} to ReduceLROnPlateau", stacklevel=2)
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.is_scheduler:
@@ -326,40 +558,56 @@ class LearningRateScheduler(Callback):
             print(f"LearningRateScheduler: epoch {epoch + 1}, lr = {lr:.6g}")
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.is_scheduler:
+        if not self.is_scheduler or not self.epoch_complete:
             return
-        from backprop import schedules
-
-        if isinstance(self.schedule, schedules.ReduceLROnPlateau):
+        if self._plateau():
             logs = logs or {}
-            key = self.monitor if self.monitor in logs else "loss"
-            self.schedule.step(float(logs[key]))
+            key = self._resolved or (self.monitor if self.monitor in logs or not self._fallback
+                                else "loss")
+            self.schedule.step(_monitored("LearningRateScheduler", key, logs))
         else:
             self.schedule.step()
 
 
 class CSVLogger(Callback):
     """Append one row per epoch (``epoch`` counted from 1, then the logs) to ``path``,
-    flushed each epoch. ``append=True`` continues an existing file (for resumed runs)."""
+    flushed each epoch. ``append=True`` continues an existing file (for resumed runs).
+
+    Requires a writable directory for ``path`` (checked at the start of ``fit``, before the
+    file is opened: the file is opened, and without ``append`` truncated, when the first
+    row is written). ``separator`` must be one character. The columns are
+    ``params["log_keys"]`` (then any other key of the first epoch's logs); a key an epoch's
+    logs lack (``val_*`` of an epoch stopped mid-way) is written as an empty field. With
+    ``append``, the existing header is kept, and a warning names the columns that differ."""
 
     def __init__(self, path, separator: str = ",", append: bool = False):
-        self.path, self.separator, self.append = str(path), separator, append
+        self.path = _path("CSVLogger", path)
+        if not isinstance(separator, str) or len(separator) != 1:
+            raise ValueError(f"CSVLogger: separator must be one character, got {separator!r}")
+        self.separator, self.append = separator, _flag("CSVLogger", "append", append)
         self._file = None
 
     def on_train_begin(self, logs=None):
-        existing = self.append and os.path.exists(self.path) and os.path.getsize(self.path) > 0
-        self._file = open(self.path, "a" if self.append else "w", newline="")
-        self._writer = csv.writer(self._file, delimiter=self.separator)
-        self._keys = None
-        if existing:
+        _check_writable("CSVLogger", self.path)
+        self._file, self._keys = None, None
+        if self.append and os.path.exists(self.path) and os.path.getsize(self.path) > 0:
             with open(self.path, newline="") as f:
                 self._keys = next(csv.reader(f, delimiter=self.separator))[1:]
+            keys = _log_keys(self.params)
+            if keys is not None and set(keys) != set(self._keys):
+                warnings.warn(f"CSVLogger: {self.path!r} has the columns {self._keys}, this fit "
+                              f"logs {keys}: appending under the existing header (missing "
+                              "keys are left empty, extra ones dropped)", stacklevel=2)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        if self._keys is None:
-            self._keys = list(logs)
-            self._writer.writerow(["epoch", *self._keys])
+        if self._file is None:
+            self._file = open(self.path, "a" if self.append else "w", newline="")
+            self._writer = csv.writer(self._file, delimiter=self.separator)
+            if self._keys is None:
+                keys = _log_keys(self.params) or []
+                self._keys = [*keys, *(k for k in logs if k not in keys)]
+                self._writer.writerow(["epoch", *self._keys])
         self._writer.writerow([epoch + 1, *(logs.get(k, "") for k in self._keys)])
         self._file.flush()
 
@@ -392,6 +640,9 @@ class ProgressBar(Callback):
 
     ``peek`` (given by ``fit``) returns the running train logs; it syncs the device, so the
     bar calls it at most every ``refresh_s`` seconds.
+
+    Requires nothing: it shows whatever keys an epoch's logs hold (an epoch stopped mid-way
+    shows its running logs, NaN loss included).
     """
 
     def __init__(self, verbose: int = 1, peek=None, refresh_s: float = 0.25, file=None):

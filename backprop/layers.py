@@ -5,6 +5,12 @@ owns (reused by the next forward of the same batch size, so a training step allo
 nothing once warm); ``backward(grad)`` may overwrite ``grad``, adds the parameter gradients
 into ``Parameter.grad`` and returns ``∂L/∂x`` (None with ``need_input_grad=False``).
 
+Threads: the buffers and the tensors that ``forward`` saves for ``backward`` live in
+``self._ctx``, a :class:`~backprop.concurrency.PerThread` (one copy per thread), and
+``training`` is read through the per-thread :func:`~backprop.concurrency.inference_mode`
+override, so any number of threads may run forward passes of one layer at once (see
+:mod:`backprop.concurrency` for the whole contract).
+
     Dense        Z = X Wᵀ + b,  A = σ(Z)          δ = dA ⊙ σ'(Z),  ∂W = δᵀX,  ∂b = Σδ,  ∂X = δW
     Dropout      A = X ⊙ M / (1-p)                ∂X = dA ⊙ M / (1-p)
     BatchNorm1d  A = γ (X - μ)/sqrt(σ² + ε) + β    (see kernels.reference.batchnorm_backward)
@@ -13,6 +19,7 @@ into ``Parameter.grad`` and returns ``∂L/∂x`` (None with ``need_input_grad=F
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 
@@ -21,6 +28,7 @@ import numpy as np
 from backprop import init as initializers
 from backprop import kernels as K
 from backprop.backend import asarray, get_array_module, get_dtype, to_numpy
+from backprop.concurrency import _MODE, PerThread, WithPerThread
 from backprop.parameter import Parameter
 
 __all__ = ["Layer", "Dense", "Dropout", "BatchNorm1d", "Residual", "Flatten", "from_config",
@@ -29,16 +37,20 @@ __all__ = ["Layer", "Dense", "Dropout", "BatchNorm1d", "Residual", "Flatten", "f
 _CACHE_SIZE = 12  # buffers kept per layer: a few names × (full batch, last partial batch, ...)
 
 
-class Layer:
+class Layer(WithPerThread):
     """Base class: implement ``forward``/``backward`` (and ``config`` to be serialisable).
 
     Attributes that hold a :class:`Parameter` are the layer's parameters and attributes that
     hold a ``Layer`` are its sub-layers, both found by name (``"W"``, ``"block.0.W"``);
     ``self._buffers`` holds state that is saved but not trained (e.g. running statistics).
+    ``self._ctx`` holds what one thread's forward pass leaves for its backward pass: reused
+    arrays (:meth:`_buffer`) and saved tensors (``self._ctx.saved = x, z`` in forward,
+    ``x, z = self._ctx.saved`` in backward), separately for each thread.
     """
 
     in_features = None        # features the layer checks its input against (None: any)
     preserves_shape = False   # output shape == input shape (used by summary and input checks)
+    min_batch_rows = 1        # rows a training batch needs (fit checks it before the first step)
     _counters: tuple[str, ...] = ()  # integer attributes saved in state_dict (e.g. RNG counters)
     _registry: dict = {}
 
@@ -49,7 +61,17 @@ class Layer:
     def __init__(self):
         self.training = True
         self._buffers = {}
-        self._cache = {}
+        self._ctx = PerThread(type(self).__name__)
+
+    @property
+    def training(self) -> bool:
+        """True in training mode (``train()``), False after ``eval()`` and, in the calling
+        thread only, inside :func:`~backprop.concurrency.inference_mode`."""
+        return self._training and not _MODE.eval
+
+    @training.setter
+    def training(self, mode) -> None:
+        self._training = bool(mode)
 
     def forward(self, x):
         raise NotImplementedError(f"{type(self).__name__} must implement forward(x)")
@@ -111,13 +133,31 @@ class Layer:
             p.zero_grad()
 
     def to(self, device=None, dtype=None):
-        """Move (and/or cast) parameters and buffers; returns self. Create optimizers after."""
-        for p in self.parameters():
-            p.data = asarray(p.data, dtype=dtype, device=device)
-        for m in self.modules():
-            for k, v in m._buffers.items():
-                m._buffers[k] = asarray(v, dtype=dtype, device=device)
-            m._cache.clear()
+        """Move to ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``; None: where each array is)
+        and/or cast to ``dtype`` (float32 or float64, the dtypes the kernels compute in) the
+        parameters and buffers; returns self. Both are checked first (a bad one changes
+        nothing). An optimizer built before follows its parameters at its next step.
+        Not thread-safe: no other thread may use the model meanwhile."""
+        if dtype is not None:
+            dtype = _float_dtype(dtype)
+        if device is not None:
+            from backprop.backend import _resolve
+
+            device = _resolve(device)[0]
+
+        def moved(a):
+            if device is None:
+                return get_array_module(a).asarray(a, dtype=dtype)
+            return asarray(a, dtype=dtype, device=device)
+
+        params = self.parameters()
+        new_params = [moved(p.data) for p in params]  # all converted before any is replaced
+        new_buffers = [(m, {k: moved(v) for k, v in m._buffers.items()}) for m in self.modules()]
+        for p, data in zip(params, new_params):
+            p.data = data
+        for m, buffers in new_buffers:
+            m._buffers.update(buffers)
+            m._ctx = PerThread(type(m).__name__)  # every thread's buffers are stale now
         return self
 
     # -- state and config --------------------------------------------------------------------
@@ -196,13 +236,15 @@ class Layer:
         return xp.ascontiguousarray(x)
 
     def _buffer(self, name: str, shape, like):
-        """A reusable array ``name`` of ``shape`` (dtype and device of ``like``)."""
+        """A reusable array ``name`` of ``shape`` (dtype and device of ``like``), this
+        thread's own."""
+        cache = self._ctx.buffers
         key = (name, tuple(shape))
-        buf = self._cache.get(key)
+        buf = cache.get(key)
         if buf is None:
-            if len(self._cache) >= _CACHE_SIZE:
-                self._cache.pop(next(iter(self._cache)))
-            buf = self._cache[key] = get_array_module(like).empty(shape, dtype=like.dtype)
+            if len(cache) >= _CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+            buf = cache[key] = get_array_module(like).empty(shape, dtype=like.dtype)
         return buf
 
     def __repr__(self) -> str:
@@ -265,9 +307,17 @@ def _positive_int(value, what: str) -> int:
 
 
 def _float_dtype(dtype) -> np.dtype:
-    dt = get_dtype() if dtype is None else np.dtype(dtype)
+    """``dtype`` (None: the default, ``bp.get_dtype()``) if the kernels compute in it."""
+    if dtype is None:
+        return get_dtype()
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype {dtype!r} is not a NumPy dtype; use 'float32' or "
+                        "'float64'") from None
     if dt not in (np.float32, np.float64):
-        raise ValueError(f"dtype must be float32 or float64; got {dt}")
+        raise ValueError(f"dtype {dt} is not supported: the kernels compute in float32 or "
+                         "float64; use one of those")
     return dt
 
 
@@ -297,7 +347,10 @@ class Dense(Layer):
 
         self.in_features = _positive_int(in_features, "Dense in_features")
         self.out_features = _positive_int(out_features, "Dense out_features")
+        # a layer of its own, even when the caller passes one activation object to several
         self.activation = activations.get(activation)
+        if self.activation is activation:
+            self.activation = copy.copy(activation)
         self.init = init
         dtype = _float_dtype(dtype)
         draw = initializers.get(init or initializers.default_for(self.activation))
@@ -316,11 +369,12 @@ class Dense(Layer):
         else:
             a = self._buffer("a", z.shape, W) if act in K.NEEDS_Z else z
             K.bias_act_forward(z, b, a, act, self.activation.alpha)
-        self._x, self._z, self._a = x, z, a
+        self._ctx.saved = x, z, a  # one per-thread access: each costs a dict switch
         return a
 
     def backward(self, grad, need_input_grad=True):
-        x, z, a, W = self._x, self._z, self._a, self.W.data
+        x, z, a = self._ctx.saved
+        W = self.W.data
         xp, act = get_array_module(W), self.activation.kernel
         if act == "softmax":
             act = "identity"
@@ -373,26 +427,26 @@ class Dropout(Layer):
             else int(seed)
         self.counter = 0
         self.fixed_mask = False
-        self._key = None
 
     def forward(self, x):
+        ctx = self._ctx
         if not self.training or self.p == 0.0:
-            self._key = None
+            ctx.key = None
             return x
-        self._key = K.dropout_key(self.seed, self.counter)
+        key = ctx.key = K.dropout_key(self.seed, self.counter)
         if not self.fixed_mask:
             self.counter += 1
         out = self._buffer("out", x.shape, x)
-        K.dropout(_rows(x), self._key, K.dropout_threshold(self.p), 1.0 / (1.0 - self.p),
-                  _rows(out))
+        K.dropout(_rows(x), key, K.dropout_threshold(self.p), 1.0 / (1.0 - self.p), _rows(out))
         return out
 
     def backward(self, grad, need_input_grad=True):
         if not need_input_grad:
             return None
-        if self._key is not None:
+        key = self._ctx.key
+        if key is not None:
             g = _rows(grad)
-            K.dropout(g, self._key, K.dropout_threshold(self.p), 1.0 / (1.0 - self.p), g)
+            K.dropout(g, key, K.dropout_threshold(self.p), 1.0 / (1.0 - self.p), g)
         return grad
 
     def config(self) -> dict:
@@ -418,6 +472,7 @@ class BatchNorm1d(Layer):
     """
 
     preserves_shape = True
+    min_batch_rows = 2  # a variance needs two rows
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, dtype=None):
         super().__init__()
@@ -442,11 +497,12 @@ class BatchNorm1d(Layer):
         """``(γ, β)``: the parameters, or constant ones and zeros when ``affine=False``."""
         if self.affine:
             return self.gamma.data, self.beta.data
-        if "unit" not in self._cache:
+        cache = self._ctx.buffers
+        if "unit" not in cache:
             xp = get_array_module(like)
-            self._cache["unit"] = (xp.ones(self.num_features, like.dtype),
-                                   xp.zeros(self.num_features, like.dtype))
-        return self._cache["unit"]
+            cache["unit"] = (xp.ones(self.num_features, like.dtype),
+                             xp.zeros(self.num_features, like.dtype))
+        return cache["unit"]
 
     def forward(self, x):
         rm, rv = self._buffers["running_mean"], self._buffers["running_var"]
@@ -454,8 +510,9 @@ class BatchNorm1d(Layer):
         (n, m), xp = x.shape, get_array_module(x)
         gamma, beta = self._affine(x)
         out, invstd = self._buffer("out", x.shape, x), self._buffer("invstd", (m,), x)
-        self._trained = self.training
-        if self.training:
+        ctx = self._ctx
+        training = ctx.trained = self.training
+        if training:
             if n < 2:
                 raise ValueError("BatchNorm1d in training mode needs at least 2 rows per batch "
                                  f"to estimate a variance; got {n}: use larger batches or "
@@ -471,11 +528,12 @@ class BatchNorm1d(Layer):
             xp.multiply(xp.subtract(x, mean, out=out), invstd, out=out)  # x̂
             out *= gamma
             out += beta
-        self._x, self._mean, self._invstd = x, mean, invstd  # backward recomputes x̂ from x
+        ctx.saved = x, mean, invstd  # backward recomputes x̂ from x
         return out
 
     def backward(self, grad, need_input_grad=True):
-        x, mean, invstd = self._x, self._mean, self._invstd
+        ctx = self._ctx
+        x, mean, invstd = ctx.saved
         gamma, _ = self._affine(grad)
         if self.affine:
             dgamma, acc_g = self.gamma.grad_for_write()
@@ -487,7 +545,7 @@ class BatchNorm1d(Layer):
             m = self.num_features
             dgamma, dbeta = self._buffer("dgamma", (m,), grad), self._buffer("dbeta", (m,), grad)
             accumulate = False
-        if self._trained:
+        if ctx.trained:
             K.batchnorm_backward(grad, x, gamma, mean, invstd, grad, dgamma, dbeta, accumulate)
         else:  # eval: μ and σ² are constants, so ∂X = dA γ r, ∂γ = Σ dA x̂, ∂β = Σ dA
             xp = get_array_module(grad)
@@ -568,11 +626,11 @@ class Flatten(Layer):
     """``A = X.reshape(N, -1)`` (a view); ``∂X = dA.reshape(X.shape)``."""
 
     def forward(self, x):
-        self._shape = x.shape
+        self._ctx.shape = x.shape
         return x.reshape(x.shape[0], -1)
 
     def backward(self, grad, need_input_grad=True):
-        return grad.reshape(self._shape) if need_input_grad else None
+        return grad.reshape(self._ctx.shape) if need_input_grad else None
 
     def output_shape(self, input_shape):
         rest = input_shape[1:]

@@ -14,21 +14,28 @@ With ``d = pred - target``, ``n`` = number of elements (rows for cross-entropy) 
 
 Every formula only exponentiates non-positive numbers, so any finite input gives a finite
 loss and gradient. Targets are checked (shape always; NaN, label type and range while
-``validate_labels`` is True, which costs a host sync: ``fit`` validates the data set once
-and then turns it off).
+``validate_labels`` is True, which costs a host sync: ``fit`` and ``evaluate`` validate the
+data set once and skip these checks, in their own thread only, while they run).
+
+Threads: ``∂L/∂pred`` and the work buffers are per thread (``self._ctx``), so one loss
+object may compute losses in several threads at once; ``backward()`` returns the gradient of
+the calling thread's last ``forward``.
 """
 from __future__ import annotations
 
 import numpy as np
 
+import contextlib
+
 from backprop import kernels as K
 from backprop.backend import get_array_module, to_numpy
+from backprop.concurrency import _MODE, PerThread, WithPerThread
 
 __all__ = ["Loss", "MSELoss", "L1Loss", "BCEWithLogitsLoss", "BCELoss",
            "SoftmaxCrossEntropyLoss", "CrossEntropyLoss", "get", "from_config", "NAMES"]
 
 
-class Loss:
+class Loss(WithPerThread):
     """Base class: ``forward(pred, target) -> 0-d array``, ``backward() -> ∂L/∂pred``."""
 
     _registry: dict = {}
@@ -42,17 +49,23 @@ class Loss:
             raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
         self.reduction = reduction
         self.validate_labels = True
-        self._grad = None
-        self._cache = {}
+        self._ctx = PerThread(type(self).__name__)
 
     def __call__(self, pred, target):
         return self.forward(pred, target)
 
     def backward(self):
-        """``∂L/∂pred`` of the last ``forward`` (a buffer owned by the loss)."""
-        if self._grad is None:
-            raise RuntimeError(f"{type(self).__name__}.backward() called before forward()")
-        return self._grad
+        """``∂L/∂pred`` of this thread's last ``forward`` (a buffer owned by the loss)."""
+        grad = vars(self._ctx).get("grad")
+        if grad is None:
+            raise RuntimeError(f"{type(self).__name__}.backward() called before forward() "
+                               "(in this thread)")
+        return grad
+
+    @property
+    def _check_targets(self) -> bool:
+        """Whether this call checks NaN, label type and range (a host sync)."""
+        return self.validate_labels and not _MODE.targets_valid
 
     def config(self) -> dict:
         return {"type": type(self).__name__, "reduction": self.reduction}
@@ -62,12 +75,13 @@ class Loss:
         return f"{type(self).__name__}({args})"
 
     def _buffer(self, name, shape, like):
+        cache = self._ctx.buffers
         key = (name, tuple(shape), like.dtype)
-        buf = self._cache.get(key)
+        buf = cache.get(key)
         if buf is None:
-            if len(self._cache) >= 12:
-                self._cache.pop(next(iter(self._cache)))
-            buf = self._cache[key] = get_array_module(like).empty(shape, dtype=like.dtype)
+            if len(cache) >= 12:
+                cache.pop(next(iter(cache)))
+            buf = cache[key] = get_array_module(like).empty(shape, dtype=like.dtype)
         return buf
 
     def _scale(self, n: int) -> float:
@@ -88,7 +102,7 @@ class Loss:
                              f"target shape {tuple(target.shape)} differ{hint}")
         if target.dtype != pred.dtype:
             target = target.astype(pred.dtype)
-        if self.validate_labels and bool(xp.isnan(target).any()):
+        if self._check_targets and bool(xp.isnan(target).any()):
             raise ValueError(f"{type(self).__name__}: the target contains NaN")
         return xp, target
 
@@ -99,7 +113,7 @@ class MSELoss(Loss):
     def forward(self, pred, target):
         xp, target = self._pred_and_target(pred, target)
         s = self._scale(pred.size)
-        g = self._grad = xp.subtract(pred, target, out=self._buffer("grad", pred.shape, pred))
+        g = self._ctx.grad = xp.subtract(pred, target, out=self._buffer("grad", pred.shape, pred))
         total = xp.vdot(g.ravel(), g.ravel())
         g *= 2.0 * s
         return xp.asarray(total * s)
@@ -112,7 +126,7 @@ class L1Loss(Loss):
         xp, target = self._pred_and_target(pred, target)
         s = self._scale(pred.size)
         d = xp.subtract(pred, target, out=self._buffer("diff", pred.shape, pred))
-        g = self._grad = xp.sign(d, out=self._buffer("grad", pred.shape, pred))
+        g = self._ctx.grad = xp.sign(d, out=self._buffer("grad", pred.shape, pred))
         total = xp.vdot(d.ravel(), g.ravel())  # Σ d sign(d) = Σ |d|
         g *= s
         return xp.asarray(total * s)
@@ -126,7 +140,7 @@ class BCEWithLogitsLoss(Loss):
         xp, y = self._pred_and_target(pred, target)
         s = self._scale(pred.size)
         e, loss = self._buffer("e", pred.shape, pred), self._buffer("loss", pred.shape, pred)
-        g = self._grad = self._buffer("grad", pred.shape, pred)
+        g = self._ctx.grad = self._buffer("grad", pred.shape, pred)
         xp.exp(xp.negative(xp.abs(pred, out=e), out=e), out=e)          # e = exp(-|z|)
         xp.log1p(e, out=loss)
         loss += xp.maximum(pred, 0, out=g)
@@ -145,14 +159,14 @@ class BCELoss(Loss):
 
     def forward(self, pred, target):
         xp, y = self._pred_and_target(pred, target)
-        if self.validate_labels:
+        if self._check_targets:
             lo, hi = float(xp.minimum(pred.min(), y.min())), float(xp.maximum(pred.max(), y.max()))
             if lo < 0.0 or hi > 1.0:
                 raise ValueError(f"BCELoss needs predictions and targets in [0, 1]; got values "
                                  f"in [{lo}, {hi}] (use BCEWithLogitsLoss on raw scores)")
         s = self._scale(pred.size)
         logp, log1mp = self._buffer("logp", pred.shape, pred), self._buffer("l1", pred.shape, pred)
-        g = self._grad = self._buffer("grad", pred.shape, pred)
+        g = self._ctx.grad = self._buffer("grad", pred.shape, pred)
         with np.errstate(divide="ignore"):  # log(0) = -inf is clamped just below
             xp.maximum(xp.log(pred, out=logp), -100.0, out=logp)
             xp.maximum(xp.log1p(xp.negative(pred, out=log1mp), out=log1mp), -100.0, out=log1mp)
@@ -202,16 +216,16 @@ class SoftmaxCrossEntropyLoss(Loss):
         if target.dtype.kind not in "iu":
             raise TypeError(f"SoftmaxCrossEntropyLoss: class labels must be integers; got "
                             f"{target.dtype} (convert with y.astype('int64'))")
-        if self.validate_labels:
+        if self._check_targets:
             lo, hi = int(target.min()), int(target.max())
             if lo < 0 or hi >= c:
                 raise ValueError(f"SoftmaxCrossEntropyLoss: labels must be in [0, {c}) for {c} "
                                  f"classes; got labels in [{lo}, {hi}]")
         labels = target if target.dtype == np.int64 else target.astype(np.int64)
         s = self._scale(n)
-        self._grad = self._buffer("grad", pred.shape, pred)
+        grad = self._ctx.grad = self._buffer("grad", pred.shape, pred)
         rows = self._buffer("rows", (n,), pred)
-        K.softmax_xent(pred, labels, self.label_smoothing, s, self._grad, rows)
+        K.softmax_xent(pred, labels, self.label_smoothing, s, grad, rows)
         return xp.asarray(rows.sum() * s)
 
     def _forward_probabilities(self, xp, z, y):
@@ -221,7 +235,7 @@ class SoftmaxCrossEntropyLoss(Loss):
             raise ValueError(f"SoftmaxCrossEntropyLoss: probability targets must have the "
                              f"logits' shape {tuple(z.shape)}; got {tuple(y.shape)}{hint}")
         y = y.astype(z.dtype, copy=False)
-        if self.validate_labels and bool(xp.isnan(y).any()):
+        if self._check_targets and bool(xp.isnan(y).any()):
             raise ValueError("SoftmaxCrossEntropyLoss: the target contains NaN")
         eps, c = self.label_smoothing, z.shape[1]
         if eps:
@@ -229,12 +243,24 @@ class SoftmaxCrossEntropyLoss(Loss):
         shifted = z - z.max(axis=1, keepdims=True)
         logp = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
         s = self._scale(z.shape[0])
-        g = self._grad = self._buffer("grad", z.shape, z)
+        g = self._ctx.grad = self._buffer("grad", z.shape, z)
         g[...] = (xp.exp(logp) * y.sum(axis=1, keepdims=True) - y) * s
         return xp.asarray(-(y * logp).sum() * s)
 
 
 CrossEntropyLoss = SoftmaxCrossEntropyLoss
+
+
+@contextlib.contextmanager
+def targets_validated():
+    """Within, in this thread only, losses skip their per-call target checks (NaN, label
+    type and range: a host sync each): for callers that validated the whole data set."""
+    before = _MODE.targets_valid
+    _MODE.targets_valid = True
+    try:
+        yield
+    finally:
+        _MODE.targets_valid = before
 
 NAMES = {"mse": MSELoss, "l1": L1Loss, "mae": L1Loss, "bce_with_logits": BCEWithLogitsLoss,
          "bce": BCELoss, "cross_entropy": SoftmaxCrossEntropyLoss,

@@ -12,6 +12,27 @@ from backprop.layers import Layer, check_input, from_config
 __all__ = ["Sequential"]
 
 
+def _reject_repeated_layers(layers) -> None:
+    """Raise when one layer object occurs twice in the tree below ``layers``: a layer keeps
+    the tensors its forward pass saves for backward, so a second use would overwrite those
+    of the first and give wrong gradients without any error."""
+    seen: dict[int, str] = {}
+    for i, top in enumerate(layers):
+        for path, layer in _walk(top, str(i)):
+            if id(layer) in seen:
+                raise ValueError(
+                    f"layer {path} ({layer!r}) is the same object as layer {seen[id(layer)]}: a "
+                    "layer object can appear only once in a model (weight sharing is not "
+                    "supported); create a separate layer for each position")
+            seen[id(layer)] = path
+
+
+def _walk(layer, path):
+    yield path, layer
+    for name, child in layer.children():
+        yield from _walk(child, f"{path}.{name}")
+
+
 class Sequential(Layer):
     """A stack of layers. Parameters are named ``"{index}.{name}"`` (``"0.W"``, ``"0.b"``,
     ``"2.block.0.W"`` for a Residual block), the names used by ``state_dict``, optimizers
@@ -30,6 +51,7 @@ class Sequential(Layer):
             if not isinstance(layer, Layer):
                 raise TypeError(f"Sequential layer {i} is a {type(layer).__name__}, not a Layer "
                                 "(e.g. Dense(2, 16, activation='relu'))")
+        _reject_repeated_layers(self.layers)
         self.regularizers = []
         self.name_parameters()
         params = self.parameters()

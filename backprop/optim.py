@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 
 import numpy as np
 
 from backprop import kernels as K
 from backprop.backend import asarray, get_array_module, to_numpy
+from backprop.concurrency import ConcurrentTrainingError
 from backprop.parameter import Parameter, flatten
 
 __all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "parameter_list"]
@@ -141,7 +143,12 @@ class Optimizer:
     Subclasses define ``_validate(**hyper)`` (PyTorch's checks; returns the hyperparameters
     as Python scalars), ``_state_init(hyper)`` ({state name: initial value}) and
     ``_update(group, lr, step)`` (one kernel call on the flat buffers of ``group``).
+
+    Not thread-safe: one optimizer steps in one thread at a time. While a ``fit`` trains
+    with it, a ``step()`` from another thread raises :class:`ConcurrentTrainingError`.
     """
+
+    _trainer = None  # the thread whose fit() steps this optimizer (backprop.concurrency)
 
     def __init__(self, params, **defaults):
         self.params = parameter_list(params)
@@ -179,6 +186,12 @@ class Optimizer:
     def step(self, closure=None):
         """Update every parameter (one kernel call per device/dtype group). ``closure``,
         as in PyTorch, re-evaluates the model and returns the loss, which is returned."""
+        trainer = self._trainer
+        if trainer is not None and trainer is not threading.current_thread():
+            raise ConcurrentTrainingError(
+                f"{type(self).__name__}.step() called from thread "
+                f"{threading.current_thread().name!r} while fit() in thread {trainer.name!r} "
+                "trains with this optimizer")
         loss = closure() if closure is not None else None
         for group in self._groups:
             if not group.in_place():

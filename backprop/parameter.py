@@ -17,13 +17,23 @@ from backprop.backend import get_array_module
 class Parameter:
     """A trainable tensor: ``data``, ``grad`` (same shape and dtype) and ``name``."""
 
-    __slots__ = ("data", "_grad", "_stale", "name")
+    __slots__ = ("data", "_grad", "_stale", "name", "_trainer")
 
     def __init__(self, data, name: str = ""):
         self.data = data
         self._grad = None
         self._stale = True
         self.name = name
+        self._trainer = None  # the thread whose fit() trains it (backprop.concurrency)
+
+    def __getstate__(self):
+        return {"data": self.data, "_grad": self._grad, "_stale": self._stale,
+                "name": self.name}  # a copy is not being trained
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._trainer = None
 
     @property
     def shape(self):

@@ -19,19 +19,22 @@ stale, so it works before or after the loss's backward pass).
 from __future__ import annotations
 
 from backprop.backend import get_array_module, get_dtype, get_xp
+from backprop.concurrency import PerThread, WithPerThread
 from backprop.optim import _at_least_zero, _flag, _placement, parameter_list
 
 __all__ = ["Regularizer", "L1", "L2", "L1L2", "from_config"]
 
 
-class Regularizer:
+class Regularizer(WithPerThread):
     """``l1 · Σ|θ| + l2 · Σθ²`` over the selected parameters (see the module docstring)."""
 
     def __init__(self, l1=0.0, l2=0.0, weights_only=True):
         self.l1 = _at_least_zero("l1", l1)
         self.l2 = _at_least_zero("l2", l2)
         self.weights_only = _flag("weights_only", weights_only)
-        self._scratch: dict[tuple, object] = {}  # placement -> flat buffer, grown on demand
+        # placement -> flat buffer, grown on demand; per thread, so that one regularizer
+        # may serve models trained in several threads at once
+        self._ctx = PerThread(type(self).__name__)
 
     def selected(self, params) -> list:
         """The parameters of ``params`` that this regularizer acts on."""
@@ -39,10 +42,10 @@ class Regularizer:
         return [p for p in params if p.data.ndim >= 2] if self.weights_only else params
 
     def _scratch_like(self, a):
-        key = _placement(a)
-        buf = self._scratch.get(key)
+        key, cache = _placement(a), self._ctx.buffers
+        buf = cache.get(key)
         if buf is None or buf.size < a.size:
-            buf = self._scratch[key] = get_array_module(a).empty(a.size, dtype=a.dtype)
+            buf = cache[key] = get_array_module(a).empty(a.size, dtype=a.dtype)
         return buf[:a.size].reshape(a.shape)
 
     def penalty(self, params):

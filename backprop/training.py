@@ -26,8 +26,16 @@ hundred nanoseconds); on the GPU it is copied to pinned host memory asynchronous
 after the loss kernel, ``backward`` is queued behind the copy, and the host waits only for
 the copy before deciding on ``optimizer.step()`` — the GPU keeps working on ``backward``
 meanwhile, so the check costs a few microseconds of latency per step, not a pipeline
-drain. ``TerminateOnNaN`` then stops training; without it ``fit`` raises
-:class:`NonFiniteLossError`.
+drain. The model's buffers that the step's forward pass updated (BatchNorm's running
+statistics) are restored as well. ``TerminateOnNaN`` then stops training; without it ``fit``
+raises :class:`NonFiniteLossError`.
+
+Arguments are checked before any work: a bad value raises ``TypeError``/``ValueError`` (or
+:class:`backprop.data.DataError` for the data) and leaves the model and optimizer as they
+were. Threads (:mod:`backprop.concurrency`): ``predict`` and ``evaluate`` may run on one
+model from many threads at once; ``fit`` claims the model's parameters and its optimizer for
+its run, and raises :class:`~backprop.concurrency.ConcurrentTrainingError` when another
+``fit`` holds any of them.
 """
 from __future__ import annotations
 
@@ -38,13 +46,15 @@ import time
 
 import numpy as np
 
-from backprop import blas
+from backprop import blas, checks
 from backprop import data as bpdata
 from backprop import metrics as bpmetrics
 from backprop.backend import get_array_module, get_device, use_device
 from backprop.callbacks import (
-    CallbackList, History, LearningRateScheduler, ProgressBar,
+    Callback, CallbackList, History, LearningRateScheduler, ProgressBar,
 )
+from backprop.concurrency import exclusive_training, inference_mode
+from backprop.losses import targets_validated
 
 __all__ = ["fit", "evaluate", "predict", "NonFiniteLossError", "make_loss", "make_optimizer",
            "epoch_permutation"]
@@ -76,20 +86,16 @@ def make_loss(loss):
 
 def make_optimizer(optimizer, params, lr=None, **kwargs):
     """An optimizer from a name (``sgd``, ``momentum`` = SGD(momentum=0.9), ``rmsprop``,
-    ``adam``, ``adamw``, ``adagrad``) on ``params``, or an instance (returned as is)."""
+    ``adam``, ``adamw``, ``adagrad``) on ``params``, or an instance (returned as is, its
+    ``lr`` set to ``lr`` when given)."""
+    _check_optimizer(optimizer, lr)
     if not isinstance(optimizer, str):
-        if not hasattr(optimizer, "step"):
-            raise TypeError(f"optimizer must be a name or an optimizer object, got "
-                            f"{type(optimizer).__name__}")
         if lr is not None:
             optimizer.lr = lr
         return optimizer
     from backprop import optim
 
     key = optimizer.strip().lower()
-    if key not in _OPTIMIZER_NAMES:
-        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of "
-                         f"{sorted(_OPTIMIZER_NAMES)} or an optimizer object")
     if key == "momentum":
         kwargs.setdefault("momentum", 0.9)
     if lr is not None:
@@ -97,6 +103,22 @@ def make_optimizer(optimizer, params, lr=None, **kwargs):
     elif key in ("sgd", "momentum"):
         kwargs["lr"] = 0.01
     return getattr(optim, _OPTIMIZER_NAMES[key])(params, **kwargs)
+
+
+def _check_optimizer(optimizer, lr) -> None:
+    """Raise unless ``optimizer`` is a known name or an optimizer object and ``lr`` is None
+    or a finite number >= 0 (checked without building or changing anything)."""
+    if isinstance(optimizer, str):
+        if optimizer.strip().lower() not in _OPTIMIZER_NAMES:
+            raise ValueError(f"unknown optimizer {optimizer!r}; expected one of "
+                             f"{sorted(_OPTIMIZER_NAMES)} or an optimizer object")
+    elif not (hasattr(optimizer, "step") and hasattr(optimizer, "zero_grad")):
+        raise TypeError(f"optimizer must be a name or an optimizer object, got "
+                        f"{type(optimizer).__name__}")
+    if lr is not None:
+        from backprop.optim import _at_least_zero
+
+        _at_least_zero("lr", lr)
 
 
 def _target_kind(loss) -> str:
@@ -110,10 +132,20 @@ def _target_kind(loss) -> str:
 
 
 def _metric_list(metrics, loss, kind):
-    if metrics == "auto":
+    """Fresh metric objects for one call: names are built, Metric objects copied (so that
+    two concurrent calls never share an accumulator). A string is one metric name."""
+    if isinstance(metrics, str) and metrics == "auto":
         metrics = ["accuracy"] if kind in ("labels", "binary") else []
+    elif isinstance(metrics, (str, bpmetrics.Metric)):
+        metrics = [metrics]
+    elif metrics is None:
+        metrics = []
+    elif not isinstance(metrics, (list, tuple)):
+        raise TypeError(f"metrics must be 'auto', a metric name, a Metric, or a list of "
+                        f"those; got {type(metrics).__name__}")
     threshold = 0.0 if "Logits" in type(loss).__name__ else 0.5
-    out = [bpmetrics.get(m, threshold=threshold) for m in (metrics or [])]
+    out = [copy.deepcopy(m) if isinstance(m, bpmetrics.Metric) else
+           bpmetrics.get(m, threshold=threshold) for m in metrics]
     names = [m.name for m in out]
     if len(set(names)) != len(names) or "loss" in names:
         raise ValueError(f"metric names must be unique and not 'loss', got {names}")
@@ -144,6 +176,10 @@ def _prepare(model, X, y, kind, name):
     """Validate on the host once, then move to the model's device and dtype once."""
     from backprop.backend import asarray
 
+    if y is None and kind != "any":
+        raise bpdata.DataError(f"{name}: y is None, but the loss needs targets ("
+                               f"{'class labels' if kind == 'labels' else kind}): pass "
+                               "fit(X, y, ...) with one target per row of X")
     device, dtype = _placement(model)
     X, y = bpdata.validate(X, y, n_features=getattr(model, "in_features", None), target=kind,
                            n_outputs=_n_outputs(model), name=name)
@@ -154,20 +190,6 @@ def _prepare(model, X, y, kind, name):
         xp = get_array_module(y)
         y = xp.ascontiguousarray(y)
     return get_array_module(X).ascontiguousarray(X), y
-
-
-@contextlib.contextmanager
-def _targets_prevalidated(loss):
-    """Turn off the loss's per-batch target checks (a host sync each) while fit/evaluate
-    run: their data was validated once, whole, before the first step."""
-    before = getattr(loss, "validate_labels", None)
-    if before is not None:
-        loss.validate_labels = False
-    try:
-        yield
-    finally:
-        if before is not None:
-            loss.validate_labels = before
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -231,16 +253,28 @@ def fit(model, X, y, *, loss, optimizer="adam", lr=None, epochs: int = 1, batch_
     """
     loss = make_loss(loss)
     kind = _target_kind(loss)
-    optimizer = make_optimizer(optimizer, model.parameters(), lr=lr)
-    epochs, initial_epoch, batch_size = int(epochs), int(initial_epoch), int(batch_size)
-    if batch_size < 1 or epochs < 0 or not 0 <= initial_epoch <= epochs:
-        raise ValueError(f"need batch_size >= 1 and 0 <= initial_epoch <= epochs; got "
-                         f"batch_size={batch_size}, initial_epoch={initial_epoch}, "
-                         f"epochs={epochs}")
+    _check_optimizer(optimizer, lr)
+    epochs = checks.integer("epochs", epochs, minimum=0)
+    initial_epoch = checks.integer("initial_epoch", initial_epoch, minimum=0)
+    batch_size = checks.integer("batch_size", batch_size, minimum=1)
+    if initial_epoch > epochs:
+        raise ValueError(f"initial_epoch={initial_epoch} is after the last epoch (epochs="
+                         f"{epochs}): training runs epochs initial_epoch .. epochs-1")
+    shuffle, drop_last = checks.flag("shuffle", shuffle), checks.flag("drop_last", drop_last)
+    if verbose not in (0, 1, 2) or isinstance(verbose, bool):
+        raise ValueError(f"verbose must be 0, 1 or 2; got {verbose!r}")
+    if seed is not None:
+        seed = checks.integer("seed", seed, minimum=0)
+    callbacks = _callback_list(callbacks)
+    validation_split = checks.fraction("validation_split", validation_split)
     if validation_data is not None and validation_split:
         raise ValueError("give validation_data or validation_split, not both")
-    if not 0.0 <= validation_split < 1.0:
-        raise ValueError(f"validation_split must be in [0, 1), got {validation_split}")
+    if validation_data is not None and (not isinstance(validation_data, (tuple, list))
+                                        or len(validation_data) != 2):
+        raise ValueError("validation_data must be a pair (X_val, y_val)")
+    if y is None and kind != "any":
+        raise bpdata.DataError(f"training data: y is None, but {type(loss).__name__} needs "
+                               "targets: pass fit(X, y, ...) with one target per row of X")
     if validation_split:
         n_all = len(X)
         n_val = int(round(n_all * validation_split))
@@ -257,18 +291,61 @@ def fit(model, X, y, *, loss, optimizer="adam", lr=None, epochs: int = 1, batch_
     # on the CPU, no more BLAS threads than the model's matrix products pay for (blas.py)
     threads = blas.threads_for(blas.largest_product(model, batch_size)) if device == "cpu" \
         else contextlib.nullcontext()
-    with use_device(device), _targets_prevalidated(loss), threads:
+    with use_device(device), targets_validated():
         Xd, yd = _prepare(model, X, y, kind, "training data")
+        _check_batch_rows(model, len(Xd), batch_size, drop_last)
         val = None
         if validation_data is not None:
-            if len(validation_data) != 2:
-                raise ValueError("validation_data must be a pair (X_val, y_val)")
             val = _prepare(model, *validation_data, kind, "validation data")
         metric_objs = _metric_list(metrics, loss, kind)
         val_metrics = [copy.deepcopy(m) for m in metric_objs]
-        return _Trainer(model, loss, optimizer, metric_objs, val_metrics, Xd, yd, val,
-                        batch_size, shuffle, drop_last, seed).run(
-            epochs, initial_epoch, callbacks, scheduler, verbose)
+        params = model.parameters()
+        claim = None if isinstance(optimizer, str) else optimizer
+        with exclusive_training(params, claim), inference_mode(False), threads:
+            optimizer = make_optimizer(optimizer, params, lr=lr)
+            return _Trainer(model, loss, optimizer, metric_objs, val_metrics, Xd, yd, val,
+                            batch_size, shuffle, drop_last, seed).run(
+                epochs, initial_epoch, callbacks, scheduler, verbose)
+
+
+def _callback_list(callbacks) -> list:
+    """``callbacks`` (None, a Callback, or a list of them) as a new list."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback):
+        return [callbacks]
+    if not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks must be a list of Callback objects; got "
+                        f"{type(callbacks).__name__}")
+    for i, cb in enumerate(callbacks):
+        if not isinstance(cb, Callback):
+            raise TypeError(f"callbacks[{i}] is a {type(cb).__name__}, not a "
+                            "backprop.callbacks.Callback (subclass Callback to write one)")
+    return list(callbacks)
+
+
+def _check_batch_rows(model, n: int, batch_size: int, drop_last: bool) -> None:
+    """Raise before the first step when a layer that needs several rows per batch in
+    training (``Layer.min_batch_rows``, e.g. BatchNorm1d's variance) would get fewer: the
+    failure would otherwise come mid-epoch, after some updates were applied."""
+    need, who = 1, None
+    for layer in model.modules():
+        rows = getattr(layer, "min_batch_rows", 1)
+        if rows > need:
+            need, who = rows, layer
+    if who is None:
+        return
+    size = min(batch_size, n)
+    smallest = size if drop_last or n % size == 0 else n % size
+    if smallest >= need:
+        return
+    if smallest == n:
+        raise ValueError(f"{who!r} needs at least {need} rows per batch in training, but the "
+                         f"training data has {n} row(s): use more data")
+    raise ValueError(f"{who!r} needs at least {need} rows per batch in training, but {n} rows "
+                     f"in batches of {size} leave a last batch of {smallest} row(s) in every "
+                     "epoch: pass drop_last=True, or choose a batch_size that does not leave "
+                     f"{smallest} row(s) over")
 
 
 class _Trainer:
@@ -287,6 +364,10 @@ class _Trainer:
         self.xp = get_array_module(X)
         self.params = model.parameters()
         self.regularizers = list(getattr(model, "regularizers", []))
+        # state that a training forward pass updates (BatchNorm's running statistics): kept
+        # from before each step, so that a step with a non-finite loss leaves no trace in it
+        self.buffers = [(a, a.copy()) for _, a in model.named_buffers()] \
+            if hasattr(model, "named_buffers") else []
         if shuffle:  # the permuted copies, gathered into once per epoch
             self.Xp, self.yp = self.xp.empty_like(X), self.xp.empty_like(y)
         self.guard = _FiniteGuard(self.xp)
@@ -301,8 +382,10 @@ class _Trainer:
         return self.Xp, self.yp
 
     def running_logs(self) -> dict:
-        """Train loss and metrics so far in this epoch (syncs the device)."""
-        logs = {"loss": float(self._loss_sum) / max(self._seen, 1)}
+        """Train loss and metrics so far in this epoch (syncs the device); the loss is the
+        non-finite value of the step that stopped the epoch, if one did."""
+        logs = {"loss": float(self._loss_sum) / max(self._seen, 1) if self._bad_loss is None
+                else self._bad_loss}
         for m in self.metrics:
             logs[m.name] = m.result()
         return logs
@@ -312,7 +395,7 @@ class _Trainer:
         model, loss, optimizer, xp, B = self.model, self.loss, self.optimizer, self.xp, \
             self.batch_size
         Xe, ye = self._epoch_data(epoch)
-        self._loss_sum, self._seen = xp.zeros((), dtype=np.float64), 0
+        self._loss_sum, self._seen, self._bad_loss = xp.zeros((), dtype=np.float64), 0, None
         for m in self.metrics:
             m.reset()
         for step in range(self.steps):
@@ -320,6 +403,8 @@ class _Trainer:
             xb, yb = Xe[lo:hi], ye[lo:hi]
             batch_logs = {"batch": step, "size": hi - lo}
             cbs.on_batch_begin(step, batch_logs)
+            for live, before in self.buffers:
+                xp.copyto(before, live)
             optimizer.zero_grad()
             out = model.forward(xb)
             for m in self.metrics:
@@ -334,6 +419,9 @@ class _Trainer:
             value = self.guard.value()
             batch_logs["loss"] = value
             if not math.isfinite(value):
+                self._bad_loss = value
+                for live, before in self.buffers:
+                    xp.copyto(live, before)
                 cbs.on_batch_end(step, batch_logs)
                 if getattr(model, "stop_training", False):
                     return False
@@ -378,29 +466,28 @@ class _Trainer:
                   "samples": self.samples, "batch_size": self.batch_size, "verbose": verbose,
                   "seed": self.seed, "log_keys": keys}
         cbs = CallbackList(chain, model, optimizer, scheduler, params)
+        cbs.on_train_begin()  # callbacks check what they need here, before any change
         was_training = getattr(model, "training", True)
         model.stop_training = False
         model.train()
-        cbs.on_train_begin()
         try:
             for epoch in range(initial_epoch, epochs):
                 cbs.on_epoch_begin(epoch)
                 lr = float(optimizer.lr)
                 start = time.perf_counter()
                 finished = self._train_epoch(epoch, cbs)
-                if not finished:
-                    break
+                # an epoch stopped by a callback is recorded too (as Keras does), so that
+                # History holds the loss, even a NaN one, that made TerminateOnNaN stop
                 logs = self.running_logs()
                 train_time = time.perf_counter() - start
                 if self.val is not None:
-                    model.eval()
-                    logs.update({f"val_{k}": v for k, v in self._validate().items()})
-                    model.train()
+                    with inference_mode():
+                        logs.update({f"val_{k}": v for k, v in self._validate().items()})
                 logs["lr"] = lr
                 logs["time"] = time.perf_counter() - start
                 logs["samples_per_s"] = self._seen / train_time if train_time > 0 else math.inf
                 cbs.on_epoch_end(epoch, logs)
-                if model.stop_training:
+                if model.stop_training or not finished:
                     break
         except NonFiniteLossError:
             cbs.on_train_end(history.last())  # close files and bars; the error follows
@@ -435,7 +522,13 @@ def _evaluate_arrays(model, X, y, loss, metrics, batch_size) -> dict:
 def evaluate(model, X, y, loss=None, metrics="auto", batch_size: int = 256) -> dict:
     """Loss (when ``loss`` is given) and metrics of ``model`` on ``(X, y)`` in eval mode,
     e.g. ``{"loss": 0.08, "accuracy": 0.975}``. ``metrics="auto"``: accuracy for
-    classification losses (or when no loss is given and ``y`` holds integer labels)."""
+    classification losses (or when no loss is given and ``y`` holds integer labels).
+    Thread-safe: runs in :func:`~backprop.concurrency.inference_mode`, on this thread's
+    buffers, without touching the model's ``training`` flags."""
+    batch_size = checks.integer("batch_size", batch_size, minimum=1)
+    if y is None:
+        raise bpdata.DataError("evaluation data: y is None; evaluate needs the targets "
+                               "(use predict(X) for outputs alone)")
     if loss is not None:
         loss = make_loss(loss)
         kind = _target_kind(loss)
@@ -443,33 +536,25 @@ def evaluate(model, X, y, loss=None, metrics="auto", batch_size: int = 256) -> d
         kind = "labels" if np.dtype(getattr(y, "dtype", np.asarray(y).dtype)).kind in "iu" \
             else "values"
     device, _ = _placement(model)
-    with use_device(device), _targets_prevalidated(loss):
+    with use_device(device), targets_validated(), inference_mode():
         X, y = _prepare(model, X, y, kind, "evaluation data")
         metric_objs = _metric_list(metrics, loss, kind)
-        was_training = getattr(model, "training", False)
-        model.eval()
-        try:
-            return _evaluate_arrays(model, X, y, loss, metric_objs, int(batch_size))
-        finally:
-            model.train(was_training)
+        return _evaluate_arrays(model, X, y, loss, metric_objs, batch_size)
 
 
 def predict(model, X, batch_size: int = 256):
     """The model's outputs for ``X`` in eval mode, batch by batch, as a fresh array on the
-    model's device (NumPy for a CPU model, CuPy for a GPU model)."""
+    model's device (NumPy for a CPU model, CuPy for a GPU model). Thread-safe, as
+    :func:`evaluate`."""
+    batch_size = checks.integer("batch_size", batch_size, minimum=1)
     device, _ = _placement(model)
-    with use_device(device):
+    with use_device(device), inference_mode():
         X, _ = _prepare(model, X, None, "any", "prediction data")
         xp = get_array_module(X)
-        was_training = getattr(model, "training", False)
-        model.eval()
-        try:
-            result = None
-            for lo in range(0, len(X), int(batch_size)):
-                out = model.forward(X[lo:lo + int(batch_size)])
-                if result is None:
-                    result = xp.empty((len(X), *out.shape[1:]), dtype=out.dtype)
-                result[lo:lo + len(out)] = out
-            return result
-        finally:
-            model.train(was_training)
+        result = None
+        for lo in range(0, len(X), batch_size):
+            out = model.forward(X[lo:lo + batch_size])
+            if result is None:
+                result = xp.empty((len(X), *out.shape[1:]), dtype=out.dtype)
+            result[lo:lo + len(out)] = out
+        return result

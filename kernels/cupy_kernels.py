@@ -34,6 +34,7 @@ All 2-D arguments of the raw kernels must be C-contiguous (checked, with the fix
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -535,7 +536,14 @@ def _require_c_contiguous(**arrays) -> None:
 
 
 _sm_counts: dict = {}
-_workspaces: dict = {}
+
+
+class _PerThread(threading.local):
+    def __init__(self):
+        self.workspaces = {}
+
+
+_workspaces = _PerThread()
 
 
 def _sm_count() -> int:
@@ -549,14 +557,18 @@ def _sm_count() -> int:
 
 
 def _workspace(size: int):
-    """A float64 scratch vector of at least ``size`` elements on the current device, reused
-    by every call (kernels on one stream run in order, so reuse is safe)."""
+    """A float64 scratch vector of at least ``size`` elements, reused by every call of this
+    thread on the current device and stream: kernels on one stream run in the order they
+    were queued, so a thread's next call cannot overwrite it before its last one has read
+    it. Another thread (or stream) would queue between the two launches of a call that
+    uses it, hence one per thread and stream."""
     import cupy
 
-    device_id = cupy.cuda.Device().id
-    ws = _workspaces.get(device_id)
+    key = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
+    cache = _workspaces.workspaces
+    ws = cache.get(key)
     if ws is None or ws.size < size:
-        ws = _workspaces[device_id] = cupy.empty(max(size, 4096), dtype=cupy.float64)
+        ws = cache[key] = cupy.empty(max(size, 4096), dtype=cupy.float64)
     return ws
 
 

@@ -62,9 +62,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 import types as pytypes
 from pathlib import Path
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -116,7 +118,30 @@ class _Loops:
 
     def __call__(self, work: int, *args):
         """Run on ``args``; ``work`` (elements touched) picks serial or parallel."""
-        return (self.parallel if work >= PARALLEL_MIN_ELEMENTS else self.serial)(*args)
+        if work < PARALLEL_MIN_ELEMENTS:
+            return self.serial(*args)
+        if _PARALLEL["serialize"] is False:
+            return self.parallel(*args)
+        with _PARALLEL["lock"]:
+            result = self.parallel(*args)
+            if _PARALLEL["serialize"] is None:  # the layer is known after the first launch
+                _PARALLEL["serialize"] = _threading_layer() == "workqueue"
+        return result
+
+
+def _threading_layer() -> str | None:
+    """The threading layer Numba's parallel kernels run on (None with NUMBA_DISABLE_JIT,
+    where no layer is ever started)."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return None
+
+
+# Numba's workqueue threading layer (chosen where neither TBB nor OpenMP loads) aborts the
+# process when two threads launch parallel kernels at once; the OpenMP and TBB layers
+# allow it. Under workqueue, parallel launches therefore take turns.
+_PARALLEL: dict = {"lock": threading.Lock(), "serialize": None}
 
 
 class _KernelCache(FunctionCache):
@@ -301,7 +326,15 @@ def _row_chunks(n: int) -> int:
     return max(1, min(_ROW_CHUNKS, n // _ROWS_PER_CHUNK))
 
 
-_SCRATCH: dict = {"memory": np.empty(0, np.uint8), "views": {}}
+class _Scratch(threading.local):
+    """One thread's work memory: a byte buffer and the views carved from it."""
+
+    def __init__(self):
+        self.memory = np.empty(0, np.uint8)
+        self.views = {}
+
+
+_SCRATCH = _Scratch()
 _SCRATCH_VIEWS_KEPT = 64  # views of this many distinct requests are kept for reuse
 
 
@@ -309,24 +342,25 @@ def _scratch(*specs) -> list:
     """Work arrays, one per ``(shape, dtype)`` in ``specs`` (partial sums, coefficients),
     carved from one buffer that grows to the largest request and is then reused, so that a
     kernel call allocates nothing once warm; the views of a request are kept too (building
-    them costs more than a small kernel). Kernels hold the GIL: no two calls of a process
-    use the buffer at once."""
-    views = _SCRATCH["views"].get(specs)
+    them costs more than a small kernel). The buffer is per thread: a parallel kernel
+    releases the GIL, so two threads' calls may run at once."""
+    scratch = _SCRATCH
+    views = scratch.views.get(specs)
     if views is not None:
         return views
     nbytes = [math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in specs]
     starts = [0]
     for size in nbytes:
         starts.append(starts[-1] + -(-size // 64) * 64)  # each array 64-byte aligned
-    if _SCRATCH["memory"].size < starts[-1]:
-        _SCRATCH["memory"] = np.empty(starts[-1], np.uint8)
-        _SCRATCH["views"] = {}
-    if len(_SCRATCH["views"]) >= _SCRATCH_VIEWS_KEPT:
-        _SCRATCH["views"] = {}
-    memory = _SCRATCH["memory"]
+    if scratch.memory.size < starts[-1]:
+        scratch.memory = np.empty(starts[-1], np.uint8)
+        scratch.views = {}
+    if len(scratch.views) >= _SCRATCH_VIEWS_KEPT:
+        scratch.views = {}
+    memory = scratch.memory
     views = [memory[start:start + size].view(dtype).reshape(shape)
              for start, size, (shape, dtype) in zip(starts, nbytes, specs)]
-    _SCRATCH["views"][specs] = views
+    scratch.views[specs] = views
     return views
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import threading
 
 import numba
 import numpy as np
@@ -75,7 +76,16 @@ def _checked_dtype(dtype) -> np.dtype:
 # ---------------------------------------------------------------------------------------
 # Launching
 _streams: dict = {}
-_partials_cache: dict = {}
+
+
+class _PerThread(threading.local):
+    def __init__(self):
+        self.partials = {}
+
+
+# per thread: two threads' kernels on one stream interleave, so one thread's partial sums
+# could be overwritten between its two launches by the other's
+_partials_cache = _PerThread()
 
 
 def _stream():
@@ -148,16 +158,18 @@ def _flat(a, name: str):
 
 def _partials(like, size: int):
     """A float64 scratch vector of at least ``size`` for the bias-gradient chunk sums, kept
-    per device and stream (on the host in the simulator), so steady state allocates nothing."""
+    per thread, device and stream (on the host in the simulator), so steady state allocates
+    nothing."""
     if isinstance(like, np.ndarray):
         key, xp = "host", np
     else:
         import cupy
 
         key, xp = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr), cupy
-    buf = _partials_cache.get(key)
+    cache = _partials_cache.partials
+    buf = cache.get(key)
     if buf is None or buf.size < size:
-        buf = _partials_cache[key] = xp.empty(max(size, 1), dtype=np.float64)
+        buf = cache[key] = xp.empty(max(size, 1), dtype=np.float64)
     return buf
 
 

@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import types
 from pathlib import Path
 
@@ -212,7 +213,10 @@ def build(raw_modules=(), elementwise=()) -> ctypes.CDLL:
                                f"({work / 'kernels.cpp'}):\n{result.stderr[-4000:]}")
         os.replace(built, path)  # atomic: parallel test workers may build it at once
         shutil.rmtree(work)
-    lib = _LIBRARIES[key] = ctypes.CDLL(str(path))
+    # PyDLL keeps the GIL during a call: the emulator's state (__shared__ arrays as statics,
+    # the scheduler, the error message) is process-global, so launches from two Python
+    # threads must not overlap
+    lib = _LIBRARIES[key] = ctypes.PyDLL(str(path))
     lib.cuda_host_error.restype = ctypes.c_char_p
     return lib
 
@@ -310,15 +314,21 @@ def elementwise_kernel(name: str):
     return elementwise_launcher(library(), CK.ELEMENTWISE[name])
 
 
-_WORKSPACE: dict = {"array": np.empty(0)}
+class _Workspace(threading.local):
+    def __init__(self):
+        self.array = np.empty(0)
+
+
+_WORKSPACE = _Workspace()
 
 
 def _workspace(size: int) -> np.ndarray:
     """The backend's float64 scratch vector, on the host: grown when too small, then reused
-    (as the backend's own, so a warm training step allocates nothing)."""
-    if _WORKSPACE["array"].size < size:
-        _WORKSPACE["array"] = np.empty(max(size, 4096), np.float64)
-    return _WORKSPACE["array"]
+    (as the backend's own, so a warm training step allocates nothing), one per thread (as
+    the backend's own is per thread and stream)."""
+    if _WORKSPACE.array.size < size:
+        _WORKSPACE.array = np.empty(max(size, 4096), np.float64)
+    return _WORKSPACE.array
 
 
 def install(monkeypatch, raw=raw_kernel, elementwise=elementwise_kernel) -> None:

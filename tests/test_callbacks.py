@@ -5,7 +5,9 @@ import csv
 import io as stdio
 import json
 import math
+import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -143,7 +145,11 @@ def test_terminate_on_nan_stops_with_intact_weights(capsys):
     hist = training.fit(model, X, y, loss="mse", optimizer="sgd", lr=1e12, epochs=5,
                         batch_size=8, metrics=[], callbacks=[LastGood(), nan], verbose=0)
     epoch, step = nan.stopped_at
-    assert len(hist) == epoch  # the interrupted epoch is not logged
+    # the interrupted epoch is recorded (as in Keras), with the loss that stopped it; this
+    # needs fit to call on_epoch_end for it (the training.py side of issue 16 §3)
+    assert len(hist) == epoch + 1 and hist.epoch[-1] == epoch
+    assert not math.isfinite(hist.history["loss"][-1])
+    assert all(len(v) == len(hist) for v in hist.history.values())
     out = capsys.readouterr().out
     assert f"at epoch {epoch + 1}, step {step + 1}" in out and "skipped" in out
     for k, v in model.state_dict().items():
@@ -229,3 +235,247 @@ def test_progress_bar_on_a_terminal():
     text = out.getvalue()
     assert "Epoch 1/3" in text and "20/20" in text and "sample/s" in text
     assert "accuracy 0.75" in text and "accuracy 0.8" in text
+
+
+
+# ---------------------------------------------------------------------------------------
+# Callbacks check what they need at the start of fit, before any step (issue 16 §3)
+class StepCounter(C.Callback):
+    def __init__(self):
+        self.steps = 0
+
+    def on_batch_end(self, batch, logs=None):
+        self.steps += 1
+
+
+def fit_fails_before_any_step(moons, callbacks, error, match, **kw):
+    """Run fit with ``callbacks``: it must raise ``error`` before the first step, leaving
+    the weights untouched."""
+    X, y = moons
+    model, counter = mlp(), StepCounter()
+    before = model.state_dict()
+    with pytest.raises(error, match=match):
+        training.fit(model, X, y, loss="cross_entropy", epochs=2, verbose=0,
+                     callbacks=[counter, *callbacks], **kw)
+    assert counter.steps == 0
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_checkpoint_pattern_fields_are_checked_against_the_logged_keys(moons, tmp_path):
+    ck = C.ModelCheckpoint(tmp_path / "ck-{val_loss:.3f}.npz")
+    fit_fails_before_any_step(moons, [ck], ValueError,
+                              r"\{val_loss\}.*not log.*validation_data.*epoch, loss, accuracy")
+    fit_fails_before_any_step(moons, [C.ModelCheckpoint(tmp_path / "{val_acc}.npz")],
+                              ValueError, r"\{val_acc\}")
+    assert list(tmp_path.iterdir()) == []
+    X, y = moons  # the same pattern works with validation data
+    training.fit(mlp(), X, y, loss="cross_entropy", epochs=1, verbose=0, callbacks=[ck],
+                 validation_split=0.25)
+    assert re.fullmatch(r"ck-\d+\.\d{3}\.npz", os.path.basename(ck.last_saved))
+
+
+@pytest.mark.parametrize("pattern, match", [
+    ("ck-{loss:.3q}.npz", r"format spec '\.3q' of \{loss\}.*float"),
+    ("ck-{epoch:.3s}.npz", r"format spec '\.3s' of \{epoch\}.*int"),
+    ("ck-{loss:d}.npz", r"format spec 'd' of \{loss\}"),
+    ("ck-{}.npz", r"field \{\}.*name a log key"),
+    ("ck-{0}.npz", r"field \{0\}"),
+    ("ck-{loss.real}.npz", r"field \{loss\.real\}"),
+    ("ck-{loss.npz", r"not a valid str\.format pattern"),
+    ("ck-{loss:{width}}.npz", "nested"),
+])
+def test_checkpoint_pattern_is_checked_when_built(pattern, match):
+    with pytest.raises(ValueError, match=match):
+        C.ModelCheckpoint(pattern)
+
+
+def test_arguments_are_checked_when_built():
+    for make, error, match in [
+        (lambda: C.EarlyStopping(patience=-1), ValueError, "patience must be an integer >= 0"),
+        (lambda: C.EarlyStopping(patience=1.5), TypeError, "patience"),
+        (lambda: C.EarlyStopping(min_delta=-0.1), ValueError, "min_delta"),
+        (lambda: C.EarlyStopping(min_delta=math.nan), ValueError, "min_delta"),
+        (lambda: C.EarlyStopping(monitor=""), ValueError, "monitor"),
+        (lambda: C.EarlyStopping(monitor=None), TypeError, "monitor"),
+        (lambda: C.EarlyStopping(mode="up"), ValueError, "mode='up'"),
+        (lambda: C.EarlyStopping(restore_best_weights="yes"), TypeError, "restore_best"),
+        (lambda: C.ModelCheckpoint("m.npz", mode="lowest"), ValueError, "mode"),
+        (lambda: C.ModelCheckpoint("m.npz", save_best_only=1), TypeError, "save_best_only"),
+        (lambda: C.ModelCheckpoint(42), TypeError, "path"),
+        (lambda: C.CSVLogger("log.csv", separator=";;"), ValueError, "one character"),
+        (lambda: C.CSVLogger("log.csv", append="no"), TypeError, "append"),
+        (lambda: C.LearningRateScheduler(lambda e, lr: lr, verbose=-1), ValueError, "verbose"),
+    ]:
+        with pytest.raises(error, match=match):
+            make()
+    assert C.EarlyStopping(verbose=True).verbose == 1
+
+
+def test_monitors_are_checked_at_the_start_of_fit(moons):
+    fit_fails_before_any_step(moons, [C.EarlyStopping("val_loss")], ValueError,
+                              "EarlyStopping monitors 'val_loss'.*validation_data")
+    fit_fails_before_any_step(moons, [C.ModelCheckpoint("m.npz", save_best_only=True)],
+                              ValueError, "ModelCheckpoint monitors 'val_loss'")
+    fit_fails_before_any_step(moons, [C.EarlyStopping("accuracy")], ValueError,
+                              "'accuracy'.*logged keys", metrics=[])
+    model = mlp()
+    opt = SGD(model.parameters(), lr=0.1)
+    plateau = C.LearningRateScheduler(schedules.ReduceLROnPlateau(opt, mode="max"),
+                                      monitor="val_accuracy")
+    fit_fails_before_any_step(moons, [plateau], ValueError,
+                              "ReduceLROnPlateau.*monitors 'val_accuracy'.*validation_data")
+    X, y = moons
+    with pytest.warns(UserWarning, match="mode='min'.*'val_accuracy'.*pass mode='max'"):
+        training.fit(model, X, y, loss="cross_entropy", optimizer=opt, epochs=1, verbose=0,
+                     validation_split=0.25, callbacks=[C.LearningRateScheduler(
+                         schedules.ReduceLROnPlateau(opt), monitor="val_accuracy")])
+    with warnings.catch_warnings(record=True) as caught:  # the default monitor falls back
+        warnings.simplefilter("always")                     # to loss, as documented
+        training.fit(model, X, y, loss="cross_entropy", optimizer=opt, epochs=1, verbose=0,
+                     callbacks=[C.LearningRateScheduler(schedules.ReduceLROnPlateau(opt))])
+    assert not [w for w in caught if "LearningRateScheduler" in str(w.message)]
+
+
+def test_paths_are_checked_at_the_start_of_fit(moons, tmp_path, monkeypatch):
+    missing = tmp_path / "no" / "such"
+    fit_fails_before_any_step(moons, [C.CSVLogger(missing / "log.csv")], FileNotFoundError,
+                              "directory .* does not exist; create it first")
+    fit_fails_before_any_step(moons, [C.ModelCheckpoint(missing / "e{epoch}.npz")],
+                              FileNotFoundError, "does not exist")
+    fit_fails_before_any_step(moons, [C.CSVLogger(tmp_path)], IsADirectoryError,
+                              "is a directory")
+    real_access = os.access  # root may write anywhere: make tmp_path read-only by decree
+    monkeypatch.setattr(C.os, "access", lambda path, mode: (
+        False if str(path).startswith(str(tmp_path)) else real_access(path, mode)))
+    fit_fails_before_any_step(moons, [C.ModelCheckpoint(tmp_path / "m.npz")], PermissionError,
+                              "not writable")
+
+
+def test_a_failed_start_leaves_an_existing_log_as_it_was(moons, tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("epoch,loss\n1,0.5\n")
+    fit_fails_before_any_step(moons, [C.CSVLogger(path), C.EarlyStopping("val_loss")],
+                              ValueError, "EarlyStopping")
+    assert path.read_text() == "epoch,loss\n1,0.5\n"
+
+
+def test_appending_under_a_different_header_warns(moons, tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("epoch,loss,lr\n1,0.5,0.1\n")
+    X, y = moons
+    with pytest.warns(UserWarning, match="columns.*existing header"):
+        training.fit(mlp(), X, y, loss="cross_entropy", epochs=1, verbose=0,
+                     callbacks=[C.CSVLogger(path, append=True)])
+    rows = list(csv.reader(path.read_text().splitlines()))
+    assert rows[0] == ["epoch", "loss", "lr"] and len(rows) == 3 and len(rows[2]) == 3
+
+
+# ---------------------------------------------------------------------------------------
+# An epoch stopped mid-way gets on_epoch_end with its running logs (loss may be NaN, val_*
+# may be missing). These drive the hooks as fit does, so they do not depend on the loop.
+LOG_KEYS = ["loss", "accuracy", "val_loss", "val_accuracy", "lr", "time", "samples_per_s"]
+
+
+def full_logs(loss, val_loss, lr=0.1):
+    return {"loss": loss, "accuracy": 0.5, "val_loss": val_loss, "val_accuracy": 0.5,
+            "lr": lr, "time": 0.01, "samples_per_s": 4800.0}
+
+
+def drive(callbacks, epochs, model=None, opt=None):
+    """Run the hooks of ``fit`` over ``epochs``: a list of (step losses, epoch logs); a
+    TerminateOnNaN stops an epoch at its first non-finite step loss, as in fit."""
+    model = model or mlp()
+    opt = opt or SGD(model.parameters(), lr=0.1)
+    hist = C.History()
+    params = {"epochs": len(epochs), "initial_epoch": 0, "steps": 3, "samples": 48,
+              "batch_size": 16, "verbose": 0, "seed": 0, "log_keys": LOG_KEYS}
+    scheduler = next((cb.schedule for cb in callbacks if isinstance(cb, C.LearningRateScheduler)
+                      and cb.is_scheduler), None)
+    cbs = C.CallbackList([hist, C.TerminateOnNaN(), *callbacks], model, opt, scheduler,
+                         params)
+    model.stop_training = False
+    cbs.on_train_begin()
+    for epoch, (losses, logs) in enumerate(epochs):
+        cbs.on_epoch_begin(epoch)
+        for step, loss in enumerate(losses):
+            cbs.on_batch_begin(step, {"batch": step, "size": 16})
+            cbs.on_batch_end(step, {"batch": step, "size": 16, "loss": loss})
+            if model.stop_training:
+                break
+        cbs.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    cbs.on_train_end(hist.last())
+    return hist, model, opt
+
+
+# the running logs of the stopped epoch: as the brief describes them (train keys only), and
+# as a loop that also validates the stopped epoch would pass them (every key, loss NaN)
+PARTIAL = {"train keys only": {"loss": math.nan, "accuracy": 0.5},
+           "every key": full_logs(math.nan, 0.2)}
+
+
+@pytest.mark.parametrize("partial", list(PARTIAL))
+def test_an_epoch_stopped_mid_way_is_recorded_by_history_and_csv(tmp_path, capsys, partial):
+    path = tmp_path / "log.csv"
+    bar = C.ProgressBar(verbose=2, file=stdio.StringIO())
+    hist, _, _ = drive([C.CSVLogger(path), bar],
+                       [([0.5, 0.4, 0.3], full_logs(0.4, 0.3)),
+                        ([0.3, math.nan], PARTIAL[partial])])
+    capsys.readouterr()
+    assert hist.epoch == [0, 1] and all(len(v) == 2 for v in hist.history.values())
+    assert hist.history["loss"][0] == 0.4 and math.isnan(hist.history["loss"][1])
+    assert hist.last()["loss"] != hist.last()["loss"]  # NaN
+    if partial == "train keys only":
+        assert math.isnan(hist.history["val_loss"][1])
+    rows = list(csv.reader(path.read_text().splitlines()))
+    assert rows[0] == ["epoch", *LOG_KEYS] and len(rows) == 3
+    assert rows[2][:2] == ["2", "nan"]
+    if partial == "train keys only":
+        assert rows[2][3:] == ["", "", "", "", ""]  # val_*, lr, time, samples_per_s: empty
+    assert bar.file.getvalue().count("Epoch ") == 2 and "loss nan" in bar.file.getvalue()
+
+
+@pytest.mark.parametrize("partial", list(PARTIAL))
+def test_an_epoch_stopped_mid_way_is_not_saved_counted_or_stepped(tmp_path, capsys, partial):
+    best = C.ModelCheckpoint(tmp_path / "best.npz", monitor="loss", save_best_only=True)
+    every = C.ModelCheckpoint(tmp_path / "e{epoch}-{val_loss:.2f}.npz")
+    stopper = C.EarlyStopping("val_loss", patience=0)
+    model = mlp()
+    opt = SGD(model.parameters(), lr=0.1)
+    step_lr = C.LearningRateScheduler(schedules.StepLR(opt, step_size=1, gamma=0.5))
+    hist, _, _ = drive([step_lr, best, every, stopper],
+                       [([0.5, 0.4, 0.3], full_logs(0.4, 0.3)),
+                        ([0.3, math.nan], PARTIAL[partial])], model, opt)
+    capsys.readouterr()
+    assert len(hist) == 2
+    assert io.load_checkpoint(tmp_path / "best.npz").epoch == 1  # NaN is never "best"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.npz", "e1-0.30.npz"]
+    assert stopper.wait == 0 and stopper.stopped_epoch is None and stopper.best_epoch == 0
+    assert step_lr.schedule.last_epoch == 1  # stepped after the complete epoch only
+
+
+def test_a_nan_monitored_value_is_never_best(tmp_path):
+    best = C.ModelCheckpoint(tmp_path / "best.npz", save_best_only=True)
+    stopper = C.EarlyStopping("val_loss", patience=5)
+    drive([best, stopper], [([0.5, 0.4, 0.3], full_logs(0.4, math.nan)),
+                            ([0.3, 0.3, 0.3], full_logs(0.3, 0.7)),
+                            ([0.3, 0.3, 0.3], full_logs(0.3, math.inf))])
+    assert io.load_checkpoint(tmp_path / "best.npz").epoch == 2
+    assert stopper.best_epoch == 1 and stopper.wait == 1
+
+
+def test_terminate_on_nan_in_the_first_epoch_with_logging_callbacks(tmp_path, capsys):
+    X, y = data.regression(n=64, features=3, seed=0)
+    model = Sequential([Dense(3, 8, activation="relu", rng=0), Dense(8, 1, rng=1)])
+    path, ck = tmp_path / "log.csv", C.ModelCheckpoint(tmp_path / "m.npz")
+    hist = training.fit(model, X, y, loss="mse", optimizer="sgd", lr=1e12, epochs=5,
+                        batch_size=8, metrics=[], verbose=0,
+                        callbacks=[C.TerminateOnNaN(), C.CSVLogger(path), ck])
+    capsys.readouterr()
+    # needs fit to call on_epoch_end for the stopped epoch (the training.py side)
+    assert len(hist) == 1 and not math.isfinite(hist.history["loss"][0])
+    rows = list(csv.reader(path.read_text().splitlines()))
+    assert len(rows) == 2 and rows[1][0] == "1" and not math.isfinite(float(rows[1][1]))
+    assert ck.last_saved is None and not (tmp_path / "m.npz").exists()

@@ -8,7 +8,7 @@ import backprop as bp
 from backprop import data, training
 from backprop.callbacks import Callback
 from backprop.data import DataError
-from backprop.layers import Dense
+from backprop.layers import BatchNorm1d, Dense
 from backprop.losses import SoftmaxCrossEntropyLoss
 from backprop.model import Sequential
 from backprop.regularizers import L2
@@ -182,3 +182,107 @@ def test_non_finite_loss_raises_without_damaging_weights():
     assert recorder.snapshots, "the first steps should have had a finite loss"
     for k, w in weights(model).items():  # the weights of the last good step, untouched
         np.testing.assert_array_equal(w, recorder.snapshots[-1][k])
+
+
+def test_non_finite_loss_leaves_batchnorm_running_statistics_as_before_the_step():
+    """The forward pass of the rejected step updated BatchNorm's running statistics (NaN
+    ones, from the step's NaN batch statistics); they are restored with the weights."""
+    X, y = data.regression(n=64, features=3, seed=0)
+    model = Sequential([Dense(3, 8, activation="relu", rng=0), BatchNorm1d(8),
+                        Dense(8, 1, rng=1)])
+    recorder = _WeightsAfterEachStep()
+    with pytest.raises(training.NonFiniteLossError):
+        training.fit(model, X, y, loss="mse", optimizer="sgd", lr=1e12, epochs=5, batch_size=8,
+                     metrics=[], callbacks=[recorder], verbose=0)
+    assert recorder.snapshots
+    state = weights(model)
+    assert np.isfinite(state["1.running_var"]).all()
+    for k, w in state.items():
+        np.testing.assert_array_equal(w, recorder.snapshots[-1][k], err_msg=k)
+
+
+def _bn_model():
+    return Sequential([Dense(2, 8, activation="relu", rng=0), BatchNorm1d(8), Dense(8, 2, rng=1)])
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda m, X, y, o: m.fit(X, y, loss="cross_entropy", epochs=1.5), TypeError, "epochs"),
+    (lambda m, X, y, o: m.fit(X, y, loss="cross_entropy", batch_size=32.0), TypeError,
+     "batch_size"),
+    (lambda m, X, y, o: m.fit(X, y, loss="cross_entropy", batch_size=True), TypeError,
+     "batch_size"),
+    (lambda m, X, y, o: m.fit(X, y, loss="cross_entropy", batch_size=0), ValueError,
+     "batch_size must be an integer >= 1"),
+    (lambda m, X, y, o: m.fit(X, y, loss="cross_entropy", epochs=-1), ValueError, "epochs"),
+    (lambda m, X, y, o: m.fit(X, y, loss="cross_entropy", epochs=2, initial_epoch=3),
+     ValueError, "initial_epoch"),
+    (lambda m, X, y, o: m.fit(X, y, loss="cross_entropy", verbose=3), ValueError, "verbose"),
+    (lambda m, X, y, o: m.fit(X, y, loss="cross_entropy", shuffle="yes"), TypeError, "shuffle"),
+    (lambda m, X, y, o: m.fit(X, y, loss="cross_entropy", seed=1.5), TypeError, "seed"),
+    (lambda m, X, y, o: m.fit(X, y, loss="cross_entropy", validation_split=1.0), ValueError,
+     "validation_split"),
+    (lambda m, X, y, o: m.fit(X, y, loss="cross_entropy", validation_data=(X,)), ValueError,
+     "pair"),
+    (lambda m, X, y, o: m.fit(X, y, loss="cross_entropy", callbacks=[print]), TypeError,
+     r"callbacks\[0\]"),
+    (lambda m, X, y, o: m.fit(X, y, loss="cross_entropy", optimizer=o, lr=-1.0), ValueError,
+     "lr"),
+    (lambda m, X, y, o: m.fit(X, y, loss="cross_entropy", optimizer="adamm"), ValueError,
+     "unknown optimizer"),
+    (lambda m, X, y, o: m.fit(X, None, loss="cross_entropy"), DataError, "y is None"),
+    (lambda m, X, y, o: m.fit(X[:33], y[:33], loss="cross_entropy", batch_size=32),
+     ValueError, "drop_last=True"),
+    (lambda m, X, y, o: m.fit(X[:1], y[:1], loss="cross_entropy"), ValueError,
+     "training data has 1 row"),
+    (lambda m, X, y, o: m.evaluate(X, y, batch_size=-1), ValueError, "batch_size"),
+    (lambda m, X, y, o: m.evaluate(X, y, batch_size=0), ValueError, "batch_size"),
+    (lambda m, X, y, o: m.evaluate(X, None), DataError, "y is None"),
+    (lambda m, X, y, o: m.predict(X, batch_size=-1), ValueError, "batch_size"),
+    (lambda m, X, y, o: m.predict(X, batch_size=2.5), TypeError, "batch_size"),
+    (lambda m, X, y, o: m.to(dtype="int32"), ValueError, "float32 or float64"),
+    (lambda m, X, y, o: m.to(dtype="float16"), ValueError, "float32 or float64"),
+    (lambda m, X, y, o: m.to(dtype="complex"), ValueError, "float32 or float64"),
+    (lambda m, X, y, o: m.to(device="tpu"), ValueError, "unknown device"),
+])
+def test_bad_arguments_raise_before_any_work_and_change_nothing(moons, call, error, match):
+    X, y = moons
+    model = _bn_model()
+    optimizer = bp.Adam(model.parameters(), lr=0.01)
+    before = weights(model)
+    with pytest.raises(error, match=match):
+        call(model, X, y, optimizer)
+    after = weights(model)
+    assert after.keys() == before.keys()
+    for k in before:
+        assert after[k].dtype == before[k].dtype
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+    assert optimizer.lr == 0.01 and optimizer.step_count == 0
+    assert model.training
+
+
+def test_a_metric_name_string_is_one_metric_and_metric_objects_are_not_shared(moons):
+    X, y = moons
+    model = mlp()
+    hist = model.fit(X, y, loss="cross_entropy", metrics="accuracy", epochs=1, verbose=0)
+    assert set(hist.history) >= {"loss", "accuracy"}
+    assert "a" not in hist.history
+    metric = bp.metrics.Accuracy()
+    result = model.evaluate(X, y, metrics=metric)
+    assert set(result) == {"accuracy"}
+    assert metric._acc is None  # the caller's object was copied, not filled
+
+
+def test_batchnorm_trains_when_drop_last_removes_the_one_row_batch(moons):
+    X, y = moons
+    model = _bn_model()
+    model.fit(X[:33], y[:33], loss="cross_entropy", batch_size=32, drop_last=True, verbose=0)
+
+
+def test_terminate_on_nan_in_the_first_epoch_records_the_partial_epoch():
+    X, y = data.regression(n=64, features=3, seed=0)
+    model = Sequential([Dense(3, 8, activation="relu", rng=0), Dense(8, 1, rng=1)])
+    hist = training.fit(model, X, y, loss="mse", optimizer="sgd", lr=1e12, epochs=5,
+                        batch_size=8, metrics=[], callbacks=[bp.callbacks.TerminateOnNaN()],
+                        verbose=0)
+    assert len(hist.history["loss"]) >= 1
+    assert not np.isfinite(hist.history["loss"][-1])

@@ -1,0 +1,50 @@
+"""Argument checks shared by the public entry points: each returns the value in canonical
+form or raises ``TypeError`` (wrong kind of value) / ``ValueError`` (right kind, bad value)
+with a message that names the argument, what was given and what is expected."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+__all__ = ["integer", "flag", "fraction", "non_negative"]
+
+
+def integer(name: str, value, minimum: int | None = None) -> int:
+    """``value`` as an int: an integral number (NumPy integers included; bools, floats,
+    strings are refused, since ``int()`` would silently truncate or reinterpret them), at
+    least ``minimum`` when given."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer; got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value}")
+    return value
+
+
+def flag(name: str, value) -> bool:
+    """``value`` as a bool: only True/False (and NumPy bools) are accepted."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False; got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def fraction(name: str, value, low: float = 0.0, high: float = 1.0) -> float:
+    """``value`` as a float in ``[low, high)``: a real number, not a bool, not NaN."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number; got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not (low <= value < high) or math.isnan(value):
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}); got {value!r}")
+    return value
+
+
+def non_negative(name: str, value) -> float:
+    """``value`` as a finite float >= 0: a real number, not a bool, not NaN or inf."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number >= 0; got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+    return value
