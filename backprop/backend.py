@@ -278,8 +278,13 @@ def device_info() -> dict:
 
 
 def _version_of(module: str) -> str:
-    if importlib.util.find_spec(module) is None:
-        return "not installed"
+    """The installed version of ``module``, or why there is none (never raises: ``info``
+    reports it on a broken installation too)."""
+    try:
+        if importlib.util.find_spec(module) is None:
+            return "not installed"
+    except (ImportError, ValueError):
+        return "not importable"
     from importlib import metadata
 
     for dist in (module.replace("_", "-"), module):

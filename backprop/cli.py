@@ -1,4 +1,4 @@
-"""``python -m backprop <command>`` (also the ``backprop`` script).
+"""``python -m backprop [--debug] <command>`` (also the ``backprop`` script).
 
     train     build an MLP, train it with a progress bar, report test metrics, and save
               model.npz, history.json, history.csv and curves.png to --out
@@ -14,18 +14,44 @@ command, add one entry.
 
 Data (``--data``): a built-in set (``digits``, ``xor``, ``two_moons``, ``spirals``,
 ``regression``) or a CSV file with a header (``--target COLUMN``). ``train`` splits it
-into train/validation/test parts (``--split``, stratified for classification), fits the
-standardisation on the train part, and stores that, the split and the class names in the
-checkpoint, so ``evaluate`` and ``predict`` prepare data exactly as ``train`` did.
+into train/validation/test parts (``--split``, stratified for classification; a validation
+or test fraction of 0 leaves that part out), fits the standardisation on the train part,
+and stores that, the split, the class names, the feature and target column names in the
+checkpoint, so ``evaluate`` and ``predict`` prepare data exactly as ``train`` did. They
+drop the target column of a labelled CSV file where the model does not need it, and
+require the other columns to be the model's features (in any order).
+
+Errors. Every argument is checked when the command line is parsed; ``train`` then checks
+the device, the data, the split (every part used is non-empty, every class is in the train
+part) and the output folder (created, and written to) before the first epoch, so that a
+problem never costs a training run. Exit codes:
+
+    0    success
+    1    ``info`` found an unusable configuration (each problem on stderr), or an
+         unexpected internal error (a bug: one line, with the exception, on stderr)
+    2    a usage or input error: one line ``error: ...`` on stderr saying what to do
+         (argparse's own usage errors also exit 2)
+    130  interrupted (Ctrl-C); ``train`` then saves nothing and removes the folders it made
+
+``--debug`` (before the command, ``python -m backprop --debug train ...``, or among its
+options) or ``BACKPROP_DEBUG=1`` prints the full traceback instead of the one-line message.
+
+Environment. ``BACKPROP_DEVICE``, ``BACKPROP_KERNELS`` and ``BACKPROP_DTYPE`` apply unless
+``--device``, ``--kernels`` or ``--dtype`` is given: a flag overrides its variable. A device
+that is requested but unavailable is an error (exit 2) before any data is loaded; only
+``auto`` falls back to the CPU, and says why.
 """
 from __future__ import annotations
 
 import argparse
+import codecs
 import importlib
 import json
+import math
 import os
 import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -42,78 +68,306 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 BUILTIN = ("digits", "xor", "two_moons", "spirals", "regression")
 
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+_options = {"debug": False}  # set by main() for the command it runs (global --debug)
+
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command and return its exit code (see the module docstring); never raises
+    for a user error, an interrupt or a bug in a command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    debug = False
+    while argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
+    if not argv:
+        print(_usage(), file=sys.stderr)
+        return EXIT_USAGE
+    if argv[0] in ("-h", "--help"):
         print(_usage())
-        return 0 if argv else 2
+        return EXIT_OK
     if argv[0] == "--version":
         import backprop
 
         print(f"backprop {backprop.__version__}")
-        return 0
+        return EXIT_OK
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"backprop: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        if name.startswith("-"):
+            problem = (f"unknown option {name!r} before the command; only --debug, --version "
+                       "and --help go there, a command's options follow it (python -m "
+                       "backprop <command> --help)")
+        else:
+            problem = (f"unknown command {name!r}; expected one of {', '.join(COMMANDS)} "
+                       "(python -m backprop --help)")
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     module, func = COMMANDS[name][1].split(":")
-    try:
-        return int(getattr(importlib.import_module(module), func)(rest) or 0)
-    except BrokenPipeError:  # e.g. `predict ... | head`: the reader left; exit quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    previous, _options["debug"] = _options["debug"], debug
+    try:  # commands outside this module (bench) get the same error handling
+        return _run(lambda args: getattr(importlib.import_module(module), func)(args), rest)
+    finally:
+        _options["debug"] = previous
 
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {n:<{width}}  {h}" for n, (h, _) in COMMANDS.items()]
-    return ("usage: python -m backprop <command> [options]   (<command> --help for its options)"
-            "\n\ncommands:\n" + "\n".join(lines))
+    return ("usage: python -m backprop [--debug] <command> [options]   (<command> --help for "
+            "its options)\n\ncommands:\n" + "\n".join(lines)
+            + "\n\n--debug (or BACKPROP_DEBUG=1) shows the traceback of an error. Exit codes: "
+            "0 ok, 1 internal error (or info: unusable configuration), 2 usage or input "
+            "error, 130 interrupted.")
 
 
 class CLIError(Exception):
     """A problem with the command line or its inputs: printed without a traceback."""
 
 
-def _run(fn, argv) -> int:
-    from backprop.backend import DeviceUnavailableError
-    from backprop.data import DataError
-    from backprop.io import CheckpointError
-    from backprop.kernels import KernelBackendError
-
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that report a problem with the user's input or machine, not a bug."""
     try:
-        return fn(argv)
-    except (CLIError, DataError, CheckpointError, DeviceUnavailableError, KernelBackendError,
-            FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        from backprop.backend import DeviceUnavailableError
+        from backprop.data import DataError
+        from backprop.io import CheckpointError
+        from backprop.kernels import KernelBackendError
+    except Exception:  # a broken installation: whatever failed is then reported as a bug
+        return (CLIError, OSError)
+    return (CLIError, DataError, CheckpointError, DeviceUnavailableError, KernelBackendError,
+            OSError)
+
+
+def _debug_requested(argv) -> bool:
+    if _options["debug"]:
+        return True
+    if os.environ.get("BACKPROP_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    argv = list(argv)
+    return "--debug" in (argv[:argv.index("--")] if "--" in argv else argv)
+
+
+def _run(fn, argv) -> int:
+    """``fn(argv)``'s exit code, with every failure turned into one line on stderr (or the
+    traceback under --debug / BACKPROP_DEBUG=1): 2 for a user error, 130 for Ctrl-C, 1 for
+    anything else, which is a bug."""
+    debug = _debug_requested(argv)
+    try:
+        return int(fn(argv) or 0)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, already printed)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # e.g. `predict ... | head`: the reader left; exit quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+    except Exception as exc:
+        user = isinstance(exc, _user_errors())
+        if debug:
+            traceback.print_exc()
+        elif user:
+            print(f"error: {_describe(exc)}", file=sys.stderr)
+        elif isinstance(exc, MemoryError):
+            print(f"error: out of memory ({type(exc).__name__}: {_one_line(exc)}); use a "
+                  "smaller --batch-size or model", file=sys.stderr)
+        else:
+            print(f"error: internal error {type(exc).__name__}: {_one_line(exc)} (a bug in "
+                  "backprop: run with --debug or BACKPROP_DEBUG=1 for the traceback, and "
+                  "please report it)", file=sys.stderr)
+        return EXIT_USAGE if user else EXIT_FAILURE
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}; check the path and its permissions"
+    return _one_line(exc)
 
 
 # ---------------------------------------------------------------------------------------
-# Device and kernels
-def _add_runtime_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    p.add_argument("--kernels", default="auto", choices=("auto", "numba", "cupy", "reference"),
-                   help="kernel backend (default auto: Numba on CPU, CuPy on GPU)")
+# Argument types: argparse turns ArgumentTypeError into "prog: error: argument --x: msg"
+def _integer(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _number(minimum: float, *, strict: bool = False, below: float | None = None):
+    """A finite float ``>= minimum`` (``> minimum`` if strict, ``< below`` if given)."""
+    allowed = (f"a finite number {'>' if strict else '>='} {minimum:g}"
+               + (f" and < {below:g}" if below is not None else ""))
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = (math.isfinite(value) and (value > minimum if strict else value >= minimum)
+              and (below is None or value < below))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _probability(text: str) -> float:
+    try:
+        return _number(0.0, below=1.0)(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}") \
+            from None
+
+
+def _hidden(text: str) -> list[int]:
+    try:
+        widths = [int(h) for h in text.split(",") if h.strip()]
+    except ValueError:
+        widths = [0]
+    if any(w < 1 for w in widths):
+        raise argparse.ArgumentTypeError(f"expected layer widths >= 1 such as 128,64 ('' for "
+                                         f"no hidden layer), got {text!r}")
+    return widths
+
+
+def _fractions(text: str) -> list[float]:
+    """``train,validation,test``: three finite fractions >= 0 summing to 1, train > 0."""
+    try:
+        fr = [float(f) for f in text.split(",")]
+    except ValueError:
+        fr = []
+    if len(fr) != 3 or not all(math.isfinite(f) for f in fr):
+        raise argparse.ArgumentTypeError(f"expected three fractions train,validation,test such "
+                                         f"as 0.7,0.15,0.15, got {text!r}")
+    if min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
+        raise argparse.ArgumentTypeError(f"expected fractions >= 0 that sum to 1 such as "
+                                         f"0.7,0.15,0.15, got {text!r}")
+    if fr[0] == 0:
+        raise argparse.ArgumentTypeError(f"the train fraction must be > 0 (validation and test "
+                                         f"may be 0, which leaves that part out), got {text!r}")
+    return fr
+
+
+def _device(text: str) -> str:
+    from backprop.backend import parse_device
+
+    try:
+        parse_device(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: expected auto, cpu, cuda, "
+                                         "gpu or cuda:N") from None
+    return text.strip().lower()
+
+
+def _activation(text: str) -> str:
+    from backprop.activations import NAMES
+
+    if text.strip().lower() not in NAMES:
+        raise argparse.ArgumentTypeError(f"unknown activation {text!r}; expected one of "
+                                         f"{', '.join(sorted(NAMES))}")
+    return text.strip().lower()
+
+
+def _encoding(text: str) -> str:
+    try:
+        codecs.lookup(text)
+    except LookupError:
+        raise argparse.ArgumentTypeError(f"unknown text encoding {text!r}; e.g. utf-8, cp1252, "
+                                         "latin-1, utf-16") from None
+    return text
+
+
+# ---------------------------------------------------------------------------------------
+# Device, kernels and dtype: a flag overrides its environment variable
+def _add_common_options(p: argparse.ArgumentParser, runtime: bool = True) -> None:
+    if runtime:
+        from backprop.kernels import CHOICES
+
+        p.add_argument("--device", type=_device, default=None,
+                       help="auto | cpu | cuda | cuda:N (default: BACKPROP_DEVICE, else auto)")
+        p.add_argument("--kernels", default=None, choices=CHOICES,
+                       help="kernel backend (default: BACKPROP_KERNELS, else auto: Numba on "
+                            "CPU, CuPy on GPU)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error (also BACKPROP_DEBUG=1)")
+
+
+def _device_problem(value: str, exc: Exception, source: str) -> str:
+    """What is wrong with a device request from ``source`` (a flag or BACKPROP_DEVICE) and
+    what to do about it."""
+    if source == "--device":
+        return f"--device {value}: {_one_line(exc)}; use --device cpu or --device auto"
+    if isinstance(exc, ValueError):
+        return (f"BACKPROP_DEVICE={value!r} is not a device; expected auto, cpu, cuda, gpu or "
+                "cuda:N: fix or unset BACKPROP_DEVICE")
+    return (f"BACKPROP_DEVICE={value!r}: {_one_line(exc)}; set BACKPROP_DEVICE=cpu or auto, "
+            "or unset it")
 
 
 def _setup_runtime(args) -> tuple[str, str]:
-    """Select device and kernels (failing early, with the reason). Returns a description
+    """Select dtype, kernels and device, from the flags where given, else from BACKPROP_*,
+    failing now (before any data is loaded) with what to do. Returns a description
     ("device cpu, kernels numba_cpu") and the reason for a CPU fallback ("" if none)."""
     import backprop as bp
+    from backprop import backend
     from backprop import kernels as K
 
-    device = bp.set_device(args.device)
-    K.set_backend(args.kernels)
-    backend = K.backend_name(device.kind)  # raises now if the choice cannot run here
-    return f"device {device}, kernels {backend}", bp.device_info()["fallback_reason"]
+    has_dtype = hasattr(args, "dtype")
+    if getattr(args, "dtype", None):
+        backend.set_dtype(args.dtype)
+    else:
+        try:
+            backend.get_dtype()
+        except ValueError as exc:
+            raise CLIError(f"{exc}: fix or unset BACKPROP_DTYPE"
+                           + (", or give --dtype" if has_dtype else "")) from None
+    if args.kernels is not None:
+        K.set_backend(args.kernels)
+    else:
+        try:
+            K.get_choice()
+        except K.KernelBackendError as exc:
+            raise CLIError(f"{exc}: fix or unset BACKPROP_KERNELS, or give --kernels") from None
+    try:
+        if args.device is not None:
+            device = bp.set_device(args.device)
+        else:  # the current device: BACKPROP_DEVICE unless set in this process
+            device = bp.get_device()
+    except (ValueError, backend.DeviceUnavailableError) as exc:
+        if args.device is not None:
+            raise CLIError(_device_problem(args.device, exc, "--device")) from None
+        value = os.environ.get("BACKPROP_DEVICE", "auto")
+        raise CLIError(_device_problem(value, exc, "BACKPROP_DEVICE")
+                       + ", or give --device cpu") from None
+    try:
+        kernels = K.backend_name(device.kind)  # raises now if the choice cannot run here
+    except K.KernelBackendError as exc:
+        raise CLIError(f"{exc} (on the command line: --device, --kernels)") from None
+    return f"device {device}, kernels {kernels}", bp.device_info()["fallback_reason"]
 
 
 # ---------------------------------------------------------------------------------------
 # Data
-def _load(name: str, target: str | None, task: str, seed: int) -> dict:
-    """A data set as ``{"X", "y", "task", "classes", "features", "target", "name"}``."""
+def _load(name: str, *, target: str | None, task: str, seed: int, encoding: str = "utf-8",
+          features: list[str] | None = None, need_target: bool = False,
+          origin: str = "--data") -> dict:
+    """A data set as ``{"X", "y", "task", "classes", "features", "target", "name"}``.
+
+    With ``features`` (a model's), the columns other than ``target`` must be exactly these
+    (any order; X comes in this order), and ``target`` is loaded only where present (it
+    must be with ``need_target``). ``origin`` says where ``name`` came from, for errors."""
     from backprop import data
 
     if name in BUILTIN:
@@ -129,45 +383,142 @@ def _load(name: str, target: str | None, task: str, seed: int) -> dict:
             X, y = data.regression(n=1000, features=8, noise=0.1, seed=seed)
         kind = "regression" if name == "regression" else "classification"
         classes = None if kind == "regression" else [str(c) for c in range(int(y.max()) + 1)]
-        features = [f"x{i}" for i in range(X.shape[1])]
-        return {"X": X, "y": y, "task": kind, "classes": classes, "features": features,
+        names = [f"x{i}" for i in range(X.shape[1])]
+        if features is not None:
+            _check_columns(names, features, name)
+            X = X[:, [names.index(f) for f in features]]
+            names = list(features)
+        return {"X": X, "y": y, "task": kind, "classes": classes, "features": names,
                 "target": "y", "name": name}
     if not os.path.exists(name):
-        raise CLIError(f"--data {name!r} is neither a built-in data set ({', '.join(BUILTIN)}) "
-                       "nor an existing CSV file")
-    table = data.load_csv(name, target=target, task=task)
+        if origin == "--data":
+            raise CLIError(f"--data {name!r} is neither a built-in data set "
+                           f"({', '.join(BUILTIN)}) nor an existing CSV file")
+        raise CLIError(f"the model's training data {name!r} ({origin}) no longer exists; give "
+                       "the data with --data")
+    if os.path.isdir(name):
+        raise CLIError(f"--data {name!r} is a directory; give a CSV file with a header row "
+                       f"or a built-in data set ({', '.join(BUILTIN)})")
+    if features is not None:
+        columns = data.csv_columns(name, encoding=encoding)
+        if need_target and target not in columns:
+            raise CLIError(f"{name} has no target column {target!r} (columns: "
+                           f"{', '.join(columns)}); give labelled data, or use predict")
+        _check_columns([c for c in columns if c != target], features, name)
+        target = target if need_target else None  # unread: it may be blank where unlabelled
+    table = data.load_csv(name, target=target, features=features, task=task,
+                          encoding=encoding)
     return {"X": table.X, "y": table.y, "task": table.task, "classes": table.classes,
             "features": table.feature_names, "target": table.target,
             "name": os.path.abspath(name)}
 
 
+def _check_columns(available: list[str], features: list[str], source: str) -> None:
+    """The columns ``available`` to a model trained on ``features`` must be those."""
+    missing = [f for f in features if f not in available]
+    if missing:
+        raise CLIError(f"{source} lacks the feature columns {_preview(missing)} that the model "
+                       f"was trained on (it expects {', '.join(features)}); give data with "
+                       "these columns")
+    extra = [c for c in available if c not in features]
+    if extra:
+        raise CLIError(f"{source} has {len(available)} feature columns but the model was "
+                       f"trained on {len(features)}: unexpected {_preview(extra)}; drop them "
+                       f"(the model expects {', '.join(features)})")
+
+
+def _preview(names: list[str], n: int = 5) -> str:
+    return repr(names) if len(names) <= n else repr(names[:n])[:-1] + ", ...]"
+
+
 def _split(ds: dict, fractions, seed: int):
+    """``[(X, y)] * 3`` for train, validation, test; a part of fraction 0 is empty. With all
+    three fractions positive this is exactly ``train_val_test_split`` (checkpoints written
+    by earlier versions re-split the same way)."""
     from backprop.data import train_val_test_split
 
-    return train_val_test_split(ds["X"], ds["y"], fractions, seed=seed,
-                                stratify=ds["task"] == "classification")
+    X, y = ds["X"], ds["y"]
+    used = [i for i, f in enumerate(fractions) if f > 0]
+    if len(used) == 1:
+        pieces = [(X, y)]  # fit shuffles; nothing else needs an order
+    else:
+        pieces = train_val_test_split(X, y, [fractions[i] for i in used], seed=seed,
+                                      stratify=ds["task"] == "classification")
+    parts = [(X[:0], y[:0])] * len(fractions)
+    for i, piece in zip(used, pieces):
+        parts[i] = piece
+    return parts
 
 
-def _fractions(text: str):
+PARTS = ("train", "validation", "test")
+
+
+def _check_parts(ds: dict, parts, fractions) -> None:
+    """Every part with a positive fraction has rows; every class has rows in train."""
+    sizes = "/".join(str(len(X)) for X, _ in parts)
+    text = ",".join(f"{f:g}" for f in fractions)
+    for name, fraction, (X, _) in zip(PARTS, fractions, parts):
+        if fraction > 0 and len(X) == 0:
+            fix = ("a larger train fraction" if name == "train" else
+                   f"a larger {name} fraction, or 0 to leave the {name} part out (e.g. "
+                   "--split 1,0,0 trains on every row)")
+            raise CLIError(f"the {name} part of the split is empty: --split {text} divides the "
+                           f"{len(ds['X'])} rows of {ds['name']} into {sizes} train/validation/"
+                           f"test rows; give more rows or {fix}")
+    if ds["task"] == "classification":
+        counts = np.bincount(np.asarray(parts[0][1]), minlength=len(ds["classes"]))
+        absent = [c for c, n in zip(ds["classes"], counts) if n == 0]
+        if absent:
+            raise CLIError(f"the classes {_preview(absent)} have no rows in the train part "
+                           f"(--split {text}); give a larger train fraction, or add rows of "
+                           "these classes")
+
+
+def _check_target(ds: dict) -> None:
+    if ds["y"] is None:
+        raise CLIError(f"training needs a target: give --target COLUMN for {ds['name']} "
+                       f"(columns: {', '.join(ds['features'])})")
+    if ds["task"] == "classification" and len(ds["classes"]) < 2:
+        raise CLIError(f"{ds['name']}: the target column {ds['target']!r} holds one class "
+                       f"only, {ds['classes'][0]!r}; classification needs at least two (for "
+                       "numbers, --task regression)")
+
+
+def _prepare_out(out: str) -> list[str]:
+    """Create the folder ``out`` and check it is writable with a real file, before any
+    training. Returns the folders created (deepest first), for removal on failure."""
+    import tempfile
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out {out} is an existing file, not a folder; give a folder for "
+                       "model.npz, history.json, history.csv and curves.png")
+    path, created = os.path.abspath(out), []
+    probe = path
+    while not os.path.exists(probe):
+        created.append(probe)
+        probe = os.path.dirname(probe)
     try:
-        fr = [float(f) for f in text.split(",")]
-    except ValueError:
-        raise CLIError(f"--split {text!r}: expected three fractions such as 0.7,0.15,0.15") \
-            from None
-    if len(fr) != 3:
-        raise CLIError(f"--split {text!r}: expected three fractions (train, validation, test)")
-    return fr
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"--out {out}: cannot create the folder ({exc.strerror}); give a "
+                       "writable folder") from None
+    try:
+        fd, name = tempfile.mkstemp(dir=path, prefix=".backprop-write-test-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        _remove_empty(created)
+        raise CLIError(f"--out {out}: cannot write to the folder ({exc.strerror}); give a "
+                       "writable folder") from None
+    return created
 
 
-def _select_features(ds: dict, features: list[str]) -> np.ndarray:
-    """Columns of ``ds`` in the order the model was trained on."""
-    if ds["features"] == features:
-        return ds["X"]
-    missing = [f for f in features if f not in ds["features"]]
-    if missing:
-        raise CLIError(f"the data lacks the feature columns {missing} that the model was "
-                       "trained on")
-    return ds["X"][:, [ds["features"].index(f) for f in features]]
+def _remove_empty(folders: list[str]) -> None:
+    for folder in folders:  # deepest first; a folder with anything in it stays
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 # ---------------------------------------------------------------------------------------
@@ -177,26 +528,36 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="digits",
                    help=f"built-in data set ({', '.join(BUILTIN)}) or a CSV file (default digits)")
     p.add_argument("--target", help="target column of a CSV file")
+    p.add_argument("--encoding", type=_encoding, default="utf-8",
+                   help="text encoding of a CSV file (default utf-8)")
     p.add_argument("--task", default="auto", choices=("auto", "classification", "regression"))
-    p.add_argument("--hidden", default="128,64", help="hidden layer widths (default 128,64; "
-                   "'' for none)")
-    p.add_argument("--activation", default="relu", help="hidden activation (default relu)")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout after each hidden layer")
+    p.add_argument("--hidden", type=_hidden, default="128,64",
+                   help="hidden layer widths (default 128,64; '' for none)")
+    p.add_argument("--activation", type=_activation, default="relu",
+                   help="hidden activation (default relu)")
+    p.add_argument("--dropout", type=_probability, default=0.0,
+                   help="dropout probability after each hidden layer, in [0, 1)")
     p.add_argument("--optimizer", default="adam",
                    choices=("adam", "adamw", "sgd", "momentum", "rmsprop", "adagrad"))
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--patience", type=int, default=0,
+    p.add_argument("--lr", type=_number(0.0, strict=True), default=1e-3,
+                   help="learning rate, > 0 (default 1e-3)")
+    p.add_argument("--weight-decay", type=_number(0.0), default=None,
+                   help="weight decay, >= 0 (default: the optimizer's, 0 except adamw's 0.01)")
+    p.add_argument("--epochs", type=_integer(1), default=30)
+    p.add_argument("--batch-size", type=_integer(1), default=64)
+    p.add_argument("--patience", type=_integer(0), default=0,
                    help="stop after this many epochs without a better val_loss (0: never)")
-    p.add_argument("--split", default="0.7,0.15,0.15", help="train,validation,test fractions")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split, weights and shuffling")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    p.add_argument("--split", type=_fractions, default="0.7,0.15,0.15",
+                   help="train,validation,test fractions summing to 1 (default 0.7,0.15,0.15; "
+                        "validation or test 0 leaves that part out)")
+    p.add_argument("--seed", type=_integer(0), default=0,
+                   help="seed of the split, weights and shuffling")
+    p.add_argument("--dtype", default=None, choices=("float32", "float64"),
+                   help="float type (default: BACKPROP_DTYPE, else float32)")
     p.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
     p.add_argument("--no-plot", action="store_true", help="do not write curves.png")
     p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
-    _add_runtime_options(p)
+    _add_common_options(p)
     return p
 
 
@@ -221,25 +582,41 @@ def train_main(argv) -> int:
 
 
 def _train(argv) -> int:
-    from backprop import callbacks, training
-    from backprop.backend import set_dtype
-    from backprop.data import Standardizer
-
-    args = _train_parser().parse_args(argv)
+    parser = _train_parser()
+    args = parser.parse_args(argv)
+    if args.patience and args.split[1] == 0:
+        parser.error("argument --patience: early stopping watches val_loss, but --split leaves "
+                     "out the validation part; give it a validation fraction > 0")
+    if args.data in BUILTIN and (args.target is not None or args.task != "auto"):
+        parser.error(f"argument --{'target' if args.target is not None else 'task'}: applies "
+                     f"to CSV files only; the built-in data set {args.data} has its own target "
+                     "and task")
     t0 = time.perf_counter()
-    runtime, fallback = _setup_runtime(args)
-    set_dtype(args.dtype)
+    runtime, fallback = _setup_runtime(args)  # before any data: a bad device fails fast
+    ds = _load(args.data, target=args.target, task=args.task, seed=args.seed,
+               encoding=args.encoding)
+    _check_target(ds)
+    parts = _split(ds, args.split, args.seed)
+    _check_parts(ds, parts, args.split)
+    created = _prepare_out(args.out)
     try:
-        hidden = [int(h) for h in args.hidden.split(",") if h.strip()]
-    except ValueError:
-        raise CLIError(f"--hidden {args.hidden!r}: expected widths such as 128,64") from None
-    ds = _load(args.data, args.target, args.task, args.seed)
-    if ds["y"] is None:
-        raise CLIError("training needs a target: give --target COLUMN for a CSV file")
-    fractions = _fractions(args.split)
-    (Xtr, ytr), (Xva, yva), (Xte, yte) = _split(ds, fractions, args.seed)
+        return _train_and_save(args, argv, ds, parts, runtime, fallback, t0)
+    except BaseException:  # failed or interrupted: leave no empty folders behind
+        _remove_empty(created)
+        raise
+
+
+def _train_and_save(args, argv, ds, parts, runtime, fallback, t0) -> int:
+    from backprop import callbacks, io, training
+    from backprop.backend import get_dtype
+    from backprop.data import Standardizer, validate
+
+    (Xtr, ytr), (Xva, yva), (Xte, yte) = parts
     scaler = Standardizer().fit(Xtr)
     Xtr, Xva, Xte = (scaler.transform(a) for a in (Xtr, Xva, Xte))
+    for name, (X, y) in zip(PARTS, ((Xtr, ytr), (Xva, yva), (Xte, yte))):
+        if len(X):  # finite and well-formed, also after standardisation
+            validate(X, y, name=f"the {name} part of {ds['name']}")
     classify = ds["task"] == "classification"
     yscale = None
     if classify:
@@ -248,12 +625,12 @@ def _train(argv) -> int:
         yscale = Standardizer().fit(ytr)
         ytr, yva = yscale.transform(ytr), yscale.transform(yva)
         n_out, loss, metrics = ytr.shape[1], "mse", ["mae", "r2"]
-    model = _build_model(Xtr.shape[1], hidden, n_out, args.activation, args.dropout, args.seed,
-                         args.dtype)
-    from backprop.training import make_optimizer
-
-    extra_kw = {"weight_decay": args.weight_decay} if args.weight_decay else {}
-    optimizer = make_optimizer(args.optimizer, model.parameters(), lr=args.lr, **extra_kw)
+    dtype = str(get_dtype())
+    model = _build_model(Xtr.shape[1], args.hidden, n_out, args.activation, args.dropout,
+                         args.seed, dtype)
+    extra_kw = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}
+    optimizer = training.make_optimizer(args.optimizer, model.parameters(), lr=args.lr,
+                                        **extra_kw)
     cbs = [callbacks.TerminateOnNaN()]
     if args.patience:
         cbs.append(callbacks.EarlyStopping("val_loss", patience=args.patience))
@@ -261,40 +638,44 @@ def _train(argv) -> int:
         print(runtime + (f" ({fallback})" if fallback else ""))
         print(f"{len(Xtr)} train / {len(Xva)} validation / {len(Xte)} test rows, "
               f"{Xtr.shape[1]} features, {ds['task']}\n{model.summary()}")
+    validation = (Xva, yva) if len(Xva) else None
     history = training.fit(model, Xtr, ytr, loss=loss, optimizer=optimizer, epochs=args.epochs,
-                           batch_size=args.batch_size, validation_data=(Xva, yva),
+                           batch_size=args.batch_size, validation_data=validation,
                            metrics=metrics, callbacks=cbs, seed=args.seed, verbose=args.verbose)
-    results = _test_metrics(model, Xte, yte, classify, yscale)
+    results = _test_metrics(model, Xte, yte, classify, yscale) if len(Xte) else {}
     extra = {"task": ds["task"], "classes": ds["classes"], "features": ds["features"],
              "target": ds["target"], "mean": scaler.mean, "std": scaler.std,
-             "data": {"name": ds["name"], "split": fractions, "seed": args.seed},
+             "data": {"name": ds["name"], "split": args.split, "seed": args.seed,
+                      "encoding": args.encoding},
              "test": results, "command": ["train", *argv]}
     if yscale is not None:
         extra.update({"y_mean": yscale.mean, "y_std": yscale.std})
-    os.makedirs(args.out, exist_ok=True)
-    from backprop import io
-
     io.save(model, os.path.join(args.out, "model.npz"), optimizer=optimizer,
             epoch=len(history), extra=extra)
     history.to_json(os.path.join(args.out, "history.json"))
     history.to_csv(os.path.join(args.out, "history.csv"))
     plot = None if args.no_plot else _plot(history, os.path.join(args.out, "curves.png"))
     elapsed = time.perf_counter() - t0
-    print("test " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    if results:
+        print("test " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    else:
+        print(f"no test part (--split {','.join(f'{f:g}' for f in args.split)}): no test "
+              "metrics")
     print(f"ran on {runtime}; {len(history)} epochs in {elapsed:.1f} s")
     print(f"saved {args.out}/model.npz, history.json, history.csv"
           + (f", {os.path.basename(plot)}" if plot else ""))
     return 0
 
 
-def _test_metrics(model, X, y, classify: bool, yscale) -> dict:
+def _test_metrics(model, X, y, classify: bool, yscale, batch_size: int = 256) -> dict:
     """Test metrics in the data's own units (regression outputs are un-standardised)."""
     from backprop import metrics, training
     from backprop.backend import to_numpy
 
     if classify:
-        return training.evaluate(model, X, y, loss="cross_entropy", metrics=["accuracy"])
-    pred = to_numpy(training.predict(model, X))
+        return training.evaluate(model, X, y, loss="cross_entropy", metrics=["accuracy"],
+                                 batch_size=batch_size)
+    pred = to_numpy(training.predict(model, X, batch_size=batch_size))
     if yscale is not None:
         pred = yscale.inverse_transform(pred)
     y = np.asarray(y).reshape(pred.shape)
@@ -339,11 +720,22 @@ def _checkpoint_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("model", help="a model.npz written by train (or backprop.io.save)")
     p.add_argument("--data", help="data set or CSV file (default: the one the model was "
                    "trained on)")
+    p.add_argument("--encoding", type=_encoding, default=None,
+                   help="text encoding of a CSV file (default: as in train for its data, "
+                        "else utf-8)")
     p.add_argument("--split", choices=("test", "all"), help="rows to use: the test part of "
                    "the training split (default when --data is the training data) or all rows")
-    p.add_argument("--batch-size", type=int, default=256)
-    _add_runtime_options(p)
+    p.add_argument("--batch-size", type=_integer(1), default=256)
+    _add_common_options(p)
     return p
+
+
+def _check_model_path(path: str) -> None:
+    if os.path.isdir(path):
+        inside = os.path.join(path, "model.npz")
+        hint = inside if os.path.isfile(inside) else "e.g. runs/latest/model.npz"
+        raise CLIError(f"{path} is a directory, not a model; give the model.npz file that "
+                       f"train wrote ({hint})")
 
 
 def _checkpoint_data(args, need_target: bool):
@@ -351,6 +743,10 @@ def _checkpoint_data(args, need_target: bool):
     from backprop import io
 
     runtime, _ = _setup_runtime(args)
+    _check_model_path(args.model)
+    if not os.path.exists(args.model):
+        raise CLIError(f"no checkpoint at {args.model!r}; give the model.npz that train wrote "
+                       "(train --out FOLDER writes FOLDER/model.npz)")
     ckpt = io.load_checkpoint(args.model)
     extra = ckpt.extra
     if "features" not in extra:
@@ -363,14 +759,19 @@ def _checkpoint_data(args, need_target: bool):
     split = args.split or ("test" if same else "all")
     if split == "test" and not same:
         raise CLIError("--split test needs the data the model was trained on; use --split all")
-    ds = _load(name, extra["target"] if (need_target or same) else None,
-               extra["task"], spec["seed"])
+    fractions = spec["split"]
+    if split == "test" and fractions[2] == 0:
+        raise CLIError(f"the model was trained without a test part (--split "
+                       f"{','.join(f'{f:g}' for f in fractions)}); use --split all")
+    encoding = args.encoding or (spec.get("encoding", "utf-8") if same else "utf-8")
+    ds = _load(name, target=extra["target"], task=extra["task"], seed=spec["seed"],
+               encoding=encoding, features=extra["features"],
+               need_target=need_target or split == "test",
+               origin="--data" if args.data else f"recorded in {args.model}")
     if split == "test":
         ds = dict(ds)
-        ds["X"], ds["y"] = _split(ds, spec["split"], spec["seed"])[2]
-    if need_target and ds["y"] is None:
-        raise CLIError(f"the data has no target column {extra['target']!r}")
-    X = _select_features(ds, extra["features"])
+        ds["X"], ds["y"] = _split(ds, fractions, spec["seed"])[2]
+    X = ds["X"]
     X = ((X - extra["mean"]) / extra["std"]).astype(X.dtype)
     return ckpt, ds, X, split, runtime
 
@@ -394,7 +795,7 @@ def _evaluate(argv) -> int:
         from backprop.data import Standardizer
 
         yscale = Standardizer(extra["y_mean"], extra["y_std"])
-    results = _test_metrics(ckpt.model, X, y, classify, yscale)
+    results = _test_metrics(ckpt.model, X, y, classify, yscale, batch_size=args.batch_size)
     if args.json:
         print(json.dumps({"split": split, "rows": len(X), **results}))
     else:
@@ -407,12 +808,25 @@ def _remap_labels(y, classes_now, classes_trained):
     lookup = {c: i for i, c in enumerate(classes_trained)}
     unknown = sorted(set(classes_now) - set(lookup))
     if unknown:
-        raise CLIError(f"the data has classes {unknown} that the model was not trained on")
+        raise CLIError(f"the data has classes {_preview(unknown)} that the model was not "
+                       f"trained on (it knows {_preview(classes_trained)}); drop those rows")
     return np.array([lookup[classes_now[k]] for k in y], dtype=np.int64)
 
 
 def predict_main(argv) -> int:
     return _run(_predict, argv)
+
+
+def _check_out_file(path: str) -> None:
+    """``predict --out``: a file that can be written, checked before any work."""
+    if os.path.isdir(path):
+        raise CLIError(f"--out {path} is a directory; give a file name such as "
+                       f"{os.path.join(path, 'predictions.csv')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CLIError(f"--out {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise CLIError(f"--out {path}: the folder {folder} is not writable; give another path")
 
 
 def _predict(argv) -> int:
@@ -425,8 +839,13 @@ def _predict(argv) -> int:
     p.add_argument("--out", help="CSV file to write (default: stdout)")
     p.add_argument("--proba", action="store_true", help="add class probabilities")
     args = p.parse_args(argv)
+    if args.out:
+        _check_out_file(args.out)
     ckpt, ds, X, split, _ = _checkpoint_data(args, need_target=False)
     extra = ckpt.extra
+    if args.proba and extra["task"] != "classification":
+        raise CLIError(f"--proba needs a classification model; {args.model} is a "
+                       f"{extra['task']} model: leave --proba out")
     out = to_numpy(training.predict(ckpt.model, X, batch_size=args.batch_size)).astype(np.float64)
     if extra["task"] == "classification":
         classes = extra["classes"]
@@ -456,25 +875,94 @@ def _predict(argv) -> int:
 # ---------------------------------------------------------------------------------------
 # info
 def info_main(argv) -> int:
-    p = argparse.ArgumentParser(prog="backprop info",
-                                description="What runs where, and why.")
-    p.add_argument("--json", action="store_true", help="print as JSON")
-    args = p.parse_args(argv)
-    import backprop as bp
-    from backprop import kernels as K
+    return _run(_info, argv)
 
-    info = {"backprop": bp.__version__, "python": sys.version.split()[0], **bp.device_info()}
-    info["kernel_backends"] = {name: K.unavailable_reason(name) or "available"
-                               for name in K.BACKENDS}
+
+def _info(argv) -> int:
+    """Print what runs where. Exit 0, or 1 when the configuration is unusable (a bad or
+    unavailable BACKPROP_DEVICE / BACKPROP_DTYPE / BACKPROP_KERNELS): each problem is then
+    also an ``error:`` line on stderr, and everything else is still reported."""
+    p = argparse.ArgumentParser(prog="backprop info",
+                                description="What runs where, and why. Exit code 1 when "
+                                            "the configuration (BACKPROP_*) is unusable.")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    _add_common_options(p, runtime=False)
+    args = p.parse_args(argv)
+    info = _runtime_report()
     if args.json:
         print(json.dumps(info, indent=2, default=str))
-        return 0
-    width = max(map(len, info))
-    for key, value in info.items():
-        if isinstance(value, dict):
-            print(f"{key:<{width}}")
-            for k, v in value.items():
-                print(f"  {k:<{width - 2}}  {v}")
-        else:
-            print(f"{key:<{width}}  {value if value not in ('', [], None) else '-'}")
-    return 0
+    else:
+        width = max(map(len, info))
+        for key, value in info.items():
+            if isinstance(value, dict):
+                print(f"{key:<{width}}")
+                for k, v in value.items():
+                    print(f"  {k:<{width - 2}}  {v}")
+            elif isinstance(value, list) and key == "problems":
+                print(f"{key:<{width}}  {len(value) or '-'}")
+                for problem in value:
+                    print(f"  {problem}")
+            else:
+                shown = value if value not in ("", [], None) else \
+                    "? (see problems)" if value is None and info["problems"] else "-"
+                print(f"{key:<{width}}  {shown}")
+    for problem in info["problems"]:
+        print(f"error: {problem}", file=sys.stderr)
+    return EXIT_FAILURE if info["problems"] else EXIT_OK
+
+
+def _runtime_report() -> dict:
+    """The keys of ``backprop.device_info()`` plus ``python``, ``kernel_backends`` and
+    ``problems``, each piece probed on its own so that one bad setting hides nothing else
+    (an unusable piece is None and its problem is listed)."""
+    import backprop as bp
+    from backprop import backend
+    from backprop import kernels as K
+
+    problems: list[str] = []
+    try:
+        status = backend.cuda_status()
+    except Exception as exc:  # cuda_status catches everything itself; a broken install
+        status = {"available": False, "cupy_version": None, "names": [],
+                  "reason": f"the CUDA probe failed: {type(exc).__name__}: {_one_line(exc)}"}
+    requested = os.environ.get("BACKPROP_DEVICE", "auto")
+    device = fallback = None
+    try:
+        device = bp.get_device()
+    except Exception as exc:
+        problems.append(_device_problem(requested, exc, "BACKPROP_DEVICE"))
+    else:
+        auto = isinstance(backend.parse_device(requested), str)
+        fallback = (f"auto chose the CPU: {status['reason']}"
+                    if auto and device.kind == "cpu" else "")
+    dtype = None
+    try:
+        dtype = str(backend.get_dtype())
+    except ValueError as exc:
+        problems.append(f"{exc}: fix or unset BACKPROP_DTYPE")
+    choice = kernels = None
+    try:
+        choice = K.get_choice()
+    except K.KernelBackendError as exc:
+        problems.append(f"{exc}: fix or unset BACKPROP_KERNELS")
+    if device is not None and choice is not None:
+        try:
+            kernels = K.backend_name(device.kind)
+        except K.KernelBackendError as exc:
+            problems.append(_one_line(exc))
+    backends = {}
+    for name in K.BACKENDS:
+        try:
+            backends[name] = K.unavailable_reason(name) or "available"
+        except Exception as exc:
+            backends[name] = f"unknown ({type(exc).__name__}: {_one_line(exc)})"
+    return {
+        "backprop": bp.__version__, "python": sys.version.split()[0],
+        "device": None if device is None else str(device), "dtype": dtype,
+        "requested": requested, "fallback_reason": fallback, "kernels": kernels,
+        "kernels_requested": choice, "cupy": status["cupy_version"] or "not installed",
+        "cuda_available": status["available"], "cuda_reason": status["reason"],
+        "cuda_devices": status["names"], "numba": backend._version_of("numba"),
+        "numba_cuda": backend._version_of("numba_cuda"), "numpy": np.__version__,
+        "kernel_backends": backends, "problems": problems,
+    }

@@ -7,8 +7,10 @@ once. Every generator takes a ``seed`` and is a pure function of its arguments.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
+import io
 import math
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,6 +22,7 @@ from backprop.backend import get_array_module, get_dtype
 __all__ = [
     "xor", "two_moons", "spirals", "regression", "load_digits", "load_csv", "CSVData",
     "Standardizer", "standardize", "train_val_test_split", "validate", "DataError",
+    "csv_columns",
 ]
 
 
@@ -121,35 +124,113 @@ class CSVData:
 _MISSING = {"", "na", "nan", "null", "none", "?"}
 
 
-def _parse_number(text: str, row: int, column: str) -> float:
+def _parse_number(text: str, path, row: int, column: str) -> float:
     if text.strip().lower() in _MISSING:
-        raise DataError(f"row {row}, column {column!r}: missing value {text!r}; fill or drop "
-                        "missing values before training")
+        raise DataError(f"{path}: row {row}, column {column!r}: missing value {text!r}; fill or "
+                        "drop missing values before training")
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise DataError(f"row {row}, column {column!r}: {text!r} is not a number; features must "
-                        "be numeric (one-hot encode categorical columns first)") from None
+        raise DataError(f"{path}: row {row}, column {column!r}: {text!r} is not a number; "
+                        "features must be numeric (one-hot encode categorical columns "
+                        "first)") from None
+    if not math.isfinite(value):  # float() accepts "inf" and overflows "1e999" to inf
+        raise DataError(f"{path}: row {row}, column {column!r}: {text!r} is not a finite number; "
+                        "replace or drop infinite values before training")
+    return value
+
+
+def _read_text(path, encoding: str) -> str:
+    """The whole file decoded, without a leading byte order mark; a decoding error becomes a
+    DataError that names the byte, its offset and line, and a likely encoding."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    wide = codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))  # NULs are text
+    if not wide and b"\x00" in raw[:4096] and not raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path}: holds NUL bytes, so it is a binary file, not CSV text; give a "
+                        "CSV file with a header row")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{path}: byte 0x{raw[exc.start]:02x} at offset {exc.start} (line {line}) is not "
+            f"valid {_encoding_name(encoding)}; {_guess_encoding(raw)}: re-save the file as "
+            "UTF-8, or give its encoding (load_csv(..., encoding=...), or --encoding on the "
+            "command line)") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _encoding_name(encoding: str) -> str:
+    name = codecs.lookup(encoding).name
+    return "UTF-8" if name == "utf-8" else name
+
+
+def _guess_encoding(raw: bytes) -> str:
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "the file starts with a UTF-16 byte order mark, so it is UTF-16 text"
+    try:
+        raw.decode("cp1252")
+    except UnicodeDecodeError:
+        return "the file is in another encoding"
+    return ("the file is probably in Windows-1252 (cp1252) or Latin-1, e.g. saved by Excel "
+            "(encoding='cp1252')")
+
+
+def _read_rows(path, delimiter: str, encoding: str) -> list[list[str]]:
+    text = _read_text(path, encoding)
+    try:
+        return list(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter))
+    except csv.Error as exc:
+        raise DataError(f"{path}: not readable as CSV ({exc}); check the delimiter "
+                        f"({delimiter!r}) and quoting") from None
+
+
+def _header(path, rows: list[list[str]]) -> list[str]:
+    if not rows:
+        raise DataError(f"{path}: the file is empty; expected a header row and data rows")
+    header = [h.strip() for h in rows[0]]
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        name = repeated[0]
+        raise DataError(f"{path}: column {name!r} appears {header.count(name)} times in the "
+                        "header; give every column a distinct name")
+    return header
+
+
+def csv_columns(path, delimiter: str = ",", encoding: str = "utf-8") -> list[str]:
+    """The column names in the header row of a CSV file (stripped, as :func:`load_csv` uses
+    them). Raises :class:`DataError` for an empty file, repeated names or undecodable text."""
+    text = _read_text(path, encoding)
+    try:
+        first = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), [])
+    except csv.Error as exc:
+        raise DataError(f"{path}: not readable as CSV ({exc}); check the delimiter "
+                        f"({delimiter!r}) and quoting") from None
+    return _header(path, [first] if first else [])
 
 
 def load_csv(path, target: str | int | None = None, features=None, task: str = "auto",
-             delimiter: str = ",", dtype=None) -> CSVData:
+             delimiter: str = ",", dtype=None, encoding: str = "utf-8") -> CSVData:
     """Read a CSV file with a header row.
 
     ``target``: the name (or index) of the target column, or None for a file of features
-    only (prediction). ``features``: column names to use (default: every other column).
-    ``task``: ``"classification"``, ``"regression"`` or ``"auto"`` (classification when the
-    target is non-numeric or integer-valued with at most 50 distinct values).
-    Classification targets are mapped to class indices ``0..K-1``; ``classes`` keeps the
-    original labels (numeric labels that already are ``0..K-1`` keep their meaning).
+    only (prediction). ``features``: column names to use, in this order (default: every
+    other column). ``task``: ``"classification"``, ``"regression"`` or ``"auto"``
+    (classification when the target is non-numeric or integer-valued with at most 50
+    distinct values). Classification targets are mapped to class indices ``0..K-1``;
+    ``classes`` keeps the original labels (numeric labels that already are ``0..K-1`` keep
+    their meaning). ``encoding``: of the file's text (a UTF-8 byte order mark is skipped).
+
+    Raises :class:`DataError`, naming the file and, where there is one, the row and column,
+    for: undecodable text, an empty file, no data rows, rows of the wrong length, repeated
+    column names, unknown columns, no feature column, missing, non-numeric or non-finite
+    feature values (also values that overflow ``dtype``), and unusable targets.
     """
     if task not in ("auto", "classification", "regression"):
         raise ValueError(f"task={task!r}: expected 'auto', 'classification' or 'regression'")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f, delimiter=delimiter))
-    if not rows:
-        raise DataError(f"{path}: the file is empty; expected a header row and data rows")
-    header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
+    rows = _read_rows(path, delimiter, encoding)
+    header, body = _header(path, rows), [r for r in rows[1:] if r]
     if not body:
         raise DataError(f"{path}: no data rows after the header")
     for i, r in enumerate(body, start=2):
@@ -162,34 +243,53 @@ def load_csv(path, target: str | int | None = None, features=None, task: str = "
         raise DataError(f"{path}: no column {target!r}; columns are {header}")
     if features is None:
         features = [h for h in header if h != target]
+    if not features:
+        raise DataError(f"{path}: no feature columns besides the target {target!r}; a model "
+                        "needs at least one input column")
     missing = [c for c in features if c not in header]
     if missing:
         raise DataError(f"{path}: feature columns {missing} not found; columns are {header}")
     cols = [header.index(c) for c in features]
-    X = np.array([[_parse_number(r[j], i, header[j]) for j in cols]
-                  for i, r in enumerate(body, start=2)], dtype=np.float64).astype(_float(dtype))
+    X64 = np.array([[_parse_number(r[j], path, i, header[j]) for j in cols]
+                    for i, r in enumerate(body, start=2)], dtype=np.float64)
+    with np.errstate(over="ignore"):  # reported below, with the cell
+        X = X64.astype(_float(dtype))
+    if not np.isfinite(X).all():  # finite in float64, too large for float32
+        i, j = np.argwhere(~np.isfinite(X))[0]
+        raise DataError(f"{path}: row {i + 2}, column {features[j]!r}: {X64[i, j]!r} is too "
+                        f"large for {X.dtype}; rescale the column or use float64")
     if target is None:
         return CSVData(X, None, list(features), None, None)
     raw = [r[header.index(target)].strip() for r in body]
-    y, task, classes = _encode_target(raw, task, target, dtype)
+    if "" in raw:
+        raise DataError(f"{path}: row {raw.index('') + 2}: the target column {target!r} is "
+                        "empty; fill or drop rows without a target")
+    y, task, classes = _encode_target(raw, task, target, dtype, path)
     return CSVData(X, y, list(features), target, task, classes)
 
 
-def _encode_target(raw: list[str], task: str, name: str, dtype):
+def _encode_target(raw: list[str], task: str, name: str, dtype, path):
     try:
         values = np.array([float(v) for v in raw])
-        numeric = bool(np.isfinite(values).all())
     except ValueError:
         values, numeric = None, False
+    else:  # all numbers: NaN or inf is a bad value, not a class label
+        numeric = True
+        if not np.isfinite(values).all():
+            row = int(np.argmin(np.isfinite(values)))
+            raise DataError(f"{path}: row {row + 2}: the target column {name!r} holds "
+                            f"{raw[row]!r}, which is not a finite number; fill or drop rows "
+                            "without a usable target")
     if task == "auto":
         integral = numeric and bool(np.all(values == np.round(values)))
         task = "classification" if not numeric or (integral and len(set(raw)) <= 50) \
             else "regression"
     if task == "regression":
         if not numeric:
-            bad = next(v for v in raw if not _is_number(v))
-            raise DataError(f"target column {name!r} holds {bad!r}, which is not a number: "
-                            "regression needs numeric, finite targets")
+            row, bad = next((i, v) for i, v in enumerate(raw, start=2) if not _is_number(v))
+            raise DataError(f"{path}: row {row}: the target column {name!r} holds {bad!r}, "
+                            "which is not a finite number: regression needs numeric, finite "
+                            "targets (or use classification)")
         return values.astype(_float(dtype)).reshape(-1, 1), task, None
     if numeric and np.all(values == np.round(values)):
         ints = values.astype(np.int64)

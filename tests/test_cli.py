@@ -1,4 +1,6 @@
-"""``python -m backprop``: train / evaluate / predict / info end to end, in subprocesses."""
+"""``python -m backprop``: train / evaluate / predict / info end to end (in subprocesses), and
+the error contract (mostly in-process through ``cli.main``): every user error is one line
+on stderr with exit 2, found before training, never a traceback unless --debug."""
 from __future__ import annotations
 
 import csv
@@ -116,3 +118,415 @@ def test_worked_example_matches_the_library():
     assert proc.returncode == 0, proc.stderr
     assert "δ1" in proc.stdout and proc.stdout.rstrip().endswith("All values match.")
     assert proc.stdout.count("library == by hand") == 13
+
+
+# =======================================================================================
+# User errors: one line on stderr, exit 2, no traceback (in-process through cli.main)
+@pytest.fixture(autouse=True)
+def cpu_runtime(monkeypatch):
+    """In-process runs see a CPU environment and fresh device/kernel/dtype choices (the CLI
+    reads BACKPROP_* lazily and would otherwise reuse what an earlier test resolved), and
+    leave the process's choices as they found them."""
+    from backprop import backend, kernels
+
+    monkeypatch.setenv("BACKPROP_DEVICE", "cpu")
+    monkeypatch.setenv("BACKPROP_KERNELS", "auto")
+    for name in ("BACKPROP_DTYPE", "BACKPROP_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    for key, value in (("device", None), ("fallback_reason", ""), ("dtype", None)):
+        monkeypatch.setitem(backend._default, key, value)
+    monkeypatch.setitem(kernels._state, "choice", None)
+    monkeypatch.setitem(kernels._state, "tables", kernels._state["tables"])
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(*args) -> (exit code, stdout, stderr)`` of ``backprop.cli.main`` in-process."""
+    from backprop.cli import main
+
+    def run_cli(*args):
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # main returns codes; a regression then fails an assert
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run_cli
+
+
+class FitCalled(Exception):
+    """Raised by the ``no_fit`` stub: the command got as far as training."""
+
+
+@pytest.fixture
+def no_fit(monkeypatch):
+    """Replace ``training.fit`` by a stub that records its arguments and raises FitCalled,
+    so that a test can check what would be trained and that checks ran before training."""
+    from backprop import training
+
+    calls = []
+
+    def stub(model, X, y, **kwargs):
+        calls.append({"model": model, "X": X, "y": y, **kwargs})
+        raise FitCalled("training started")
+
+    monkeypatch.setattr(training, "fit", stub)
+    return calls
+
+
+def assert_user_error(code, err, *fragments):
+    """Exit 2, exactly one ``error:`` line (argparse's own ``prog: error:`` counts), every
+    fragment in it, and no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:") or ": error:" in ln]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.mark.parametrize("args, allowed", [
+    (["train", "--activation", "nope"], "relu"),
+    (["train", "--epochs", "-1"], ">= 1"),
+    (["train", "--epochs", "0"], ">= 1"),
+    (["train", "--batch-size", "0"], ">= 1"),
+    (["train", "--lr", "-0.1"], "> 0"),
+    (["train", "--lr", "nan"], "> 0"),
+    (["train", "--weight-decay", "-1"], ">= 0"),
+    (["train", "--hidden", "0"], "128,64"),
+    (["train", "--hidden", "64,x"], "128,64"),
+    (["train", "--dropout", "1.5"], "[0, 1)"),
+    (["train", "--split", "0.5,0.5,0.5"], "sum to 1"),
+    (["train", "--split", "0.8,0.2"], "three"),
+    (["train", "--split", "0,0.5,0.5"], "train"),
+    (["train", "--split", "a,b,c"], "0.7,0.15,0.15"),
+    (["train", "--device", "tpu"], "cuda:N"),
+    (["train", "--seed", "-1"], ">= 0"),
+    (["train", "--patience", "-2"], ">= 0"),
+    (["train", "--kernels", "fast"], "reference"),
+    (["train", "--encoding", "klingon"], "utf-8"),
+    (["train", "--target", "y", "--data", "xor"], "CSV files only"),
+    (["train", "--task", "regression", "--data", "digits"], "CSV files only"),
+    (["evaluate", "m.npz", "--batch-size", "0"], ">= 1"),
+    (["predict", "m.npz", "--batch-size", "0"], ">= 1"),
+    (["predict", "m.npz", "--device", "gpu:x"], "cuda:N"),
+])
+def test_bad_arguments_fail_at_parse_time(cli, no_fit, args, allowed):
+    code, _, err = cli(*args)
+    flag = next(a for a in args if a.startswith("--"))
+    assert_user_error(code, err, flag, allowed)
+    assert not no_fit
+
+
+def test_patience_without_a_validation_part_is_an_argument_error(cli, no_fit):
+    code, _, err = cli("train", "--split", "0.7,0,0.3", "--patience", "3")
+    assert_user_error(code, err, "--patience", "validation")
+
+
+@pytest.mark.parametrize("args, decay", [([], 0.01), (["--weight-decay", "0"], 0.0)])
+def test_weight_decay_defaults_to_the_optimizers(cli, no_fit, args, decay):
+    # an explicit 0 turns AdamW's decoupled decay off; no flag keeps AdamW's default
+    cli("train", "--data", "two_moons", "--hidden", "4", "--optimizer", "adamw", *args)
+    assert no_fit[0]["optimizer"].hyper["weight_decay"] == decay
+
+
+# ---------------------------------------------------------------------------------------
+# Environment: info survives bad values; BACKPROP_* apply unless a flag is given
+@pytest.mark.parametrize("var, value, accepted", [
+    ("BACKPROP_DEVICE", "tpu", "cuda:N"),
+    ("BACKPROP_DEVICE", "cuda:99", "cpu"),  # unavailable on any machine
+    ("BACKPROP_DTYPE", "float16", "float64"),
+    ("BACKPROP_KERNELS", "fast", "reference"),
+])
+def test_info_reports_a_bad_environment_value(cli, monkeypatch, var, value, accepted):
+    monkeypatch.setenv(var, value)
+    code, out, err = cli("info")
+    assert code == 1 and "Traceback" not in err, err
+    problem = next(ln for ln in err.splitlines() if ln.startswith("error:"))
+    assert var in problem and repr(value) in problem and accepted in problem
+    assert "numpy" in out and np.__version__ in out and "cuda_reason" in out
+    code, out, err = cli("info", "--json")
+    info = json.loads(out)
+    assert code == 1 and any(var in p for p in info["problems"])
+    assert info["numpy"] == np.__version__ and "kernel_backends" in info
+
+
+def test_info_exits_0_with_no_problems(cli):
+    code, out, _ = cli("info", "--json")
+    assert code == 0 and json.loads(out)["problems"] == []
+
+
+def test_environment_device_applies_unless_flag_given(cli, monkeypatch, no_fit):
+    monkeypatch.setenv("BACKPROP_DEVICE", "cuda:99")
+    code, _, err = cli("train", "--data", "missing.csv")
+    assert_user_error(code, err, "BACKPROP_DEVICE", "cuda:99", "--device cpu")
+    code, _, err = cli("train", "--data", "missing.csv", "--device", "cpu")
+    assert_user_error(code, err, "neither a built-in data set")  # got past the device
+    code, _, err = cli("train", "--data", "missing.csv", "--device", "cuda:99")
+    assert_user_error(code, err, "cuda:99")
+    assert "neither" not in err  # the device is checked before the data is loaded
+
+
+def test_environment_kernels_and_dtype_apply_unless_flags_given(cli, monkeypatch, no_fit):
+    monkeypatch.setenv("BACKPROP_KERNELS", "reference")
+    monkeypatch.setenv("BACKPROP_DTYPE", "float64")
+    code, out, err = cli("train", "--data", "two_moons", "--hidden", "4", "--epochs", "1")
+    assert code == 1 and "training started" in err  # the stub stopped it
+    assert "kernels reference" in out
+    assert no_fit[0]["X"].dtype == np.float64
+    assert all(p.data.dtype == np.float64 for p in no_fit[0]["model"].parameters())
+    code, out, err = cli("train", "--data", "two_moons", "--hidden", "4", "--epochs", "1",
+                         "--kernels", "auto", "--dtype", "float32")
+    assert "kernels reference" not in out and no_fit[1]["X"].dtype == np.float32
+
+
+# ---------------------------------------------------------------------------------------
+# train: data, split and output folder are checked before the first epoch
+def _csv(path, content):
+    """Write ``content`` (str as UTF-8, or bytes as they are) to ``path``; return the path."""
+    if isinstance(content, str):
+        path.write_text(content, encoding="utf-8")
+    else:
+        path.write_bytes(content)
+    return path
+
+
+def test_empty_test_part_is_found_before_training(cli, no_fit, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = cli("train", "--data", "xor", "--out", out)
+    assert_user_error(code, err, "test part", "--split")
+    assert not no_fit and not out.exists()
+
+
+def test_zero_fractions_leave_parts_out(cli, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, err = cli("train", "--data", "xor", "--split", "1,0,0", "--hidden", "4",
+                            "--epochs", "2", "--batch-size", "4", "--out", out, "--no-plot",
+                            "--verbose", "0")
+    assert code == 0, err
+    assert "no test part" in stdout and (out / "model.npz").exists()
+    code, _, err = cli("evaluate", out / "model.npz")
+    assert_user_error(code, err, "--split all")
+    code, stdout, err = cli("evaluate", out / "model.npz", "--split", "all", "--json")
+    assert code == 0 and json.loads(stdout)["rows"] == 4
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_unusable_out_folder_is_found_before_training(cli, no_fit, tmp_path, where):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    out = blocker if where == "file" else blocker / "run"
+    code, _, err = cli("train", "--data", "two_moons", "--out", out)
+    assert_user_error(code, err, "--out", str(out))
+    assert not no_fit and blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("text, fragments", [
+    ("a,b,y\n1,2,0\ninf,3,1\n1,2,0\n4,4,1\n", ["row 3", "column 'a'", "finite"]),
+    ("a,b,y\n1,2,0\n1,nan,1\n1,2,0\n4,4,1\n", ["row 3", "column 'b'", "missing"]),
+    ("a,b,y\n1,2,0\n1,x,1\n1,2,0\n4,4,1\n", ["row 3", "column 'b'", "not a number"]),
+    (b"a,b,y\n1,2,0\n\xff,3,1\n", ["UTF-8", "offset 12", "line 3"]),
+    ("a,b,y\n" + "1,2,k\n" * 8, ["one class", "'k'"]),
+    ("y\n0\n1\n", ["no feature columns"]),
+    ("", ["empty"]),
+    ("a,b,y\n", ["no data rows"]),
+])
+def test_bad_csv_is_found_before_training(cli, no_fit, tmp_path, text, fragments):
+    path = _csv(tmp_path / "d.csv", text)
+    code, _, err = cli("train", "--data", path, "--target", "y", "--out", tmp_path / "r")
+    assert_user_error(code, err, *fragments)
+    assert not no_fit
+
+
+def test_class_missing_from_the_train_part_is_found_before_training(cli, no_fit, tmp_path):
+    rows = "".join(f"{i},{i % 3},{'a' if i % 2 else 'b'}\n" for i in range(40))
+    path = _csv(tmp_path / "d.csv", "u,v,y\n" + rows + "9,9,rare\n")
+    code, _, err = cli("train", "--data", path, "--target", "y", "--split", "0.3,0.35,0.35")
+    assert_user_error(code, err, "'rare'", "train part")
+    assert not no_fit
+
+
+# ---------------------------------------------------------------------------------------
+# Files, checkpoints and columns: one line, exit 2
+@pytest.fixture(scope="module")
+def regression_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("regression")
+    run("train", "--data", "regression", "--hidden", "4", "--epochs", "1", "--out", out,
+        "--no-plot", "--verbose", "0")
+    return out / "model.npz"
+
+
+@pytest.fixture
+def files(tmp_path, trained, regression_model):
+    model = trained[0] / "model.npz"
+    blob = model.read_bytes()
+    made = {"dir": tmp_path, "model": model, "regression": regression_model,
+            "trunc": tmp_path / "trunc.npz",
+            "garbage": tmp_path / "garbage.npz", "wide": tmp_path / "wide.csv",
+            "nodir": tmp_path / "missing" / "p.csv"}
+    made["trunc"].write_bytes(blob[:len(blob) // 2])
+    made["garbage"].write_bytes(b"not a zip archive")
+    made["wide"].write_text("x0,x1,x2,y\n1,2,3,0\n2,3,4,1\n")
+    return made
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["train", "--data", "{dir}"], ["is a directory", "CSV file"]),
+    (["train", "--data", "missing.csv"], ["neither a built-in data set"]),
+    (["evaluate", "{dir}"], ["is a directory", "model.npz"]),
+    (["evaluate", "{dir}/none.npz"], ["no checkpoint"]),
+    (["evaluate", "{trunc}"], ["truncated"]),
+    (["predict", "{garbage}"], ["not a backprop checkpoint"]),
+    (["evaluate", "{model}", "--data", "digits"], ["64 feature columns", "2"]),
+    (["evaluate", "{model}", "--data", "{wide}"], ["'x2'"]),
+    (["evaluate", "{model}", "--data", "{wide}", "--split", "test"], ["--split all"]),
+    (["predict", "{model}", "--out", "{dir}"], ["--out", "directory"]),
+    (["predict", "{model}", "--out", "{nodir}"], ["--out", "folder"]),
+    (["predict", "{regression}", "--proba"], ["--proba", "regression"]),
+])
+def test_file_and_column_errors(cli, files, args, fragments):
+    code, _, err = cli(*[a.format(**files) for a in args])
+    assert_user_error(code, err, *fragments)
+
+
+def test_csv_without_target_lists_the_columns(cli, no_fit, tmp_path):
+    path = _csv(tmp_path / "d.csv", "a,b\n1,2\n3,4\n")
+    code, _, err = cli("train", "--data", path)
+    assert_user_error(code, err, "--target", "a, b")
+
+
+def _pets(path, n=120):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(n, 2))
+    with open(path, "w") as f:
+        f.write("weight,height,kind\n")
+        for a, b in X:
+            f.write(f"{a:.4f},{b:.4f},{'cat' if a > 0 else 'dog'}\n")
+    return path
+
+
+@pytest.fixture
+def pets_model(cli, tmp_path):
+    path = _pets(tmp_path / "pets.csv")
+    code, _, err = cli("train", "--data", path, "--target", "kind", "--hidden", "8",
+                       "--epochs", "3", "--batch-size", "16", "--lr", "0.05",
+                       "--out", tmp_path / "r", "--no-plot", "--verbose", "0")
+    assert code == 0, err
+    return tmp_path / "r" / "model.npz", path
+
+
+def test_predict_drops_the_target_column_of_a_labelled_csv(cli, pets_model, tmp_path):
+    model, path = pets_model
+    other = tmp_path / "other.csv"  # not the training file: every row, target column present
+    other.write_text(path.read_text())
+    code, out, err = cli("predict", model, "--data", other)
+    assert code == 0, err
+    assert out.split()[0] == "prediction" and len(out.split()) == 121
+    code, out, err = cli("evaluate", model, "--data", other, "--json")
+    assert code == 0 and json.loads(out)["rows"] == 120
+    unlabelled = _csv(tmp_path / "u.csv", "weight,height,kind\n1,2,\n-1,0,\n")
+    code, out, err = cli("predict", model, "--data", unlabelled)  # blank targets: unread
+    assert code == 0 and len(out.split()) == 3, err
+
+
+def test_csv_in_another_encoding(cli, tmp_path):
+    drinks = ("caf\u00e9", "th\u00e9")
+    rows = "".join(f"{i % 7},{(i * 3) % 5},{drinks[i % 2]}\n" for i in range(60))
+    path = _csv(tmp_path / "cp.csv", ("a,b,drink\n" + rows).encode("cp1252"))
+    out = tmp_path / "r"
+    code, _, err = cli("train", "--data", path, "--target", "drink", "--out", out,
+                       "--hidden", "4", "--epochs", "1", "--no-plot", "--verbose", "0")
+    assert_user_error(code, err, "cp1252", "--encoding")
+    code, _, err = cli("train", "--data", path, "--target", "drink", "--out", out,
+                       "--hidden", "4", "--epochs", "1", "--no-plot", "--verbose", "0",
+                       "--encoding", "cp1252")
+    assert code == 0, err
+    code, stdout, err = cli("predict", out / "model.npz", "--split", "all")  # stored encoding
+    assert code == 0 and set(stdout.split()[1:]) <= set(drinks), err
+
+
+def test_predict_checks_columns_against_the_model(cli, pets_model, tmp_path):
+    model, _ = pets_model
+    reordered = _csv(tmp_path / "r.csv", "height,weight\n1,2\n3,4\n")
+    code, out, err = cli("predict", model, "--data", reordered)
+    assert code == 0 and len(out.split()) == 3, err
+    missing = _csv(tmp_path / "m.csv", "weight,kind\n1,cat\n")
+    code, _, err = cli("predict", model, "--data", missing)
+    assert_user_error(code, err, "'height'", "weight, height")
+    extra = _csv(tmp_path / "e.csv", "weight,height,id\n1,2,7\n")
+    code, _, err = cli("predict", model, "--data", extra)
+    assert_user_error(code, err, "'id'")
+    code, _, err = cli("evaluate", model, "--data", reordered)
+    assert_user_error(code, err, "'kind'")
+
+
+# ---------------------------------------------------------------------------------------
+# Ctrl-C, bugs and --debug
+def test_ctrl_c_exits_130_and_saves_nothing(cli, monkeypatch, tmp_path):
+    from backprop import training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "fit", interrupted)
+    out = tmp_path / "new" / "run"
+    try:
+        code, _, err = cli("train", "--data", "two_moons", "--out", out)
+    except KeyboardInterrupt:  # escaping, it would stop the whole test session
+        pytest.fail("KeyboardInterrupt escaped the CLI")
+    assert code == 130 and err.strip() == "interrupted", err
+    assert not (tmp_path / "new").exists()  # the folders train created are gone again
+
+
+@pytest.fixture
+def bug(monkeypatch):
+    from backprop import training
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(training, "fit", broken)
+
+
+def test_internal_error_is_one_line_exit_1(cli, bug, tmp_path):
+    code, _, err = cli("train", "--data", "two_moons", "--out", tmp_path / "r")
+    assert code == 1 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "ZeroDivisionError: boom" in lines[0]
+    assert "--debug" in lines[0] and "BACKPROP_DEBUG=1" in lines[0]
+
+
+@pytest.mark.parametrize("how", ["global", "command", "env"])
+def test_debug_shows_the_traceback(cli, bug, monkeypatch, tmp_path, how):
+    args = ["train", "--data", "two_moons", "--out", tmp_path / "r"]
+    if how == "global":
+        args = ["--debug", *args]
+    elif how == "command":
+        args.append("--debug")
+    else:
+        monkeypatch.setenv("BACKPROP_DEBUG", "1")
+    code, _, err = cli(*args)
+    assert code == 1 and "Traceback" in err and "ZeroDivisionError: boom" in err
+
+
+def test_debug_shows_the_traceback_of_a_user_error(cli):
+    code, _, err = cli("--debug", "train", "--data", "missing.csv")
+    assert code == 2 and "Traceback" in err and "CLIError" in err
+
+
+# ---------------------------------------------------------------------------------------
+# Through a real process: exit codes and no traceback
+@pytest.mark.parametrize("args, env, code, message", [
+    (["train", "--epochs", "-1"], {}, 2, "--epochs"),
+    (["info"], {"BACKPROP_DEVICE": "tpu"}, 1, "BACKPROP_DEVICE='tpu'"),
+    (["train", "--data", "{csv}", "--target", "y"], {}, 2, "UTF-8"),
+])
+def test_process_exit_codes(tmp_path, args, env, code, message):
+    csv_path = _csv(tmp_path / "latin1.csv", "a,y\ncaf\u00e9,0\n".encode("latin-1"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "backprop", *[a.format(csv=csv_path) for a in args]],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**CPU_ENV, **env})
+    assert proc.returncode == code and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -118,6 +118,8 @@ def test_load_csv_numeric_targets(tmp_path):
     ("a,t\n1,0\n,1\n", r"row 3, column 'a': missing"),
     ("a,t\n1,0\nred,1\n", r"row 3, column 'a': 'red' is not a number"),
     ("a,t\n1,0\n2\n", "row 3 has 1 fields"),
+    ("a,t\n1,0\n2,nan\n", r"row 3: the target column 't' holds 'nan', which is not a finite"),
+    ("a,t\n1,0\n2,\n", r"row 3: the target column 't' is empty"),
 ])
 def test_load_csv_errors_name_the_cell(tmp_path, text, match):
     with pytest.raises(DataError, match=match):
@@ -127,6 +129,71 @@ def test_load_csv_errors_name_the_cell(tmp_path, text, match):
 def test_load_csv_unknown_target(tmp_path):
     with pytest.raises(DataError, match="no column 'z'"):
         data.load_csv(_write(tmp_path, "a,b\n1,2\n"), target="z")
+
+
+@pytest.mark.parametrize("cell", ["inf", "-Infinity", "1e999"])
+def test_load_csv_rejects_infinite_values_naming_the_cell(tmp_path, cell):
+    # float() accepts these; a model cannot train on them, so they are found at load time
+    path = _write(tmp_path, f"a,b,t\n1,2,0\n3,{cell},1\n")
+    with pytest.raises(DataError, match=r"row 3, column 'b': .* not a finite number"):
+        data.load_csv(path, target="t")
+
+
+def test_load_csv_non_utf8_names_file_byte_and_encoding(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("name,x,t\ncaf\u00e9,1,0\n".encode("latin-1"))
+    with pytest.raises(DataError) as info:
+        data.load_csv(path, target="t")
+    text = str(info.value)
+    assert str(path) in text and "UTF-8" in text
+    assert "offset 12" in text and "line 2" in text and "0xe9" in text
+    assert "latin-1" in text.lower() or "encoding" in text  # says how to read it anyway
+    # with the right encoding the file loads (the bad cell is a string feature: DataError)
+    with pytest.raises(DataError, match="'café' is not a number"):
+        data.load_csv(path, target="t", encoding="latin-1")
+
+
+def test_load_csv_skips_a_utf8_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbfa,t\n1,0\n2,1\n")
+    table = data.load_csv(path, target="t")
+    assert table.feature_names == ["a"] and data.csv_columns(path) == ["a", "t"]
+
+
+@pytest.mark.parametrize("text, kwargs, match", [
+    ("a,a,t\n1,2,0\n", {"target": "t"}, "column 'a' appears 2 times"),
+    ("t\n0\n1\n", {"target": "t"}, "no feature columns"),
+    ("", {}, "empty"),
+])
+def test_load_csv_header_errors(tmp_path, text, kwargs, match):
+    with pytest.raises(DataError, match=match):
+        data.load_csv(_write(tmp_path, text), **kwargs)
+
+
+def test_load_csv_value_too_large_for_float32(tmp_path):
+    path = _write(tmp_path, "a,t\n1,0\n1e39,1\n")
+    with pytest.raises(DataError, match=r"row 3, column 'a': .* too large for float32"):
+        data.load_csv(path, target="t")
+    assert data.load_csv(path, target="t", dtype="float64").X[1, 0] == 1e39
+
+
+def test_load_csv_binary_and_utf16_files(tmp_path):
+    binary = tmp_path / "model.npz"
+    binary.write_bytes(b"PK\x03\x04\x00\x00binary")
+    with pytest.raises(DataError, match="binary file"):
+        data.load_csv(binary)
+    wide = tmp_path / "wide.csv"
+    wide.write_bytes("a,t\n1,0\n2,1\n".encode("utf-16"))  # with a byte order mark
+    with pytest.raises(DataError, match="UTF-16"):
+        data.load_csv(wide, target="t")
+    assert data.load_csv(wide, target="t", encoding="utf-16").X.tolist() == [[1], [2]]
+
+
+def test_csv_columns_reads_only_the_header(tmp_path):
+    path = _write(tmp_path, " a , b,t\n1,2,x\n")
+    assert data.csv_columns(path) == ["a", "b", "t"]
+    with pytest.raises(DataError, match="empty"):
+        data.csv_columns(_write(tmp_path, "", "e.csv"))
 
 
 # ---------------------------------------------------------------------------------------
