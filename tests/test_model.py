@@ -180,3 +180,36 @@ def test_workflow_methods_delegate(monkeypatch):
                      ("evaluate", (model, "X", "y"), {}),
                      ("predict", (model, "X"), {"batch_size": 8}),
                      ("save", (model, "ckpt.npz"), {"optimizer": "opt", "epoch": 3})]
+
+
+def test_a_layer_object_used_twice_is_refused_naming_both_places():
+    d = Dense(4, 4, rng=0)
+    with pytest.raises(ValueError, match=r"layer 1 .* same object as layer 0"):
+        Sequential([d, d])
+    act = ReLU()
+    with pytest.raises(ValueError, match=r"layer 2\.block\.0 .* same object as layer 0"):
+        Sequential([act, Dense(4, 4), Residual([act])])
+
+
+def test_one_activation_object_given_to_two_dense_layers_gives_each_its_own():
+    act = bp.LeakyReLU(0.2)
+    a, b = Dense(3, 4, activation=act, rng=0), Dense(4, 2, activation=act, rng=1)
+    model = Sequential([a, b])  # accepted: each Dense holds a copy
+    assert a.activation is not b.activation and a.activation.alpha == 0.2
+    x = np.random.default_rng(0).normal(size=(5, 3))
+    result = gradcheck(Sequential([Dense(3, 4, activation=act, dtype="float64", rng=0),
+                                   Dense(4, 2, activation=act, dtype="float64", rng=1)]), x)
+    assert result.ok, result
+    assert model(x.astype(np.float32)).shape == (5, 2)
+
+
+def test_to_dtype_casts_in_place_on_the_same_device_and_refuses_other_dtypes():
+    model = four_layer("float32")
+    model.to(dtype="float64")
+    assert all(p.dtype == np.float64 for p in model.parameters())
+    assert model[1].running_var.dtype == np.float64
+    assert isinstance(model[0].W.data, np.ndarray)
+    for bad, error in (("int32", ValueError), ("float16", ValueError), ("nope", TypeError)):
+        with pytest.raises(error, match="float32 or float64|not a NumPy dtype"):
+            model.to(dtype=bad)
+    assert all(p.dtype == np.float64 for p in model.parameters())
