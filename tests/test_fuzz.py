@@ -8,6 +8,7 @@ failure, as is an error that changed something.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -149,7 +150,8 @@ INVALID_FIT = {
 
 @SETTINGS
 @given(data=st.data())
-def test_fit_succeeds_or_raises_a_documented_error_and_changes_nothing(data):
+def test_fit_succeeds_or_raises_a_documented_error_and_changes_nothing(
+        data, kernels_for_both_devices):
     n = data.draw(st.integers(1, 12), label="rows")
     good = data.draw(st.integers(0, 2), label="how many arguments are bad") == 0
     valid_data = good or data.draw(st.booleans(), label="valid data")
@@ -184,7 +186,8 @@ def test_fit_succeeds_or_raises_a_documented_error_and_changes_nothing(data):
 # -- evaluate and predict -----------------------------------------------------------------
 @SETTINGS
 @given(data=st.data())
-def test_evaluate_and_predict_succeed_or_raise_a_documented_error(data):
+def test_evaluate_and_predict_succeed_or_raise_a_documented_error(
+        data, kernels_for_both_devices):
     valid = data.draw(st.booleans(), label="valid data")
     n = data.draw(st.integers(1, 12), label="rows")
     X = data.draw(arrays(rows=n, valid=valid) if valid else st.one_of(arrays(), junk),
@@ -257,8 +260,8 @@ def _equal(a, b) -> bool:
                              extras, max_size=4) | junk,
        epoch=st.one_of(st.none(), st.integers(-1, 3), st.sampled_from([1.5, "2", True])),
        where=st.sampled_from(["file", "file", "missing_dir", "dir"]))
-def test_save_succeeds_exactly_or_leaves_the_old_checkpoint(tmp_path_factory, extra, epoch,
-                                                            where):
+def test_save_succeeds_exactly_or_leaves_the_old_checkpoint(
+        tmp_path_factory, kernels_for_both_devices, extra, epoch, where):
     root = tmp_path_factory.mktemp("ck")
     model = _model()
     path = root / "model.npz"
@@ -280,7 +283,8 @@ def test_save_succeeds_exactly_or_leaves_the_old_checkpoint(tmp_path_factory, ex
 
 @SETTINGS
 @given(content=st.binary(max_size=64), cut=st.integers(0, 4000))
-def test_load_of_damaged_files_raises_a_checkpoint_error(tmp_path_factory, content, cut):
+def test_load_of_damaged_files_raises_a_checkpoint_error(
+        tmp_path_factory, kernels_for_both_devices, content, cut):
     root = tmp_path_factory.mktemp("bad")
     good = root / "good.npz"
     bp.save(_model(), good, extra={"k": [1, 2.5, "s"]})
@@ -341,36 +345,23 @@ def command_lines(draw, model, out):
     return argv
 
 
-@pytest.fixture(scope="module")
-def cli_model(tmp_path_factory):
-    from backprop import cli
-
-    out = tmp_path_factory.mktemp("cli-model")
-    assert cli.main(["train", "--data", "two_moons", "--epochs", "1", "--device", "cpu",
-                     "--out", str(out), "--no-plot", "--verbose", "0"]) == 0
-    return str(out / "model.npz")
-
-
-@SETTINGS
-@given(data=st.data())
-def test_the_command_line_exits_with_a_code_and_never_a_traceback(data, cli_model,
-                                                                  tmp_path_factory, capsys):
-    from backprop import backend, cli
+@contextlib.contextmanager
+def _cpu_cli_runtime():
+    """In-process CLI runs see a CPU environment and fresh device, kernel and dtype choices
+    (the CLI sets them process-wide), and the process's own are restored afterwards."""
+    from backprop import backend
     from backprop import kernels as K
 
-    out = str(tmp_path_factory.mktemp("cli"))
-    argv = data.draw(command_lines(cli_model, out), label="argv")
-    saved_env = {k: os.environ.get(k) for k in ("BACKPROP_DEVICE", "BACKPROP_KERNELS",
-                                                "BACKPROP_DTYPE", "BACKPROP_DEBUG")}
+    names = ("BACKPROP_DEVICE", "BACKPROP_KERNELS", "BACKPROP_DTYPE", "BACKPROP_DEBUG")
+    saved_env = {k: os.environ.get(k) for k in names}
     saved = dict(backend._default), dict(K._state)
     os.environ.update({"BACKPROP_DEVICE": "cpu", "BACKPROP_KERNELS": "auto"})
     for name in ("BACKPROP_DTYPE", "BACKPROP_DEBUG"):
         os.environ.pop(name, None)
     backend._default.update(device=None, fallback_reason="", dtype=None)
-    K._state.update(choice=None)
-    capsys.readouterr()
+    K._state.update(choice=None, tables={})
     try:
-        code = cli.main(argv)
+        yield
     finally:
         backend._default.update(saved[0])
         K._state.update(saved[1])
@@ -379,6 +370,30 @@ def test_the_command_line_exits_with_a_code_and_never_a_traceback(data, cli_mode
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    from backprop import cli
+
+    out = tmp_path_factory.mktemp("cli-model")
+    with _cpu_cli_runtime():
+        assert cli.main(["train", "--data", "two_moons", "--epochs", "1", "--out", str(out),
+                         "--no-plot", "--verbose", "0"]) == 0
+    return str(out / "model.npz")
+
+
+@SETTINGS
+@given(data=st.data())
+def test_the_command_line_exits_with_a_code_and_never_a_traceback(data, cli_model,
+                                                                  tmp_path_factory, capsys):
+    from backprop import cli
+
+    out = str(tmp_path_factory.mktemp("cli"))
+    argv = data.draw(command_lines(cli_model, out), label="argv")
+    capsys.readouterr()
+    with _cpu_cli_runtime():
+        code = cli.main(argv)
     stdout, stderr = capsys.readouterr()
     hypothesis.event(f"exit {code}")
     assert code in (0, 2) or (code == 1 and argv[0] == "info"), (code, stderr)

@@ -191,7 +191,9 @@ def test_a_layer_object_used_twice_is_refused_naming_both_places():
         Sequential([act, Dense(4, 4), Residual([act])])
 
 
-def test_one_activation_object_given_to_two_dense_layers_gives_each_its_own():
+@bp.use_device("cpu")
+def test_one_activation_object_given_to_two_dense_layers_gives_each_its_own(
+        kernels_for_both_devices):
     act = bp.LeakyReLU(0.2)
     a, b = Dense(3, 4, activation=act, rng=0), Dense(4, 2, activation=act, rng=1)
     model = Sequential([a, b])  # accepted: each Dense holds a copy
@@ -205,10 +207,11 @@ def test_one_activation_object_given_to_two_dense_layers_gives_each_its_own():
 
 def test_to_dtype_casts_in_place_on_the_same_device_and_refuses_other_dtypes():
     model = four_layer("float32")
+    array_type = type(model[0].W.data)
     model.to(dtype="float64")
     assert all(p.dtype == np.float64 for p in model.parameters())
     assert model[1].running_var.dtype == np.float64
-    assert isinstance(model[0].W.data, np.ndarray)
+    assert type(model[0].W.data) is array_type
     for bad, error in (("int32", ValueError), ("float16", ValueError), ("nope", TypeError)):
         with pytest.raises(error, match="float32 or float64|not a NumPy dtype"):
             model.to(dtype=bad)

@@ -1,7 +1,8 @@
 """Threads (backprop/concurrency.py): different models train at once with the results of
 training each alone; predict, evaluate and a loss run on one object from many threads; a
-model trained by two fits at once is refused, never corrupted. On the CPU, with whatever
-kernel backend the job selected (numba_cpu, reference, or a GPU backend run on the host)."""
+model trained by two fits at once is refused, never corrupted. Per device (the GPU CI runs
+the cuda rows), and on the CPU with whatever kernel backend the job selected (numba_cpu,
+reference, or a GPU backend run on the host)."""
 from __future__ import annotations
 
 import copy
@@ -25,7 +26,6 @@ from backprop.losses import SoftmaxCrossEntropyLoss
 from backprop.model import Sequential
 from backprop.regularizers import L2
 
-pytestmark = pytest.mark.usefixtures("cpu")
 
 # a batch of 2048 rows of 1024 features takes the parallel path of the numba_cpu kernels,
 # which release the GIL (2**21 elements against PARALLEL_MIN_ELEMENTS)
@@ -34,7 +34,8 @@ BATCH = 2048
 
 
 @pytest.fixture
-def cpu():
+def cpu(kernels_for_both_devices):
+    """CPU arrays, with CPU kernels also where the job selected BACKPROP_KERNELS=cupy."""
     with use_device("cpu"):
         yield
 
@@ -72,13 +73,13 @@ def _run_in_threads(targets):
         raise errors[0]
 
 
-def test_the_shapes_take_the_parallel_path_of_the_numba_cpu_kernels():
+def test_the_shapes_take_the_parallel_path_of_the_numba_cpu_kernels(cpu):
     from backprop.kernels import numba_cpu
 
     assert BATCH * WIDE >= numba_cpu.PARALLEL_MIN_ELEMENTS
 
 
-def test_two_models_trained_in_two_threads_equal_each_trained_alone(data):
+def test_two_models_trained_in_two_threads_equal_each_trained_alone(device, data):
     X, y = data
     shared = L2(1e-4)  # one regularizer object serving both models: its scratch is per thread
 
@@ -95,12 +96,12 @@ def test_two_models_trained_in_two_threads_equal_each_trained_alone(data):
     together = [_model(1), _model(2)]
     _run_in_threads([lambda: train(together[0], 1), lambda: train(together[1], 2)])
     for model, expected in zip(together, alone):
-        state = model.state_dict()
+        state = model.state_dict()  # NumPy copies, from either device
         for name in expected:
             np.testing.assert_array_equal(state[name], expected[name], err_msg=name)
 
 
-def test_kernels_called_from_two_threads_give_the_single_thread_results():
+def test_kernels_called_from_two_threads_give_the_single_thread_results(cpu):
     """The ops that keep partial sums in scratch memory (bias gradient, BatchNorm), called
     at once from two threads on different shapes."""
     rng = np.random.default_rng(3)
@@ -137,7 +138,7 @@ def test_kernels_called_from_two_threads_give_the_single_thread_results():
         _run_in_threads([worker(0), worker(1)])
 
 
-def test_predict_and_evaluate_from_eight_threads_on_one_model(data):
+def test_predict_and_evaluate_from_eight_threads_on_one_model(device, data):
     X, y = data
     model = _model(5)
     model.fit(X[:512], y[:512], loss="cross_entropy", epochs=1, batch_size=64, seed=0,
@@ -146,7 +147,7 @@ def test_predict_and_evaluate_from_eight_threads_on_one_model(data):
     loss = SoftmaxCrossEntropyLoss()
     parts = [X[i * 300:(i + 1) * 300] for i in range(8)]
     labels = [y[i * 300:(i + 1) * 300] for i in range(8)]
-    expected = [model.predict(p, batch_size=64) for p in parts]
+    expected = [bp.to_numpy(model.predict(p, batch_size=64)) for p in parts]
     expected_eval = [model.evaluate(p, t, loss=loss, batch_size=64)
                      for p, t in zip(parts, labels)]
     mismatches = []
@@ -154,7 +155,8 @@ def test_predict_and_evaluate_from_eight_threads_on_one_model(data):
     def worker(i):
         def fn():
             for _ in range(10):
-                if not np.array_equal(model.predict(parts[i], batch_size=64), expected[i]):
+                out = bp.to_numpy(model.predict(parts[i], batch_size=64))
+                if not np.array_equal(out, expected[i]):
                     mismatches.append(("predict", i))
                 if model.evaluate(parts[i], labels[i], loss=loss, batch_size=64) \
                         != expected_eval[i]:
@@ -166,7 +168,7 @@ def test_predict_and_evaluate_from_eight_threads_on_one_model(data):
     assert loss.validate_labels  # nor the loss's own switch
 
 
-def test_model_call_from_threads_returns_each_callers_output():
+def test_model_call_from_threads_returns_each_callers_output(cpu):
     rng = np.random.default_rng(1)
     model = Sequential([Dense(8, 32, activation="tanh", rng=rng), Dense(32, 3, rng=rng)])
     inputs = [rng.normal(size=(50 + i, 8)).astype(np.float32) for i in range(6)]
@@ -183,7 +185,7 @@ def test_model_call_from_threads_returns_each_callers_output():
     assert bad == []
 
 
-def test_one_loss_object_computes_each_threads_gradient():
+def test_one_loss_object_computes_each_threads_gradient(cpu):
     rng = np.random.default_rng(2)
     loss = SoftmaxCrossEntropyLoss()
     logits = [rng.normal(size=(64, 5)).astype(np.float32) for _ in range(4)]
@@ -217,7 +219,7 @@ class _Hold(C.Callback):
         assert self.release.wait(30)
 
 
-def test_a_second_fit_on_a_model_in_training_is_refused_and_changes_nothing(data):
+def test_a_second_fit_on_a_model_in_training_is_refused_and_changes_nothing(device, data):
     X, y = data
     X, y = X[:256], y[:256]
     model = _model(7)
@@ -256,7 +258,7 @@ def test_a_second_fit_on_a_model_in_training_is_refused_and_changes_nothing(data
               verbose=0)
 
 
-def test_fit_from_a_callback_of_fit_on_the_same_model_is_refused(data):
+def test_fit_from_a_callback_of_fit_on_the_same_model_is_refused(cpu, data):
     X, y = data
     X, y = X[:128], y[:128]
     model = _model(8)
@@ -274,7 +276,7 @@ def test_fit_from_a_callback_of_fit_on_the_same_model_is_refused(data):
     assert len(seen) == 1 and "this thread" in seen[0]
 
 
-def test_the_claim_is_released_when_fit_raises(data):
+def test_the_claim_is_released_when_fit_raises(cpu, data):
     X, y = data
     model = _model(9)
 
@@ -288,7 +290,7 @@ def test_the_claim_is_released_when_fit_raises(data):
     model.fit(X[:128], y[:128], loss="cross_entropy", epochs=1, batch_size=64, verbose=0)
 
 
-def test_inference_mode_is_per_thread():
+def test_inference_mode_is_per_thread(cpu):
     layer = Dropout(0.5)
     seen = {}
 
@@ -303,7 +305,7 @@ def test_inference_mode_is_per_thread():
     assert seen["other"] and layer.training
 
 
-def test_backward_without_forward_in_this_thread_says_so():
+def test_backward_without_forward_in_this_thread_says_so(cpu):
     layer = Dense(3, 2)
     layer.forward(np.ones((4, 3), np.float32))
     errors = []
@@ -320,20 +322,21 @@ def test_backward_without_forward_in_this_thread_says_so():
     assert errors and "forward() first, in this thread" in errors[0]
 
 
-def test_models_copy_and_pickle_with_their_per_thread_state_left_behind(data):
+def test_models_copy_and_pickle_with_their_per_thread_state_left_behind(device, data):
     X, y = data
     model = _model(11)
     model.add_regularizer(L2(1e-3))
     model.fit(X[:256], y[:256], loss="cross_entropy", epochs=1, batch_size=64, verbose=0)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        np.testing.assert_array_equal(clone.predict(X[:100]), model.predict(X[:100]))
+        np.testing.assert_array_equal(bp.to_numpy(clone.predict(X[:100])),
+                                      bp.to_numpy(model.predict(X[:100])))
         clone.fit(X[:256], y[:256], loss="cross_entropy", epochs=1, batch_size=64, verbose=0)
 
 
 @pytest.mark.skipif(os.environ.get("BACKPROP_TEST_KERNELS") is not None
                     or K.get_choice() == "reference",
                     reason="concerns Numba's threading layers (numba_cpu kernels)")
-def test_parallel_kernels_from_two_threads_under_the_workqueue_layer():
+def test_parallel_kernels_from_two_threads_under_the_workqueue_layer(cpu):
     """Numba's workqueue layer aborts the process when two threads launch parallel kernels
     at once; numba_cpu serialises its parallel launches under it."""
     script = textwrap.dedent(f"""
