@@ -32,9 +32,12 @@ from __future__ import annotations
 import contextlib
 import threading
 
+from backprop.backend import get_array_module
+
 __all__ = ["ConcurrentTrainingError", "PerThread", "WithPerThread", "inference_mode",
-           "is_inference",
-           "exclusive_training", "training_owner"]
+           "targets_validated", "exclusive_training"]
+
+_BUFFERS_KEPT = 12  # per object and thread: a few names × (full batch, last partial batch)
 
 
 class ConcurrentTrainingError(RuntimeError):
@@ -63,9 +66,22 @@ class PerThread(threading.local):
 
 
 class WithPerThread:
-    """Mixin for objects that keep a :class:`PerThread` in ``self._ctx``: a copy or an
-    unpickled object starts with an empty one of its own (a ``threading.local`` can be
-    neither pickled nor shared by copies)."""
+    """Mixin for objects that keep a :class:`PerThread` in ``self._ctx`` (layers, losses):
+    :meth:`_buffer` hands out this thread's reused arrays, and a copy or an unpickled object
+    starts with an empty context of its own (a ``threading.local`` can be neither pickled
+    nor shared by copies)."""
+
+    def _buffer(self, name: str, shape, like):
+        """A reusable array ``name`` of ``shape`` (dtype and device of ``like``), this
+        thread's own; the oldest is dropped beyond ``_BUFFERS_KEPT``."""
+        cache = self._ctx.buffers
+        key = (name, tuple(shape), like.dtype)
+        buf = cache.get(key)
+        if buf is None:
+            if len(cache) >= _BUFFERS_KEPT:
+                cache.pop(next(iter(cache)))
+            buf = cache[key] = get_array_module(like).empty(shape, dtype=like.dtype)
+        return buf
 
     def __getstate__(self):
         state = dict(vars(self))
@@ -81,38 +97,37 @@ class _Mode(threading.local):
     """Per-thread switches (class attributes are the defaults every thread starts with)."""
 
     eval = False          # inside inference_mode(): layers behave as in eval()
-    targets_valid = False  # inside losses.targets_validated(): skip per-call target checks
+    targets_valid = False  # inside targets_validated(): skip per-call target checks
 
 
 _MODE = _Mode()
 
 
-def is_inference() -> bool:
-    """True inside :func:`inference_mode` in the calling thread."""
-    return _MODE.eval
-
-
 @contextlib.contextmanager
+def _switched(name: str, value: bool):
+    before = getattr(_MODE, name)
+    setattr(_MODE, name, value)
+    try:
+        yield
+    finally:
+        setattr(_MODE, name, before)
+
+
 def inference_mode(enabled: bool = True):
     """Within, in this thread only, every layer behaves as in ``eval()`` mode (Dropout is
     the identity, BatchNorm uses its running statistics), whatever its ``training`` flag;
     other threads are not affected. ``predict`` and ``evaluate`` run inside it, and ``fit``
     runs with it disabled. Nestable."""
-    before = _MODE.eval
-    _MODE.eval = bool(enabled)
-    try:
-        yield
-    finally:
-        _MODE.eval = before
+    return _switched("eval", bool(enabled))
+
+
+def targets_validated():
+    """Within, in this thread only, losses skip their per-call target checks (NaN, label
+    type and range: a host sync each): for callers that validated the whole data set."""
+    return _switched("targets_valid", True)
 
 
 _claims_lock = threading.Lock()
-
-
-def training_owner(obj):
-    """The ``threading.Thread`` whose ``fit`` holds ``obj`` (a Parameter or an optimizer),
-    or None."""
-    return getattr(obj, "_trainer", None)
 
 
 @contextlib.contextmanager
@@ -124,7 +139,7 @@ def exclusive_training(params, optimizer=None, who: str = "fit"):
     claimed = [*params] + ([] if optimizer is None else [optimizer])
     with _claims_lock:
         for obj in claimed:
-            owner = training_owner(obj)
+            owner = getattr(obj, "_trainer", None)  # the thread whose fit holds it
             if owner is None:
                 continue
             what = f"parameter {obj.name!r}" if obj is not optimizer else \

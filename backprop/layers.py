@@ -34,9 +34,6 @@ from backprop.parameter import Parameter
 __all__ = ["Layer", "Dense", "Dropout", "BatchNorm1d", "Residual", "Flatten", "from_config",
            "check_input"]
 
-_CACHE_SIZE = 12  # buffers kept per layer: a few names × (full batch, last partial batch, ...)
-
-
 class Layer(WithPerThread):
     """Base class: implement ``forward``/``backward`` (and ``config`` to be serialisable).
 
@@ -234,18 +231,6 @@ class Layer(WithPerThread):
             raise TypeError(f"{self!r} needs a floating-point input; got {x.dtype}: "
                             "convert with x.astype('float32')")
         return xp.ascontiguousarray(x)
-
-    def _buffer(self, name: str, shape, like):
-        """A reusable array ``name`` of ``shape`` (dtype and device of ``like``), this
-        thread's own."""
-        cache = self._ctx.buffers
-        key = (name, tuple(shape))
-        buf = cache.get(key)
-        if buf is None:
-            if len(cache) >= _CACHE_SIZE:
-                cache.pop(next(iter(cache)))
-            buf = cache[key] = get_array_module(like).empty(shape, dtype=like.dtype)
-        return buf
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

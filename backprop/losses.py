@@ -15,7 +15,8 @@ With ``d = pred - target``, ``n`` = number of elements (rows for cross-entropy) 
 Every formula only exponentiates non-positive numbers, so any finite input gives a finite
 loss and gradient. Targets are checked (shape always; NaN, label type and range while
 ``validate_labels`` is True, which costs a host sync: ``fit`` and ``evaluate`` validate the
-data set once and skip these checks, in their own thread only, while they run).
+data set once and skip these checks, in their own thread only, while they run:
+:func:`backprop.concurrency.targets_validated`).
 
 Threads: ``∂L/∂pred`` and the work buffers are per thread (``self._ctx``), so one loss
 object may compute losses in several threads at once; ``backward()`` returns the gradient of
@@ -24,8 +25,6 @@ the calling thread's last ``forward``.
 from __future__ import annotations
 
 import numpy as np
-
-import contextlib
 
 from backprop import kernels as K
 from backprop.backend import get_array_module, to_numpy
@@ -73,16 +72,6 @@ class Loss(WithPerThread):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "type")
         return f"{type(self).__name__}({args})"
-
-    def _buffer(self, name, shape, like):
-        cache = self._ctx.buffers
-        key = (name, tuple(shape), like.dtype)
-        buf = cache.get(key)
-        if buf is None:
-            if len(cache) >= 12:
-                cache.pop(next(iter(cache)))
-            buf = cache[key] = get_array_module(like).empty(shape, dtype=like.dtype)
-        return buf
 
     def _scale(self, n: int) -> float:
         return 1.0 / n if self.reduction == "mean" else 1.0
@@ -249,18 +238,6 @@ class SoftmaxCrossEntropyLoss(Loss):
 
 
 CrossEntropyLoss = SoftmaxCrossEntropyLoss
-
-
-@contextlib.contextmanager
-def targets_validated():
-    """Within, in this thread only, losses skip their per-call target checks (NaN, label
-    type and range: a host sync each): for callers that validated the whole data set."""
-    before = _MODE.targets_valid
-    _MODE.targets_valid = True
-    try:
-        yield
-    finally:
-        _MODE.targets_valid = before
 
 NAMES = {"mse": MSELoss, "l1": L1Loss, "mae": L1Loss, "bce_with_logits": BCEWithLogitsLoss,
          "bce": BCELoss, "cross_entropy": SoftmaxCrossEntropyLoss,

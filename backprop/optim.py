@@ -29,6 +29,7 @@ import threading
 
 import numpy as np
 
+from backprop import checks
 from backprop import kernels as K
 from backprop.backend import asarray, get_array_module, to_numpy
 from backprop.concurrency import ConcurrentTrainingError
@@ -84,10 +85,7 @@ def _below_one(name: str, value) -> float:
     return v
 
 
-def _flag(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
+_flag = checks.flag
 
 
 # ---------------------------------------------------------------------------------------

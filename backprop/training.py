@@ -53,8 +53,7 @@ from backprop.backend import get_array_module, get_device, use_device
 from backprop.callbacks import (
     Callback, CallbackList, History, LearningRateScheduler, ProgressBar,
 )
-from backprop.concurrency import exclusive_training, inference_mode
-from backprop.losses import targets_validated
+from backprop.concurrency import exclusive_training, inference_mode, targets_validated
 
 __all__ = ["fit", "evaluate", "predict", "NonFiniteLossError", "make_loss", "make_optimizer",
            "epoch_permutation"]
@@ -176,10 +175,6 @@ def _prepare(model, X, y, kind, name):
     """Validate on the host once, then move to the model's device and dtype once."""
     from backprop.backend import asarray
 
-    if y is None and kind != "any":
-        raise bpdata.DataError(f"{name}: y is None, but the loss needs targets ("
-                               f"{'class labels' if kind == 'labels' else kind}): pass "
-                               "fit(X, y, ...) with one target per row of X")
     device, dtype = _placement(model)
     X, y = bpdata.validate(X, y, n_features=getattr(model, "in_features", None), target=kind,
                            n_outputs=_n_outputs(model), name=name)
@@ -261,7 +256,7 @@ def fit(model, X, y, *, loss, optimizer="adam", lr=None, epochs: int = 1, batch_
         raise ValueError(f"initial_epoch={initial_epoch} is after the last epoch (epochs="
                          f"{epochs}): training runs epochs initial_epoch .. epochs-1")
     shuffle, drop_last = checks.flag("shuffle", shuffle), checks.flag("drop_last", drop_last)
-    if verbose not in (0, 1, 2) or isinstance(verbose, bool):
+    if checks.integer("verbose", verbose, minimum=0) > 2:
         raise ValueError(f"verbose must be 0, 1 or 2; got {verbose!r}")
     if seed is not None:
         seed = checks.integer("seed", seed, minimum=0)

@@ -536,14 +536,7 @@ def _require_c_contiguous(**arrays) -> None:
 
 
 _sm_counts: dict = {}
-
-
-class _PerThread(threading.local):
-    def __init__(self):
-        self.workspaces = {}
-
-
-_workspaces = _PerThread()
+_workspaces = threading.local()  # .cache: {(device, stream): workspace}, one per thread
 
 
 def _sm_count() -> int:
@@ -565,7 +558,7 @@ def _workspace(size: int):
     import cupy
 
     key = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
-    cache = _workspaces.workspaces
+    cache = vars(_workspaces).setdefault("cache", {})
     ws = cache.get(key)
     if ws is None or ws.size < size:
         ws = cache[key] = cupy.empty(max(size, 4096), dtype=cupy.float64)

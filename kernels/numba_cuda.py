@@ -76,16 +76,9 @@ def _checked_dtype(dtype) -> np.dtype:
 # ---------------------------------------------------------------------------------------
 # Launching
 _streams: dict = {}
-
-
-class _PerThread(threading.local):
-    def __init__(self):
-        self.partials = {}
-
-
-# per thread: two threads' kernels on one stream interleave, so one thread's partial sums
-# could be overwritten between its two launches by the other's
-_partials_cache = _PerThread()
+# .cache: {key: partial sums}, one per thread: two threads' kernels on one stream interleave,
+# so one thread's partial sums could be overwritten between its two launches by the other's
+_partials_cache = threading.local()
 
 
 def _stream():
@@ -166,7 +159,7 @@ def _partials(like, size: int):
         import cupy
 
         key, xp = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr), cupy
-    cache = _partials_cache.partials
+    cache = vars(_partials_cache).setdefault("cache", {})
     buf = cache.get(key)
     if buf is None or buf.size < size:
         buf = cache[key] = xp.empty(max(size, 1), dtype=np.float64)
