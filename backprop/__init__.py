@@ -1,6 +1,6 @@
 """backprop: neural networks trained by explicit backpropagation on NumPy or CuPy."""
-from backprop import (activations, callbacks, clip, concurrency, data, init, layers, losses,
-                      metrics, optim, regularizers, schedules, training)
+from backprop import (activations, callbacks, clip, concurrency, data, distributed, init,
+                      layers, losses, metrics, optim, regularizers, schedules, training)
 from backprop.activations import GELU, Identity, LeakyReLU, ReLU, Sigmoid, Softmax, Softplus, Tanh
 from backprop.backend import (
     Device, DeviceUnavailableError, asarray, device_info, get_array_module, get_device,
@@ -12,7 +12,7 @@ from backprop.data import DataError
 from backprop.gradcheck import GradcheckError, gradcheck
 from backprop.init import manual_seed
 from backprop.io import CheckpointError, load, load_checkpoint, save
-from backprop.layers import BatchNorm1d, Dense, Dropout, Flatten, Layer, Residual
+from backprop.layers import BatchNorm1d, Dense, Dropout, Flatten, Layer, Residual, SyncBatchNorm
 from backprop.losses import (BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, L1Loss, MSELoss,
                              SoftmaxCrossEntropyLoss)
 from backprop.model import Sequential

@@ -63,6 +63,10 @@ class Callback:
     scheduler = None
     params: dict = {}
     epoch_complete: bool = True
+    #: In a data-parallel ``fit`` (:mod:`backprop.distributed`), run only on rank 0: set for
+    #: callbacks that write files or print (checkpoints, logs, bars, plots). The others run
+    #: on every rank, with the same globally reduced logs, so they decide alike.
+    rank_zero_only: bool = False
 
     def set_context(self, model, optimizer, scheduler, params: dict) -> None:
         self.model, self.optimizer, self.scheduler, self.params = \
@@ -419,6 +423,8 @@ class ModelCheckpoint(Callback):
     stopped mid-way is not saved (it was not completed; resuming from the last complete
     epoch replays it exactly)."""
 
+    rank_zero_only = True
+
     def __init__(self, path, monitor: str = "val_loss", save_best_only: bool = False,
                  mode: str = "auto", save_optimizer: bool = True, verbose: int = 0):
         name = "ModelCheckpoint"
@@ -580,6 +586,8 @@ class CSVLogger(Callback):
     logs lack (``val_*`` of an epoch stopped mid-way) is written as an empty field. With
     ``append``, the existing header is kept, and a warning names the columns that differ."""
 
+    rank_zero_only = True
+
     def __init__(self, path, separator: str = ",", append: bool = False):
         self.path = _path("CSVLogger", path)
         if not isinstance(separator, str) or len(separator) != 1:
@@ -644,6 +652,8 @@ class ProgressBar(Callback):
     Requires nothing: it shows whatever keys an epoch's logs hold (an epoch stopped mid-way
     shows its running logs, NaN loss included).
     """
+
+    rank_zero_only = True
 
     def __init__(self, verbose: int = 1, peek=None, refresh_s: float = 0.25, file=None):
         self.verbose, self.peek, self.refresh_s = verbose, peek, refresh_s

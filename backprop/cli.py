@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import importlib
 import json
 import math
@@ -70,7 +71,9 @@ BUILTIN = ("digits", "xor", "two_moons", "spirals", "regression")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-_options = {"debug": False}  # set by main() for the command it runs (global --debug)
+# set by main() for the command it runs (global --debug); "quiet": a rank other than 0 of an
+# MPI job, whose errors rank 0 reports; "error": the exception of the last failed command
+_options = {"debug": False, "quiet": False, "error": None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,12 +132,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     try:
         from backprop.backend import DeviceUnavailableError
         from backprop.data import DataError
+        from backprop.distributed import DistributedError
         from backprop.io import CheckpointError
         from backprop.kernels import KernelBackendError
     except Exception:  # a broken installation: whatever failed is then reported as a bug
         return (CLIError, OSError)
     return (CLIError, DataError, CheckpointError, DeviceUnavailableError, KernelBackendError,
-            OSError)
+            DistributedError, OSError)
 
 
 def _debug_requested(argv) -> bool:
@@ -151,6 +155,7 @@ def _run(fn, argv) -> int:
     traceback under --debug / BACKPROP_DEBUG=1): 2 for a user error, 130 for Ctrl-C, 1 for
     anything else, which is a bug."""
     debug = _debug_requested(argv)
+    _options["error"] = None
     try:
         return int(fn(argv) or 0)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2, already printed)
@@ -165,6 +170,9 @@ def _run(fn, argv) -> int:
         return EXIT_FAILURE
     except Exception as exc:
         user = isinstance(exc, _user_errors())
+        _options["error"] = exc
+        if _options["quiet"] and not debug:  # another rank of the job reports it
+            return EXIT_USAGE if user else EXIT_FAILURE
         if debug:
             traceback.print_exc()
         elif user:
@@ -578,12 +586,55 @@ def _build_model(n_in: int, hidden: list[int], n_out: int, activation: str, drop
 
 
 def train_main(argv) -> int:
-    return _run(_train, argv)
+    from backprop import distributed
+
+    if not distributed.launched_by_mpi():
+        return _run(_train, argv)
+    return _train_on_ranks(argv)
+
+
+def _train_on_ranks(argv) -> int:
+    """``train`` as one rank of an MPI job (``mpiexec -n N python -m backprop train``): every
+    rank loads and splits the data alike and trains its share of each batch; rank 0 alone
+    prints and writes ``--out``. An error before training is agreed on by every rank
+    (:func:`backprop.distributed.agree`), so the job fails with one message, from rank 0;
+    an error during training ends the job through MPI_Abort with the failing rank's
+    message."""
+    from backprop import distributed
+
+    rank = distributed.launcher_rank()
+    saved = dict(_options)
+    _options["quiet"] = rank != 0
+    out = contextlib.redirect_stdout(open(os.devnull, "w")) if rank != 0 \
+        else contextlib.nullcontext()
+    try:
+        with out:
+            try:
+                group = distributed.init()
+            except ImportError as exc:
+                if rank == 0:
+                    print(f"error: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            group.traceback_on_abort = _debug_requested(argv)
+            before = group.agreements
+            code = _run(_train, argv)
+            if code != EXIT_OK and group.agreements == before:
+                # this rank failed before training began: the others may be waiting for it
+                # in fit's start-up agreement (or have failed alike); tell them
+                try:
+                    distributed.agree(group, _options["error"] or RuntimeError(
+                        f"exit status {code}"))
+                except distributed.DistributedError:
+                    pass
+            return code
+    finally:
+        _options.update(saved, error=None)
 
 
 def _train(argv) -> int:
     parser = _train_parser()
-    args = parser.parse_args(argv)
+    with _stderr_of_rank_zero():  # a usage error is printed once, by rank 0
+        args = parser.parse_args(argv)
     if args.patience and args.split[1] == 0:
         parser.error("argument --patience: early stopping watches val_loss, but --split leaves "
                      "out the validation part; give it a validation fraction > 0")
@@ -604,6 +655,16 @@ def _train(argv) -> int:
     except BaseException:  # failed or interrupted: leave no empty folders behind
         _remove_empty(created)
         raise
+
+
+@contextlib.contextmanager
+def _stderr_of_rank_zero():
+    """Discard stderr in the body on ranks other than 0 of an MPI job."""
+    if not _options["quiet"]:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+        yield
 
 
 def _train_and_save(args, argv, ds, parts, runtime, fallback, t0) -> int:
@@ -642,6 +703,8 @@ def _train_and_save(args, argv, ds, parts, runtime, fallback, t0) -> int:
     history = training.fit(model, Xtr, ytr, loss=loss, optimizer=optimizer, epochs=args.epochs,
                            batch_size=args.batch_size, validation_data=validation,
                            metrics=metrics, callbacks=cbs, seed=args.seed, verbose=args.verbose)
+    if _options["quiet"]:  # a rank other than 0: rank 0 evaluates, writes and reports
+        return 0
     results = _test_metrics(model, Xte, yte, classify, yscale) if len(Xte) else {}
     extra = {"task": ds["task"], "classes": ds["classes"], "features": ds["features"],
              "target": ds["target"], "mean": scaler.mean, "std": scaler.std,
@@ -661,7 +724,11 @@ def _train_and_save(args, argv, ds, parts, runtime, fallback, t0) -> int:
     else:
         print(f"no test part (--split {','.join(f'{f:g}' for f in args.split)}): no test "
               "metrics")
-    print(f"ran on {runtime}; {len(history)} epochs in {elapsed:.1f} s")
+    from backprop import distributed
+
+    ranks = distributed.world_size()
+    where = f"{runtime}, {ranks} MPI processes" if ranks > 1 else runtime
+    print(f"ran on {where}; {len(history)} epochs in {elapsed:.1f} s")
     print(f"saved {args.out}/model.npz, history.json, history.csv"
           + (f", {os.path.basename(plot)}" if plot else ""))
     return 0

@@ -31,8 +31,8 @@ from backprop.backend import asarray, get_array_module, get_dtype, to_numpy
 from backprop.concurrency import _MODE, PerThread, WithPerThread
 from backprop.parameter import Parameter
 
-__all__ = ["Layer", "Dense", "Dropout", "BatchNorm1d", "Residual", "Flatten", "from_config",
-           "check_input"]
+__all__ = ["Layer", "Dense", "Dropout", "BatchNorm1d", "SyncBatchNorm", "Residual", "Flatten",
+           "from_config", "check_input"]
 
 class Layer(WithPerThread):
     """Base class: implement ``forward``/``backward`` (and ``config`` to be serialisable).
@@ -398,10 +398,15 @@ class Dropout(Layer):
     mask. ``counter`` advances once per training forward (and is saved in ``state_dict``, so
     a resumed run draws the masks the uninterrupted one would); with ``fixed_mask = True`` it
     does not (gradcheck uses this so that every evaluation sees one mask).
+
+    ``stream`` (0 by default) selects an independent family of masks from the same seed:
+    a data-parallel ``fit`` sets it to the process's rank, so that every rank drops
+    different units, and rank 0 draws exactly the masks of a one-process run.
     """
 
     preserves_shape = True
     _counters = ("counter",)
+    _STREAM_STRIDE = 0x9E3779B9  # odd, so seed + stride·stream differs for 2³² streams
 
     def __init__(self, p=0.5, seed=None):
         super().__init__()
@@ -412,13 +417,15 @@ class Dropout(Layer):
             else int(seed)
         self.counter = 0
         self.fixed_mask = False
+        self.stream = 0
 
     def forward(self, x):
         ctx = self._ctx
         if not self.training or self.p == 0.0:
             ctx.key = None
             return x
-        key = ctx.key = K.dropout_key(self.seed, self.counter)
+        seed = self.seed + self._STREAM_STRIDE * self.stream
+        key = ctx.key = K.dropout_key(seed, self.counter)
         if not self.fixed_mask:
             self.counter += 1
         out = self._buffer("out", x.shape, x)
@@ -552,6 +559,106 @@ class BatchNorm1d(Layer):
 
     def __repr__(self) -> str:
         return f"BatchNorm1d({self.num_features})"
+
+
+class SyncBatchNorm(BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the **global** batch of a
+    data-parallel ``fit`` (PyTorch's ``SyncBatchNorm``): the ranks sum ``Σx`` and the row
+    count, then ``Σ(x - μ)²`` (forward), and ``Σ dA``, ``Σ dA ⊙ x̂`` (backward), so that
+    with N rows in all::
+
+        μ = Σ_all x / N ;  σ² = Σ_all (x - μ)² / N ;  x̂ = (x - μ)/sqrt(σ² + ε)
+        ∂X = γ r / N · (N dA - Σ_all dA - x̂ Σ_all dA x̂)
+
+    and N ranks compute what one process computes on the whole batch (the running
+    statistics move by the global ones, identically on every rank). ∂γ and ∂β are this
+    rank's sums; the gradient allreduce of ``fit`` adds them up. Costs three small
+    allreduces per training step. On one process, and in eval mode, it is BatchNorm1d.
+
+    Every rank must run its forward and backward passes (``fit`` sees to it: a
+    BatchNorm layer needs at least ``min_batch_rows`` rows on every rank).
+    """
+
+    def _group(self):
+        if not self.training:
+            return None
+        from backprop.distributed import current_group
+
+        group = current_group()
+        return group if group is not None and group.size > 1 else None
+
+    def forward(self, x):
+        group = self._group()
+        if group is None:
+            self._ctx.synced = False
+            return super().forward(x)
+        rm, rv = self._buffers["running_mean"], self._buffers["running_var"]
+        check_input(x, self, self.num_features, rm)
+        (n, m), xp = x.shape, get_array_module(x)
+        gamma, beta = self._affine(x)
+        sums = self._buffer("sums", (m + 1,), x)
+        x.sum(axis=0, out=sums[:m])
+        sums[m] = n
+        group.allreduce(sums, "sum")
+        total = float(sums[m])
+        mean = self._buffer("mean", (m,), x)
+        xp.divide(sums[:m], total, out=mean)
+        out = self._buffer("out", x.shape, x)
+        xp.subtract(x, mean, out=out)
+        var = self._buffer("var", (m,), x)
+        xp.multiply(out, out).sum(axis=0, out=var)
+        group.allreduce(var, "sum")
+        var /= total
+        invstd = self._buffer("invstd", (m,), x)
+        xp.reciprocal(xp.sqrt(xp.add(var, self.eps, out=invstd), out=invstd), out=invstd)
+        out *= invstd
+        out *= gamma
+        out += beta
+        mom, step = self.momentum, self._buffer("step", (m,), x)
+        xp.subtract(mean, rm, out=step); step *= mom; rm += step  # noqa: E702
+        var *= total / (total - 1); var -= rv; var *= mom; rv += var  # noqa: E702
+        ctx = self._ctx
+        ctx.trained, ctx.synced, ctx.total = True, True, total
+        ctx.saved = x, mean, invstd
+        return out
+
+    def backward(self, grad, need_input_grad=True):
+        ctx = self._ctx
+        if not ctx.synced:
+            return super().backward(grad, need_input_grad)
+        from backprop.distributed import current_group
+
+        x, mean, invstd = ctx.saved
+        m, xp, total = self.num_features, get_array_module(grad), ctx.total
+        gamma, _ = self._affine(grad)
+        xhat = self._buffer("xhat", x.shape, x)
+        xp.multiply(xp.subtract(x, mean, out=xhat), invstd, out=xhat)
+        sums = self._buffer("dsums", (2, m), grad)
+        grad.sum(axis=0, out=sums[0])           # Σ dA   (this rank): ∂β
+        (grad * xhat).sum(axis=0, out=sums[1])  # Σ dA x̂ (this rank): ∂γ
+        if self.affine:
+            for param, local in ((self.beta, sums[0]), (self.gamma, sums[1])):
+                buf, accumulate = param.grad_for_write()
+                if accumulate:
+                    buf += local
+                else:
+                    buf[...] = local
+        glob = self._buffer("dsums_all", (2, m), grad)
+        glob[...] = sums
+        current_group().allreduce(glob, "sum")
+        # ∂X = γ r / N · (N dA - Σ dA - x̂ Σ dA x̂), the sums over every rank
+        xhat *= glob[1]
+        grad *= total
+        grad -= glob[0]
+        grad -= xhat
+        grad *= gamma * invstd / total
+        return grad if need_input_grad else None
+
+    def config(self) -> dict:
+        return {**super().config(), "type": "SyncBatchNorm"}
+
+    def __repr__(self) -> str:
+        return f"SyncBatchNorm({self.num_features})"
 
 
 class Residual(Layer):

@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from backprop.backend import get_array_module
+from backprop.backend import get_array_module, to_numpy
 
 __all__ = [
     "Metric", "Accuracy", "TopKAccuracy", "MeanSquaredError", "MeanAbsoluteError", "R2Score",
@@ -56,8 +56,29 @@ class Metric:
     def result(self) -> float:
         raise NotImplementedError(f"{type(self).__name__} must implement result()")
 
+    # -- combining the accumulators of several processes (backprop.distributed) ---------
+    def state(self) -> dict:
+        """The accumulators as host values (``{"acc": ndarray or None, ...}``): what
+        :meth:`merge` adds up across the ranks of a data-parallel ``fit``. A subclass that
+        keeps other running values overrides both."""
+        return {"acc": None if self._acc is None else to_numpy(self._acc).copy()}
+
+    def merge(self, states) -> None:
+        """Set the accumulators to the sum of ``states`` (from :meth:`state` on every rank;
+        this rank's own included), so that ``result()`` covers all of their rows."""
+        accs = [s["acc"] for s in states if s["acc"] is not None]
+        self._acc = None if not accs else _on_device_of(self._acc, sum(accs[1:], accs[0]))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
+
+
+def _on_device_of(like, host):
+    """``host`` (NumPy) on the device of ``like`` (NumPy when ``like`` is None)."""
+    if like is None:
+        return host
+    xp = get_array_module(like)
+    return host if xp is np else xp.asarray(host)
 
 
 def _predicted_class(y_pred, threshold: float):
@@ -168,6 +189,13 @@ class R2Score(Metric):
         self._acc[1] += true.sum(axis=0)
         self._acc[2] += (true * true).sum(axis=0)
         self._n += len(pred)
+
+    def state(self) -> dict:
+        return {**super().state(), "n": self._n}
+
+    def merge(self, states) -> None:
+        super().merge(states)
+        self._n = sum(s["n"] for s in states)
 
     def result(self) -> float:
         if self._acc is None:

@@ -191,15 +191,31 @@ class Optimizer:
                 f"{threading.current_thread().name!r} while fit() in thread {trainer.name!r} "
                 "trains with this optimizer")
         loss = closure() if closure is not None else None
-        for group in self._groups:
-            if not group.in_place():
-                self._regroup()
-                break
+        self._ensure_in_place()
         self.step_count += 1
         lr = self.hyper["lr"]
         for group in self._groups:
             self._update(group, lr, self.step_count)
         return loss
+
+    def _ensure_in_place(self) -> None:
+        for group in self._groups:
+            if not group.in_place():
+                self._regroup()
+                return
+
+    def flat_gradients(self) -> list:
+        """The flat gradient buffers, one per device/dtype group, each holding every
+        parameter's current gradient (stale ones zeroed): what a data-parallel step
+        allreduces between backward and :meth:`step`."""
+        self._ensure_in_place()
+        return [group.grad for group in self._groups]
+
+    def flat_buffers(self) -> list:
+        """``[([flat data, state buffers...], params)]`` per group: everything that must be
+        equal on every rank of a data-parallel run."""
+        self._ensure_in_place()
+        return [([group.data, *group.state.values()], group.params) for group in self._groups]
 
     def _update(self, group: _Group, lr: float, step: int) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not define an update")

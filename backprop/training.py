@@ -53,7 +53,9 @@ from backprop.backend import get_array_module, get_device, use_device
 from backprop.callbacks import (
     Callback, CallbackList, History, LearningRateScheduler, ProgressBar,
 )
-from backprop.concurrency import exclusive_training, inference_mode, targets_validated
+from backprop.concurrency import (ConcurrentTrainingError, exclusive_training, inference_mode,
+                                  targets_validated)
+from backprop.distributed import abort_on_error, agree, current_group, share
 
 __all__ = ["fit", "evaluate", "predict", "NonFiniteLossError", "make_loss", "make_optimizer",
            "epoch_permutation"]
@@ -246,61 +248,117 @@ def fit(model, X, y, *, loss, optimizer="adam", lr=None, epochs: int = 1, batch_
     for unusable data before any step, and :class:`NonFiniteLossError` when the loss turns
     NaN/inf (the update is skipped) unless a ``TerminateOnNaN`` callback stops the run.
     """
-    loss = make_loss(loss)
-    kind = _target_kind(loss)
-    _check_optimizer(optimizer, lr)
-    epochs = checks.integer("epochs", epochs, minimum=0)
-    initial_epoch = checks.integer("initial_epoch", initial_epoch, minimum=0)
-    batch_size = checks.integer("batch_size", batch_size, minimum=1)
-    if initial_epoch > epochs:
-        raise ValueError(f"initial_epoch={initial_epoch} is after the last epoch (epochs="
-                         f"{epochs}): training runs epochs initial_epoch .. epochs-1")
-    shuffle, drop_last = checks.flag("shuffle", shuffle), checks.flag("drop_last", drop_last)
-    if checks.integer("verbose", verbose, minimum=0) > 2:
-        raise ValueError(f"verbose must be 0, 1 or 2; got {verbose!r}")
-    if seed is not None:
-        seed = checks.integer("seed", seed, minimum=0)
-    callbacks = _callback_list(callbacks)
-    validation_split = checks.fraction("validation_split", validation_split)
-    if validation_data is not None and validation_split:
-        raise ValueError("give validation_data or validation_split, not both")
-    if validation_data is not None and (not isinstance(validation_data, (tuple, list))
-                                        or len(validation_data) != 2):
-        raise ValueError("validation_data must be a pair (X_val, y_val)")
-    if y is None and kind != "any":
-        raise bpdata.DataError(f"training data: y is None, but {type(loss).__name__} needs "
-                               "targets: pass fit(X, y, ...) with one target per row of X")
-    if validation_split:
-        n_all = len(X)
-        n_val = int(round(n_all * validation_split))
-        if n_val < 1 or n_val >= n_all:
-            raise ValueError(f"validation_split={validation_split} leaves {n_val} of {n_all} "
-                             "rows for validation; choose a split that leaves both parts "
-                             "non-empty")
-        validation_data = (X[n_all - n_val:], y[n_all - n_val:])
-        X, y = X[:n_all - n_val], y[:n_all - n_val]
-    if seed is None:
-        seed = int(np.random.default_rng().integers(2**63))
+    setup = _DistributedSetup(current_group())
+    with setup:
+        loss = make_loss(loss)
+        kind = _target_kind(loss)
+        _check_optimizer(optimizer, lr)
+        epochs = checks.integer("epochs", epochs, minimum=0)
+        initial_epoch = checks.integer("initial_epoch", initial_epoch, minimum=0)
+        batch_size = checks.integer("batch_size", batch_size, minimum=1)
+        if initial_epoch > epochs:
+            raise ValueError(f"initial_epoch={initial_epoch} is after the last epoch (epochs="
+                             f"{epochs}): training runs epochs initial_epoch .. epochs-1")
+        shuffle, drop_last = checks.flag("shuffle", shuffle), checks.flag("drop_last", drop_last)
+        if checks.integer("verbose", verbose, minimum=0) > 2:
+            raise ValueError(f"verbose must be 0, 1 or 2; got {verbose!r}")
+        if seed is not None:
+            seed = checks.integer("seed", seed, minimum=0)
+        callbacks = _callback_list(callbacks)
+        validation_split = checks.fraction("validation_split", validation_split)
+        if validation_data is not None and validation_split:
+            raise ValueError("give validation_data or validation_split, not both")
+        if validation_data is not None and (not isinstance(validation_data, (tuple, list))
+                                            or len(validation_data) != 2):
+            raise ValueError("validation_data must be a pair (X_val, y_val)")
+        if y is None and kind != "any":
+            raise bpdata.DataError(f"training data: y is None, but {type(loss).__name__} needs "
+                                   "targets: pass fit(X, y, ...) with one target per row of X")
+        if validation_split:
+            n_all = len(X)
+            n_val = int(round(n_all * validation_split))
+            if n_val < 1 or n_val >= n_all:
+                raise ValueError(f"validation_split={validation_split} leaves {n_val} of {n_all} "
+                                 "rows for validation; choose a split that leaves both parts "
+                                 "non-empty")
+            validation_data = (X[n_all - n_val:], y[n_all - n_val:])
+            X, y = X[:n_all - n_val], y[:n_all - n_val]
+        if seed is None:
+            seed = int(np.random.default_rng().integers(2**63))
 
-    device, _ = _placement(model)
-    # on the CPU, no more BLAS threads than the model's matrix products pay for (blas.py)
-    threads = blas.threads_for(blas.largest_product(model, batch_size)) if device == "cpu" \
-        else contextlib.nullcontext()
-    with use_device(device), targets_validated():
-        Xd, yd = _prepare(model, X, y, kind, "training data")
-        _check_batch_rows(model, len(Xd), batch_size, drop_last)
-        val = None
-        if validation_data is not None:
-            val = _prepare(model, *validation_data, kind, "validation data")
-        metric_objs = _metric_list(metrics, loss, kind)
-        val_metrics = [copy.deepcopy(m) for m in metric_objs]
-        params = model.parameters()
-        claim = None if isinstance(optimizer, str) else optimizer
-        with exclusive_training(params, claim), inference_mode(False), threads:
-            optimizer = make_optimizer(optimizer, params, lr=lr)
-            return _Trainer(model, loss, optimizer, metric_objs, val_metrics, Xd, yd, val,
-                            batch_size, shuffle, drop_last, seed).run(
-                epochs, initial_epoch, callbacks, scheduler, verbose)
+        device, _ = _placement(model)
+        # on the CPU, no more BLAS threads than the model's matrix products pay for (blas.py)
+        rows_per_rank = -(-batch_size // setup.world)
+        threads = blas.threads_for(blas.largest_product(model, rows_per_rank)) \
+            if device == "cpu" else contextlib.nullcontext()
+        with use_device(device), targets_validated():
+            Xd, yd = _prepare(model, X, y, kind, "training data")
+            _check_batch_rows(model, len(Xd), batch_size, drop_last, setup.world)
+            val = None
+            if validation_data is not None:
+                val = _prepare(model, *validation_data, kind, "validation data")
+            metric_objs = _metric_list(metrics, loss, kind)
+            val_metrics = [copy.deepcopy(m) for m in metric_objs]
+            params = model.parameters()
+            claim = None if isinstance(optimizer, str) else optimizer
+            with exclusive_training(params, claim), inference_mode(False), threads, \
+                    setup.holding_group():
+                optimizer = make_optimizer(optimizer, params, lr=lr)
+                trainer = _Trainer(model, loss, optimizer, metric_objs, val_metrics, Xd, yd,
+                                   val, batch_size, shuffle, drop_last, seed, setup.group)
+                with setup.training():
+                    return trainer.run(epochs, initial_epoch, callbacks, scheduler, verbose)
+
+
+class _DistributedSetup:
+    """How a ``fit`` on a process group of several ranks starts and fails
+    (:mod:`backprop.distributed`): an error before training is reported to every rank, so
+    all of them raise (the failing rank its own error, the others a ``DistributedError``
+    naming it) and none waits in a collective; once every rank has agreed to start, an error
+    on one rank ends the whole job (MPI abort), except ``NonFiniteLossError``, which every
+    rank raises at the same step (it is decided from the globally reduced loss). On one
+    process all of this does nothing."""
+
+    def __init__(self, group):
+        self.group = group if group is not None and group.size > 1 else None
+        self.world = 1 if self.group is None else self.group.size
+        self._reported = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if self.group is not None and exc is not None and not self._reported:
+            self._reported = True
+            agree(self.group, exc)
+        return False
+
+    @contextlib.contextmanager
+    def holding_group(self):
+        """Hold the group: its collectives are made by one fit at a time."""
+        if self.group is None:
+            yield
+            return
+        if not self.group.lock.acquire(blocking=False):
+            raise ConcurrentTrainingError(
+                "another fit() in this process is training on the process group; a group's "
+                "collectives must run in the same order on every rank, so one data-parallel "
+                "fit runs at a time per process")
+        try:
+            yield
+        finally:
+            self.group.lock.release()
+
+    @contextlib.contextmanager
+    def training(self):
+        """Agree to start (raises when another rank failed), then train under abort."""
+        if self.group is None:
+            yield
+            return
+        self._reported = True  # from here on, a failure is not reported by agreement
+        agree(self.group, None)
+        with abort_on_error(self.group, consistent=(NonFiniteLossError,)):
+            yield
 
 
 def _callback_list(callbacks) -> list:
@@ -319,10 +377,11 @@ def _callback_list(callbacks) -> list:
     return list(callbacks)
 
 
-def _check_batch_rows(model, n: int, batch_size: int, drop_last: bool) -> None:
+def _check_batch_rows(model, n: int, batch_size: int, drop_last: bool, world: int = 1) -> None:
     """Raise before the first step when a layer that needs several rows per batch in
     training (``Layer.min_batch_rows``, e.g. BatchNorm1d's variance) would get fewer: the
-    failure would otherwise come mid-epoch, after some updates were applied."""
+    failure would otherwise come mid-epoch, after some updates were applied. With ``world``
+    ranks, what counts is the smallest rank's share of the smallest batch."""
     need, who = 1, None
     for layer in model.modules():
         rows = getattr(layer, "min_batch_rows", 1)
@@ -332,8 +391,15 @@ def _check_batch_rows(model, n: int, batch_size: int, drop_last: bool) -> None:
         return
     size = min(batch_size, n)
     smallest = size if drop_last or n % size == 0 else n % size
-    if smallest >= need:
+    per_rank = smallest // world
+    if per_rank >= need:
         return
+    if world > 1:
+        raise ValueError(f"{who!r} needs at least {need} rows per batch on every rank in "
+                         f"training, but {n} rows in global batches of {size} on {world} ranks "
+                         f"give a batch of {smallest} row(s), of which some rank gets "
+                         f"{per_rank}: use batches of at least {need * world} rows (and "
+                         "drop_last=True if the last one is smaller)")
     if smallest == n:
         raise ValueError(f"{who!r} needs at least {need} rows per batch in training, but the "
                          f"training data has {n} row(s): use more data")
@@ -344,18 +410,20 @@ def _check_batch_rows(model, n: int, batch_size: int, drop_last: bool) -> None:
 
 
 class _Trainer:
-    """The state of one ``fit`` call (the loop itself is :meth:`run`)."""
+    """The state of one ``fit`` call (the loop itself is :meth:`run`). On a process group of
+    several ranks, ``dp`` (:class:`backprop.data_parallel.DataParallel`) makes the
+    collectives, and each step runs :meth:`_dp_step` on this rank's share of the batch."""
 
     def __init__(self, model, loss, optimizer, metrics, val_metrics, X, y, val, batch_size,
-                 shuffle, drop_last, seed):
+                 shuffle, drop_last, seed, group=None):
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.metrics, self.val_metrics = metrics, val_metrics
-        self.X, self.y, self.val = X, y, val
+        self.X, self.y = X, y
         self.n = len(X)
-        self.batch_size = min(batch_size, self.n)
+        self.batch_size = B = min(batch_size, self.n)
         self.shuffle, self.seed = shuffle, seed
-        self.steps = self.n // self.batch_size if drop_last else math.ceil(self.n / self.batch_size)
-        self.samples = self.steps * self.batch_size if drop_last else self.n
+        self.steps = self.n // B if drop_last else math.ceil(self.n / B)
+        self.samples = self.steps * B if drop_last else self.n
         self.xp = get_array_module(X)
         self.params = model.parameters()
         self.regularizers = list(getattr(model, "regularizers", []))
@@ -363,55 +431,126 @@ class _Trainer:
         # from before each step, so that a step with a non-finite loss leaves no trace in it
         self.buffers = [(a, a.copy()) for _, a in model.named_buffers()] \
             if hasattr(model, "named_buffers") else []
-        if shuffle:  # the permuted copies, gathered into once per epoch
-            self.Xp, self.yp = self.xp.empty_like(X), self.xp.empty_like(y)
+        from backprop.layers import Dropout
+
+        self.dropouts = [m for m in model.modules() if isinstance(m, Dropout)]
+        self.dp = None
+        if group is not None:
+            from backprop.data_parallel import DataParallel
+
+            self.dp = DataParallel(group, model, optimizer)
+            # (global start, share start, share end, global rows) per step
+            self.plan = self.dp.plan(self.n, B, self.steps)
+            if val is not None:  # each rank validates its share of the rows
+                lo, hi = share(len(val[0]), group.rank, group.size)
+                val = (val[0][lo:hi], val[1][lo:hi])
+        else:
+            self.plan = [(s * B, 0, min(B, self.n - s * B), min(B, self.n - s * B))
+                         for s in range(self.steps)]
+        self.val = val
+        n_local = sum(b - a for _, a, b, _ in self.plan)
+        if shuffle or self.dp is not None:  # the epoch's rows, gathered into once per epoch
+            self.Xp = self.xp.empty((n_local, *X.shape[1:]), dtype=X.dtype)
+            self.yp = self.xp.empty((n_local, *y.shape[1:]), dtype=y.dtype)
         self.guard = _FiniteGuard(self.xp)
 
     # -- one epoch ---------------------------------------------------------------------
     def _epoch_data(self, epoch):
-        if not self.shuffle:
-            return self.X, self.y
-        perm = self.xp.asarray(epoch_permutation(self.seed, epoch, self.n))
-        self.xp.take(self.X, perm, axis=0, out=self.Xp)
-        self.xp.take(self.y, perm, axis=0, out=self.yp)
-        return self.Xp, self.yp
+        """The rows this rank trains on in this epoch, in order, and per step
+        ``(lo, hi, rows)``: the step trains on ``[lo:hi]`` of them, its share of a global
+        batch of ``rows`` rows (all of it on one process)."""
+        if not self.shuffle and self.dp is None:
+            return self.X, self.y, [(lo, lo + b, rows) for lo, _, b, rows in self.plan]
+        order = epoch_permutation(self.seed, epoch, self.n) if self.shuffle \
+            else np.arange(self.n)
+        if self.dp is not None:
+            order = self.dp.local_index(order, self.plan)
+        else:  # drop_last leaves the last rows out
+            order = order[:len(self.Xp)]
+        order = self.xp.asarray(order)
+        self.xp.take(self.X, order, axis=0, out=self.Xp)
+        self.xp.take(self.y, order, axis=0, out=self.yp)
+        steps, lo = [], 0
+        for _, a, b, rows in self.plan:
+            steps.append((lo, lo + b - a, rows))
+            lo += b - a
+        return self.Xp, self.yp, steps
 
     def running_logs(self) -> dict:
         """Train loss and metrics so far in this epoch (syncs the device); the loss is the
-        non-finite value of the step that stopped the epoch, if one did."""
+        non-finite value of the step that stopped the epoch, if one did. On several ranks
+        the loss is global and the metrics this rank's, until :meth:`epoch_logs`."""
         logs = {"loss": float(self._loss_sum) / max(self._seen, 1) if self._bad_loss is None
                 else self._bad_loss}
         for m in self.metrics:
             logs[m.name] = m.result()
         return logs
 
-    def _train_epoch(self, epoch, cbs) -> bool:
-        """One pass over the data; returns False when a callback stopped it mid-epoch."""
-        model, loss, optimizer, xp, B = self.model, self.loss, self.optimizer, self.xp, \
-            self.batch_size
-        Xe, ye = self._epoch_data(epoch)
-        self._loss_sum, self._seen, self._bad_loss = xp.zeros((), dtype=np.float64), 0, None
+    def epoch_logs(self) -> dict:
+        """:meth:`running_logs` at the end of an epoch, over every rank's rows."""
+        if self.dp is not None:
+            self.dp.merge_metrics(self.metrics)
+        return self.running_logs()
+
+    def _step(self, xb, yb, rows):
+        """Forward, loss and backward of one batch. Returns the loss as a host float (read
+        before the update) and ``rows`` × the loss, as a device array, to accumulate."""
+        model, loss = self.model, self.loss
+        self.optimizer.zero_grad()
+        out = model.forward(xb)
         for m in self.metrics:
-            m.reset()
-        for step in range(self.steps):
-            lo, hi = step * B, min(step * B + B, self.n)
-            xb, yb = Xe[lo:hi], ye[lo:hi]
-            batch_logs = {"batch": step, "size": hi - lo}
-            cbs.on_batch_begin(step, batch_logs)
-            for live, before in self.buffers:
-                xp.copyto(before, live)
-            optimizer.zero_grad()
+            m.update(yb, out)
+        L = loss.forward(out, yb)
+        for r in self.regularizers:
+            L = L + r.penalty(self.params)
+        self.guard.watch(L)
+        model.backward(loss.backward(), need_input_grad=False)
+        for r in self.regularizers:
+            r.add_grad(self.params)
+        return self.guard.value(), L * rows
+
+    def _dp_step(self, xb, yb, rows):
+        """:meth:`_step` on this rank's share of a global batch of ``rows`` rows; the
+        gradients come out as those of the whole batch (:mod:`backprop.data_parallel`)."""
+        model, loss, dp = self.model, self.loss, self.dp
+        self.optimizer.zero_grad()
+        n = len(xb)
+        if n:
             out = model.forward(xb)
             for m in self.metrics:
                 m.update(yb, out)
-            L = loss.forward(out, yb)
-            for r in self.regularizers:
-                L = L + r.penalty(self.params)
-            self.guard.watch(L)
-            model.backward(loss.backward(), need_input_grad=False)
-            for r in self.regularizers:
-                r.add_grad(self.params)
-            value = self.guard.value()
+            pending = dp.start_loss(float(loss.forward(out, yb)) * n)
+            delta = loss.backward()
+            if n != rows:  # ∂(n/rows · L_r): this rank's part of the batch's mean loss
+                delta *= n / rows
+            model.backward(delta, need_input_grad=False)
+        else:  # no rows here: as if the forward pass ran, so that ranks stay in step
+            for layer in self.dropouts:
+                if not layer.fixed_mask:
+                    layer.counter += 1
+            pending = dp.start_loss(0.0)
+        dp.reduce_gradients()
+        value = dp.finish_loss(pending, rows)
+        for r in self.regularizers:  # once, after the sum: they depend on θ alone
+            value += float(r.penalty(self.params))
+            r.add_grad(self.params)
+        return value, value * rows
+
+    def _train_epoch(self, epoch, cbs) -> bool:
+        """One pass over the data; returns False when a callback stopped it mid-epoch."""
+        model, optimizer, xp = self.model, self.optimizer, self.xp
+        Xe, ye, steps = self._epoch_data(epoch)
+        self._loss_sum = xp.zeros((), dtype=np.float64) if self.dp is None else 0.0
+        self._seen, self._bad_loss = 0, None
+        for m in self.metrics:
+            m.reset()
+        one_step = self._step if self.dp is None else self._dp_step
+        for step, (lo, hi, rows) in enumerate(steps):
+            batch_logs = {"batch": step, "size": rows}
+            cbs.on_batch_begin(step, batch_logs)
+            for live, before in self.buffers:
+                xp.copyto(before, live)
+            value, weighted = one_step(Xe[lo:hi], ye[lo:hi], rows)
             batch_logs["loss"] = value
             if not math.isfinite(value):
                 self._bad_loss = value
@@ -426,8 +565,8 @@ class _Trainer:
                     "learning rate, clip gradients, or check the inputs (add "
                     "callbacks.TerminateOnNaN() to stop cleanly instead of raising)")
             optimizer.step()
-            self._loss_sum += L * (hi - lo)
-            self._seen += hi - lo
+            self._loss_sum += weighted
+            self._seen += rows
             cbs.on_batch_end(step, batch_logs)
             if getattr(model, "stop_training", False):
                 return False
@@ -435,13 +574,28 @@ class _Trainer:
 
     def _validate(self):
         return _evaluate_arrays(self.model, *self.val, self.loss, self.val_metrics,
-                                self.batch_size)
+                                self.batch_size, self.dp)
+
+    def _dropout_streams(self, stream: int):
+        """Set ``Dropout.stream`` of every Dropout layer; returns the previous values, to
+        restore."""
+        before = [(layer, layer.stream) for layer in self.dropouts]
+        for layer in self.dropouts:
+            layer.stream = stream
+        return before
 
     # -- the loop ----------------------------------------------------------------------
     def run(self, epochs, initial_epoch, callbacks, scheduler, verbose) -> History:
-        model, optimizer = self.model, self.optimizer
+        model, optimizer, dp = self.model, self.optimizer, self.dp
+        if dp is not None:
+            self.seed = dp.start(self.seed)
         history = History()
         user = list(callbacks or [])
+        if dp is not None and dp.rank != 0:  # files, bars and plots: rank 0's job
+            user = [cb for cb in user if not cb.rank_zero_only]
+            verbose_here = 0
+        else:
+            verbose_here = verbose
         if scheduler is not None:
             user.insert(0, LearningRateScheduler(scheduler))
         if scheduler is None:
@@ -451,7 +605,7 @@ class _Trainer:
         # hold the scheduler state the next epoch starts from
         user.sort(key=lambda cb: not isinstance(cb, LearningRateScheduler))
         chain = [history, *user]
-        if verbose:
+        if verbose_here:
             chain.append(ProgressBar(verbose, peek=self.running_logs))
         keys = ["loss", *(m.name for m in self.metrics)]
         if self.val is not None:
@@ -465,6 +619,7 @@ class _Trainer:
         was_training = getattr(model, "training", True)
         model.stop_training = False
         model.train()
+        streams = self._dropout_streams(dp.rank) if dp is not None else []
         try:
             for epoch in range(initial_epoch, epochs):
                 cbs.on_epoch_begin(epoch)
@@ -473,8 +628,10 @@ class _Trainer:
                 finished = self._train_epoch(epoch, cbs)
                 # an epoch stopped by a callback is recorded too (as Keras does), so that
                 # History holds the loss, even a NaN one, that made TerminateOnNaN stop
-                logs = self.running_logs()
+                logs = self.epoch_logs()
                 train_time = time.perf_counter() - start
+                if dp is not None:
+                    dp.sync_buffers()
                 if self.val is not None:
                     with inference_mode():
                         logs.update({f"val_{k}": v for k, v in self._validate().items()})
@@ -482,6 +639,8 @@ class _Trainer:
                 logs["time"] = time.perf_counter() - start
                 logs["samples_per_s"] = self._seen / train_time if train_time > 0 else math.inf
                 cbs.on_epoch_end(epoch, logs)
+                if dp is not None:  # every rank stops when rank 0 does
+                    model.stop_training = dp.decide(model.stop_training)
                 if model.stop_training or not finished:
                     break
         except NonFiniteLossError:
@@ -489,13 +648,16 @@ class _Trainer:
             raise
         finally:
             model.train(was_training)
+            for layer, stream in streams:
+                layer.stream = stream
         cbs.on_train_end(history.last())
         return history
 
 
 # ---------------------------------------------------------------------------------------
-def _evaluate_arrays(model, X, y, loss, metrics, batch_size) -> dict:
-    """Loss and metrics over device-resident ``(X, y)`` in eval mode; one sync at the end."""
+def _evaluate_arrays(model, X, y, loss, metrics, batch_size, dp=None) -> dict:
+    """Loss and metrics over device-resident ``(X, y)`` in eval mode; one sync at the end.
+    With ``dp``, ``(X, y)`` is this rank's share and the results cover every rank's."""
     xp = get_array_module(X)
     total = xp.zeros((), dtype=np.float64)
     for m in metrics:
@@ -508,7 +670,11 @@ def _evaluate_arrays(model, X, y, loss, metrics, batch_size) -> dict:
             m.update(yb, out)
         if loss is not None:
             total += loss.forward(out, yb) * len(xb)
-    logs = {"loss": float(total) / n} if loss is not None else {}
+    total = float(total)
+    if dp is not None:
+        total, n = dp.sum_host(total, n)
+        dp.merge_metrics(metrics)
+    logs = {"loss": total / n} if loss is not None else {}
     for m in metrics:
         logs[m.name] = m.result()
     return logs
