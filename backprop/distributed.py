@@ -162,9 +162,14 @@ class ProcessGroup:
         """Reduce ``array`` in place over the group (see :func:`allreduce`)."""
         if self.size == 1:
             return array
-        xp = get_array_module(array)
-        if xp is np:
+        if get_array_module(array) is np:
             return self.allreduce_host(array, op)
+        return self.allreduce_device(array, op)
+
+    def allreduce_device(self, array, op: str = "sum"):
+        """Reduce a CuPy ``array`` in place: NCCL on the current stream, or host-staged MPI
+        when NCCL is not usable (also on a one-process group, for the GPU smoke test)."""
+        xp = get_array_module(array)
         comm = self._nccl_comm()
         if comm is None:  # explicit host staging (info() reports it)
             host = array.get()
@@ -177,7 +182,7 @@ class ProcessGroup:
         comm.allReduce(array.data.ptr, array.data.ptr, array.size, _nccl_dtype(nccl, array),
                        {"sum": nccl.NCCL_SUM, "mean": nccl.NCCL_SUM, "max": nccl.NCCL_MAX,
                         "min": nccl.NCCL_MIN}[op], stream)
-        if op == "mean":
+        if op == "mean" and self.size > 1:
             array /= self.size
         return array
 

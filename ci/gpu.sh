@@ -21,6 +21,8 @@
 #               and the compile tests
 #   cuda-cupy   the test suite on CUDA with BACKPROP_KERNELS=cupy   (CUDA-device tests)
 #   cuda-numba  the test suite on CUDA with BACKPROP_KERNELS=numba  (CUDA-device tests)
+#   nccl        ci/nccl_smoke.py: a CuPy array reduced through NCCL on a one-rank group
+#   nccl-ranks  the same script under mpiexec, one rank per GPU (2+ GPUs and mpi4py only)
 #   cpu         the test suite on the CPU once, numba_cpu kernel harness included, beside
 #               the GPU test steps
 # The kernel files run only in `kernels` (and their numba_cpu cases in `cpu`); the suites drop
@@ -278,6 +280,18 @@ for choice in cupy numba; do
     run_step "cuda-$choice" 120 "${PYTEST[@]}" tests "${XDIST[@]}" "${IGNORE_KERNELS[@]}" \
       -p bp_ci_device_filter --junitxml="$LOGS/cuda-$choice.xml"
 done
+# NCCL through CuPy (backprop.distributed): one rank always; N ranks, one GPU each, when the
+# machine has several GPUs and mpiexec exists (mpi4py is optional on the GPU machine)
+BACKPROP_DEVICE=cuda run_step nccl 60 "${PYRUN[@]}" ci/nccl_smoke.py
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+MPIEXEC=$(dirname "$PY")/mpiexec
+[[ -x $MPIEXEC ]] || MPIEXEC=$(command -v mpiexec || true)
+if (( NGPU > 1 )) && [[ -n $MPIEXEC ]] && "$PY" -c "import mpi4py" 2>/dev/null; then
+  BACKPROP_DEVICE=cuda run_step nccl-ranks 90 "$MPIEXEC" -n "$NGPU" "${PYRUN[@]}" \
+    ci/nccl_smoke.py
+else
+  record nccl-ranks 0 0 "skipped: needs 2+ GPUs, mpiexec and mpi4py ($NGPU GPU(s))"
+fi
 wait "$CPU_PID"
 
 # --------------------------------------------------------------------------------------
@@ -288,7 +302,7 @@ import json, os, sys, xml.etree.ElementTree as ET
 
 status_dir, logs, results, run_name, total = sys.argv[1:6]
 order = ["env", "install", "warm-cpu", "bench-cuda", "torch", "bench-cpu", "report", "kernels",
-         "cuda-cupy", "cuda-numba", "cpu"]
+         "cuda-cupy", "cuda-numba", "nccl", "nccl-ranks", "cpu"]
 info = {}
 if os.path.exists(os.path.join(results, "env.json")):
     info = json.load(open(os.path.join(results, "env.json")))

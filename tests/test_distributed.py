@@ -323,3 +323,20 @@ def test_cli_train_on_two_ranks_writes_once_and_reports_once(tmp_path):
                          capture_output=True, text=True, timeout=TIMEOUT, env=_clean_env())
     assert bad.returncode == 2, bad.stderr
     assert bad.stderr.count("error: argument --epochs") == 1, bad.stderr  # once, not per rank
+
+
+def test_the_nccl_path_says_why_it_is_not_used_where_nccl_is_missing():
+    from backprop.distributed import ProcessGroup
+
+    group = ProcessGroup(None)
+    try:
+        from cupy.cuda import nccl
+        available = getattr(nccl, "available", True)
+    except Exception:  # noqa: BLE001 - no CuPy or a broken one: the path must say so too
+        available = False
+    if available:
+        pytest.skip("NCCL is available here: ci/gpu.sh (ci/nccl_smoke.py) tests the path")
+    assert group._nccl_comm() is None
+    assert "nccl" in group.nccl_reason.lower()
+    compile(Path(__file__).parents[1].joinpath("ci", "nccl_smoke.py").read_text(),
+            "nccl_smoke.py", "exec")
