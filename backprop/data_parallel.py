@@ -107,6 +107,71 @@ class DataParallel:
         for grad in self.optimizer.flat_gradients():
             self.group.allreduce(grad, "sum")
 
+    def backward_and_reduce(self, delta) -> None:
+        """``model.backward(delta)`` (``delta`` None: this rank has no rows in the batch),
+        then the gradient sum.
+
+        With ``group.bucket_bytes`` > 0 (and a Sequential model on the CPU whose parameters
+        lie in one flat buffer in layer order) the sum is started in buckets while backward
+        runs: once the layers from the last down to layer ``i`` have their gradients and
+        these hold at least ``bucket_bytes``, a non-blocking allreduce of that slice of the
+        buffer begins (the slices are disjoint, so each element is reduced once); all are
+        waited for at the end. The schedule depends on the layout alone, so every rank
+        starts the same collectives in the same order, a rank without rows included."""
+        plan = self._bucket_plan()
+        if plan is None:
+            if delta is not None:
+                self.model.backward(delta, need_input_grad=False)
+            self.reduce_gradients()
+            return
+        flat, starts, owned = plan
+        layers, limit = self.model.layers, self.group.bucket_bytes
+        end, pending = flat.size, []
+        for i in range(len(layers) - 1, -1, -1):
+            if delta is not None:
+                delta = layers[i].backward(delta, need_input_grad=i > 0)
+            for p in owned[i]:
+                if p._stale:  # no gradient written this step: reading it zeroes it
+                    p.grad  # noqa: B018
+            if (end - starts[i]) * flat.itemsize >= limit:
+                pending.append(self.group.iallreduce_host(flat[starts[i]:end]))
+                end = starts[i]
+            elif pending:  # let MPI progress the buckets already started
+                pending[0].Test()
+        if end > 0:
+            pending.append(self.group.iallreduce_host(flat[:end]))
+        from mpi4py import MPI
+
+        MPI.Request.Waitall(pending)
+
+    def _bucket_plan(self):
+        """``(flat gradient, start of each layer's slice, each layer's parameters)``, or
+        None when the bucketed sum does not apply (see :meth:`backward_and_reduce`). Made
+        once, and again when the optimizer re-homes its parameters."""
+        plan = getattr(self, "_plan", None)
+        if plan is not None and self.optimizer.layout_intact():
+            return plan
+        self._plan = None
+        layers = getattr(self.model, "layers", None)
+        if self.group.bucket_bytes <= 0 or layers is None or self.group.comm is None:
+            return None
+        flats = self.optimizer.flat_gradients()
+        params = self.optimizer.params
+        if len(flats) != 1 or get_array_module(flats[0]) is not np or \
+                [id(p) for p in params] != [id(p) for p in self.model.parameters()]:
+            return None
+        offsets, offset = {}, 0
+        for p in params:
+            offsets[id(p)] = offset
+            offset += p.size
+        owned = [layer.parameters() for layer in layers]
+        starts, nxt = [0] * len(layers), offset
+        for i in range(len(layers) - 1, -1, -1):  # a layer without parameters starts where
+            nxt = offsets[id(owned[i][0])] if owned[i] else nxt  # the next one does
+            starts[i] = nxt
+        self._plan = (flats[0], starts, owned)
+        return self._plan
+
     # -- epoch end ---------------------------------------------------------------------
     def merge_metrics(self, metrics) -> None:
         """Each metric's accumulators become the sums over all ranks."""

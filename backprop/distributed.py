@@ -73,7 +73,14 @@ def share(rows: int, rank: int, world: int) -> tuple[int, int]:
     processes takes: ``rows // world`` rows each, one more for the first ``rows % world``
     ranks, in rank order (so the shares differ by at most one row, and concatenated in rank
     order they are the global batch)."""
-    base, extra = divmod(int(rows), int(world))
+    from backprop import checks
+
+    rows = checks.integer("rows", rows, minimum=0)
+    world = checks.integer("world", world, minimum=1)
+    rank = checks.integer("rank", rank, minimum=0)
+    if rank >= world:
+        raise ValueError(f"rank must be in [0, world={world}); got {rank}")
+    base, extra = divmod(rows, world)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (1 if rank < extra else 0)
 
@@ -103,6 +110,9 @@ class ProcessGroup:
         self.agreements = 0          # how many times agree() ran (the CLI checks it)
         self.last_reports: list = []  # what every rank reported to the last agree()
         self.traceback_on_abort = True  # the CLI sets it from --debug
+        # > 0: fit starts the gradient sum in buckets of this many bytes during backward
+        # (see DataParallel.backward_and_reduce); 0: one allreduce after backward
+        self.bucket_bytes = 0
 
     def __repr__(self) -> str:
         return f"ProcessGroup(rank={self.rank}, size={self.size})"
@@ -253,7 +263,7 @@ def launcher_rank() -> int:
     return 0
 
 
-def init(*, mpi: bool | None = None) -> ProcessGroup:
+def init(*, mpi: bool | None = None, bucket_mb: float | None = None) -> ProcessGroup:
     """Join the process group (idempotent; returns it).
 
     ``mpi=None`` (default): use MPI when an MPI launcher started this process, else make a
@@ -262,7 +272,12 @@ def init(*, mpi: bool | None = None) -> ProcessGroup:
 
     On a GPU device (``BACKPROP_DEVICE=cuda``) each rank takes ``cuda:{local_rank % GPUs}``
     as its current device. Raises ImportError with the install command when a launcher
-    started the process but mpi4py is missing."""
+    started the process but mpi4py is missing.
+
+    ``bucket_mb`` (default: ``BACKPROP_BUCKET_MB``, else 0): overlap the gradient allreduce
+    with the backward pass in buckets of this many megabytes (CPU, MPI); 0 reduces the
+    whole gradient once after backward. ``benchmarks/distributed_step.py --bucket-mb``
+    measures whether it pays on a machine."""
     global _group
     with _init_lock:
         if _group is not None:
@@ -279,6 +294,11 @@ def init(*, mpi: bool | None = None) -> ProcessGroup:
                 ) from exc
             comm = MPI.COMM_WORLD
         group = ProcessGroup(comm)
+        if bucket_mb is None:
+            bucket_mb = float(os.environ.get("BACKPROP_BUCKET_MB", "0") or 0)
+        if not 0 <= float(bucket_mb) < float("inf"):
+            raise ValueError(f"bucket_mb must be a finite number >= 0, got {bucket_mb!r}")
+        group.bucket_bytes = int(float(bucket_mb) * 2**20)
         _select_gpu(group)
         _group = group
         return group

@@ -126,6 +126,13 @@ class _Group:
                 return False
         return True
 
+    def intact(self) -> bool:
+        """:meth:`in_place` without reading ``p.grad`` (so stale gradients stay stale)."""
+        for p, data, grad in zip(self.params, self.data_views, self.grad_views):
+            if p.data is not data or p._grad is not grad:
+                return False
+        return True
+
     def state_slices(self):
         """``(param, {state name: view of its slice})`` for each parameter."""
         offset = 0
@@ -210,6 +217,11 @@ class Optimizer:
         allreduces between backward and :meth:`step`."""
         self._ensure_in_place()
         return [group.grad for group in self._groups]
+
+    def layout_intact(self) -> bool:
+        """True while every parameter's ``data`` and gradient still are the views of the
+        flat buffers they were given (checked without touching a stale gradient)."""
+        return all(group.intact() for group in self._groups)
 
     def flat_buffers(self) -> list:
         """``[([flat data, state buffers...], params)]`` per group: everything that must be

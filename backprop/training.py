@@ -175,11 +175,17 @@ def _n_outputs(model):
 
 def _prepare(model, X, y, kind, name):
     """Validate on the host once, then move to the model's device and dtype once."""
+    X, y = bpdata.validate(X, y, n_features=getattr(model, "in_features", None), target=kind,
+                           n_outputs=_n_outputs(model), name=name)
+    return _place(model, X, y, kind)
+
+
+def _place(model, X, y, kind):
+    """Validated ``(X, y)`` as C-contiguous arrays on the model's device, X in its dtype,
+    class labels as int64."""
     from backprop.backend import asarray
 
     device, dtype = _placement(model)
-    X, y = bpdata.validate(X, y, n_features=getattr(model, "in_features", None), target=kind,
-                           n_outputs=_n_outputs(model), name=name)
     X = asarray(X, dtype=dtype, device=device)
     if y is not None:
         as_labels = kind == "labels" and y.ndim == 1
@@ -187,6 +193,25 @@ def _prepare(model, X, y, kind, name):
         xp = get_array_module(y)
         y = xp.ascontiguousarray(y)
     return get_array_module(X).ascontiguousarray(X), y
+
+
+def _check_source(source, model, kind, group) -> int | None:
+    """Check a data source before training, chunk by chunk; returns its number of rows
+    (None when unknown). On several ranks a random-access source is checked in stripes,
+    each rank reading every ``world``-th chunk (the agreement of ``fit`` then reports a
+    bad row found by any rank). An ``IterableSource`` is not read here (it may be readable
+    once only): each batch is checked as it arrives."""
+    from backprop import sources
+
+    if isinstance(source, sources.IterableSource):
+        return None
+    rank, world = (0, 1) if group is None else (group.rank, group.size)
+    # chunks of about 8 MB of features, so that the check's memory stays small
+    chunk_rows = max(256, 2**23 // (8 * max(source.n_features, 1)))
+    n = sources.validate_source(source, n_features=getattr(model, "in_features", None),
+                                target=kind, n_outputs=_n_outputs(model), rank=rank,
+                                world=world, chunk_rows=chunk_rows)
+    return source.n_rows if source.n_rows is not None else n
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -224,11 +249,20 @@ class _FiniteGuard:
 
 
 # ---------------------------------------------------------------------------------------
-def fit(model, X, y, *, loss, optimizer="adam", lr=None, epochs: int = 1, batch_size: int = 32,
+def fit(model, X, y=None, *, loss, optimizer="adam", lr=None, epochs: int = 1, batch_size: int = 32,
         shuffle: bool = True, validation_data=None, validation_split: float = 0.0,
         metrics="auto", callbacks=None, seed: int | None = None, verbose: int = 1,
         initial_epoch: int = 0, scheduler=None, drop_last: bool = False) -> History:
     """Train ``model`` on ``(X, y)`` for epochs ``initial_epoch .. epochs-1``.
+
+    ``X`` is an array (NumPy, CuPy; ``y`` its targets) or a data source that does not need
+    to fit in memory, with its own targets (``y`` None): a
+    :class:`backprop.sources.DataSource` (``NpySource``, ``ShardedNpySource``,
+    ``CSVSource``, ``IterableSource``), or the path of an ``.npy`` file or of a directory
+    of ``.npy`` shards. A source is checked chunk by chunk before the first step (an
+    ``IterableSource``, which may be readable once only, batch by batch as it is read), and
+    read batch by batch by a background thread one batch ahead of training; a random-access
+    source is shuffled exactly as arrays in memory are, so both train alike.
 
     - ``loss``: a loss object or name (``"mse"``, ``"cross_entropy"``, ``"bce_with_logits"``...).
     - ``optimizer``: an optimizer object or name (``"adam"``, ``"sgd"``...) built with ``lr``.
@@ -271,7 +305,17 @@ def fit(model, X, y, *, loss, optimizer="adam", lr=None, epochs: int = 1, batch_
         if validation_data is not None and (not isinstance(validation_data, (tuple, list))
                                             or len(validation_data) != 2):
             raise ValueError("validation_data must be a pair (X_val, y_val)")
-        if y is None and kind != "any":
+        from backprop import sources
+
+        source = sources.as_source(X)
+        if source is not None:
+            if y is not None:
+                raise ValueError("fit(source, y): a data source carries its own targets; pass "
+                                 "y=None (or arrays X and y)")
+            if validation_split:
+                raise ValueError("validation_split takes the last rows of arrays in memory; "
+                                 "with a data source, pass validation_data=(X_val, y_val)")
+        elif y is None and kind != "any":
             raise bpdata.DataError(f"training data: y is None, but {type(loss).__name__} needs "
                                    "targets: pass fit(X, y, ...) with one target per row of X")
         if validation_split:
@@ -292,8 +336,14 @@ def fit(model, X, y, *, loss, optimizer="adam", lr=None, epochs: int = 1, batch_
         threads = blas.threads_for(blas.largest_product(model, rows_per_rank)) \
             if device == "cpu" else contextlib.nullcontext()
         with use_device(device), targets_validated():
-            Xd, yd = _prepare(model, X, y, kind, "training data")
-            _check_batch_rows(model, len(Xd), batch_size, drop_last, setup.world)
+            if source is None:
+                Xd, yd = _prepare(model, X, y, kind, "training data")
+                n = len(Xd)
+            else:
+                Xd, yd = None, None
+                n = _check_source(source, model, kind, setup.group)
+            if n is not None:
+                _check_batch_rows(model, n, batch_size, drop_last, setup.world)
             val = None
             if validation_data is not None:
                 val = _prepare(model, *validation_data, kind, "validation data")
@@ -305,7 +355,8 @@ def fit(model, X, y, *, loss, optimizer="adam", lr=None, epochs: int = 1, batch_
                     setup.holding_group():
                 optimizer = make_optimizer(optimizer, params, lr=lr)
                 trainer = _Trainer(model, loss, optimizer, metric_objs, val_metrics, Xd, yd,
-                                   val, batch_size, shuffle, drop_last, seed, setup.group)
+                                   val, batch_size, shuffle, drop_last, seed, setup.group,
+                                   source=source, kind=kind)
                 with setup.training():
                     return trainer.run(epochs, initial_epoch, callbacks, scheduler, verbose)
 
@@ -409,22 +460,32 @@ def _check_batch_rows(model, n: int, batch_size: int, drop_last: bool, world: in
                      f"{smallest} row(s) over")
 
 
+def _share_of(data, group):
+    """This rank's contiguous share of the rows of ``(X, y)``."""
+    lo, hi = share(len(data[0]), group.rank, group.size)
+    return data[0][lo:hi], data[1][lo:hi]
+
+
 class _Trainer:
     """The state of one ``fit`` call (the loop itself is :meth:`run`). On a process group of
     several ranks, ``dp`` (:class:`backprop.data_parallel.DataParallel`) makes the
     collectives, and each step runs :meth:`_dp_step` on this rank's share of the batch."""
 
     def __init__(self, model, loss, optimizer, metrics, val_metrics, X, y, val, batch_size,
-                 shuffle, drop_last, seed, group=None):
+                 shuffle, drop_last, seed, group=None, source=None, kind="any"):
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.metrics, self.val_metrics = metrics, val_metrics
-        self.X, self.y = X, y
-        self.n = len(X)
-        self.batch_size = B = min(batch_size, self.n)
-        self.shuffle, self.seed = shuffle, seed
-        self.steps = self.n // B if drop_last else math.ceil(self.n / B)
-        self.samples = self.steps * B if drop_last else self.n
-        self.xp = get_array_module(X)
+        self.X, self.y, self.source, self.kind = X, y, source, kind
+        self.n = len(X) if source is None else source.n_rows  # None: a stream of unknown size
+        self.batch_size = B = batch_size if self.n is None else min(batch_size, self.n)
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        if self.n is None:
+            self.steps = self.samples = None
+        else:
+            self.steps = self.n // B if drop_last else math.ceil(self.n / B)
+            self.samples = self.steps * B if drop_last else self.n
+        device, _ = _placement(model)
+        self.xp = np if device == "cpu" else get_array_module(optimizer.params[0].data)
         self.params = model.parameters()
         self.regularizers = list(getattr(model, "regularizers", []))
         # state that a training forward pass updates (BatchNorm's running statistics): kept
@@ -439,11 +500,16 @@ class _Trainer:
             from backprop.data_parallel import DataParallel
 
             self.dp = DataParallel(group, model, optimizer)
+        if source is not None:  # read batch by batch: no plan, no copies
+            self.val = val if val is None or group is None else _share_of(val, group)
+            self.guard = _FiniteGuard(self.xp)
+            self._stream = None
+            return
+        if group is not None:
             # (global start, share start, share end, global rows) per step
             self.plan = self.dp.plan(self.n, B, self.steps)
             if val is not None:  # each rank validates its share of the rows
-                lo, hi = share(len(val[0]), group.rank, group.size)
-                val = (val[0][lo:hi], val[1][lo:hi])
+                val = _share_of(val, group)
         else:
             self.plan = [(s * B, 0, min(B, self.n - s * B), min(B, self.n - s * B))
                          for s in range(self.steps)]
@@ -475,6 +541,40 @@ class _Trainer:
             steps.append((lo, lo + b - a, rows))
             lo += b - a
         return self.Xp, self.yp, steps
+
+    def _epoch_items(self, epoch):
+        """The epoch's steps: ``(X rows, y rows, rows of the global batch)`` each."""
+        if self.source is None:
+            Xe, ye, steps = self._epoch_data(epoch)
+            return ((Xe[lo:hi], ye[lo:hi], rows) for lo, hi, rows in steps)
+        from backprop.sources import Prefetcher
+
+        rank, world = (0, 1) if self.dp is None else (self.dp.rank, self.dp.size)
+        batches = self.source.epoch_batches(self.batch_size, shuffle=self.shuffle,
+                                            seed=self.seed, epoch=epoch, rank=rank,
+                                            world=world, drop_last=self.drop_last)
+        return Prefetcher(batches, depth=2, transfer=self._to_device,
+                          name=f"backprop-fit-prefetch-epoch-{epoch}")
+
+    def _to_device(self, item):
+        """One batch read from the source, checked and moved to the model's device and
+        dtype (in the prefetch thread; on a GPU on a stream of its own, synchronised before
+        the batch is handed over, so the copy overlaps the current step)."""
+        X, y, rows = item
+        if len(X):
+            X, y = bpdata.validate(X, y, n_features=getattr(self.model, "in_features", None),
+                                   target=self.kind, n_outputs=_n_outputs(self.model),
+                                   name="training data (a batch read from the source)")
+        elif self.kind == "values" and y is not None and y.ndim == 1:
+            y = y.reshape(0, 1)
+        if self.xp is np:
+            return (*_place(self.model, X, y, self.kind), rows)
+        if self._stream is None:
+            self._stream = self.xp.cuda.Stream(non_blocking=True)
+        with self._stream:
+            X, y = _place(self.model, X, y, self.kind)
+        self._stream.synchronize()
+        return X, y, rows
 
     def running_logs(self) -> dict:
         """Train loss and metrics so far in this epoch (syncs the device); the loss is the
@@ -523,13 +623,13 @@ class _Trainer:
             delta = loss.backward()
             if n != rows:  # ∂(n/rows · L_r): this rank's part of the batch's mean loss
                 delta *= n / rows
-            model.backward(delta, need_input_grad=False)
+            dp.backward_and_reduce(delta)
         else:  # no rows here: as if the forward pass ran, so that ranks stay in step
             for layer in self.dropouts:
                 if not layer.fixed_mask:
                     layer.counter += 1
             pending = dp.start_loss(0.0)
-        dp.reduce_gradients()
+            dp.backward_and_reduce(None)
         value = dp.finish_loss(pending, rows)
         for r in self.regularizers:  # once, after the sum: they depend on θ alone
             value += float(r.penalty(self.params))
@@ -538,19 +638,27 @@ class _Trainer:
 
     def _train_epoch(self, epoch, cbs) -> bool:
         """One pass over the data; returns False when a callback stopped it mid-epoch."""
-        model, optimizer, xp = self.model, self.optimizer, self.xp
-        Xe, ye, steps = self._epoch_data(epoch)
+        xp = self.xp
+        items = self._epoch_items(epoch)
         self._loss_sum = xp.zeros((), dtype=np.float64) if self.dp is None else 0.0
         self._seen, self._bad_loss = 0, None
         for m in self.metrics:
             m.reset()
         one_step = self._step if self.dp is None else self._dp_step
-        for step, (lo, hi, rows) in enumerate(steps):
+        try:
+            return self._train_steps(epoch, cbs, items, one_step)
+        finally:
+            if hasattr(items, "close"):  # the prefetch thread, also when stopped early
+                items.close()
+
+    def _train_steps(self, epoch, cbs, items, one_step) -> bool:
+        model, optimizer, xp = self.model, self.optimizer, self.xp
+        for step, (xb, yb, rows) in enumerate(items):
             batch_logs = {"batch": step, "size": rows}
             cbs.on_batch_begin(step, batch_logs)
             for live, before in self.buffers:
                 xp.copyto(before, live)
-            value, weighted = one_step(Xe[lo:hi], ye[lo:hi], rows)
+            value, weighted = one_step(xb, yb, rows)
             batch_logs["loss"] = value
             if not math.isfinite(value):
                 self._bad_loss = value

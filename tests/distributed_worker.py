@@ -76,12 +76,29 @@ def build(config: str):
 
 def train(args) -> None:
     g = bp.distributed.init()
+    started = [0]
+    original = g.iallreduce_host
+
+    def counting(array):  # how many non-blocking sums a step starts
+        started[0] += 1
+        return original(array)
+
+    g.iallreduce_host = counting
     bp.set_dtype(args.dtype)
     X, y = data()
     if args.config in ("syncbn", "batchnorm"):
         X, y = data(n=40)
     model = build(args.config)
     optimizer = "adam"
+    train_X, train_y = X, y
+    if args.source:  # the same rows, read from .npy files batch by batch
+        from backprop.sources import NpySource
+
+        np.save(os.path.join(args.source, f"X-{g.rank}.npy"), X)
+        np.save(os.path.join(args.source, f"y-{g.rank}.npy"), y)
+        train_X = NpySource(os.path.join(args.source, f"X-{g.rank}.npy"),
+                            os.path.join(args.source, f"y-{g.rank}.npy"))
+        train_y = None
     start = 0
     if args.resume:
         ckpt = bp.load_checkpoint(args.resume)
@@ -102,7 +119,7 @@ def train(args) -> None:
         kwargs["validation_data"] = (X[:11], y[:11])
     if args.config in ("syncbn", "batchnorm"):
         kwargs["drop_last"] = True
-    history = model.fit(X, y, **kwargs)
+    history = model.fit(train_X, train_y, **kwargs)
     state = {k: np.asarray(v) for k, v in model.state_dict().items()}
     every = g.allgather_object(state)
     spread = max(float(np.max(np.abs(every[0][k] - s[k]))) for s in every for k in s)
@@ -110,7 +127,9 @@ def train(args) -> None:
         np.savez(args.out, **state, **{f"history.{k}": np.asarray(v, dtype=np.float64)
                                        for k, v in history.history.items()
                                        if k not in ("time", "samples_per_s")})
+    steps = history.params["steps"] * len(history.epoch)
     report(g, size=g.size, spread_between_ranks=spread, epochs=history.epoch,
+           nonblocking_per_step=started[0] / steps if g.size > 1 else None,
            params_seed=history.params.get("seed") if hasattr(history, "params") else None)
 
 
@@ -186,6 +205,7 @@ def main() -> None:
     t.add_argument("--out", required=True)
     t.add_argument("--checkpoint")
     t.add_argument("--resume")
+    t.add_argument("--source", help="a directory: train from .npy files written there")
     f = sub.add_parser("fault")
     f.add_argument("kind", choices=["callback", "kill", "bad-data", "bad-argument"])
     f.add_argument("--checkpoint")

@@ -22,7 +22,6 @@ import pytest
 import backprop as bp
 from backprop import distributed
 from backprop.data_parallel import DataParallel
-from backprop.distributed import share
 
 WORKER = str(Path(__file__).with_name("distributed_worker.py"))
 TIMEOUT = 120  # seconds for one job; a hang fails the test instead of stalling CI
@@ -53,13 +52,13 @@ def _clean_env() -> dict:
             if not k.startswith(("PMI_", "OMPI_", "PMIX_", "MPI_LOCAL", "HYDRA_"))}
 
 
-def run_job(ranks: int, *args, check=True):
+def run_job(ranks: int, *args, check=True, env=None):
     """Run the worker on ``ranks`` MPI processes (0: as a plain process, no launcher)."""
     cmd = [sys.executable, WORKER, *map(str, args)]
     if ranks:
         cmd = [_mpiexec(), "-n", str(ranks), *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT,
-                          env=_clean_env())
+                          env={**_clean_env(), **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n"
                              f"{proc.stderr}")
@@ -72,12 +71,12 @@ def result(proc) -> dict:
     return json.loads(lines[0][len("RESULT "):])
 
 
-def train(tmp_path, ranks: int, name: str, **options) -> tuple[dict, dict]:
+def train(tmp_path, ranks: int, name: str, env=None, **options) -> tuple[dict, dict]:
     out = tmp_path / f"{name}.npz"
     args = ["train", "--out", out]
     for key, value in options.items():
         args += [f"--{key.replace('_', '-')}", value]
-    res = result(run_job(ranks, *args))
+    res = result(run_job(ranks, *args, env=env))
     with np.load(out) as f:
         return res, {k: f[k] for k in f.files}
 
@@ -90,16 +89,6 @@ def assert_same(a: dict, b: dict, tol: float) -> None:
 
 # ---------------------------------------------------------------------------------------
 # Without MPI
-def test_share_splits_a_batch_into_contiguous_parts_that_differ_by_one_row_at_most():
-    for rows in range(0, 13):
-        for world in range(1, 5):
-            parts = [share(rows, r, world) for r in range(world)]
-            assert parts[0][0] == 0 and parts[-1][1] == rows
-            assert all(parts[i][1] == parts[i + 1][0] for i in range(world - 1))
-            sizes = [hi - lo for lo, hi in parts]
-            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
-
-
 def test_plan_and_local_index_cover_every_row_once_across_the_ranks():
     order = np.random.default_rng(3).permutation(37)
     steps = 4  # batches of 12: 12, 12, 12, 1
@@ -227,8 +216,29 @@ def one_process(tmp_path_factory):
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_n_ranks_end_with_the_parameters_of_one_process(tmp_path, one_process, ranks):
     res, state = train(tmp_path, ranks, "mlp")
+    assert res["nonblocking_per_step"] == 1  # the loss; the gradient in one allreduce
     assert res["spread_between_ranks"] == 0.0  # every rank holds the same parameters
     assert_same(state, one_process["mlp"], tol=1e-9)  # params, loss, metrics, val_*
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_allreduce_in_buckets_during_backward_gives_the_same_parameters(tmp_path, one_process,
+                                                                       ranks):
+    # 512-byte buckets: the MLP's float64 gradient (3,352 bytes) goes out in two slices
+    # started during backward, beside the loss's non-blocking sum: 3 per step
+    res, state = train(tmp_path, ranks, "mlp", env={"BACKPROP_BUCKET_MB": str(512 / 2**20)})
+    assert res["nonblocking_per_step"] == 3
+    assert res["spread_between_ranks"] == 0.0  # every rank holds the same parameters
+    assert_same(state, one_process["mlp"], tol=1e-9)  # params, loss, metrics, val_*
+
+
+@needs_mpi
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_n_ranks_reading_npy_files_equal_one_process_in_memory(tmp_path, one_process, ranks):
+    res, state = train(tmp_path, ranks, "mlp-npy", source=tmp_path)
+    assert res["spread_between_ranks"] == 0.0
+    assert_same(state, one_process["mlp"], tol=1e-9)
 
 
 @needs_mpi
@@ -325,6 +335,7 @@ def test_cli_train_on_two_ranks_writes_once_and_reports_once(tmp_path):
     assert bad.stderr.count("error: argument --epochs") == 1, bad.stderr  # once, not per rank
 
 
+@pytest.mark.filterwarnings(r"ignore:\s*nccl library could not be loaded:UserWarning")
 def test_the_nccl_path_says_why_it_is_not_used_where_nccl_is_missing():
     from backprop.distributed import ProcessGroup
 
