@@ -138,6 +138,14 @@ def _overrides_batch_hooks(cb: Callback) -> bool:
         cls.on_batch_end is not Callback.on_batch_end
 
 
+def _say(message: str) -> None:
+    """Print a callback's message, once per job: on rank 0 of a data-parallel run."""
+    from backprop import distributed
+
+    if distributed.rank() == 0:
+        print(message)
+
+
 def _stop(model) -> None:
     model.stop_training = True
 
@@ -395,7 +403,7 @@ class EarlyStopping(Callback):
             _stop(self.model)
             if self.verbose:
                 best_at = "-" if self.best_epoch is None else self.best_epoch + 1
-                print(f"EarlyStopping: {self.monitor} has not improved for {self.wait} epochs "
+                _say(f"EarlyStopping: {self.monitor} has not improved for {self.wait} epochs "
                       f"(best {self.best:.6g} at epoch {best_at}); stopping after epoch "
                       f"{epoch + 1}")
 
@@ -403,7 +411,7 @@ class EarlyStopping(Callback):
         if self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
             if self.verbose:
-                print(f"EarlyStopping: restored the weights of epoch {self.best_epoch + 1} "
+                _say(f"EarlyStopping: restored the weights of epoch {self.best_epoch + 1} "
                       f"({self.monitor} = {self.best:.6g})")
 
 
@@ -494,7 +502,7 @@ class TerminateOnNaN(Callback):
         if loss is not None and not math.isfinite(loss):
             self.stopped_at = (self._epoch, batch)
             _stop(self.model)
-            print(f"TerminateOnNaN: the loss became {loss} at epoch {self._epoch + 1}, step "
+            _say(f"TerminateOnNaN: the loss became {loss} at epoch {self._epoch + 1}, step "
                   f"{batch + 1}; that update was skipped, so the weights are those before it. "
                   "Lower the learning rate, clip gradients or check the inputs.")
 
@@ -561,7 +569,7 @@ class LearningRateScheduler(Callback):
                              "finite number >= 0")
         self.optimizer.lr = lr
         if self.verbose:
-            print(f"LearningRateScheduler: epoch {epoch + 1}, lr = {lr:.6g}")
+            _say(f"LearningRateScheduler: epoch {epoch + 1}, lr = {lr:.6g}")
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.is_scheduler or not self.epoch_complete:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command of the README (`make test` runs this). Creates .venv if needed, installs
 # backprop with its test extra, then runs, each as its own pytest job:
-#   1. the whole suite with the default kernels (numba_cpu on this CPU);
+#   1. the whole suite with the default kernels (numba_cpu on this CPU), the 2- and 3-rank
+#      MPI jobs of tests/test_distributed.py included (mpiexec from the mpich wheel);
 #   2. the model-level suite again with BACKPROP_KERNELS=reference (the oracle path);
 #   3. the model-level suite again on the CuPy backend's kernels, their CUDA C++ compiled
 #      for this CPU (tests/cuda_host.py; skipped with the reason where no C++ compiler is);
@@ -32,8 +33,10 @@ BACKPROP_KERNELS=reference $P tests -q $XDIST -m "not cudasim" $KERNEL_TESTS
 
 echo "== 3/5 model suite, the CuPy kernels compiled for this CPU =="
 # test_no_allocation holds numba_cpu's step to zero allocations; the host launchers allocate
+# (the MPI jobs of test_distributed run in processes of their own, on the default kernels)
 BACKPROP_TEST_KERNELS=cupy_on_host $P tests -q -ra $XDIST -m "not cudasim" $KERNEL_TESTS \
-  --ignore=tests/test_no_allocation.py | grep -v "^SKIPPED.*no CUDA device"
+  --ignore=tests/test_no_allocation.py --ignore=tests/test_distributed.py \
+  | grep -v "^SKIPPED.*no CUDA device"
 
 echo "== 4/5 Numba CUDA kernels in the simulator =="
 NUMBA_ENABLE_CUDASIM=1 $P tests/test_kernels.py -q -k numba_cuda

@@ -33,17 +33,34 @@ def _mpiexec() -> str | None:
 
 
 def _mpi_unavailable() -> str:
+    """Why MPI jobs cannot run here ("" when they can): mpi4py, mpiexec, and a 2-process
+    job that starts and meets at a barrier."""
     try:
         import mpi4py  # noqa: F401
     except ImportError:
         return "mpi4py is not installed (pip install 'backprop[mpi]')"
     if _mpiexec() is None:
         return "no mpiexec beside the Python interpreter or on PATH (pip install mpich)"
+    probe = [_mpiexec(), "-n", "2", sys.executable, "-c",
+             "from mpi4py import MPI; MPI.COMM_WORLD.Barrier()"]
+    try:
+        out = subprocess.run(probe, capture_output=True, text=True, timeout=60,
+                             env=_clean_env())
+    except subprocess.TimeoutExpired:
+        return "a 2-process MPI job did not start within 60 s"
+    if out.returncode != 0:
+        return f"a 2-process MPI job cannot start: {(out.stderr or out.stdout).strip()[-300:]}"
     return ""
 
 
-_REASON = _mpi_unavailable()
-needs_mpi = pytest.mark.skipif(bool(_REASON), reason=_REASON)
+@pytest.fixture(scope="session")
+def mpi_available():
+    reason = _mpi_unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
+needs_mpi = pytest.mark.usefixtures("mpi_available")
 
 
 def _clean_env() -> dict:

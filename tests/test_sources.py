@@ -425,27 +425,26 @@ def test_a_file_rewritten_after_opening_is_refused_at_the_next_read(tmp_path, da
         source.take(np.array([0]))
 
 
+# one broken row per case: (row index, its text)
+BAD_CSV_ROWS = {
+    "late-word": (1400, "1400.5,seven,1"),
+    "late-missing": (1200, "1200.5,NA,1"),
+    "late-inf": (1300, "1300.5,inf,1"),
+    "ragged": (900, "900.5,900"),
+    "target-word": (1000, "1000.5,1000,cat"),
+    "target-empty": (10, "10.5,10,"),
+    "target-fraction": (20, "20.5,20,2.5"),
+    "overflow": (30, "30.5,1e300,0"),
+    "huge-field": (40, "40.5," + "1" * 200_000 + ",0"),
+}
+
+
 def csv_text(name, data_rows=1500):
     head = "a,b,label\n"
     rows = [f"{i}.5,{i},{i % 3}" for i in range(data_rows)]
-    if name == "late-word":
-        rows[1400] = "1400.5,seven,1"
-    elif name == "late-missing":
-        rows[1200] = "1200.5,NA,1"
-    elif name == "late-inf":
-        rows[1300] = "1300.5,inf,1"
-    elif name == "ragged":
-        rows[900] = "900.5,900"
-    elif name == "target-word":
-        rows[1000] = "1000.5,1000,cat"
-    elif name == "target-empty":
-        rows[10] = "10.5,10,"
-    elif name == "target-fraction":
-        rows[20] = "20.5,20,2.5"
-    elif name == "overflow":
-        rows[30] = "30.5,1e300,0"
-    elif name == "huge-field":
-        rows[40] = "40.5," + "1" * 200_000 + ",0"
+    if name in BAD_CSV_ROWS:
+        index, text = BAD_CSV_ROWS[name]
+        rows[index] = text
     return head + "\n".join(rows) + "\n"
 
 
