@@ -96,13 +96,13 @@ class ProcessGroup:
     def __init__(self, comm=None):
         self.comm = comm
         if comm is None:
-            self.rank, self.size, self.local_rank = 0, 1, 0
+            self.rank, self.size, self.local_rank, self.local_size = 0, 1, 0, 1
         else:
             self.rank, self.size = comm.Get_rank(), comm.Get_size()
             from mpi4py import MPI
 
             node = comm.Split_type(MPI.COMM_TYPE_SHARED)
-            self.local_rank = node.Get_rank()
+            self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
             node.Free()
         self.nccl = None
         self.nccl_reason = "no GPU array has been reduced yet"
@@ -113,6 +113,7 @@ class ProcessGroup:
         # > 0: fit starts the gradient sum in buckets of this many bytes during backward
         # (see DataParallel.backward_and_reduce); 0: one allreduce after backward
         self.bucket_bytes = 0
+        self.threads = None  # CPU threads per rank set by init() (None: left as they were)
 
     def __repr__(self) -> str:
         return f"ProcessGroup(rank={self.rank}, size={self.size})"
@@ -300,6 +301,7 @@ def init(*, mpi: bool | None = None, bucket_mb: float | None = None) -> ProcessG
             raise ValueError(f"bucket_mb must be a finite number >= 0, got {bucket_mb!r}")
         group.bucket_bytes = int(float(bucket_mb) * 2**20)
         _select_gpu(group)
+        _share_cores(group)
         _group = group
         return group
 
@@ -315,6 +317,43 @@ def _select_gpu(group: ProcessGroup) -> None:
     status = backend.cuda_status()
     if status["available"] and status["devices"] > 0 and backend.get_device().kind == "cuda":
         backend.set_device(f"cuda:{group.local_rank % status['devices']}")
+
+
+_BLAS_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _share_cores(group: ProcessGroup) -> None:
+    """Divide this node's cores between its ranks: each rank's BLAS (threadpoolctl) and
+    Numba's parallel kernels (in the thread that calls init; at most ``NUMBA_NUM_THREADS``)
+    use ``cores // ranks on the node`` threads, or ``BACKPROP_THREADS_PER_RANK``. Without
+    this, every rank starts a thread per core, and on a node full of ranks the threads,
+    spinning while they wait (OpenBLAS between products, MPI in a collective), take the
+    cores from each other. BLAS is left alone where ``OMP_NUM_THREADS``,
+    ``OPENBLAS_NUM_THREADS`` or ``MKL_NUM_THREADS`` is set; nothing changes on one
+    process."""
+    if group.local_size <= 1:
+        return
+    chosen = os.environ.get("BACKPROP_THREADS_PER_RANK", "").strip()
+    if chosen:
+        if not chosen.isdigit() or int(chosen) < 1:
+            raise ValueError(f"BACKPROP_THREADS_PER_RANK={chosen!r}: expected a whole number "
+                             ">= 1")
+        threads = int(chosen)
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else (os.cpu_count() or 1)
+        threads = max(1, cores // group.local_size)
+    if not any(os.environ.get(v, "").strip() for v in _BLAS_VARS):
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads, user_api="blas")
+    try:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:  # no Numba: the reference kernels need no threads
+        pass
+    group.threads = threads
 
 
 def current_group() -> ProcessGroup | None:
@@ -406,6 +445,7 @@ def info() -> dict:
         return {"initialized": False, "rank": 0, "size": 1, "local_rank": 0,
                 "transport": "none", "launched_by_mpi": launched_by_mpi()}
     out = {"initialized": True, "rank": g.rank, "size": g.size, "local_rank": g.local_rank,
+           "ranks_on_node": g.local_size, "threads_per_rank": g.threads,
            "transport": "none" if g.comm is None else "mpi",
            "launched_by_mpi": launched_by_mpi()}
     if g.comm is not None:

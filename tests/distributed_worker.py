@@ -45,7 +45,8 @@ def primitives(args) -> None:
            mean_ok=bool(np.allclose(b, (n - 1) / 2)) and b.dtype == np.float32,
            bcast_ok=bool(np.all(c == 7 * (n - 1))), scalar=scalar,
            gathered=[x["rank"] for x in gathered], strided=strided,
-           info=bp.distributed.info())
+           info=bp.distributed.info(), cores=len(os.sched_getaffinity(0)),
+           numba_threads=__import__("numba").get_num_threads())
 
 
 # ---------------------------------------------------------------------------------------

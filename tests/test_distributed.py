@@ -218,6 +218,10 @@ def test_collectives_on_ranks(ranks):
     assert res["gathered"] == list(range(ranks))
     assert "C-contiguous" in res["strided"]
     assert res["info"]["transport"] == "mpi" and res["info"]["size"] == ranks
+    # the node's cores divided between its ranks (all on this machine)
+    threads = max(1, res["cores"] // ranks)
+    assert res["info"]["ranks_on_node"] == ranks and res["info"]["threads_per_rank"] == threads
+    assert res["numba_threads"] == min(threads, int(os.environ.get("NUMBA_NUM_THREADS", 99)))
 
 
 @pytest.fixture(scope="module")
