@@ -476,9 +476,13 @@ def agree(group: ProcessGroup, error: BaseException | None) -> None:
     group.agreements += 1
     group.last_reports = reports
     failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
-    if failed and error is None:
+    if error is not None:
+        error._agreed_by_all_ranks = True  # every rank raises now: no abort needed
+    elif failed:
         r, msg = failed[0]
-        raise DistributedError(f"rank {r} of {group.size} failed, so this rank stops too: {msg}")
+        exc = DistributedError(f"rank {r} of {group.size} failed, so this rank stops too: {msg}")
+        exc._agreed_by_all_ranks = True
+        raise exc
 
 
 def abort(group: ProcessGroup, exc: BaseException, code: int = 1,
@@ -500,12 +504,14 @@ def abort(group: ProcessGroup, exc: BaseException, code: int = 1,
 def abort_on_error(group: ProcessGroup | None = None, consistent=(), show_traceback=None):
     """Run the body; an exception on a multi-rank group ends the whole job (:func:`abort`),
     except the ``consistent`` exception types, which every rank raises at the same point
-    (decided from globally reduced values) and which therefore propagate normally."""
+    (decided from globally reduced values), and errors that every rank learnt of through
+    :func:`agree`: these propagate normally."""
     group = _group if group is None else group
     try:
         yield
     except BaseException as exc:
         if group is None or group.size == 1 or isinstance(exc, tuple(consistent)) or \
+                getattr(exc, "_agreed_by_all_ranks", False) or \
                 (isinstance(exc, SystemExit) and not exc.code):
             raise
         abort(group, exc, show_traceback=show_traceback)

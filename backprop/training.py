@@ -500,25 +500,26 @@ class _Trainer:
             from backprop.data_parallel import DataParallel
 
             self.dp = DataParallel(group, model, optimizer)
-        if source is not None:  # read batch by batch: no plan, no copies
-            self.val = val if val is None or group is None else _share_of(val, group)
-            self.guard = _FiniteGuard(self.xp)
-            self._stream = None
-            return
-        if group is not None:
-            # (global start, share start, share end, global rows) per step
-            self.plan = self.dp.plan(self.n, B, self.steps)
-            if val is not None:  # each rank validates its share of the rows
-                val = _share_of(val, group)
+        # each rank validates its share of the validation rows
+        self.val = val if val is None or group is None else _share_of(val, group)
+        self.guard = _FiniteGuard(self.xp)
+        self._stream = None  # the prefetch thread's CUDA stream (a source on a GPU)
+        if source is None:  # arrays in memory: plan the steps, allocate the epoch's copy
+            self._plan_rows()
+
+    def _plan_rows(self) -> None:
+        """``plan``: per step ``(global start, share start, share end, global rows)``; and
+        the buffers that each epoch's rows of this rank are gathered into."""
+        B, n, X, y = self.batch_size, self.n, self.X, self.y
+        if self.dp is not None:
+            self.plan = self.dp.plan(n, B, self.steps)
         else:
-            self.plan = [(s * B, 0, min(B, self.n - s * B), min(B, self.n - s * B))
+            self.plan = [(s * B, 0, min(B, n - s * B), min(B, n - s * B))
                          for s in range(self.steps)]
-        self.val = val
-        n_local = sum(b - a for _, a, b, _ in self.plan)
-        if shuffle or self.dp is not None:  # the epoch's rows, gathered into once per epoch
+        if self.shuffle or self.dp is not None:
+            n_local = sum(b - a for _, a, b, _ in self.plan)
             self.Xp = self.xp.empty((n_local, *X.shape[1:]), dtype=X.dtype)
             self.yp = self.xp.empty((n_local, *y.shape[1:]), dtype=y.dtype)
-        self.guard = _FiniteGuard(self.xp)
 
     # -- one epoch ---------------------------------------------------------------------
     def _epoch_data(self, epoch):
@@ -558,8 +559,9 @@ class _Trainer:
 
     def _to_device(self, item):
         """One batch read from the source, checked and moved to the model's device and
-        dtype (in the prefetch thread; on a GPU on a stream of its own, synchronised before
-        the batch is handed over, so the copy overlaps the current step)."""
+        dtype, in the prefetch thread. On a GPU the rows are cast on the host, copied into a
+        reused pinned buffer and sent on a CUDA stream of the thread's own, which is
+        synchronised before the batch is handed over: the copy overlaps the current step."""
         X, y, rows = item
         if len(X):
             X, y = bpdata.validate(X, y, n_features=getattr(self.model, "in_features", None),
@@ -569,12 +571,29 @@ class _Trainer:
             y = y.reshape(0, 1)
         if self.xp is np:
             return (*_place(self.model, X, y, self.kind), rows)
+        _, dtype = _placement(self.model)
+        host = [np.ascontiguousarray(X, dtype=dtype), None if y is None else
+                np.ascontiguousarray(y, dtype=np.int64 if self.kind == "labels" and y.ndim == 1
+                                     else dtype)]
         if self._stream is None:
-            self._stream = self.xp.cuda.Stream(non_blocking=True)
-        with self._stream:
-            X, y = _place(self.model, X, y, self.kind)
-        self._stream.synchronize()
-        return X, y, rows
+            self._stream, self._pinned = self.xp.cuda.Stream(non_blocking=True), {}
+        with self.optimizer.params[0].data.device, self._stream:
+            out = [None if a is None else self._upload(a) for a in host]
+        self._stream.synchronize()  # (also: the pinned buffers may be refilled now)
+        return (*out, rows)
+
+    def _upload(self, a):
+        """``a`` (host) on the device, through the pinned buffer of its shape and dtype."""
+        import cupyx
+
+        key = (a.shape, a.dtype.str)
+        pinned = self._pinned.get(key)
+        if pinned is None:
+            pinned = self._pinned[key] = cupyx.empty_pinned(a.shape, dtype=a.dtype)
+        np.copyto(pinned, a)
+        out = self.xp.empty(a.shape, dtype=a.dtype)
+        out.set(pinned, stream=self._stream)
+        return out
 
     def running_logs(self) -> dict:
         """Train loss and metrics so far in this epoch (syncs the device); the loss is the
@@ -723,7 +742,17 @@ class _Trainer:
                   "samples": self.samples, "batch_size": self.batch_size, "verbose": verbose,
                   "seed": self.seed, "log_keys": keys}
         cbs = CallbackList(chain, model, optimizer, scheduler, params)
-        cbs.on_train_begin()  # callbacks check what they need here, before any change
+        if dp is None:
+            cbs.on_train_begin()  # callbacks check what they need here, before any change
+        else:  # rank 0's checks (a checkpoint's folder) fail every rank alike, not abort
+            failure = None
+            try:
+                cbs.on_train_begin()
+            except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised
+                failure = exc
+            agree(dp.group, failure)
+            if failure is not None:
+                raise failure
         was_training = getattr(model, "training", True)
         model.stop_training = False
         model.train()

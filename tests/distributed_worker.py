@@ -171,6 +171,8 @@ def fault(args) -> None:
             X[123, 2] = np.nan
     elif args.kind == "bad-argument":
         pass
+    elif args.kind == "bad-checkpoint":  # checked by rank 0 alone (it writes the files)
+        callbacks.append(bp.callbacks.ModelCheckpoint("/nonexistent-dir/ckpt.npz"))
     try:
         model.fit(X, y, loss="cross_entropy", lr=0.01, epochs=args.epochs, batch_size=32,
                   seed=1, verbose=0, callbacks=callbacks,
@@ -208,7 +210,8 @@ def main() -> None:
     t.add_argument("--resume")
     t.add_argument("--source", help="a directory: train from .npy files written there")
     f = sub.add_parser("fault")
-    f.add_argument("kind", choices=["callback", "kill", "bad-data", "bad-argument"])
+    f.add_argument("kind", choices=["callback", "kill", "bad-data", "bad-argument",
+                                    "bad-checkpoint"])
     f.add_argument("--checkpoint")
     f.add_argument("--epochs", type=int, default=3)
     sub.add_parser("nonfinite")

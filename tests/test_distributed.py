@@ -322,6 +322,14 @@ def test_bad_data_on_one_rank_fails_every_rank_before_training():
 
 
 @needs_mpi
+def test_a_check_that_only_rank_0_makes_fails_every_rank_without_an_abort():
+    proc = run_job(2, "fault", "bad-checkpoint", check=False)
+    assert proc.returncode != 0 and "MPI_Abort" not in proc.stderr, proc.stderr
+    assert "RANK 0 RAISED" in proc.stdout and "ModelCheckpoint" in proc.stdout
+    assert "RANK 1 RAISED DistributedError: rank 0 of 2 failed" in proc.stdout
+
+
+@needs_mpi
 def test_a_bad_argument_fails_every_rank_alike():
     proc = run_job(3, "fault", "bad-argument", check=False)
     for r in range(3):

@@ -30,7 +30,7 @@ def train(X, y=None, **kw):
 
 
 def params(model):
-    return [p.data.copy() for p in model.parameters()]
+    return [bp.to_numpy(p.data).copy() for p in model.parameters()]
 
 
 @pytest.fixture
@@ -42,7 +42,8 @@ def files(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["npy", "shards"])
-def test_fit_from_files_equals_fit_in_memory(files, kind):
+def test_fit_from_files_equals_fit_in_memory(files, kind, device):
+    # on a GPU (ci/gpu.sh) the batches go through the prefetch thread's pinned buffers
     tmp, X, y = files
     source = sources.NpySource(tmp / "X.npy", tmp / "y.npy") if kind == "npy" else \
         sources.write_shards(tmp / "shards", X, y, rows_per_shard=30)
@@ -68,7 +69,7 @@ def test_fit_from_a_csv_stream_without_shuffle_equals_the_rows_in_order(tmp_path
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
 
 
-def test_fit_from_an_iterable_trains_its_batches_in_its_order():
+def test_fit_from_an_iterable_trains_its_batches_in_its_order(device):
     X, y = data()
 
     def batches():
