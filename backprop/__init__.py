@@ -1,4 +1,24 @@
 """backprop: neural networks trained by explicit backpropagation on NumPy or CuPy."""
+
+
+def _require_installed() -> None:
+    """``backprop.kernels`` is the top-level ``kernels/`` folder, mapped into the package by
+    the install (pyproject's package-dir): imported from a checkout that was never installed,
+    it is missing, and the import would fail deep inside with a circular-import message."""
+    import importlib.util
+
+    if importlib.util.find_spec("backprop.kernels") is None:
+        from pathlib import Path
+
+        checkout = Path(__file__).resolve().parent.parent
+        raise ImportError(
+            f"backprop is imported from {checkout}, a source checkout that is not installed: "
+            "its kernels (the kernels/ folder) become backprop.kernels only when it is "
+            f"installed. Install it first: pip install -e {checkout} (or make test / "
+            "make demo, which create .venv and install it)")
+
+
+_require_installed()
 from backprop import (activations, callbacks, clip, concurrency, data, distributed, init,
                       layers, losses, metrics, optim, regularizers, schedules, training)
 from backprop.activations import GELU, Identity, LeakyReLU, ReLU, Sigmoid, Softmax, Softplus, Tanh
