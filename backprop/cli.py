@@ -5,7 +5,6 @@
     evaluate  loss and metrics of a saved model on a data set
     predict   a saved model's predictions, as CSV (to a file or stdout)
     info      versions, device, CuPy/Numba status, kernel backend, CPU-fallback reason
-    bench     (backprop.bench) turn benchmark results into a report
 
 Subcommands live in :data:`COMMANDS`: ``name -> (one-line help, "module:function")``, the
 function taking the rest of the command line (``argv`` list) and returning an exit code.
@@ -63,8 +62,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("predictions of a saved model, as CSV", "backprop.cli:predict_main"),
     "info": ("versions, device, kernel backend and the reason for any CPU fallback",
              "backprop.cli:info_main"),
-    "bench": ("turn benchmark results into a markdown report and chart",
-              "backprop.bench:main"),
 }
 
 BUILTIN = ("digits", "xor", "two_moons", "spirals", "regression")
@@ -107,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     module, func = COMMANDS[name][1].split(":")
     previous, _options["debug"] = _options["debug"], debug
-    try:  # commands outside this module (bench) get the same error handling
+    try:
         return _run(lambda args: getattr(importlib.import_module(module), func)(args), rest)
     finally:
         _options["debug"] = previous

@@ -16,7 +16,7 @@ from workloads import DTYPE, TARGETS, Target, synced, thread_info
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Describe the machine (CPU model, cores, BLAS, GPU, library versions) in the JSON."""
-    from backprop.bench import describe_machine
+    from report import describe_machine
 
     machine_info["backprop"] = describe_machine()
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from backprop.backend import to_numpy
-from backprop.bench import PLAIN_STORES
+from report import PLAIN_STORES
 from workloads import (COPY_BYTES, array_module, copy_buffers, device_unavailable_reason,
                        parallel_copy)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from backprop import bench
+import report as bench
 
 HERE = Path(__file__).resolve().parent
 

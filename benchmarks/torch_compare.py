@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(dict(best, repeats=[r["median"] for r in rows],
                                 median_by_wait_policy=by_policy))
         skipped = sorted(set(skipped))
-    from backprop.bench import describe_machine
+    from report import describe_machine
 
     report = {"threads": args.threads, "smoke": args.smoke, "max_time": args.max_time,
               "repeat": args.repeat,

@@ -5,7 +5,7 @@
 #   benchmark.json   pytest-benchmark results: kernels, copy bandwidth, training steps, floors
 #   pytest.txt       the pytest-benchmark tables (grouped: CPU/GPU, fused/reference side by side)
 #   torch.json       PyTorch vs backprop training steps, each in its own process (if torch imports)
-#   report.md/.png   the report (python -m backprop.bench RESULTS_DIR)
+#   report.md/.png   the report (python benchmarks/report.py RESULTS_DIR)
 # Extra arguments go to pytest, e.g. `bash ci/bench.sh -k step`. Environment: BENCH_THREADS
 # (default: all usable CPUs, for Numba, BLAS and torch alike), BENCH_OUT (results folder).
 set -euo pipefail
@@ -16,10 +16,10 @@ PYBIN="$VENV/bin/python"
 THREADS=${BENCH_THREADS:-$(nproc)}
 export NUMBA_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS OPENBLAS_NUM_THREADS=$THREADS \
   MKL_NUM_THREADS=$THREADS
-OUT=${BENCH_OUT:-benchmarks/results/$("$PYBIN" -m backprop.bench --slug)-$(date +%Y-%m-%d)}
+OUT=${BENCH_OUT:-benchmarks/results/$("$PYBIN" benchmarks/report.py --slug)-$(date +%Y-%m-%d)}
 mkdir -p "$OUT"
 echo "== machine -> $OUT/machine.json"
-"$PYBIN" -m backprop.bench --machine | tee "$OUT/machine.json"
+"$PYBIN" benchmarks/report.py --machine | tee "$OUT/machine.json"
 
 echo "== benchmark suite ($THREADS threads) -> $OUT/benchmark.json"
 "$PYBIN" -m pytest benchmarks --benchmark-only --benchmark-group-by=group \
@@ -34,4 +34,4 @@ else
 fi
 
 echo "== report"
-"$PYBIN" -m backprop.bench "$OUT"
+"$PYBIN" benchmarks/report.py "$OUT"

@@ -16,7 +16,7 @@
 #               kernel backend; pytest-benchmark max time BACKPROP_CI_BENCH_MAX_TIME s each)
 #   torch       benchmarks/torch_compare.py on CUDA, when PyTorch imports (else skipped)
 #   bench-cpu   the CPU benchmarks of the same run (fused kernels, copy, steps, floors)
-#   report      python -m backprop.bench: report.md (and report.png with matplotlib)
+#   report      benchmarks/report.py: report.md (and report.png with matplotlib)
 #   kernels     the kernel harness on the GPU backends (cupy, numba_cuda vs the reference)
 #               and the compile tests
 #   cuda-cupy   the test suite on CUDA with BACKPROP_KERNELS=cupy   (CUDA-device tests)
@@ -221,7 +221,7 @@ for f in "${KERNEL_FILES[@]}"; do IGNORE_KERNELS+=("--ignore=$f"); done
 # benchmarks first, alone on the machine: the GPU ones, PyTorch on CUDA, then the CPU ones
 # (fused kernels, copy, training steps and matmul floors; not the CPU reference kernels),
 # each run its own JSON; then the report of both
-"${PYRUN[@]}" -m backprop.bench --machine > "$RESULTS/machine.json" 2> "$LOGS/machine.log"
+"${PYRUN[@]}" "$REPO/benchmarks/report.py" --machine > "$RESULTS/machine.json" 2> "$LOGS/machine.log"
 bench_step() {  # bench_step DEVICE SELECTION PYTEST...
   local device=$1 selection=$2; shift 2
   "$@" benchmarks --benchmark-only -k "$selection" --benchmark-max-time="$BENCH_MAX_TIME" \
@@ -252,7 +252,7 @@ if [[ -d benchmarks ]] && ls benchmarks/test_*.py > /dev/null 2>&1; then
   wait "$WARM_PID"
   BACKPROP_DEVICE=cpu run_step bench-cpu 90 bash -c 'bench_step "$@"' _ cpu \
     "not cuda and not cpu-reference" "${PYTEST[@]}"
-  run_step report 20 "${PYRUN[@]}" -m backprop.bench "$RESULTS" "${REPORT_FLAGS[@]}"
+  run_step report 20 "${PYRUN[@]}" "$REPO/benchmarks/report.py" "$RESULTS" "${REPORT_FLAGS[@]}"
 else
   say "bench: benchmarks/ has no test_*.py: nothing to time"
   record bench-cuda 0 0 "absent: benchmarks/ has no test_*.py"

@@ -1,6 +1,6 @@
 """The benchmark report: pytest-benchmark JSON (+ torch_compare JSON) → markdown and a PNG.
 
-``python -m backprop bench RESULTS_DIR`` (or ``python -m backprop.bench RESULTS_DIR``) reads
+``python benchmarks/report.py RESULTS_DIR`` reads
 ``RESULTS_DIR/benchmark.json`` (written by ``pytest benchmarks/ --benchmark-only
 --benchmark-json=...``) and ``RESULTS_DIR/torch.json`` when present, and writes
 ``report.md`` and ``report.png`` there. What it derives, per device:
@@ -13,7 +13,8 @@
 - the ratio of the backprop step to the PyTorch step, each timed in its own process.
 
 ``--machine`` prints this machine's description (CPU model, cores, BLAS, GPU, versions) as
-JSON, ``--slug`` a short name for it (``ci/bench.sh`` names result folders with it).
+JSON, ``--slug`` a short name for it (``ci/bench.sh`` names result folders with it). The CPU
+model comes from py-cpuinfo, which pytest-benchmark itself uses for its ``machine_info``.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ import re
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: its folder holds the benchmark modules
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import numpy as np
 
 STATS = ("median", "min", "mean")
@@ -36,19 +40,21 @@ THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUM
 
 # ---------------------------------------------------------------------------------------
 # The machine
-def _cpuinfo() -> dict:
-    info = {"model": platform.processor() or platform.machine(), "physical_cores": None}
+def _cpu_model() -> str:
+    """The CPU's brand string, as pytest-benchmark's ``machine_info["cpu"]`` records it."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    models = re.findall(r"^model name\s*:\s*(.+)$", text, re.M)
-    if models:
-        info["model"] = models[0].strip()
-    cores = set(re.findall(r"^physical id\s*:\s*(\d+)\s*$.*?^core id\s*:\s*(\d+)\s*$",
-                           text, re.M | re.S))
-    info["physical_cores"] = len(cores) or None
-    return info
+        import cpuinfo  # py-cpuinfo, a dependency of pytest-benchmark
+
+        return cpuinfo.get_cpu_info().get("brand_raw") or platform.machine()
+    except Exception:  # noqa: BLE001 - not installed, or it cannot read this machine
+        return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _version(dist: str) -> str | None:
@@ -73,13 +79,6 @@ def describe_machine() -> dict:
     """CPU model, cores, memory, BLAS, GPU and library versions of this machine."""
     from backprop.backend import cuda_status
 
-    cpu = _cpuinfo()
-    mem_gib = None
-    try:
-        m = re.search(r"MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text())
-        mem_gib = round(int(m.group(1)) / 2**20, 1) if m else None
-    except OSError:
-        pass
     status = cuda_status()
     threads = None
     if importlib.util.find_spec("numba") is not None:
@@ -87,12 +86,11 @@ def describe_machine() -> dict:
 
         threads = numba.get_num_threads()
     return {
-        "cpu": cpu["model"],
+        "cpu": _cpu_model(),
         "logical_cpus": os.cpu_count(),
-        "physical_cores": cpu["physical_cores"],
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
         else os.cpu_count(),
-        "memory_gib": mem_gib,
+        "memory_gib": _memory_gib(),
         "numba_threads": threads,
         "thread_env": {v: os.environ[v] for v in THREAD_ENV if os.environ.get(v)},
         "blas": _blas(),
@@ -131,7 +129,10 @@ def load_benchmarks(path: Path, stat: str = "median") -> tuple[list[dict], dict]
         row.update(name=b["name"], group=b.get("group") or "", time=b["stats"][stat],
                    rounds=b["stats"].get("rounds"))
         rows.append(row)
-    machine = data.get("machine_info", {}).get("backprop") or {}
+    info = data.get("machine_info", {})
+    machine = dict(info.get("backprop") or {})
+    if "cpu" not in machine and isinstance(info.get("cpu"), dict):  # pytest-benchmark's own
+        machine["cpu"] = info["cpu"].get("brand_raw")
     return rows, machine
 
 
@@ -399,7 +400,7 @@ def write_report(benchmark_jsons: list[Path], torch_json: Path | None, out_dir: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="backprop bench",
+        prog="python benchmarks/report.py",
         description="Turn benchmark results (pytest-benchmark JSON, torch_compare JSON) into "
                     "a markdown report and a PNG chart; run the suite with ci/bench.sh.")
     parser.add_argument("results", nargs="?", type=Path,
