@@ -4,16 +4,8 @@ Each Dense layer of a training step runs three matrix products (``X Wᵀ``, ``δ
 of ``N·in·out`` multiply-adds each. OpenBLAS splits every product above 2¹⁸ multiply-adds
 across all its threads; for the products of a small MLP the second thread costs more in
 waking and joining than it saves, and spinning between products it slows the step's other
-work too. Whole training steps (Adam, float32) on a 2-core VM, medians, one BLAS thread
-against two (``benchmarks/workloads.py`` models):
-
-    64-128-128-10, batch 64     largest product  1.05 M    143 vs 160 µs   one thread 10 % faster
-    64-256-256-10, batch 32                      2.1 M     270 vs 270 µs
-    64-256-256-10, batch 64                      4.2 M     374 vs 358 µs
-    128-256-256-10, batch 128                    8.4 M     669 vs 586 µs
-    256-512-512-10, batch 64                    16.8 M    1546 vs 1152 µs
-
-So :func:`threads_for` caps OpenBLAS at one thread per :data:`MACS_PER_THREAD` multiply-adds
+work too (the whole-step measurements that set :data:`MACS_PER_THREAD` are in
+``docs/design.md``). So :func:`threads_for` caps OpenBLAS at one thread per :data:`MACS_PER_THREAD` multiply-adds
 of the largest product (at least one, never more than it is set to), and ``fit`` trains
 inside it. The cap is set through threadpoolctl, which finds the OpenBLAS that NumPy loaded,
 and only where that OpenBLAS runs its own pthreads pool (an OpenMP build shares its

@@ -28,7 +28,8 @@ import importlib.util
 import os
 
 # Numba's OpenMP workers would otherwise spin after every parallel loop and fight OpenBLAS's
-# threads for the cores: on 2 cores each small kernel after a GEMM then costs ~20 ms. The
+# threads for the cores, and each small kernel after a GEMM would wait for one (docs/design.md
+# has the figure). The
 # OpenMP runtime reads this once, at the first parallel launch of any Numba function in the
 # process (not only ours), so it is set when backprop is imported, before any can run.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -28,8 +28,7 @@ How the kernels are built
   call, and Numba's own IR inlining compiled several times slower. A kernel that inlines one
   vectorises to the CPU's widest registers (512 bits with AVX-512, where LLVM's default is
   256); the memory-bound kernels without such math (BatchNorm, the optimizers) keep the
-  default (with 512-bit vectors BatchNorm's forward measured 9 % slower, the optimizers
-  the same).
+  default, which wider vectors do not speed up (docs/design.md).
 - Precision: elementwise math runs in the dtype of the arrays, as the reference's does
   (float32 SIMD has twice the lanes of float64, and float32 division and square root cost a
   quarter); every sum over rows or columns accumulates in float64, in a loop of its own so
@@ -52,7 +51,7 @@ How the kernels are built
   before writes. Numba compiles the None case apart, so the in-place loop writes through the
   very pointer it reads: had the alias been a run-time flag, LLVM's overlap check before
   each vectorised loop would see the two arrays overlap and fall back to its scalar loop
-  (sigmoid, softmax and the cross-entropy ran 3× slower in place).
+  (several times slower in place: docs/design.md).
 - ``fastmath``: never ``nnan``/``ninf``/``afn`` (NaN and inf propagate exactly as in the
   reference). The activation kernels use ``{"contract"}`` (FMA); the softmax kernels
   ``{"reassoc", "contract", "nsz", "arcp"}`` so that LLVM may vectorise their row sums, and
@@ -84,7 +83,7 @@ _ROW_CHUNKS = 32  # at most this many row chunks in a column sum ...
 _ROWS_PER_CHUNK = 8  # ... and at least this many rows in each (a function of N alone)
 _ROW_GROUP = 4  # a chunk adds its rows to its partial sums four at a time (written out): the
 # partial row (float64, often larger than L1) is loaded and stored once per group, not per
-# row (BatchNorm's statistics pass: 3.6 -> 1.4 ms on 4096x4096 float32)
+# row
 PARALLEL_MIN_ELEMENTS = 1 << 19  # smaller calls run on the calling thread (see _Loops)
 _DEPENDENCIES = hashlib.sha256(b"".join(  # see _KernelCache
     Path(module.__file__).read_bytes() for module in (inline, vecmath, reference))).hexdigest()
@@ -96,10 +95,8 @@ class _Loops:
     Waking Numba's worker threads costs tens of microseconds (more right after a GEMM, while
     OpenBLAS's threads still spin), far more than a small batch takes on one core, so a call
     with fewer than :data:`PARALLEL_MIN_ELEMENTS` elements of work runs serially. The
-    threshold is where two threads began to win on a 2-core AVX-512 VM (median times, relu
-    forward: 144 µs serial against 165 parallel at 2¹⁹ elements, 288 against 247 at 2²⁰; at
-    2¹⁶, 7 against 72); right after a GEMM, parallel won at no size up to 2²¹. Only the
-    heaviest formula (gelu_erf) would gain below it, by at most 1.2× (2¹⁸: 245 against 211). Both
+    threshold is where two threads began to win on a 2-core AVX-512 VM, measured on the
+    lightest and the heaviest activation (docs/design.md). Both
     versions execute the same loops in the same order (sums are cut into the same fixed
     chunks), so the choice never changes a result. The serial copy of the function gets its
     own qualified name: Numba's on-disk cache keys entries by name and bytecode, not by the
@@ -474,11 +471,9 @@ def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumul
 # the core on that read between two rows' arithmetic, so each chunk is *pipelined*: the
 # next row's maximum is read in between the blocks of the current row's exponentials
 # (:func:`_exp_row`), where the out-of-order core overlaps the loads with the arithmetic.
-# 4096x4096 float32, old and new alternated in one process (four rounds): softmax 5.5-6.6 ->
-# 4.7-5.4 ms, cross-entropy 5.8-7.0 -> 4.9-5.8 ms. A call small enough to run serially
-# finds its rows in cache, and there rows in order are faster (256x1000: 0.131-0.134
-# against 0.146-0.149 ms pipelined), so such calls keep that order (:func:`_pipeline`).
-_EXP_ROW_BLOCK = 256  # elements of the current row per block (128 and 512: 5-10 % slower)
+# A call small enough to run serially finds its rows in cache, and there rows in order are
+# faster, so such calls keep that order (:func:`_pipeline`; figures in docs/design.md).
+_EXP_ROW_BLOCK = 256  # elements of the current row per block (the fastest of 128, 256, 512)
 
 
 @njit(inline="always", **inline.FLAGS)
@@ -487,9 +482,8 @@ def _row_max(x, i):
     as Numba IR, so that its loop is vectorised there, knowing the kernel's arrays.)"""
     top = x[i, 0]  # of x's dtype, so that exp runs in it
     # from column 0 again (max is idempotent): over columns 1.. the trip count of a row of
-    # 64, 128 or 256 is one short of a whole number of vector steps, and the 63 left ran as
-    # a scalar chain of maxnums: 256x256 softmax took 68 us instead of 34, 1024x64 164 us
-    # instead of 63
+    # 64, 128 or 256 is one short of a whole number of vector steps, and the remainder ran
+    # as a scalar chain of maxnums, at twice the time of the whole row
     for j in range(x.shape[1]):  # a NaN is skipped, but exp(NaN - top) makes the row NaN
         top = vecmath.fmax(top, x[i, j])
     return top
@@ -871,8 +865,7 @@ def dropout(x, key: int, threshold: int, scale: float, out):
 # ---------------------------------------------------------------------------------------
 # 6. BatchNorm (training mode): per-feature sums from row-chunk partials, then one pass.
 # x̂ is never stored: the backward pass recomputes it from x (reference.batchnorm_normalized).
-# A second (N, M) output stream cost more than the whole rest of the forward pass: on 4096x4096
-# float32 its normalising pass took 9.7 ms writing out and x̂, 4.3 ms writing out alone.
+# A second (N, M) output stream cost more than the whole rest of the forward pass.
 @njit(inline="always", **inline.FLAGS)
 def _normalized(x, i, j, mean, invstd):
     """``x̂[i, j] = (x[i, j] - μ[j]) r[j]`` in x's dtype: :func:`reference.batchnorm_normalized`

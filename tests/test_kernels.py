@@ -740,6 +740,7 @@ def _fresh_ir(loops, *args) -> str:
     return fresh.inspect_llvm(fresh.signatures[0])
 
 
+@pytest.mark.codegen
 @pytest.mark.parametrize("case", [(act, "forward") for act in R.ACTIVATIONS]
                          + [(act, "backward") for act in R.ACTIVATIONS]
                          + [("gelu_erf", "backward_db")], ids="-".join)
@@ -767,6 +768,7 @@ def test_numba_cpu_activation_is_inlined_and_the_loop_vectorised(case):
     assert WIDE_VECTORS in ir, "the kernel does not prefer the CPU's widest vectors"
 
 
+@pytest.mark.codegen
 @pytest.mark.parametrize("op", ["softmax_forward", "softmax_xent"])
 @pytest.mark.parametrize("pipelined", [False, True], ids=["in_order", "pipelined"])
 def test_numba_cpu_softmax_rows_load_vectors_not_gathers(op, pipelined):
@@ -794,6 +796,7 @@ def _host_has_avx512() -> bool:
     return "+avx512f" in llvm.get_host_cpu_features().flatten().split(",")
 
 
+@pytest.mark.codegen
 def test_numba_cpu_math_loops_use_512_bit_vectors_where_the_cpu_has_them():
     """On a CPU with AVX-512, a kernel that inlines vecmath runs 16 float32 lanes at a time,
     not LLVM's default 8 for such cores (sigmoid's forward epilogue: 1.3-1.8× faster)."""

@@ -19,6 +19,8 @@ import pytest
 import backprop as bp
 from backprop import kernels as K
 
+pytestmark = pytest.mark.codegen  # allocation checks: every test of this file
+
 SMALL_OBJECTS = 8 * 1024  # bytes of loss scalars, views and tuples a step may keep alive
 SMALL_REQUEST = 4 * 1024  # bytes: on the GPU, a request below this is no array of the batch
 

@@ -206,6 +206,7 @@ def test_ndtr_coefficients_are_the_documented_fits():
     np.testing.assert_allclose(np.float32(tail), V._ERFC_TAIL, rtol=1e-6)
 
 
+@pytest.mark.codegen
 @pytest.mark.parametrize("name", list(FUNCTIONS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_inlined_into_the_calling_loop_which_then_vectorises(name, dtype):
