@@ -21,7 +21,6 @@ def _require_installed() -> None:
 _require_installed()
 from backprop import (activations, callbacks, clip, concurrency, data, distributed, init,
                       layers, losses, metrics, optim, regularizers, schedules, training)
-from backprop.activations import GELU, Identity, LeakyReLU, ReLU, Sigmoid, Softmax, Softplus, Tanh
 from backprop.backend import (
     Device, DeviceUnavailableError, asarray, device_info, get_array_module, get_device,
     get_dtype, get_xp, set_device, set_dtype, to_numpy, use_device,
@@ -40,6 +39,10 @@ from backprop.optim import SGD, Adagrad, Adam, AdamW, RMSprop
 from backprop.regularizers import L1, L2, L1L2
 from backprop.kernels import KernelBackendError
 from backprop.training import NonFiniteLossError, evaluate, fit, predict
+
+# the activation layers (one per record of kernels/activations.py, and GELU, Softmax)
+globals().update({name: getattr(activations, name) for name in activations.__all__
+                  if name[0].isupper()})
 
 __version__ = "0.1.0"
 

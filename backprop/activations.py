@@ -1,15 +1,12 @@
 """Activation layers ``A = σ(X)``, ``∂X = dA ⊙ σ'(X)``, also usable by name inside ``Dense``.
 
-    name          class                        σ(z)                              σ'
-    identity      Identity                     z                                 1
-    relu          ReLU                         max(z, 0)                         [a > 0]
-    leaky_relu    LeakyReLU(alpha=0.01)        z if z > 0 else αz                1 or α
-    sigmoid       Sigmoid                      1 / (1 + e^-z)                    a (1 - a)
-    tanh          Tanh                         tanh z                            1 - a²
-    gelu          GELU()                       z Φ(z) (exact, erf)               Φ(z) + z φ(z)
-    gelu_tanh     GELU(approximate="tanh")     ½z(1 + tanh(√(2/π)(z + 0.044715z³)))
-    softplus      Softplus                     log(1 + e^z)                      sigmoid(z)
-    softmax       Softmax (last axis)          e^zᵢ / Σⱼ e^zⱼ                    a ⊙ (dA - Σ dA a)
+Every elementwise activation is one record in ``kernels/activations.py`` (its formulas, for
+every kernel backend); its layer class here is made from that record: a subclass of
+:class:`Activation` named by the record, taking ``alpha`` when the record has one. Made by
+hand: :class:`GELU` (one class, two records: ``approximate="none" | "tanh"``) and
+:class:`Softmax` (a row operation, not elementwise). The table (``NAMES`` holds them all):
+
+{table}
 
 Elementwise activations run the fused epilogue kernels with no bias
 (``K.bias_act_forward(x, None, out, kernel, alpha)``); ``Softmax`` runs the row-softmax kernels.
@@ -17,10 +14,8 @@ Elementwise activations run the fused epilogue kernels with no bias
 from __future__ import annotations
 
 from backprop import kernels as K
+from backprop.kernels.activations import RECORDS
 from backprop.layers import Layer
-
-__all__ = ["Activation", "Identity", "ReLU", "LeakyReLU", "Sigmoid", "Tanh", "GELU", "Softplus",
-           "Softmax", "get", "NAMES"]
 
 
 def _rows(a, last_axis=False):
@@ -57,36 +52,6 @@ class Activation(Layer):
         return f"{type(self).__name__}()"
 
 
-class Identity(Activation):
-    name = kernel = "identity"
-
-
-class ReLU(Activation):
-    name = kernel = "relu"
-
-
-class LeakyReLU(Activation):
-    name = kernel = "leaky_relu"
-
-    def __init__(self, alpha=0.01):
-        super().__init__()
-        self.alpha = float(alpha)
-
-    def config(self) -> dict:
-        return {"type": "LeakyReLU", "alpha": self.alpha}
-
-    def __repr__(self) -> str:
-        return f"LeakyReLU(alpha={self.alpha})"
-
-
-class Sigmoid(Activation):
-    name = kernel = "sigmoid"
-
-
-class Tanh(Activation):
-    name = kernel = "tanh"
-
-
 class GELU(Activation):
     """GELU ``z Φ(z)``; ``approximate="none"`` (exact, erf; PyTorch's default) or ``"tanh"``."""
 
@@ -103,10 +68,6 @@ class GELU(Activation):
 
     def __repr__(self) -> str:
         return "GELU()" if self.approximate == "none" else "GELU(approximate='tanh')"
-
-
-class Softplus(Activation):
-    name = kernel = "softplus"
 
 
 class Softmax(Activation):
@@ -128,15 +89,59 @@ class Softmax(Activation):
         return grad
 
 
-NAMES = {"identity": Identity, "linear": Identity, "relu": ReLU, "leaky_relu": LeakyReLU,
-         "sigmoid": Sigmoid, "tanh": Tanh, "gelu": GELU, "gelu_tanh": lambda: GELU("tanh"),
-         "softplus": Softplus, "softmax": Softmax}
+def _layer_class(record) -> type:
+    """The activation layer of a record of ``kernels/activations.py``."""
+    attrs = {"name": record.name, "kernel": record.name, "__module__": __name__,
+             "__doc__": f"``σ(z) = {record.formula}``, ``σ′ = {record.slope}`` "
+                        f"(``kernels/activations.py``, record {record.name!r})."}
+    if record.alpha is not None:
+        default = record.alpha
+
+        def __init__(self, alpha=default):
+            Activation.__init__(self)
+            self.alpha = float(alpha)
+
+        def config(self) -> dict:
+            return {"type": type(self).__name__, "alpha": self.alpha}
+
+        def __repr__(self) -> str:
+            return f"{type(self).__name__}(alpha={self.alpha})"
+
+        attrs.update(__init__=__init__, config=config, __repr__=__repr__)
+    return type(record.layer, (Activation,), attrs)
+
+
+_MADE = {r.layer: _layer_class(r) for r in RECORDS.values() if r.layer}
+globals().update(_MADE)
+
+NAMES = {"gelu": GELU, "gelu_tanh": lambda: GELU("tanh"), "softmax": Softmax}
+for _record in RECORDS.values():
+    if _record.layer:
+        for _name in (_record.name, *_record.aliases):
+            NAMES[_name] = _MADE[_record.layer]
+
+__all__ = ["Activation", *_MADE, "GELU", "Softmax", "get", "NAMES"]
+
+
+def _table() -> str:
+    rows = [("name", "class", "σ(z)", "σ′")]
+    for r in RECORDS.values():
+        cls = (f"{r.layer}(alpha={r.alpha})" if r.alpha is not None else r.layer) if r.layer \
+            else ('GELU()' if r.name == "gelu_erf" else 'GELU(approximate="tanh")')
+        rows.append((r.name, cls, r.formula, r.slope))
+    rows.append(("softmax", "Softmax (last axis)", "e^zᵢ / Σⱼ e^zⱼ", "a ⊙ (dA - Σ dA a)"))
+    widths = [max(len(row[i]) for row in rows) + 2 for i in range(3)]
+    return "\n".join("    " + "".join(c.ljust(w) for c, w in zip(row[:3], widths)) + row[3]
+                     for row in rows)
+
+
+__doc__ = __doc__.format(table=_table())
 
 
 def get(spec) -> Activation:
     """An activation from a name in ``NAMES``, None (identity), a config dict or an object."""
     if spec is None:
-        return Identity()
+        return NAMES["identity"]()
     if isinstance(spec, Activation):
         return spec
     if isinstance(spec, str) and spec.lower() in NAMES:

@@ -19,6 +19,8 @@ import numbers
 
 import numpy as np
 
+from backprop.kernels.activations import RELU_LIKE as RELU_LIKE_ACTIVATIONS
+
 __all__ = ["xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "zeros", "normal",
            "default_for", "get", "manual_seed", "as_generator", "INITIALIZERS"]
 
@@ -88,7 +90,7 @@ def normal(std: float = 0.01):
 INITIALIZERS = {"xavier_uniform": xavier_uniform, "xavier_normal": xavier_normal,
                 "he_uniform": he_uniform, "he_normal": he_normal, "zeros": zeros,
                 "normal": normal()}
-RELU_LIKE = frozenset({"relu", "leaky_relu", "gelu_erf", "gelu_tanh", "softplus"})
+RELU_LIKE = RELU_LIKE_ACTIVATIONS  # He by default (the records' relu_like flag)
 
 
 def get(spec):

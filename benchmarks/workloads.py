@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 
 from backprop import kernels as K
+from backprop.kernels import activations as KA
 from backprop.backend import cuda_status
 
 DTYPE = np.dtype(np.float32)
@@ -161,9 +162,13 @@ class KernelCase:
         return f"kernel:{self.name}:{shape_label(self.shape)}"
 
 
-# nominal FLOPs per element of the activation σ (forward) and of dA ⊙ σ' (backward);
-# exp counted as 12, Φ (GELU's erf form: two polynomials and an exp) as 36
-_ACT_FLOPS = {"relu": (1, 2), "sigmoid": (5, 3), "gelu_tanh": (9, 18), "gelu_erf": (37, 52)}
+# nominal FLOPs per element of the activation σ (forward) and of σ' (backward), counted on
+# each record's formula (kernels/activations.py): 1 per operation, a math function as below
+# (exp as 12; Φ, GELU's erf form, two polynomials and an exp, as 36)
+_FUNCTION_FLOPS = {"exp": 12, "expm1": 14, "tanh": 16, "bp_sigmoid": 15, "bp_softplus": 28,
+                   "bp_ndtr": 36, "bp_npdf": 14, "fabs": 1}
+_ACT_FLOPS = {act: KA.operation_counts(act, _FUNCTION_FLOPS)
+              for act in K.ACTIVATIONS}
 ACT_VARIANTS = tuple(_ACT_FLOPS)
 
 

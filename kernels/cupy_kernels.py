@@ -40,62 +40,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import reference
+from .activations import cuda_source
 from .reference import ACTIVATIONS, NEEDS_Z
 
 # ---------------------------------------------------------------------------------------
 # Activations as CUDA device functions (templated on T, usable from both kinds of kernel)
-_C = {  # exact double literals of the reference's constants, cast to T where used
-    "K": repr(reference.GELU_K),
-    "C": repr(reference.GELU_C),
-    "C3": repr(3.0 * reference.GELU_C),
-    "R2": repr(reference.INV_SQRT2),
-    "R2PI": repr(reference.INV_SQRT_2PI),
-}
-
-_SIGMOID = """
-template <typename T> __device__ __forceinline__ T bp_sigmoid(const T z) {
-    const T e = exp(-fabs(z));  // exp only sees -|z|: no overflow
-    return z >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
-}
-"""
-
-#: σ(z): the body of ``bp_activate(z, alpha)``.
-ACT_FORWARD = {
-    "identity": "return z;",
-    "relu": "return z < T(0) ? T(0) : z;",  # NaN passes through, as in xp.maximum
-    "leaky_relu": "return z > T(0) ? z : z * alpha;",
-    "sigmoid": "return bp_sigmoid(z);",
-    "tanh": "return tanh(z);",
-    "gelu_tanh": "return T(0.5) * z * (T(1) + tanh(T({K}) * (z + T({C}) * z * z * z)));",
-    "gelu_erf": "return T(0.5) * z * (T(1) + erf(z * T({R2})));",
-    "softplus": "return log1p(exp(-fabs(z))) + (z < T(0) ? T(0) : z);",
-}
-
-#: σ'(s): the body of ``bp_derivative(s, alpha)``; ``s`` is A = σ(Z), or Z for NEEDS_Z.
-ACT_DERIVATIVE = {
-    "identity": "return T(1);",
-    "relu": "return s > T(0) ? T(1) : T(0);",
-    "leaky_relu": "return s > T(0) ? T(1) : alpha;",
-    "sigmoid": "return s * (T(1) - s);",
-    "tanh": "return T(1) - s * s;",
-    "gelu_tanh": ("const T t = tanh(T({K}) * (s + T({C}) * s * s * s));\n"
-                  "    return T(0.5) * (T(1) + t)"
-                  " + T(0.5) * s * (T(1) - t * t) * T({K}) * (T(1) + T({C3}) * s * s);"),
-    "gelu_erf": ("return T(0.5) * (T(1) + erf(s * T({R2})))"
-                 " + s * exp(T(-0.5) * s * s) * T({R2PI});"),
-    "softplus": "return bp_sigmoid(s);",
-}
-
-
 def activation_source(act: str) -> str:
-    """CUDA source of ``bp_activate<T>`` and ``bp_derivative<T>`` for one activation."""
+    """CUDA source of ``bp_activate<T>`` and ``bp_derivative<T>`` for one activation, printed
+    from its record's formulas (``kernels/activations.py``)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
-    return (_SIGMOID
-            + "template <typename T> __device__ __forceinline__ T bp_activate("
-              "const T z, const T alpha) {\n    " + ACT_FORWARD[act].format(**_C) + "\n}\n"
-            + "template <typename T> __device__ __forceinline__ T bp_derivative("
-              "const T s, const T alpha) {\n    " + ACT_DERIVATIVE[act].format(**_C) + "\n}\n")
+    return cuda_source(act)
 
 
 # ---------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ How the kernels are built
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import threading
@@ -72,9 +73,10 @@ from numba import njit, prange, types
 from numba.core.caching import FunctionCache
 from numba.extending import intrinsic, overload
 
-from . import inline, reference, vecmath
+from . import activations, inline, reference, vecmath
 from .inline import inlined, jit
-from .reference import ACTIVATIONS, GELU_C, GELU_K, GOLDEN32, NEEDS_Z
+from .activations import RECORDS, Math
+from .reference import ACTIVATIONS, GOLDEN32, NEEDS_Z
 
 _ROW_SUM_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _CONTRACT = {"contract"}  # a·b + c may become one FMA (one rounding instead of two)
@@ -86,7 +88,8 @@ _ROW_GROUP = 4  # a chunk adds its rows to its partial sums four at a time (writ
 # row
 PARALLEL_MIN_ELEMENTS = 1 << 19  # smaller calls run on the calling thread (see _Loops)
 _DEPENDENCIES = hashlib.sha256(b"".join(  # see _KernelCache
-    Path(module.__file__).read_bytes() for module in (inline, vecmath, reference))).hexdigest()
+    Path(module.__file__).read_bytes()
+    for module in (inline, vecmath, reference, activations))).hexdigest()
 
 
 class _Loops:
@@ -143,7 +146,8 @@ _PARALLEL: dict = {"lock": threading.Lock(), "serialize": None}
 
 class _KernelCache(FunctionCache):
     """Numba's on-disk cache, with one more part in each entry's key: the source of
-    :mod:`vecmath` and :mod:`reference`, whose functions and constants the kernels compile
+    :mod:`vecmath`, :mod:`reference` and :mod:`activations` (the formulas), whose functions
+    and constants the kernels compile
     in. Numba keys entries by the kernel's own file alone, so an edit of those modules
     would otherwise keep loading stale machine code."""
 
@@ -239,68 +243,32 @@ def _scalar_type(v):
     return np.float32 if v == types.float32 else np.float64
 
 
-def _constants(v, *values):
-    """``values`` as constants of the float type of ``v`` (a Numba type): a float64 constant
-    would promote a float32 expression, and float32 math is what makes these loops fast."""
-    return tuple(_scalar_type(v)(x) for x in values)
+@functools.lru_cache(maxsize=None)
+def _math(scalar) -> Math:
+    """The math of the formula builders (``kernels/activations.py``) in compiled code with
+    elements of NumPy type ``scalar``: vecmath's vectorisable functions, constants and
+    ``alpha`` of that type (a float64 constant would promote float32 arithmetic)."""
+    return Math(K=scalar, cast=scalar, where=_select, abs=abs, exp=vecmath.exp,
+                expm1=vecmath.expm1, tanh=vecmath.tanh, sigmoid=vecmath.sigmoid,
+                softplus=vecmath.softplus, ndtr=vecmath.ndtr, ndtr_pdf=vecmath.ndtr_pdf)
+
+
+@inline.jit
+def _select(c, a, b):
+    """``a if c else b``: the ``where`` of the formulas (a select, which vectorises)."""
+    return a if c else b
 
 
 def _activation_impl(act, v, alpha):
-    """``σ`` for the literal name ``act``, with constants of ``v``'s float type."""
-    name = _literal_name(act)
-    zero, k2, c = _constants(v, 0.0, 2.0 * GELU_K, GELU_C)
-    like = _scalar_type(v)  # leaky_relu's slope rounded to v's type, as the reference's
-    if name == "identity":
-        return lambda v, alpha: v
-    if name == "relu":  # v < 0 is False for NaN: NaN passes through, as np.maximum does
-        return lambda v, alpha: zero if v < zero else v
-    if name == "leaky_relu":
-        return lambda v, alpha: v if v > zero else v * like(alpha)
-    if name == "sigmoid":
-        return lambda v, alpha: vecmath.sigmoid(v)
-    if name == "tanh":
-        return lambda v, alpha: vecmath.tanh(v)
-    if name == "gelu_tanh":  # ½ z (1 + tanh u) = z σ(2u), u = k (z + c z³)
-        return lambda v, alpha: v * vecmath.sigmoid(k2 * (v + c * v * v * v))
-    if name == "gelu_erf":
-        return lambda v, alpha: v * vecmath.ndtr(v)
-    if name == "softplus":
-        return lambda v, alpha: vecmath.softplus(v)
-    return None
+    """``σ`` for the literal name ``act`` from its record, with constants of ``v``'s type."""
+    record = RECORDS.get(_literal_name(act))
+    return None if record is None else record.forward(_math(_scalar_type(v)))
 
 
 def _derivative_impl(act, s, alpha):
-    """``σ'`` for the literal name ``act``, with constants of ``s``'s float type."""
-    name = _literal_name(act)
-    zero, one, k2, c, c3 = _constants(s, 0.0, 1.0, 2.0 * GELU_K, GELU_C, 3.0 * GELU_C)
-    like = _scalar_type(s)
-    if name == "identity":
-        return lambda s, alpha: one
-    if name == "relu":
-        return lambda s, alpha: one if s > zero else zero
-    if name == "leaky_relu":
-        return lambda s, alpha: one if s > zero else like(alpha)
-    if name == "sigmoid":
-        return lambda s, alpha: s * (one - s)
-    if name == "tanh":
-        return lambda s, alpha: one - s * s
-    if name == "gelu_tanh":
-        # with u2 = 2k(z + c z³): ½(1 + tanh u) = σ(u2) and ½(1 - tanh²u) = 2σ(u2)σ(-u2),
-        # the derivative of the reference without its 1 + tanh cancellation
-        def gelu_tanh(s, alpha):
-            u2 = k2 * (s + c * s * s * s)
-            e = vecmath.exp(-abs(u2))
-            t = one / (one + e)
-            return (t if u2 >= zero else e * t) + s * k2 * (one + c3 * s * s) * (e * t * t)
-        return gelu_tanh
-    if name == "gelu_erf":  # Φ(z) + z φ(z)
-        def gelu_erf(s, alpha):
-            cdf, pdf = vecmath.ndtr_pdf(s)
-            return cdf + s * pdf
-        return gelu_erf
-    if name == "softplus":
-        return lambda s, alpha: vecmath.sigmoid(s)
-    return None
+    """``σ'`` for the literal name ``act`` from its record, with constants of ``s``'s type."""
+    record = RECORDS.get(_literal_name(act))
+    return None if record is None else record.derivative(_math(_scalar_type(s)))
 
 
 @inlined(_activation_impl)

@@ -37,8 +37,8 @@ import numba
 import numpy as np
 from numba import cuda
 
-from .reference import (ACTIVATIONS, GELU_C, GELU_K, GOLDEN32, INV_SQRT2, INV_SQRT_2PI, MASK32,
-                        NEEDS_Z)
+from .activations import RECORDS, Math
+from .reference import (ACTIVATIONS, GOLDEN32, INV_SQRT2, INV_SQRT_2PI, MASK32, NEEDS_Z)
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
@@ -240,71 +240,51 @@ def _column_sum_pair(sh, sh2, v, w, tx, ty):
 
 # ---------------------------------------------------------------------------------------
 # Activations: σ and σ' as device functions with constants of the array dtype
+@cuda.jit(device=True, inline="always")
+def _select(c, a, b):
+    return a if c else b
+
+
+@functools.lru_cache(maxsize=None)
+def _math(dtype) -> Math:
+    """The math of the formula builders (``kernels/activations.py``) in device code with
+    elements of ``dtype``: ``math`` functions, constants and ``alpha`` of that type."""
+    t = _checked_dtype(dtype).type
+    zero, half, one = t(0.0), t(0.5), t(1.0)
+    inv_sqrt2, inv_sqrt_2pi = t(INV_SQRT2), t(INV_SQRT_2PI)
+    device = cuda.jit(device=True, inline="always")
+
+    @device
+    def sigmoid(z):
+        e = math.exp(-abs(z))  # exp only sees -|z|: no overflow
+        return one / (one + e) if z >= zero else e / (one + e)
+
+    @device
+    def softplus(z):
+        return math.log1p(math.exp(-abs(z))) + (zero if z < zero else z)
+
+    @device
+    def ndtr(z):
+        return half * math.erfc(-z * inv_sqrt2)
+
+    @device
+    def ndtr_pdf(z):
+        return half * math.erfc(-z * inv_sqrt2), math.exp(-half * z * z) * inv_sqrt_2pi
+
+    return Math(K=t, cast=t, where=_select, abs=abs, exp=math.exp, expm1=math.expm1,
+                tanh=math.tanh, sigmoid=sigmoid, softplus=softplus, ndtr=ndtr,
+                ndtr_pdf=ndtr_pdf)
+
+
 @functools.lru_cache(maxsize=None)
 def _activation(act: str, dtype):
-    """Device functions ``(σ(z, α), σ'(s, α))`` for ``act`` in ``dtype``, where ``s`` is ``z``
-    for activations in NEEDS_Z and ``a = σ(z)`` otherwise (see reference.activate/derivative)."""
-    t = _checked_dtype(dtype).type
-    zero, half, one, three = t(0.0), t(0.5), t(1.0), t(3.0)
-    k, c, inv_sqrt2, inv_sqrt_2pi = t(GELU_K), t(GELU_C), t(INV_SQRT2), t(INV_SQRT_2PI)
-
-    def sigmoid(z, alpha):
-        e = math.exp(-abs(z))
-        if z >= zero:
-            return one / (one + e)
-        return e / (one + e)
-
-    if act == "identity":
-        def forward(z, alpha):
-            return z
-
-        def slope(s, alpha):
-            return one
-    elif act == "relu":
-        def forward(z, alpha):
-            return zero if z < zero else z  # NaN passes through
-
-        def slope(s, alpha):
-            return one if s > zero else zero
-    elif act == "leaky_relu":
-        def forward(z, alpha):
-            return z if z > zero else z * alpha
-
-        def slope(s, alpha):
-            return one if s > zero else alpha
-    elif act == "sigmoid":
-        forward = sigmoid
-
-        def slope(s, alpha):
-            return s * (one - s)
-    elif act == "tanh":
-        def forward(z, alpha):
-            return math.tanh(z)
-
-        def slope(s, alpha):
-            return one - s * s
-    elif act == "gelu_tanh":
-        def forward(z, alpha):
-            return half * z * (one + math.tanh(k * (z + c * z * z * z)))
-
-        def slope(s, alpha):
-            th = math.tanh(k * (s + c * s * s * s))
-            return half * (one + th) + half * s * (one - th * th) * k * (one + three * c * s * s)
-    elif act == "gelu_erf":
-        def forward(z, alpha):
-            return half * z * (one + math.erf(z * inv_sqrt2))
-
-        def slope(s, alpha):
-            return half * (one + math.erf(s * inv_sqrt2)) + s * math.exp(-half * s * s) * inv_sqrt_2pi
-    elif act == "softplus":
-        def forward(z, alpha):
-            return math.log1p(math.exp(-abs(z))) + (zero if z < zero else z)
-
-        slope = sigmoid
-    else:
+    """Device functions ``(σ(z, α), σ'(s, α))`` for ``act`` in ``dtype`` from its record, where
+    ``s`` is ``z`` for activations in NEEDS_Z and ``a = σ(z)`` otherwise."""
+    if act not in RECORDS:
         raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+    record, m = RECORDS[act], _math(dtype)
     as_device = cuda.jit(device=True, inline="always")
-    return as_device(forward), as_device(slope)
+    return as_device(record.forward(m)), as_device(record.derivative(m))
 
 
 def _needed_input(act, a, z):

@@ -19,14 +19,8 @@ import math
 
 import numpy as np
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu_tanh", "gelu_erf",
-               "softplus")
-NEEDS_Z = frozenset({"gelu_tanh", "gelu_erf", "softplus"})
-
-GELU_K = math.sqrt(2.0 / math.pi)  # sqrt(2/pi) of the tanh approximation
-GELU_C = 0.044715
-INV_SQRT2 = 1.0 / math.sqrt(2.0)
-INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+from .activations import (ACTIVATIONS, GELU_C, GELU_K, INV_SQRT2, INV_SQRT_2PI,  # noqa: F401
+                          NEEDS_Z, RECORDS, Math)
 
 
 def _xp(a):
@@ -51,47 +45,53 @@ def sigmoid(xp, z):
     return xp.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(z.dtype, copy=False)
 
 
+def _softplus(xp, z):
+    return xp.log1p(xp.exp(-xp.abs(z))) + xp.maximum(z, 0)
+
+
+def _ndtr(xp, z):
+    return 0.5 * (1.0 + _erf(xp, z * INV_SQRT2))
+
+
+_MATHS: dict = {}
+
+
+def _math(xp) -> Math:
+    """The array math of ``xp`` for the formula builders of ``kernels/activations.py``."""
+    if xp not in _MATHS:
+        _MATHS[xp] = Math(
+            K=float, cast=float, where=xp.where, abs=xp.abs, exp=xp.exp, expm1=xp.expm1,
+            tanh=xp.tanh, sigmoid=lambda z: sigmoid(xp, z),
+            softplus=lambda z: _softplus(xp, z), ndtr=lambda z: _ndtr(xp, z),
+            ndtr_pdf=lambda z: (_ndtr(xp, z), xp.exp(-0.5 * z * z) * INV_SQRT_2PI))
+    return _MATHS[xp]
+
+
+def _record(act: str):
+    if act not in RECORDS:
+        raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+    return RECORDS[act]
+
+
+def _as_array(xp, value, like):
+    """A formula's value as a fresh array shaped and typed like ``like`` (a constant
+    derivative is a scalar; the identity returns its argument)."""
+    out = xp.empty_like(like)
+    out[...] = value
+    return out
+
+
 def activate(xp, z, act: str, alpha: float = 0.0):
-    """``σ(z)`` for an activation name (allocates; the oracle of the forward epilogue)."""
-    if act == "identity":
-        return z.copy()
-    if act == "relu":
-        return xp.maximum(z, 0)
-    if act == "leaky_relu":
-        return xp.where(z > 0, z, z * alpha)
-    if act == "sigmoid":
-        return sigmoid(xp, z)
-    if act == "tanh":
-        return xp.tanh(z)
-    if act == "gelu_tanh":
-        return 0.5 * z * (1.0 + xp.tanh(GELU_K * (z + GELU_C * z * z * z)))
-    if act == "gelu_erf":
-        return 0.5 * z * (1.0 + _erf(xp, z * INV_SQRT2))
-    if act == "softplus":
-        return xp.log1p(xp.exp(-xp.abs(z))) + xp.maximum(z, 0)
-    raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+    """``σ(z)`` for an activation name (allocates; the oracle of the forward epilogue): the
+    formula of its record in ``kernels/activations.py``, on arrays."""
+    return _as_array(xp, _record(act).forward(_math(xp))(z, alpha), z)
 
 
 def derivative(xp, a, z, act: str, alpha: float = 0.0):
-    """``σ'`` from ``a = σ(z)`` (identity, relu, leaky_relu, sigmoid, tanh) or from ``z``."""
-    if act == "identity":
-        return xp.ones_like(a)
-    if act == "relu":
-        return (a > 0).astype(a.dtype)
-    if act == "leaky_relu":
-        return xp.where(a > 0, 1.0, alpha).astype(a.dtype)
-    if act == "sigmoid":
-        return a * (1.0 - a)
-    if act == "tanh":
-        return 1.0 - a * a
-    if act == "gelu_tanh":
-        t = xp.tanh(GELU_K * (z + GELU_C * z * z * z))
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * z * z)
-    if act == "gelu_erf":
-        return 0.5 * (1.0 + _erf(xp, z * INV_SQRT2)) + z * xp.exp(-0.5 * z * z) * INV_SQRT_2PI
-    if act == "softplus":
-        return sigmoid(xp, z)
-    raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
+    """``σ'`` from ``a = σ(z)``, or from ``z`` for activations in ``NEEDS_Z``."""
+    record = _record(act)
+    s = z if record.needs_z else a
+    return _as_array(xp, record.derivative(_math(xp))(s, alpha), s)
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ name runs its plain-Python stub (the same math through ``math``/NumPy).
     exp(x)        eˣ = 2ᵏ·eʳ,  r = x - k ln2 ∈ [-ln2/2, ln2/2],  eʳ by its Taylor polynomial
     sigmoid(x)    1/(1 + e⁻ˣ) (float64: exp only ever sees -|x|)
     tanh(x)       sign(x)·t/(t + 2),  t = expm1(2|x|)  (no cancellation near 0)
+    expm1(x)      eˣ - 1: t = expm1(|x|) for x ≥ 0, -t/(t + 1) below (no cancellation near 0)
     ndtr(x)       Φ(x) = ½ erfc(-x/√2), the standard normal CDF (GELU's gate); accurate in
                   both tails: erfc(u) = e^(-u²)·R(1/(1 + u/2)) for u ≥ ½, erf = u·P(u²) below
     ndtr_pdf(x)   (Φ(x), φ(x)), φ = e^(-x²/2)/√(2π) from the e^(-u²) that Φ's tail computes
@@ -243,6 +244,21 @@ def _tanh32(x):
 
 
 @jit
+def _expm1_32(x):
+    a = min(abs(x), F32(18.0))  # expm1(-18) rounds to -1 in float32
+    t = _expm1_32_nonneg(a)
+    below = -t / (t + F32(1.0))  # eˣ - 1 = -(e^|x| - 1)/e^|x| for x < 0
+    above = t if x <= F32(18.0) else _exp32(x) - F32(1.0)
+    y = above if x >= F32(0.0) else below
+    return y if x == x else x
+
+
+@jit
+def _expm1_64(x):
+    return math.expm1(x)  # libm's, a scalar call (as float64 tanh and ndtr)
+
+
+@jit
 def _sigmoid32(x):
     return F32(1.0) / (F32(1.0) + exp(-x))  # e⁻ˣ = inf for x < -88.7 gives 0, exactly
 
@@ -312,6 +328,13 @@ def exp(x):
     """``eˣ``."""
     with np.errstate(over="ignore"):
         return type(x)(np.exp(x))
+
+
+@inlined(_by_precision(_expm1_32, _expm1_64))
+def expm1(x):
+    """``eˣ - 1``, accurate near 0."""
+    with np.errstate(over="ignore"):
+        return type(x)(np.expm1(x))
 
 
 @inlined(_by_precision(_sigmoid32, _sigmoid64))

@@ -54,7 +54,11 @@ CUPY_ON_HOST = "cupy_on_host"  # the CuPy backend's CUDA C++ compiled for the CP
 BACKENDS = [name for name in K.BACKENDS if name != "reference"]
 DTYPES = [np.float32, np.float64]
 RTOL = {np.float32: 1e-6, np.float64: 1e-12}
-GELUS = ("gelu_tanh", "gelu_erf")
+# activations whose formula multiplies z by a function of z (GELU, SiLU: z·Φ(z), z·σ(z)):
+# NaN at -inf (-inf · 0), and an extra rounding of the product; found from the reference
+with np.errstate(invalid="ignore", over="ignore"):
+    GELUS = tuple(a for a in R.ACTIVATIONS
+                  if np.isnan(R.activate(np, np.array([-np.inf]), a, 0.01))[0])
 
 
 def batch_shapes(backend: str) -> list[tuple[int, int]]:
@@ -165,7 +169,15 @@ def derivative_terms(act, s, alpha):
     if act == "gelu_erf":
         return 0.5 * (1 + np.abs(R._erf(np, s * R.INV_SQRT2))) + np.abs(s) * (1 + s * s) * np.exp(
             -0.5 * s * s) * R.INV_SQRT_2PI
-    raise AssertionError(act)
+    # any other record: |σ'| plus |s σ''| (σ'' by central differences in float64), the
+    # first-order effect of rounding s and of the products inside σ'
+    with np.errstate(all="ignore"):
+        d = np.abs(R.derivative(np, s, s, act, alpha))
+        h = 1e-5 * (1.0 + np.abs(s))
+        second = (R.derivative(np, s + h, s + h, act, alpha)
+                  - R.derivative(np, s - h, s - h, act, alpha)) / (2 * h)
+        terms = d + np.abs(s * second) + np.abs(s)
+    return np.where(np.isfinite(terms), terms, d)  # at ±inf: |σ'| alone
 
 
 def bias_act_forward_scales(before, after, sc):
@@ -174,7 +186,9 @@ def bias_act_forward_scales(before, after, sc):
     spread = np.abs(z) + (0 if b is None else np.abs(b))  # rounding of z + b
     act, alpha = sc["act"], sc["alpha"]
     slope = np.abs(R.derivative(np, R.activate(np, pre, act, alpha), pre, act, alpha))
-    out = np.abs(after["out"]) + slope * spread + (np.abs(pre) if act in GELUS else 0)
+    # (0 · inf is 0 here: a flat σ does not pass on the rounding of an infinite input)
+    carried = np.where(slope == 0, 0.0, slope * np.where(slope == 0, 0.0, spread))
+    out = np.abs(after["out"]) + carried + (np.abs(pre) if act in GELUS else 0)
     return {"out": out, "z": spread}
 
 
@@ -706,19 +720,20 @@ def test_numba_cpu_rejects_partial_overlap():
 
 
 def test_numba_cpu_cache_is_keyed_by_the_modules_it_compiles_in():
-    """The kernels inline vecmath's functions (through inline's calls) and reference's
-    constants; Numba keys its disk cache by the kernel's own file, so the key must also
-    cover those three sources."""
+    """The kernels inline vecmath's functions (through inline's calls), reference's
+    constants and the activations' formulas; Numba keys its disk cache by the kernel's own
+    file, so the key must also cover those four sources."""
     pytest.importorskip("numba")
     import hashlib
     from pathlib import Path
 
-    from backprop.kernels import inline, numba_cpu, reference, vecmath
+    from backprop.kernels import activations, inline, numba_cpu, reference, vecmath
 
     p = np.ones(3, np.float32)
     numba_cpu.adam_step(p, p.copy(), p.copy(), p.copy(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0,
                         False, 1)
-    sources = b"".join(Path(m.__file__).read_bytes() for m in (inline, vecmath, reference))
+    sources = b"".join(Path(m.__file__).read_bytes()
+                       for m in (inline, vecmath, reference, activations))
     for dispatcher in (numba_cpu._adam.serial, numba_cpu._adam.parallel):
         assert isinstance(dispatcher._cache, numba_cpu._KernelCache)
         if not dispatcher.signatures:

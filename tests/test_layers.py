@@ -14,6 +14,7 @@ from backprop import init
 from backprop.activations import (GELU, Identity, LeakyReLU, ReLU, Sigmoid, Softmax, Softplus,
                                   Tanh)
 from backprop.gradcheck import gradcheck
+from backprop.kernels.activations import RECORDS
 from backprop.layers import BatchNorm1d, Dense, Dropout, Flatten, Layer, Residual, from_config
 from backprop.model import Sequential
 
@@ -42,6 +43,11 @@ FORMULAS = {
     "softplus": lambda z: np.log(1.0 + np.exp(z)),
     "softmax": lambda z: np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True),
 }
+# every other activation record (kernels/activations.py): its own independent definition
+for _name, _record in RECORDS.items():
+    if _record.layer and _name not in FORMULAS:
+        ACTIVATIONS.append(_name)
+        FORMULAS[_name] = (lambda r: lambda z: r.check(z, r.alpha or 0.0))(_record)
 
 
 def away_from_zero(x, margin=0.1):

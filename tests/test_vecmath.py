@@ -47,9 +47,10 @@ FUNCTIONS = {
     "tanh": (np.tanh, 2.5, 2.5, (-12.0, 12.0)),
     "ndtr": (_exact_ndtr, 6.0, 6.0, (-16.0, 9.0)),
     "softplus": (_exact_softplus, 3.0, 2.0, (-110.0, 40.0)),
+    "expm1": (np.expm1, 3.0, 1.0, (-110.0, 80.0)),
 }
 FLOAT64_DOMAIN = {"ndtr": (-1.5, 1.5)}
-LIBM_FLOAT64 = ("tanh", "ndtr", "softplus")  # scalar libm calls in float64: no SIMD there
+LIBM_FLOAT64 = ("tanh", "ndtr", "softplus", "expm1")  # scalar libm calls in float64: no SIMD there
 _LOOPS: dict = {}
 
 
