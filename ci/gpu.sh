@@ -26,7 +26,9 @@
 #   cpu         the test suite on the CPU once, numba_cpu kernel harness included, beside
 #               the GPU test steps
 # The kernel files run only in `kernels` (and their numba_cpu cases in `cpu`); the suites drop
-# tests parametrized with the other device (a pytest plugin written under the work dir).
+# tests parametrized with the other device (a pytest plugin written under the work dir), and
+# run the model-level files on the dispatch of the step only (--backend default: the CPU CI
+# covers the reference and the host-compiled CuPy kernels).
 #
 # Results: benchmarks/results/<gpu-name-slug>-<date>/{summary.md, summary.json, env.json,
 # machine.json, benchmark-{cuda,cpu}.json, pytest-{cuda,cpu}.txt, torch.json, report.md,
@@ -262,7 +264,7 @@ fi
 # tests: the cpu suite in the background (4 Numba threads), while the GPU steps run
 (
   export BACKPROP_DEVICE=cpu BP_CI_DEVICE=cpu NUMBA_NUM_THREADS=4
-  run_step cpu 300 "${PYTEST[@]}" tests "${XDIST[@]}" -m "not cudasim" \
+  run_step cpu 300 "${PYTEST[@]}" tests "${XDIST[@]}" -m "not cudasim" --backend default \
     --ignore=tests/test_cupy_compile.py --ignore=tests/test_cupy_launches.py \
     --ignore=tests/test_numba_cuda_compile.py -k "not cupy and not numba_cuda" \
     -p bp_ci_device_filter --junitxml="$LOGS/cpu.xml" > /dev/null
@@ -277,7 +279,7 @@ else
 fi
 for choice in cupy numba; do
   BACKPROP_DEVICE=cuda BACKPROP_KERNELS=$choice BP_CI_DEVICE=cuda \
-    run_step "cuda-$choice" 120 "${PYTEST[@]}" tests "${XDIST[@]}" "${IGNORE_KERNELS[@]}" \
+    run_step "cuda-$choice" 120 "${PYTEST[@]}" tests "${XDIST[@]}" "${IGNORE_KERNELS[@]}" --backend default \
       -p bp_ci_device_filter --junitxml="$LOGS/cuda-$choice.xml"
 done
 # NCCL through CuPy (backprop.distributed): one rank always; N ranks, one GPU each, when the

@@ -49,17 +49,39 @@ def kernels_for_both_devices():
     kernels.set_backend(previous)
 
 
-@pytest.fixture(autouse=True)
-def gpu_kernels_on_host(monkeypatch):
-    """``BACKPROP_TEST_KERNELS`` (jobs of ci/test.sh) routes every kernel call on NumPy arrays
-    to a GPU backend's op run on the host, so that the model-level tests drive that backend
-    as a GPU run would (its buffers, aliases, accumulation flags and workspaces):
+# ---------------------------------------------------------------------------------------
+# Kernel backends as a test parameter
+BACKENDS_ON_HOST = ("default", "reference", "cupy_on_host", "numba_cuda_sim")
+DEFAULT_BACKENDS = ("default", "reference", "cupy_on_host")
 
-    - ``cupy_on_host``: the CuPy backend, its CUDA C++ compiled for the CPU (cuda_host.py);
-    - ``numba_cuda_sim``: the Numba CUDA backend in Numba's simulator (with
-      ``NUMBA_ENABLE_CUDASIM=1``; a Python thread per GPU thread, so for the unit-level
-      files, not the training loops)."""
-    choice = os.environ.get("BACKPROP_TEST_KERNELS")
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--backend", action="append", choices=BACKENDS_ON_HOST, default=None,
+        help="kernel backend(s) that the tests marked 'backends' run on (repeatable; default: "
+             f"{', '.join(DEFAULT_BACKENDS)}). default: the dispatch of this process "
+             "(BACKPROP_KERNELS; Numba on the CPU); reference: the plain-xp oracle; "
+             "cupy_on_host: the CuPy backend's CUDA C++ compiled for the CPU (cuda_host.py); "
+             "numba_cuda_sim: the Numba CUDA backend in Numba's simulator (needs "
+             "NUMBA_ENABLE_CUDASIM=1 set before Python starts)")
+
+
+def pytest_generate_tests(metafunc):
+    """Tests marked ``backends`` (the model-level files mark themselves) run once per
+    selected backend: the ``cpu_kernels`` fixture routes every kernel call on NumPy arrays
+    to it, so layers, losses, optimizers and ``fit`` drive that backend as a run on it
+    would (its buffers, aliases, accumulation flags and workspaces)."""
+    if metafunc.definition.get_closest_marker("backends") is None:
+        return
+    chosen = metafunc.config.getoption("--backend") or list(DEFAULT_BACKENDS)
+    metafunc.parametrize("cpu_kernels", chosen, indirect=True, scope="function")
+
+
+@pytest.fixture(autouse=True)
+def cpu_kernels(request, monkeypatch):
+    """The kernel backend of this test (``default`` for tests not marked ``backends``); see
+    :func:`pytest_generate_tests`. Yields its name."""
+    choice = getattr(request, "param", "default")
     if choice == "cupy_on_host":
         import cuda_host
 
@@ -67,17 +89,18 @@ def gpu_kernels_on_host(monkeypatch):
         if reason is not None:
             pytest.skip(f"the CuPy kernels cannot run on the host: {reason}")
         cuda_host.install(monkeypatch)
-        module = cuda_host.CK
+        route_cpu_kernels(monkeypatch, cuda_host.CK)
     elif choice == "numba_cuda_sim":
         if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
-            pytest.fail("BACKPROP_TEST_KERNELS=numba_cuda_sim needs NUMBA_ENABLE_CUDASIM=1")
-        from backprop.kernels import numba_cuda as module
-    elif choice:
-        pytest.fail(f"BACKPROP_TEST_KERNELS={choice!r}: expected cupy_on_host or "
-                    "numba_cuda_sim")
-    if choice:
-        route_cpu_kernels(monkeypatch, module)
-    yield
+            pytest.skip("numba_cuda_sim needs NUMBA_ENABLE_CUDASIM=1 set before Python starts")
+        from backprop.kernels import numba_cuda
+
+        route_cpu_kernels(monkeypatch, numba_cuda)
+    elif choice == "reference":
+        from backprop.kernels import reference
+
+        route_cpu_kernels(monkeypatch, reference)
+    yield choice
 
 
 def route_cpu_kernels(monkeypatch, module) -> None:

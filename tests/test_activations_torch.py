@@ -15,6 +15,8 @@ from backprop.kernels.activations import RECORDS
 
 torch = pytest.importorskip("torch")
 
+pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
+
 LAYERS = sorted({(r.layer, r.alpha) for r in RECORDS.values() if r.layer}
                 | {("GELU", None)})
 

@@ -18,6 +18,8 @@ from backprop.layers import Dense
 from backprop.model import Sequential
 from backprop.optim import SGD
 
+pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
+
 
 def mlp(seed=0):
     rng = np.random.default_rng(seed)

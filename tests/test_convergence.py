@@ -12,6 +12,8 @@ from backprop.losses import BCEWithLogitsLoss, SoftmaxCrossEntropyLoss
 from backprop.model import Sequential
 from backprop.optim import Adam
 
+pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
+
 
 def train(model, loss, x, y, steps, lr):
     opt = Adam(model.parameters(), lr=lr)

@@ -13,6 +13,8 @@ import pytest
 import backprop as bp
 from backprop import sources
 
+pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
+
 
 def data(n=101, features=5, classes=3, seed=0):
     rng = np.random.default_rng(seed)

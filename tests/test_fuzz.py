@@ -24,6 +24,8 @@ from backprop.backend import use_device  # noqa: E402
 from backprop.layers import BatchNorm1d, Dense, Dropout  # noqa: E402
 from backprop.model import Sequential  # noqa: E402
 
+pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
+
 # what a caller may be given, besides success (README, "Errors"); NonFiniteLossError is a
 # FloatingPointError and comes after some steps, so it is allowed to have changed weights
 DOCUMENTED = (TypeError, ValueError, OSError)

@@ -13,6 +13,8 @@ from backprop.losses import MSELoss
 from backprop.model import Sequential
 from backprop.parameter import Parameter
 
+pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
+
 
 class ScaleShift(Layer):
     """A user-written layer: ``A = X ⊙ s + c`` per feature; ``∂s = Σ dA ⊙ X``, ``∂c = Σ dA``."""

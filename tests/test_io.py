@@ -25,6 +25,8 @@ from backprop.layers import BatchNorm1d, Dense, Dropout
 from backprop.model import Sequential
 from backprop.optim import Adam
 
+pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
+
 
 def mlp(seed=0, extras=False):
     rng = np.random.default_rng(seed)

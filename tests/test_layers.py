@@ -18,6 +18,8 @@ from backprop.kernels.activations import RECORDS
 from backprop.layers import BatchNorm1d, Dense, Dropout, Flatten, Layer, Residual, from_config
 from backprop.model import Sequential
 
+pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
+
 ACTIVATIONS = ["identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh",
                "softplus", "softmax"]
 KINKED = {"relu", "leaky_relu"}  # not differentiable at 0: keep inputs away from it

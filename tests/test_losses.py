@@ -14,6 +14,8 @@ from backprop.gradcheck import gradcheck
 from backprop.losses import (BCELoss, BCEWithLogitsLoss, L1Loss, MSELoss,
                              SoftmaxCrossEntropyLoss)
 
+pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
+
 
 def _log_softmax(z):
     z = z - z.max(axis=1, keepdims=True)

@@ -15,6 +15,8 @@ from backprop.layers import BatchNorm1d, Dense, Dropout, Flatten, Residual, from
 from backprop.losses import SoftmaxCrossEntropyLoss
 from backprop.model import Sequential
 
+pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
+
 
 def four_layer(dtype="float64"):
     return Sequential([

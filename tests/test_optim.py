@@ -19,6 +19,8 @@ from backprop import clip, optim
 from backprop.backend import get_array_module, to_numpy
 from backprop.parameter import Parameter
 
+pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
+
 SHAPES = {"0.W": (3, 4), "0.b": (4,), "1.W": (4, 2)}
 N = sum(math.prod(s) for s in SHAPES.values())
 STEPS = 6

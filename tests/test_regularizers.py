@@ -9,6 +9,8 @@ from backprop import optim, regularizers
 from backprop.backend import to_numpy
 from backprop.parameter import Parameter
 
+pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
+
 KINDS = [
     (regularizers.L1, {"l1": 0.03}, 0.03, 0.0),
     (regularizers.L2, {"l2": 0.05}, 0.0, 0.05),

@@ -11,6 +11,8 @@ import pytest
 from backprop import optim, schedules
 from backprop.parameter import Parameter
 
+pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
+
 LR = 0.4
 
 

@@ -26,6 +26,8 @@ from backprop.losses import SoftmaxCrossEntropyLoss
 from backprop.model import Sequential
 from backprop.regularizers import L2
 
+pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
+
 
 # a batch of 2048 rows of 1024 features takes the parallel path of the numba_cpu kernels,
 # which release the GIL (2**21 elements against PARALLEL_MIN_ELEMENTS)
@@ -333,12 +335,11 @@ def test_models_copy_and_pickle_with_their_per_thread_state_left_behind(device, 
         clone.fit(X[:256], y[:256], loss="cross_entropy", epochs=1, batch_size=64, verbose=0)
 
 
-@pytest.mark.skipif(os.environ.get("BACKPROP_TEST_KERNELS") is not None
-                    or K.get_choice() == "reference",
-                    reason="concerns Numba's threading layers (numba_cpu kernels)")
-def test_parallel_kernels_from_two_threads_under_the_workqueue_layer(cpu):
+def test_parallel_kernels_from_two_threads_under_the_workqueue_layer(cpu, cpu_kernels):
     """Numba's workqueue layer aborts the process when two threads launch parallel kernels
     at once; numba_cpu serialises its parallel launches under it."""
+    if cpu_kernels != "default" or K.get_choice() == "reference":
+        pytest.skip("concerns Numba's threading layers (numba_cpu kernels)")
     script = textwrap.dedent(f"""
         import threading, numpy as np
         from backprop.kernels import numba_cpu

@@ -13,6 +13,8 @@ from backprop.losses import SoftmaxCrossEntropyLoss
 from backprop.model import Sequential
 from backprop.regularizers import L2
 
+pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
+
 
 def mlp(n_in=2, hidden=16, n_out=2, seed=0):
     rng = np.random.default_rng(seed)
