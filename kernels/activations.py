@@ -295,22 +295,13 @@ SYMBOLIC = Math(
 #: ``SYMBOLIC``: the math whose formulas are expression trees (``_Sym``), printed as C++ by
 #: :func:`cuda_source`; :func:`operation_counts` counts their operations.
 
-#: The C++ helpers that the printed formulas call (numerically safe forms).
-CUDA_HELPERS = """
-template <typename T> __device__ __forceinline__ T bp_sigmoid(const T z) {
-    const T e = exp(-fabs(z));  // exp only sees -|z|: no overflow
-    return z >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
-}
-template <typename T> __device__ __forceinline__ T bp_softplus(const T z) {
-    return log1p(exp(-fabs(z))) + (z < T(0) ? T(0) : z);
-}
-template <typename T> __device__ __forceinline__ T bp_ndtr(const T z) {
-    return T(0.5) * erfc(-z * T(%r));
-}
-template <typename T> __device__ __forceinline__ T bp_npdf(const T z) {
-    return exp(T(-0.5) * z * z) * T(%r);
-}
-""" % (INV_SQRT2, INV_SQRT_2PI)
+#: The C++ helpers that the printed formulas call (``kernels/cuda/activation_helpers.cuh``).
+def _helpers() -> str:
+    from importlib import resources
+
+    text = resources.files(__package__).joinpath("cuda", "activation_helpers.cuh").read_text(
+        encoding="utf-8")
+    return text.replace("INV_SQRT_2PI", repr(INV_SQRT_2PI)).replace("INV_SQRT2", repr(INV_SQRT2))
 
 
 def _print(root: _Sym) -> tuple[list[str], str]:
@@ -386,9 +377,9 @@ def operation_counts(act: str, weights: dict) -> tuple[int, int]:
 @functools.lru_cache(maxsize=None)
 def cuda_source(act: str) -> str:
     """CUDA C++ of ``bp_activate<T>(z, alpha)`` and ``bp_derivative<T>(s, alpha)`` for
-    ``act``, printed from its record's formulas (with :data:`CUDA_HELPERS`)."""
+    ``act``, printed from its record's formulas (with ``kernels/cuda/activation_helpers.cuh``)."""
     record = RECORDS[act]
-    parts = [CUDA_HELPERS]
+    parts = [_helpers()]
     for fn, arg, build in (("bp_activate", "z", record.forward),
                            ("bp_derivative", "s", record.derivative)):
         result = build(SYMBOLIC)(_Sym("leaf", (arg,)), _Sym("leaf", ("alpha",)))

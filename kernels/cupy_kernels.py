@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
+from importlib import resources
 
 import numpy as np
 
@@ -51,6 +52,15 @@ def activation_source(act: str) -> str:
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
     return cuda_source(act)
+
+
+def _cuda_source(name: str, **constants) -> str:
+    """The CUDA C++ of ``kernels/cuda/<name>`` (package data, so that it is read, diffed
+    and highlighted as C++), with each ``constants`` name replaced by its value."""
+    text = resources.files(__package__).joinpath("cuda", name).read_text(encoding="utf-8")
+    for key, value in constants.items():
+        text = text.replace(key, str(value))
+    return text
 
 
 # ---------------------------------------------------------------------------------------
@@ -190,231 +200,17 @@ ELEMENTWISE: dict[str, ElementwiseSpec] = {
 }
 
 # Block-level reductions shared by the raw modules (blockDim.x a multiple of 32, ≤ 1024).
-_BLOCK_REDUCE = """
-__device__ __forceinline__ double bp_warp_sum(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;  // butterfly: every lane holds the same bits
-}
-__device__ __forceinline__ double bp_warp_max(double v) {
-    for (int o = 16; o > 0; o >>= 1) {
-        const double w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = w > v ? w : v;
-    }
-    return v;
-}
-// Sum / max over the threads of a 1-D block; every thread gets the result.
-// scratch: 32 doubles of shared memory, free again on return.
-__device__ double bp_block_sum(double v, double* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    v = bp_warp_sum(v);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = bp_warp_sum(lane < warps ? scratch[lane] : 0.0);
-    __syncthreads();
-    return v;
-}
-__device__ double bp_block_max(double v, double* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    v = bp_warp_max(v);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = bp_warp_max(scratch[lane < warps ? lane : 0]);
-    __syncthreads();
-    return v;
-}
-"""
+_BLOCK_REDUCE = _cuda_source("block_reduce.cuh")
 
-_SOFTMAX_CODE = _BLOCK_REDUCE + r"""
-// One block per row of a C-contiguous (N, C) array; the output may alias the input.
-template <typename T>
-__global__ void bp_softmax_forward(const T* x, T* y, const long long c) {
-    __shared__ double scratch[32];
-    const T* xr = x + (long long)blockIdx.x * c;
-    T* yr = y + (long long)blockIdx.x * c;
-    double mx = (double)xr[0];
-    for (long long j = threadIdx.x; j < c; j += blockDim.x) mx = fmax(mx, (double)xr[j]);
-    const T m = (T)bp_block_max(mx, scratch);
-    double sum = 0.0;
-    for (long long j = threadIdx.x; j < c; j += blockDim.x) {
-        const T e = exp(xr[j] - m);
-        yr[j] = e;
-        sum += (double)e;
-    }
-    const T s = (T)bp_block_sum(sum, scratch);
-    for (long long j = threadIdx.x; j < c; j += blockDim.x) yr[j] = yr[j] / s;
-}
-
-// dx = y * (dy - sum_k dy_k y_k) per row; dx may alias dy.
-template <typename T>
-__global__ void bp_softmax_backward(const T* dy, const T* y, T* dx, const long long c) {
-    __shared__ double scratch[32];
-    const long long off = (long long)blockIdx.x * c;
-    double dot = 0.0;
-    for (long long j = threadIdx.x; j < c; j += blockDim.x)
-        dot += (double)dy[off + j] * (double)y[off + j];
-    const T d = (T)bp_block_sum(dot, scratch);
-    for (long long j = threadIdx.x; j < c; j += blockDim.x)
-        dx[off + j] = y[off + j] * (dy[off + j] - d);
-}
-
-// loss_i = (1 - eps)(lse - z_label) - eps/C (sum_k z_k - C lse), grad = scale (softmax(z) - y)
-// with y = off + on at the label, off elsewhere (off = eps/C, on = 1 - eps); grad may alias z.
-// A label outside [0, C) gives a NaN loss and gradient row, as in the numba backends.
-template <typename T>
-__global__ void bp_softmax_xent(const T* z, const long long* labels, const T off, const T on,
-                                const T scale, const double smoothing, T* grad, T* loss,
-                                const long long c) {
-    __shared__ double scratch[32];
-    const long long row = blockIdx.x;
-    const T* zr = z + row * c;
-    T* gr = grad + row * c;
-    const long long label = labels[row];
-    if (label < 0 || label >= c) {  // the caller validates labels: never read past the row
-        for (long long j = threadIdx.x; j < c; j += blockDim.x) gr[j] = (T)nan("");
-        if (threadIdx.x == 0) loss[row] = (T)nan("");
-        return;  // the whole block: one row per block
-    }
-    const double z_label = (double)zr[label];  // read before any thread overwrites the row
-    double mx = (double)zr[0];
-    for (long long j = threadIdx.x; j < c; j += blockDim.x) mx = fmax(mx, (double)zr[j]);
-    const T m = (T)bp_block_max(mx, scratch);
-    double sum = 0.0, zsum = 0.0;
-    for (long long j = threadIdx.x; j < c; j += blockDim.x) {
-        sum += (double)exp(zr[j] - m);
-        zsum += (double)zr[j];
-    }
-    sum = bp_block_sum(sum, scratch);
-    zsum = bp_block_sum(zsum, scratch);
-    if (threadIdx.x == 0) {
-        const double lse = (double)m + log(sum);
-        double l = (1.0 - smoothing) * (lse - z_label);
-        if (smoothing != 0.0) l -= smoothing / (double)c * (zsum - (double)c * lse);
-        loss[row] = (T)l;
-    }
-    const T s = (T)sum;
-    for (long long j = threadIdx.x; j < c; j += blockDim.x) {
-        const T p = exp(zr[j] - m) / s;
-        gr[j] = (p - (j == label ? off + on : off)) * scale;
-    }
-}
-"""
+_SOFTMAX_CODE = _BLOCK_REDUCE + _cuda_source("softmax.cu")
 
 _STRIP = 32        # columns per block of the column-strip kernels (one warp, coalesced)
 _BIAS_LANES = 8    # row lanes per block of the bias-gradient kernel
 _BN_LANES = 16     # row lanes per block of the batch-norm kernels
 
-_BIAS_BACKWARD_CODE = """
-// delta = da * act'(s) over a C-contiguous (n, m) batch, and the column sums of delta.
-// Block (32, LANES) covers 32 columns; block row blockIdx.y visits rows
-// blockIdx.y * LANES + ty, stepping LANES * gridDim.y. With one block row the sums go
-// to db (T, added when accumulating); otherwise each block row writes float64
-// partials[blockIdx.y, col].
-// delta may alias da.
-template <typename T>
-__global__ void bp_bias_act_backward(const T* da, const T* s, const T alpha, T* delta,
-                                     double* partial, T* db, const long long n,
-                                     const long long m, const int want_db,
-                                     const int accumulate) {
-    __shared__ double lanes[LANES][STRIP];
-    const long long col = (long long)blockIdx.x * STRIP + threadIdx.x;
-    double sum = 0.0;
-    if (col < m) {
-        const long long step = (long long)blockDim.y * gridDim.y;
-        for (long long row = (long long)blockIdx.y * blockDim.y + threadIdx.y; row < n;
-             row += step) {
-            const long long k = row * m + col;
-            const T d = da[k] * bp_derivative<T>(s[k], alpha);
-            delta[k] = d;
-            sum += (double)d;
-        }
-    }
-    if (!want_db) return;  // uniform over the block
-    lanes[threadIdx.y][threadIdx.x] = sum;
-    __syncthreads();
-    if (threadIdx.y == 0 && col < m) {
-        double total = 0.0;
-        for (int r = 0; r < LANES; ++r) total += lanes[r][threadIdx.x];
-        if (gridDim.y == 1) db[col] = accumulate ? T(db[col] + T(total)) : T(total);
-        else partial[(long long)blockIdx.y * m + col] = total;
-    }
-}
-""".replace("LANES", str(_BIAS_LANES)).replace("STRIP", str(_STRIP))
+_BIAS_BACKWARD_CODE = _cuda_source("bias_act_backward.cu", LANES=_BIAS_LANES, STRIP=_STRIP)
 
-_BATCHNORM_CODE = """
-// Column-strip kernels: block (32, LANES) owns 32 features and visits every row, so the
-// per-feature statistics need no second launch. Sums are float64, in a fixed order.
-__device__ double bp_lane_sum(double v, double (*lanes)[STRIP]) {
-    lanes[threadIdx.y][threadIdx.x] = v;
-    __syncthreads();
-    double t = 0.0;
-    for (int r = 0; r < LANES; ++r) t += lanes[r][threadIdx.x];
-    __syncthreads();
-    return t;  // every lane of the column gets the same bits
-}
-
-// mu = mean x, var = mean (x - mu)^2, r = 1/sqrt(var + eps), out = gamma (x - mu) r + beta
-// (xhat = (x - mu) r is not stored: the backward kernel recomputes it from x)
-template <typename T>
-__global__ void bp_batchnorm_forward(const T* x, const T* gamma, const T* beta, const T eps,
-                                     T* out, T* mean, T* var, T* invstd,
-                                     const long long n, const long long m) {
-    __shared__ double lanes[LANES][STRIP];
-    const long long col = (long long)blockIdx.x * STRIP + threadIdx.x;
-    const bool active = col < m;
-    double s = 0.0;
-    if (active) for (long long r = threadIdx.y; r < n; r += LANES) s += (double)x[r * m + col];
-    const T mu = (T)(bp_lane_sum(s, lanes) / (double)n);
-    double q = 0.0;
-    if (active) for (long long r = threadIdx.y; r < n; r += LANES) {
-        const double c = (double)(x[r * m + col] - mu);
-        q += c * c;
-    }
-    const T v = (T)(bp_lane_sum(q, lanes) / (double)n);
-    const T inv = T(1) / sqrt(v + eps);
-    if (!active) return;
-    const T g = gamma[col], b = beta[col];
-    for (long long r = threadIdx.y; r < n; r += LANES) {
-        const long long k = r * m + col;
-        const T h = (x[k] - mu) * inv;
-        out[k] = g * h + b;
-    }
-    if (threadIdx.y == 0) { mean[col] = mu; var[col] = v; invstd[col] = inv; }
-}
-
-// xhat = (x - mu) r as the forward kernel computed it, dbeta = sum dy,
-// dgamma = sum dy xhat, dx = gamma r / n (n dy - dbeta - xhat dgamma); dx may alias dy.
-template <typename T>
-__global__ void bp_batchnorm_backward(const T* dy, const T* x, const T* gamma,
-                                      const T* mean, const T* invstd, T* dx, T* dgamma,
-                                      T* dbeta, const long long n, const long long m,
-                                      const int accumulate) {
-    __shared__ double lanes[LANES][STRIP];
-    const long long col = (long long)blockIdx.x * STRIP + threadIdx.x;
-    const bool active = col < m;
-    const T mu = active ? mean[col] : T(0), inv = active ? invstd[col] : T(0);
-    double sb = 0.0, sg = 0.0;
-    if (active) for (long long r = threadIdx.y; r < n; r += LANES) {
-        const long long k = r * m + col;
-        const T h = (x[k] - mu) * inv;
-        sb += (double)dy[k];
-        sg += (double)dy[k] * (double)h;
-    }
-    const T db = (T)bp_lane_sum(sb, lanes);
-    const T dg = (T)bp_lane_sum(sg, lanes);
-    if (!active) return;
-    const T nn = (T)n;
-    const T k0 = gamma[col] * inv / nn;
-    for (long long r = threadIdx.y; r < n; r += LANES) {
-        const long long k = r * m + col;
-        const T h = (x[k] - mu) * inv;
-        dx[k] = k0 * (nn * dy[k] - db - h * dg);
-    }
-    if (threadIdx.y == 0) {
-        dgamma[col] = accumulate ? T(dgamma[col] + dg) : dg;
-        dbeta[col] = accumulate ? T(dbeta[col] + db) : db;
-    }
-}
-""".replace("LANES", str(_BN_LANES)).replace("STRIP", str(_STRIP))
+_BATCHNORM_CODE = _cuda_source("batchnorm.cu", LANES=_BN_LANES, STRIP=_STRIP)
 
 #: Every raw module, by name.
 RAW_MODULES: dict[str, RawModuleSpec] = {
