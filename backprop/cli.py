@@ -550,6 +550,12 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="weight decay, >= 0 (default: the optimizer's, 0 except adamw's 0.01)")
     p.add_argument("--epochs", type=_integer(1), default=30)
     p.add_argument("--batch-size", type=_integer(1), default=64)
+    p.add_argument("--clip-grad-norm", type=_number(0.0, strict=True), default=None,
+                   metavar="MAX_NORM", help="scale the gradients of each step to a total L2 "
+                   "norm of at most MAX_NORM (before the optimizer step)")
+    p.add_argument("--clip-grad-value", type=_number(0.0, strict=True), default=None,
+                   metavar="V", help="clamp every gradient element to [-V, V] (before the "
+                   "optimizer step; before --clip-grad-norm when both are given)")
     p.add_argument("--patience", type=_integer(0), default=0,
                    help="stop after this many epochs without a better val_loss (0: never)")
     p.add_argument("--split", type=_fractions, default="0.7,0.15,0.15",
@@ -699,7 +705,9 @@ def _train_and_save(args, argv, ds, parts, runtime, fallback, t0) -> int:
     validation = (Xva, yva) if len(Xva) else None
     history = training.fit(model, Xtr, ytr, loss=loss, optimizer=optimizer, epochs=args.epochs,
                            batch_size=args.batch_size, validation_data=validation,
-                           metrics=metrics, callbacks=cbs, seed=args.seed, verbose=args.verbose)
+                           metrics=metrics, callbacks=cbs, seed=args.seed, verbose=args.verbose,
+                           clip_grad_norm=args.clip_grad_norm,
+                           clip_grad_value=args.clip_grad_value)
     if _options["quiet"]:  # a rank other than 0: rank 0 evaluates, writes and reports
         return 0
     results = _test_metrics(model, Xte, yte, classify, yscale) if len(Xte) else {}

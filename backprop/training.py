@@ -47,6 +47,7 @@ import time
 import numpy as np
 
 from backprop import blas, checks
+from backprop.clip import clip_grad_norm, clip_grad_value
 from backprop import data as bpdata
 from backprop import metrics as bpmetrics
 from backprop.backend import get_array_module, get_device, use_device
@@ -252,7 +253,8 @@ class _FiniteGuard:
 def fit(model, X, y=None, *, loss, optimizer="adam", lr=None, epochs: int = 1, batch_size: int = 32,
         shuffle: bool = True, validation_data=None, validation_split: float = 0.0,
         metrics="auto", callbacks=None, seed: int | None = None, verbose: int = 1,
-        initial_epoch: int = 0, scheduler=None, drop_last: bool = False) -> History:
+        initial_epoch: int = 0, scheduler=None, drop_last: bool = False,
+        clip_grad_norm: float | None = None, clip_grad_value: float | None = None) -> History:
     """Train ``model`` on ``(X, y)`` for epochs ``initial_epoch .. epochs-1``.
 
     ``X`` is an array (NumPy, CuPy; ``y`` its targets) or a data source that does not need
@@ -277,6 +279,12 @@ def fit(model, X, y=None, *, loss, optimizer="adam", lr=None, epochs: int = 1, b
     - ``verbose``: 0 silent, 1 a progress bar on a terminal (one line per epoch elsewhere),
       2 one line per epoch.
     - ``drop_last``: skip the last incomplete batch of each epoch.
+    - ``clip_grad_value``, ``clip_grad_norm``: after backward (and the regularizers'
+      gradients; on several ranks, after the gradient sum), before the optimizer step, clamp
+      every gradient element to ``[-v, v]``, then scale the gradients so that their total
+      L2 norm is at most ``clip_grad_norm`` (:mod:`backprop.clip`, PyTorch's
+      ``clip_grad_value_``/``clip_grad_norm_``). With ``clip_grad_norm`` each step's norm
+      before clipping is in the batch logs as ``grad_norm``.
 
     Returns a :class:`~backprop.callbacks.History`. Raises :class:`backprop.data.DataError`
     for unusable data before any step, and :class:`NonFiniteLossError` when the loss turns
@@ -298,6 +306,10 @@ def fit(model, X, y=None, *, loss, optimizer="adam", lr=None, epochs: int = 1, b
             raise ValueError(f"verbose must be 0, 1 or 2; got {verbose!r}")
         if seed is not None:
             seed = checks.integer("seed", seed, minimum=0)
+        clip = (None if clip_grad_value is None else
+                checks.positive("clip_grad_value", clip_grad_value),
+                None if clip_grad_norm is None else
+                checks.positive("clip_grad_norm", clip_grad_norm))
         callbacks = _callback_list(callbacks)
         validation_split = checks.fraction("validation_split", validation_split)
         if validation_data is not None and validation_split:
@@ -356,7 +368,7 @@ def fit(model, X, y=None, *, loss, optimizer="adam", lr=None, epochs: int = 1, b
                 optimizer = make_optimizer(optimizer, params, lr=lr)
                 trainer = _Trainer(model, loss, optimizer, metric_objs, val_metrics, Xd, yd,
                                    val, batch_size, shuffle, drop_last, seed, setup.group,
-                                   source=source, kind=kind)
+                                   source=source, kind=kind, clip=clip)
                 with setup.training():
                     return trainer.run(epochs, initial_epoch, callbacks, scheduler, verbose)
 
@@ -472,13 +484,15 @@ class _Trainer:
     collectives, and each step runs :meth:`_dp_step` on this rank's share of the batch."""
 
     def __init__(self, model, loss, optimizer, metrics, val_metrics, X, y, val, batch_size,
-                 shuffle, drop_last, seed, group=None, source=None, kind="any"):
+                 shuffle, drop_last, seed, group=None, source=None, kind="any",
+                 clip=(None, None)):
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.metrics, self.val_metrics = metrics, val_metrics
         self.X, self.y, self.source, self.kind = X, y, source, kind
         self.n = len(X) if source is None else source.n_rows  # None: a stream of unknown size
         self.batch_size = B = batch_size if self.n is None else min(batch_size, self.n)
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.clip_value, self.clip_norm = clip
         if self.n is None:
             self.steps = self.samples = None
         else:
@@ -655,6 +669,13 @@ class _Trainer:
             r.add_grad(self.params)
         return value, value * rows
 
+    def _clip(self, batch_logs) -> None:
+        """Gradient clipping between backward and the step (see :func:`fit`)."""
+        if self.clip_value is not None:
+            clip_grad_value(self.params, self.clip_value)
+        if self.clip_norm is not None:
+            batch_logs["grad_norm"] = clip_grad_norm(self.params, self.clip_norm)
+
     def _train_epoch(self, epoch, cbs) -> bool:
         """One pass over the data; returns False when a callback stopped it mid-epoch."""
         xp = self.xp
@@ -689,8 +710,10 @@ class _Trainer:
                 raise NonFiniteLossError(
                     f"the loss became {value} at epoch {epoch + 1}, step {step + 1}; the update "
                     "was not applied, so the weights are those before this step. Lower the "
-                    "learning rate, clip gradients, or check the inputs (add "
+                    "learning rate, clip the gradients (fit(..., clip_grad_norm=1.0); "
+                    "--clip-grad-norm on the command line), or check the inputs (add "
                     "callbacks.TerminateOnNaN() to stop cleanly instead of raising)")
+            self._clip(batch_logs)
             optimizer.step()
             self._loss_sum += weighted
             self._seen += rows

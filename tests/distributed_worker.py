@@ -116,6 +116,8 @@ def train(args) -> None:
                   callbacks=callbacks)
     if not args.resume:
         kwargs["lr"] = 0.01
+    if args.clip_grad_norm:
+        kwargs["clip_grad_norm"] = args.clip_grad_norm
     if args.config == "mlp":
         kwargs["validation_data"] = (X[:11], y[:11])
     if args.config in ("syncbn", "batchnorm"):
@@ -209,6 +211,7 @@ def main() -> None:
     t.add_argument("--checkpoint")
     t.add_argument("--resume")
     t.add_argument("--source", help="a directory: train from .npy files written there")
+    t.add_argument("--clip-grad-norm", type=float, default=None)
     f = sub.add_parser("fault")
     f.add_argument("kind", choices=["callback", "kill", "bad-data", "bad-argument",
                                     "bad-checkpoint"])

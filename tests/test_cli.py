@@ -530,3 +530,19 @@ def test_process_exit_codes(tmp_path, args, env, code, message):
         cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**CPU_ENV, **env})
     assert proc.returncode == code and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_train_clips_gradients_when_asked(cli, tmp_path):
+    out = tmp_path / "run"
+    code, _, err = cli("train", "--data", "two_moons", "--hidden", "8", "--epochs", "2",
+                       "--clip-grad-norm", "0.1", "--clip-grad-value", "0.05", "--out", out,
+                       "--no-plot", "--verbose", "0")
+    assert code == 0 and (out / "model.npz").exists(), err
+
+
+@pytest.mark.parametrize("flag", ["--clip-grad-norm", "--clip-grad-value"])
+def test_train_refuses_a_clipping_bound_that_is_not_positive(cli, flag, tmp_path):
+    code, _, err = cli("train", flag, "0", "--out", tmp_path / "x")
+    assert code == 2
+    assert f"argument {flag}: expected a finite number > 0" in err
+    assert not (tmp_path / "x").exists()

@@ -255,6 +255,16 @@ def test_allreduce_in_buckets_during_backward_gives_the_same_parameters(tmp_path
 
 
 @needs_mpi
+def test_gradient_clipping_on_3_ranks_clips_the_global_gradient(tmp_path):
+    _, alone = train(tmp_path, 0, "clip-1", clip_grad_norm=0.05)
+    res, ranks = train(tmp_path, 3, "clip-3", clip_grad_norm=0.05)
+    _, unclipped = train(tmp_path, 0, "noclip", epochs=3)
+    assert res["spread_between_ranks"] == 0.0
+    assert_same(ranks, alone, tol=1e-9)
+    assert not np.allclose(alone["0.W"], unclipped["0.W"], rtol=0, atol=1e-6)  # it clipped
+
+
+@needs_mpi
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_n_ranks_reading_npy_files_equal_one_process_in_memory(tmp_path, one_process, ranks):
     res, state = train(tmp_path, ranks, "mlp-npy", source=tmp_path)

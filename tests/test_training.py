@@ -288,3 +288,61 @@ def test_terminate_on_nan_in_the_first_epoch_records_the_partial_epoch():
                         verbose=0)
     assert len(hist.history["loss"]) >= 1
     assert not np.isfinite(hist.history["loss"][-1])
+
+
+# ---------------------------------------------------------------------------------------
+# Gradient clipping in fit: between backward and the step, as a hand-written loop does it
+@pytest.mark.parametrize("clip", [{"clip_grad_norm": 0.05}, {"clip_grad_value": 0.01},
+                                  {"clip_grad_value": 0.01, "clip_grad_norm": 0.02}],
+                         ids=["norm", "value", "value_then_norm"])
+def test_fit_clips_gradients_between_backward_and_the_step(clip):
+    X, y = bp.data.two_moons(64, seed=0, dtype="float64")
+
+    def model():
+        bp.manual_seed(3)
+        return bp.Sequential([bp.Dense(2, 16, activation="tanh", dtype="float64"),
+                              bp.Dense(16, 2, dtype="float64")])
+
+    fitted = model()
+    logged = []
+
+    class Norms(bp.callbacks.Callback):
+        def on_batch_end(self, batch, logs=None):
+            logged.append(logs.get("grad_norm"))
+
+    fitted.fit(X, y, loss="cross_entropy", optimizer="sgd", lr=0.5, epochs=2, batch_size=16,
+               shuffle=False, verbose=0, callbacks=[Norms()], **clip)
+    by_hand = model()
+    loss, opt = bp.SoftmaxCrossEntropyLoss(), bp.SGD(by_hand.parameters(), lr=0.5)
+    norms = []
+    for _ in range(2):
+        for lo in range(0, 64, 16):
+            opt.zero_grad()
+            loss.forward(by_hand.forward(X[lo:lo + 16]), y[lo:lo + 16])
+            by_hand.backward(loss.backward(), need_input_grad=False)
+            if "clip_grad_value" in clip:
+                bp.clip_grad_value(by_hand.parameters(), clip["clip_grad_value"])
+            if "clip_grad_norm" in clip:
+                norms.append(bp.clip_grad_norm(by_hand.parameters(), clip["clip_grad_norm"]))
+            opt.step()
+    for a, b in zip(fitted.parameters(), by_hand.parameters()):
+        np.testing.assert_allclose(bp.to_numpy(a.data), bp.to_numpy(b.data), rtol=0, atol=1e-12)
+    if "clip_grad_norm" in clip:
+        np.testing.assert_allclose(logged, norms, rtol=1e-12)
+        assert max(norms) > clip["clip_grad_norm"]  # the clipping acted
+    else:
+        assert logged == [None] * 8
+
+
+@pytest.mark.parametrize("bad, error", [(0.0, ValueError), (-1.0, ValueError),
+                                        (float("nan"), ValueError), (float("inf"), ValueError),
+                                        (True, TypeError), ("1", TypeError)])
+def test_fit_refuses_bad_clipping_values_before_any_step(bad, error):
+    X, y = bp.data.two_moons(32, seed=0)
+    m = bp.Sequential([bp.Dense(2, 2)])
+    before = [bp.to_numpy(p.data).copy() for p in m.parameters()]
+    for key in ("clip_grad_norm", "clip_grad_value"):
+        with pytest.raises(error, match=key):
+            m.fit(X, y, loss="cross_entropy", verbose=0, **{key: bad})
+    for a, p in zip(before, m.parameters()):
+        np.testing.assert_array_equal(a, bp.to_numpy(p.data))
