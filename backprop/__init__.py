@@ -33,7 +33,7 @@ from backprop.init import manual_seed
 from backprop.io import CheckpointError, load, load_checkpoint, save
 from backprop.layers import BatchNorm1d, Dense, Dropout, Flatten, Layer, Residual, SyncBatchNorm
 from backprop.losses import (BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, L1Loss, MSELoss,
-                             SoftmaxCrossEntropyLoss)
+                             NLLLoss, SoftmaxCrossEntropyLoss)
 from backprop.model import Sequential
 from backprop.optim import SGD, Adagrad, Adam, AdamW, RMSprop
 from backprop.regularizers import L1, L2, L1L2

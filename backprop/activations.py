@@ -14,6 +14,7 @@ Elementwise activations run the fused epilogue kernels with no bias
 from __future__ import annotations
 
 from backprop import kernels as K
+from backprop.backend import get_array_module
 from backprop.kernels.activations import RECORDS
 from backprop.layers import Layer
 
@@ -89,6 +90,32 @@ class Softmax(Activation):
         return grad
 
 
+class LogSoftmax(Activation):
+    """Log-softmax over the last axis, ``aᵢ = xᵢ - max x - log Σⱼ e^(xⱼ - max x)`` (the input
+    of :class:`~backprop.losses.NLLLoss`), ``∂X = dA - softmax(x) Σⱼ dAⱼ``. Plain array
+    operations (no fused kernel)."""
+
+    name = kernel = "log_softmax"
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        rows = _rows(x, True)
+        out = self._buffer("out", x.shape, x)
+        o = _rows(out, True)
+        xp.subtract(rows, rows.max(axis=1, keepdims=True), out=o)
+        o -= xp.log(xp.exp(o).sum(axis=1, keepdims=True))
+        self._ctx.out = out
+        return out
+
+    def backward(self, grad, need_input_grad=True):
+        if not need_input_grad:
+            return None
+        xp = get_array_module(grad)
+        g, out = _rows(grad, True), _rows(self._ctx.out, True)
+        g -= xp.exp(out) * g.sum(axis=1, keepdims=True)
+        return grad
+
+
 def _layer_class(record) -> type:
     """The activation layer of a record of ``kernels/activations.py``."""
     attrs = {"name": record.name, "kernel": record.name, "__module__": __name__,
@@ -114,13 +141,14 @@ def _layer_class(record) -> type:
 _MADE = {r.layer: _layer_class(r) for r in RECORDS.values() if r.layer}
 globals().update(_MADE)
 
-NAMES = {"gelu": GELU, "gelu_tanh": lambda: GELU("tanh"), "softmax": Softmax}
+NAMES = {"gelu": GELU, "gelu_tanh": lambda: GELU("tanh"), "softmax": Softmax,
+         "log_softmax": LogSoftmax}
 for _record in RECORDS.values():
     if _record.layer:
         for _name in (_record.name, *_record.aliases):
             NAMES[_name] = _MADE[_record.layer]
 
-__all__ = ["Activation", *_MADE, "GELU", "Softmax", "get", "NAMES"]
+__all__ = ["Activation", *_MADE, "GELU", "Softmax", "LogSoftmax", "get", "NAMES"]
 
 
 def _table() -> str:
@@ -130,6 +158,8 @@ def _table() -> str:
             else ('GELU()' if r.name == "gelu_erf" else 'GELU(approximate="tanh")')
         rows.append((r.name, cls, r.formula, r.slope))
     rows.append(("softmax", "Softmax (last axis)", "e^zᵢ / Σⱼ e^zⱼ", "a ⊙ (dA - Σ dA a)"))
+    rows.append(("log_softmax", "LogSoftmax (last axis)", "zᵢ - log Σⱼ e^zⱼ",
+                 "dA - softmax Σ dA"))
     widths = [max(len(row[i]) for row in rows) + 2 for i in range(3)]
     return "\n".join("    " + "".join(c.ljust(w) for c, w in zip(row[:3], widths)) + row[3]
                      for row in rows)

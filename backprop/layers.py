@@ -351,6 +351,8 @@ class Dense(Layer):
         b = None if self.b is None else self.b.data
         if act == "softmax":
             a = K.softmax_forward(K.bias_act_forward(z, b, z, "identity", 0.0), z)
+        elif act not in K.ACTIVATIONS:  # a row activation layer (log_softmax): its own pass
+            a = self.activation.forward(K.bias_act_forward(z, b, z, "identity", 0.0))
         else:
             a = self._buffer("a", z.shape, W) if act in K.NEEDS_Z else z
             K.bias_act_forward(z, b, a, act, self.activation.alpha)
@@ -364,6 +366,9 @@ class Dense(Layer):
         if act == "softmax":
             act = "identity"
             K.softmax_backward(grad, a, grad)
+        elif act not in K.ACTIVATIONS:
+            act = "identity"
+            grad = self.activation.backward(grad)
         db, accumulate_b = (None, False) if self.b is None else self.b.grad_for_write()
         delta = K.bias_act_backward(grad, a, z, act, self.activation.alpha, grad, db, accumulate_b)
         dW, accumulate_w = self.W.grad_for_write()

@@ -5,12 +5,14 @@ With ``d = pred - target``, ``n`` = number of elements (rows for cross-entropy) 
 ``s = 1/n`` for ``reduction="mean"`` or ``1`` for ``"sum"``:
 
     MSELoss                   L = s Σ d²                                   ∂L/∂pred = 2 s d
+    MSELoss(half=True)        L = s ½ Σ d²  (the textbooks' ½·MSE)          ∂L/∂pred = s d
     L1Loss                    L = s Σ |d|                                  ∂L/∂pred = s sign(d)
     BCEWithLogitsLoss (z, y)  L = s Σ max(z,0) - z y + log(1 + e^-|z|)     ∂L/∂z = s (σ(z) - y)
     BCELoss (p, y)            L = -s Σ y log p + (1-y) log(1-p)  (logs clamped at -100)
                                                        ∂L/∂p = s (p - y) / max(p(1-p), 1e-12)
     SoftmaxCrossEntropyLoss   L = s Σᵢ lseᵢ - Σₖ yᵢₖ zᵢₖ  with y smoothed: (1-ε) y + ε/C
                               ∂L/∂z = s (softmax(z) Σₖ yₖ - y)
+    NLLLoss (log p, labels)   L = -s Σᵢ log pᵢ,yᵢ                          ∂L/∂log p = -s [k = yᵢ]
 
 Every formula only exponentiates non-positive numbers, so any finite input gives a finite
 loss and gradient. Targets are checked (shape always; NaN, label type and range while
@@ -31,7 +33,8 @@ from backprop.backend import get_array_module, to_numpy
 from backprop.concurrency import _MODE, PerThread, WithPerThread
 
 __all__ = ["Loss", "MSELoss", "L1Loss", "BCEWithLogitsLoss", "BCELoss",
-           "SoftmaxCrossEntropyLoss", "CrossEntropyLoss", "get", "from_config", "NAMES"]
+           "SoftmaxCrossEntropyLoss", "CrossEntropyLoss", "NLLLoss", "get", "from_config",
+           "NAMES"]
 
 
 class Loss(WithPerThread):
@@ -97,11 +100,22 @@ class Loss(WithPerThread):
 
 
 class MSELoss(Loss):
-    """Mean squared error ``s Σ (pred - target)²``."""
+    """Mean squared error ``s Σ (pred - target)²``; with ``half=True`` the textbooks'
+    ``s ½ Σ (pred - target)²``, whose gradient is ``s (pred - target)`` (δᴸ = A - Y for a
+    linear output)."""
+
+    def __init__(self, reduction: str = "mean", half: bool = False):
+        super().__init__(reduction)
+        if not isinstance(half, (bool, np.bool_)):
+            raise TypeError(f"half must be True or False; got {half!r}")
+        self.half = bool(half)
+
+    def config(self) -> dict:
+        return {**super().config(), "half": self.half}
 
     def forward(self, pred, target):
         xp, target = self._pred_and_target(pred, target)
-        s = self._scale(pred.size)
+        s = self._scale(pred.size) * (0.5 if self.half else 1.0)
         g = self._ctx.grad = xp.subtract(pred, target, out=self._buffer("grad", pred.shape, pred))
         total = xp.vdot(g.ravel(), g.ravel())
         g *= 2.0 * s
@@ -239,9 +253,43 @@ class SoftmaxCrossEntropyLoss(Loss):
 
 CrossEntropyLoss = SoftmaxCrossEntropyLoss
 
+
+class NLLLoss(Loss):
+    """Negative log-likelihood of class labels ``y`` (N,) under log-probabilities ``log p``
+    (N, C), e.g. the output of a log-softmax: ``L = -s Σᵢ log p[i, yᵢ]``, PyTorch's
+    ``NLLLoss`` (without its ``weight`` and ``ignore_index``). The gradient is ``-s`` at each
+    row's label and 0 elsewhere."""
+
+    def forward(self, pred, target):
+        xp = get_array_module(pred)
+        if not hasattr(pred, "ndim") or pred.ndim != 2 or pred.dtype.kind != "f":
+            raise ValueError(f"NLLLoss needs float log-probabilities of shape (N, C); got "
+                             f"{getattr(pred, 'dtype', type(pred).__name__)} "
+                             f"{tuple(getattr(pred, 'shape', ()))}")
+        n, c = pred.shape
+        labels = to_numpy(target) if xp is np else xp.asarray(target)
+        if labels.shape != (n,):
+            raise ValueError(f"NLLLoss: log-probabilities {tuple(pred.shape)} need integer "
+                             f"labels of shape ({n},); got {tuple(labels.shape)}")
+        if labels.dtype.kind not in "iu":
+            raise TypeError(f"NLLLoss: class labels must be integers; got {labels.dtype} "
+                            "(convert with y.astype('int64'))")
+        if self._check_targets:
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= c:
+                raise ValueError(f"NLLLoss: labels must be in [0, {c}) for {c} classes; got "
+                                 f"labels in [{lo}, {hi}]")
+        s = self._scale(n)
+        rows = xp.arange(n)
+        g = self._ctx.grad = self._buffer("grad", pred.shape, pred)
+        g.fill(0)
+        g[rows, labels] = -s
+        return xp.asarray(-pred[rows, labels].sum(dtype=np.float64) * s)
+
 NAMES = {"mse": MSELoss, "l1": L1Loss, "mae": L1Loss, "bce_with_logits": BCEWithLogitsLoss,
          "bce": BCELoss, "cross_entropy": SoftmaxCrossEntropyLoss,
-         "softmax_cross_entropy": SoftmaxCrossEntropyLoss}
+         "softmax_cross_entropy": SoftmaxCrossEntropyLoss, "nll": NLLLoss,
+         "half_mse": lambda: MSELoss(half=True)}
 
 
 def get(spec) -> Loss:

@@ -21,7 +21,7 @@ from backprop.model import Sequential
 pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
 
 ACTIVATIONS = ["identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "gelu_tanh",
-               "softplus", "softmax"]
+               "softplus", "softmax", "log_softmax"]
 KINKED = {"relu", "leaky_relu"}  # not differentiable at 0: keep inputs away from it
 
 
@@ -44,6 +44,7 @@ FORMULAS = {
     "gelu_tanh": lambda z: 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3))),
     "softplus": lambda z: np.log(1.0 + np.exp(z)),
     "softmax": lambda z: np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True),
+    "log_softmax": lambda z: z - np.log(np.exp(z).sum(axis=-1, keepdims=True)),
 }
 # every other activation record (kernels/activations.py): its own independent definition
 for _name, _record in RECORDS.items():

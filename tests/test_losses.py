@@ -11,7 +11,7 @@ import pytest
 import backprop as bp
 from backprop import losses
 from backprop.gradcheck import gradcheck
-from backprop.losses import (BCELoss, BCEWithLogitsLoss, L1Loss, MSELoss,
+from backprop.losses import (BCELoss, BCEWithLogitsLoss, L1Loss, MSELoss, NLLLoss,
                              SoftmaxCrossEntropyLoss)
 
 pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
@@ -50,12 +50,16 @@ def _cases(rng):
              rows(-(dist * _log_softmax(p)).sum(1))),
             (SoftmaxCrossEntropyLoss(0.1, reduction), p, np.eye(4)[labels],
              rows(-(smooth * _log_softmax(p)).sum(1))),
+            (MSELoss(reduction, half=True), p, t, r(0.5 * (p - t) ** 2)),
+            (NLLLoss(reduction), _log_softmax(p), labels,
+             rows(-_log_softmax(p)[np.arange(6), labels])),
         ]
     return cases
 
 
 CASE_IDS = [f"{name}-{red}" for red in ("mean", "sum") for name in
-            ("mse", "l1", "bce_logits", "bce", "xent", "xent_smooth", "xent_probs", "xent_onehot")]
+            ("mse", "l1", "bce_logits", "bce", "xent", "xent_smooth", "xent_probs", "xent_onehot",
+             "half_mse", "nll")]
 
 
 @pytest.mark.parametrize("case", range(len(CASE_IDS)), ids=CASE_IDS)
@@ -193,3 +197,34 @@ def test_get_by_name():
         losses.get("hinge")
     with pytest.raises(ValueError, match="unknown loss config"):
         losses.from_config({"type": "HingeLoss"})
+
+
+def test_nll_of_log_softmax_equals_the_fused_cross_entropy(device, xp, rng):
+    """log-softmax then NLLLoss is the cross-entropy (PyTorch: CrossEntropyLoss =
+    LogSoftmax + NLLLoss); the gradient w.r.t. log p is -s at the labels."""
+    z = rng.normal(size=(7, 5))
+    labels = np.array([0, 4, 2, 2, 1, 3, 0])
+    nll, xent = NLLLoss(), SoftmaxCrossEntropyLoss()
+    a = float(nll.forward(xp.asarray(_log_softmax(z)), xp.asarray(labels)))
+    b = float(xent.forward(xp.asarray(z), xp.asarray(labels)))
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+    expected = np.zeros((7, 5))
+    expected[np.arange(7), labels] = -1 / 7
+    np.testing.assert_array_equal(bp.to_numpy(nll.backward()), expected)
+
+
+def test_half_mse_gradient_is_a_minus_y(device, xp, rng):
+    a, y = rng.normal(size=(4, 3)), rng.normal(size=(4, 3))
+    loss = MSELoss(reduction="sum", half=True)
+    loss.forward(xp.asarray(a), xp.asarray(y))
+    np.testing.assert_allclose(bp.to_numpy(loss.backward()), a - y, rtol=1e-15)
+    assert bp.losses.from_config(loss.config()).half is True
+    assert bp.losses.get("half_mse").half and isinstance(bp.losses.get("nll"), NLLLoss)
+
+
+@pytest.mark.parametrize("labels, error", [(np.array([0, 5]), ValueError),
+                                           (np.array([0.0, 1.0]), TypeError),
+                                           (np.array([[0], [1]]), ValueError)])
+def test_nll_refuses_bad_labels(labels, error):
+    with pytest.raises(error, match="NLLLoss"):
+        NLLLoss().forward(np.zeros((2, 5)), labels)
