@@ -79,6 +79,28 @@ class Loss(WithPerThread):
     def _scale(self, n: int) -> float:
         return 1.0 / n if self.reduction == "mean" else 1.0
 
+    def _class_scores(self, pred, what: str):
+        """``(xp, n, c)`` of float class scores ``pred`` (N, C), or a clear error."""
+        if not hasattr(pred, "ndim") or pred.ndim != 2 or pred.dtype.kind != "f":
+            raise ValueError(f"{type(self).__name__} needs float {what} of shape (N, C); got "
+                             f"{getattr(pred, 'dtype', type(pred).__name__)} "
+                             f"{tuple(getattr(pred, 'shape', ()))}")
+        return (get_array_module(pred), *pred.shape)
+
+    def _class_labels(self, labels, c: int):
+        """Integer class labels (N,) in ``[0, c)`` as int64 (the range is checked while
+        ``validate_labels`` holds), or a clear error."""
+        name = type(self).__name__
+        if labels.dtype.kind not in "iu":
+            raise TypeError(f"{name}: class labels must be integers; got {labels.dtype} "
+                            "(convert with y.astype('int64'))")
+        if self._check_targets:
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= c:
+                raise ValueError(f"{name}: labels must be in [0, {c}) for {c} classes; got "
+                                 f"labels in [{lo}, {hi}]")
+        return labels if labels.dtype == np.int64 else labels.astype(np.int64)
+
     def _pred_and_target(self, pred, target):
         """Check ``pred`` and bring ``target`` to its device, shape check and dtype."""
         xp = get_array_module(pred)
@@ -203,12 +225,7 @@ class SoftmaxCrossEntropyLoss(Loss):
         return {**super().config(), "label_smoothing": self.label_smoothing}
 
     def forward(self, pred, target):
-        xp = get_array_module(pred)
-        if not hasattr(pred, "ndim") or pred.ndim != 2 or pred.dtype.kind != "f":
-            raise ValueError(f"SoftmaxCrossEntropyLoss needs float logits of shape (N, C); got "
-                             f"{getattr(pred, 'dtype', type(pred).__name__)} "
-                             f"{tuple(getattr(pred, 'shape', ()))}")
-        n, c = pred.shape
+        xp, n, c = self._class_scores(pred, "logits")
         target = to_numpy(target) if xp is np else xp.asarray(target)
         if target.ndim == 2:
             return self._forward_probabilities(xp, pred, target)
@@ -216,15 +233,7 @@ class SoftmaxCrossEntropyLoss(Loss):
             raise ValueError(f"SoftmaxCrossEntropyLoss: logits {tuple(pred.shape)} need integer "
                              f"labels of shape ({n},) or probabilities of shape {(n, c)}; got "
                              f"target shape {tuple(target.shape)}")
-        if target.dtype.kind not in "iu":
-            raise TypeError(f"SoftmaxCrossEntropyLoss: class labels must be integers; got "
-                            f"{target.dtype} (convert with y.astype('int64'))")
-        if self._check_targets:
-            lo, hi = int(target.min()), int(target.max())
-            if lo < 0 or hi >= c:
-                raise ValueError(f"SoftmaxCrossEntropyLoss: labels must be in [0, {c}) for {c} "
-                                 f"classes; got labels in [{lo}, {hi}]")
-        labels = target if target.dtype == np.int64 else target.astype(np.int64)
+        labels = self._class_labels(target, c)
         s = self._scale(n)
         grad = self._ctx.grad = self._buffer("grad", pred.shape, pred)
         rows = self._buffer("rows", (n,), pred)
@@ -261,24 +270,12 @@ class NLLLoss(Loss):
     row's label and 0 elsewhere."""
 
     def forward(self, pred, target):
-        xp = get_array_module(pred)
-        if not hasattr(pred, "ndim") or pred.ndim != 2 or pred.dtype.kind != "f":
-            raise ValueError(f"NLLLoss needs float log-probabilities of shape (N, C); got "
-                             f"{getattr(pred, 'dtype', type(pred).__name__)} "
-                             f"{tuple(getattr(pred, 'shape', ()))}")
-        n, c = pred.shape
+        xp, n, c = self._class_scores(pred, "log-probabilities")
         labels = to_numpy(target) if xp is np else xp.asarray(target)
         if labels.shape != (n,):
             raise ValueError(f"NLLLoss: log-probabilities {tuple(pred.shape)} need integer "
                              f"labels of shape ({n},); got {tuple(labels.shape)}")
-        if labels.dtype.kind not in "iu":
-            raise TypeError(f"NLLLoss: class labels must be integers; got {labels.dtype} "
-                            "(convert with y.astype('int64'))")
-        if self._check_targets:
-            lo, hi = int(labels.min()), int(labels.max())
-            if lo < 0 or hi >= c:
-                raise ValueError(f"NLLLoss: labels must be in [0, {c}) for {c} classes; got "
-                                 f"labels in [{lo}, {hi}]")
+        labels = self._class_labels(labels, c)
         s = self._scale(n)
         rows = xp.arange(n)
         g = self._ctx.grad = self._buffer("grad", pred.shape, pred)
