@@ -19,8 +19,8 @@ def _require_installed() -> None:
 
 
 _require_installed()
-from backprop import (activations, callbacks, clip, concurrency, data, distributed, init,
-                      layers, losses, metrics, optim, regularizers, schedules, training)
+from backprop import (activations, callbacks, clip, concurrency, data, distributed, graph,
+                      init, layers, losses, metrics, optim, regularizers, schedules, training)
 from backprop.backend import (
     Device, DeviceUnavailableError, asarray, device_info, get_array_module, get_device,
     get_dtype, get_xp, set_device, set_dtype, to_numpy, use_device,

@@ -129,6 +129,14 @@ class Sequential(Layer):
                  + (f"; non-trainable buffers: {buffers:,}" if buffers else "")]
         return "\n".join(lines)
 
+    def graph(self, loss=None, input_shape=None) -> str:
+        """The computational graph as text: the forward pass node by node, then the backward
+        pass as its reverse traversal, each node with its equations
+        (:func:`backprop.graph.describe`)."""
+        from backprop.graph import describe
+
+        return describe(self, loss=loss, input_shape=input_shape)
+
     def config(self) -> dict:
         return {"type": "Sequential", "layers": [layer.config() for layer in self.layers]}
 
