@@ -550,6 +550,13 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="weight decay, >= 0 (default: the optimizer's, 0 except adamw's 0.01)")
     p.add_argument("--epochs", type=_integer(1), default=30)
     p.add_argument("--batch-size", type=_integer(1), default=64)
+    p.add_argument("--l1", type=_number(0.0), default=0.0,
+                   help="L1 penalty λ₁ Σ|W| on the weights (default 0)")
+    p.add_argument("--l2", type=_number(0.0), default=0.0,
+                   help="L2 penalty λ₂ Σ W² on the weights (default 0; unlike --weight-decay, "
+                        "part of the loss)")
+    p.add_argument("--graph", action="store_true",
+                   help="print the computational graph (forward and backward) before training")
     p.add_argument("--clip-grad-norm", type=_number(0.0, strict=True), default=None,
                    metavar="MAX_NORM", help="scale the gradients of each step to a total L2 "
                    "norm of at most MAX_NORM (before the optimizer step)")
@@ -692,6 +699,12 @@ def _train_and_save(args, argv, ds, parts, runtime, fallback, t0) -> int:
     dtype = str(get_dtype())
     model = _build_model(Xtr.shape[1], args.hidden, n_out, args.activation, args.dropout,
                          args.seed, dtype)
+    if args.l1 or args.l2:
+        from backprop.regularizers import L1L2
+
+        model.add_regularizer(L1L2(l1=args.l1, l2=args.l2))
+    if args.graph and not _options["quiet"]:
+        print(model.graph(loss=loss))
     extra_kw = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}
     optimizer = training.make_optimizer(args.optimizer, model.parameters(), lr=args.lr,
                                         **extra_kw)

@@ -546,3 +546,14 @@ def test_train_refuses_a_clipping_bound_that_is_not_positive(cli, flag, tmp_path
     assert code == 2
     assert f"argument {flag}: expected a finite number > 0" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_train_adds_l1_l2_penalties_and_prints_the_graph(cli, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, err = cli("train", "--data", "two_moons", "--hidden", "8", "--epochs", "1",
+                            "--l1", "1e-4", "--l2", "1e-3", "--graph", "--out", out,
+                            "--no-plot", "--verbose", "0")
+    assert code == 0, err
+    assert "Forward (each node" in stdout and "dZ0 = dA0 ⊙ relu'(Z0)" in stdout
+    code, _, err = cli("train", "--l2", "-1", "--out", tmp_path / "x")
+    assert code == 2 and "argument --l2: expected a finite number >= 0" in err
