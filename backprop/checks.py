@@ -40,21 +40,24 @@ def fraction(name: str, value, low: float = 0.0, high: float = 1.0) -> float:
     return value
 
 
+def _finite_bound(name: str, value, strict: bool) -> float:
+    """``value`` as a finite float ``> 0`` (strict) or ``>= 0``: a real number, not a bool,
+    not NaN or inf."""
+    bound = "> 0" if strict else ">= 0"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number {bound}; got {value!r} "
+                        f"({type(value).__name__})")
+    value = float(value)
+    if not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+        raise ValueError(f"{name} must be a finite number {bound}; got {value!r}")
+    return value
+
+
 def non_negative(name: str, value) -> float:
     """``value`` as a finite float >= 0: a real number, not a bool, not NaN or inf."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number >= 0; got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
-    return value
+    return _finite_bound(name, value, strict=False)
 
 
 def positive(name: str, value) -> float:
     """``value`` as a finite float > 0: a real number, not a bool, not NaN or inf."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number > 0; got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
-    return value
+    return _finite_bound(name, value, strict=True)

@@ -140,9 +140,7 @@ class DataParallel:
                 pending[0].Test()
         if end > 0:
             pending.append(self.group.iallreduce_host(flat[:end]))
-        from mpi4py import MPI
-
-        MPI.Request.Waitall(pending)
+        self.group.wait_all(pending)
 
     def _bucket_plan(self):
         """``(flat gradient, start of each layer's slice, each layer's parameters)``, or

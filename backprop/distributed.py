@@ -97,15 +97,18 @@ class ProcessGroup:
         self.comm = comm
         if comm is None:
             self.rank, self.size, self.local_rank, self.local_size = 0, 1, 0, 1
+            self._mpi = None
         else:
             self.rank, self.size = comm.Get_rank(), comm.Get_size()
             from mpi4py import MPI
 
+            self._mpi = MPI  # kept: the step's collectives should not import it again
             node = comm.Split_type(MPI.COMM_TYPE_SHARED)
             self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
             node.Free()
         self.nccl = None
-        self.nccl_reason = "no GPU array has been reduced yet"
+        self.nccl_reason = ""  # why GPU arrays are staged through the host, once probed
+        self._nccl_probed = False
         self.lock = threading.Lock()  # held by the fit() that uses the group
         self.agreements = 0          # how many times agree() ran (the CLI checks it)
         self.last_reports: list = []  # what every rank reported to the last agree()
@@ -120,15 +123,12 @@ class ProcessGroup:
 
     # -- host collectives over MPI --------------------------------------------------------
     def _mpi_op(self, op: str):
-        from mpi4py import MPI
-
+        MPI = self._mpi
         return {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
 
     def allreduce_host(self, array: np.ndarray, op: str = "sum") -> np.ndarray:
         if self.comm is not None and self.size > 1:
-            from mpi4py import MPI
-
-            self.comm.Allreduce(MPI.IN_PLACE, array, op=self._mpi_op(op))
+            self.comm.Allreduce(self._mpi.IN_PLACE, array, op=self._mpi_op(op))
         if op == "mean" and self.size > 1:
             array /= self.size
         return array
@@ -138,17 +138,22 @@ class ProcessGroup:
         ``Wait()`` (None in a one-process group)."""
         if self.comm is None or self.size == 1:
             return None
-        from mpi4py import MPI
+        return self.comm.Iallreduce(self._mpi.IN_PLACE, array, op=self._mpi.SUM)
 
-        return self.comm.Iallreduce(MPI.IN_PLACE, array, op=MPI.SUM)
+    def wait_all(self, requests) -> None:
+        """Wait for the non-blocking collectives ``requests`` (None entries skipped)."""
+        requests = [r for r in requests if r is not None]
+        if requests:
+            self._mpi.Request.Waitall(requests)
 
     # -- device collectives ---------------------------------------------------------------
     def _nccl_comm(self):
         """The NCCL communicator for GPU arrays, made on first use (collectively: every rank
         reaches this on its first GPU reduction); None, with ``nccl_reason``, when NCCL is
         not usable, and then GPU arrays are staged through the host."""
-        if self.nccl is not None or self.nccl_reason != "no GPU array has been reduced yet":
+        if self._nccl_probed:
             return self.nccl
+        self._nccl_probed = True
         reason = ""
         try:
             from cupy.cuda import nccl
@@ -454,7 +459,7 @@ def info() -> dict:
         out["mpi_library"] = MPI.Get_library_version().splitlines()[0].strip()
     if g.nccl is not None:
         out["gpu_transport"] = "nccl"
-    elif g.nccl_reason != "no GPU array has been reduced yet":
+    elif g._nccl_probed:
         out["gpu_transport"] = "mpi (host-staged)"
         out["nccl_reason"] = g.nccl_reason
     return out
