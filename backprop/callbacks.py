@@ -67,6 +67,10 @@ class Callback:
     #: callbacks that write files or print (checkpoints, logs, bars, plots). The others run
     #: on every rank, with the same globally reduced logs, so they decide alike.
     rank_zero_only: bool = False
+    #: ``on_epoch_end`` adds keys to the epoch's logs: such callbacks run before
+    #: :class:`History` and the others (declare the keys in ``on_train_begin`` by appending
+    #: them to ``params["log_keys"]``, so that CSVLogger makes them columns).
+    adds_logs: bool = False
 
     def set_context(self, model, optimizer, scheduler, params: dict) -> None:
         self.model, self.optimizer, self.scheduler, self.params = \

@@ -50,6 +50,15 @@ class Layer(WithPerThread):
     min_batch_rows = 1        # rows a training batch needs (fit checks it before the first step)
     _counters: tuple[str, ...] = ()  # integer attributes saved in state_dict (e.g. RNG counters)
     _registry: dict = {}
+    #: None, or a callable ``observer(layer, delta)`` that ``backward`` calls with the
+    #: gradient at the layer's pre-activation, before using it: ``δ = ∂L/∂Z`` for Dense
+    #: (after σ'), ``∂L/∂A`` for BatchNorm1d (its output; x̂ is recomputed from
+    #: ``layer._ctx.saved``). It reads ``delta`` (and ``layer._ctx.saved``, the tensors of the
+    #: forward pass) and must not modify them. Set on an instance by the tools that look
+    #: inside a backward pass (:class:`backprop.gradient_health.GradientMonitor`,
+    #: :func:`backprop.per_sample.per_sample_grad_norms`); one attribute read per backward
+    #: when unset. It is the layer's, so it sees the backward passes of every thread.
+    backward_observer = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -371,6 +380,8 @@ class Dense(Layer):
             grad = self.activation.backward(grad)
         db, accumulate_b = (None, False) if self.b is None else self.b.grad_for_write()
         delta = K.bias_act_backward(grad, a, z, act, self.activation.alpha, grad, db, accumulate_b)
+        if self.backward_observer is not None:
+            self.backward_observer(self, delta)
         dW, accumulate_w = self.W.grad_for_write()
         if accumulate_w:
             dW += xp.matmul(delta.T, x, out=self._buffer("dW", W.shape, W))
@@ -531,6 +542,8 @@ class BatchNorm1d(Layer):
     def backward(self, grad, need_input_grad=True):
         ctx = self._ctx
         x, mean, invstd = ctx.saved
+        if self.backward_observer is not None:
+            self.backward_observer(self, grad)
         gamma, _ = self._affine(grad)
         if self.affine:
             dgamma, acc_g = self.gamma.grad_for_write()
@@ -634,6 +647,8 @@ class SyncBatchNorm(BatchNorm1d):
         from backprop.distributed import current_group
 
         x, mean, invstd = ctx.saved
+        if self.backward_observer is not None:
+            self.backward_observer(self, grad)
         m, xp, total = self.num_features, get_array_module(grad), ctx.total
         gamma, _ = self._affine(grad)
         xhat = self._buffer("xhat", x.shape, x)

@@ -137,6 +137,13 @@ class Sequential(Layer):
 
         return describe(self, loss=loss, input_shape=input_shape)
 
+    def per_sample_grad_norms(self, *args, **kwargs):
+        """The L2 norm of each sample's own loss gradient over all parameters: see
+        :func:`backprop.per_sample.per_sample_grad_norms`."""
+        from backprop.per_sample import per_sample_grad_norms
+
+        return per_sample_grad_norms(self, *args, **kwargs)
+
     def config(self) -> dict:
         return {"type": "Sequential", "layers": [layer.config() for layer in self.layers]}
 

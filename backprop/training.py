@@ -754,7 +754,8 @@ class _Trainer:
         # learning-rate changes come first, so that checkpoints saved at the end of an epoch
         # hold the scheduler state the next epoch starts from
         user.sort(key=lambda cb: not isinstance(cb, LearningRateScheduler))
-        chain = [history, *user]
+        chain = [*(cb for cb in user if cb.adds_logs), history,
+                 *(cb for cb in user if not cb.adds_logs)]
         if verbose_here:
             chain.append(ProgressBar(verbose, peek=self.running_logs))
         keys = ["loss", *(m.name for m in self.metrics)]
