@@ -79,14 +79,19 @@ class Softmax(Activation):
     def forward(self, x):
         out = self._buffer("out", x.shape, x)
         K.softmax_forward(_rows(x, True), _rows(out, True))
-        self._ctx.out = out
+        self._ctx.saved = x, out
         return out
 
-    def backward(self, grad, need_input_grad=True):
-        if not need_input_grad:
-            return None
+    def logits(self):
+        """The input of this thread's last forward pass (see :meth:`Dense.logits`)."""
+        return self._ctx.saved[0]
+
+    def backward(self, grad, need_input_grad=True, from_logits=False):
+        """``from_logits=True``: ``grad`` is already ``∂L/∂X`` (a paired loss's)."""
+        if not need_input_grad or from_logits:
+            return grad if need_input_grad else None
         g = _rows(grad, True)
-        K.softmax_backward(g, _rows(self._ctx.out, True), g)
+        K.softmax_backward(g, _rows(self._ctx.saved[1], True), g)
         return grad
 
 

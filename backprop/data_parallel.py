@@ -107,9 +107,9 @@ class DataParallel:
         for grad in self.optimizer.flat_gradients():
             self.group.allreduce(grad, "sum")
 
-    def backward_and_reduce(self, delta) -> None:
-        """``model.backward(delta)`` (``delta`` None: this rank has no rows in the batch),
-        then the gradient sum.
+    def backward_and_reduce(self, delta, from_logits: bool = False) -> None:
+        """``model.backward(delta, from_logits=from_logits)`` (``delta`` None: this rank has
+        no rows in the batch), then the gradient sum.
 
         With ``group.bucket_bytes`` > 0 (and a Sequential model on the CPU whose parameters
         lie in one flat buffer in layer order) the sum is started in buckets while backward
@@ -121,7 +121,8 @@ class DataParallel:
         plan = self._bucket_plan()
         if plan is None:
             if delta is not None:
-                self.model.backward(delta, need_input_grad=False)
+                self.model.backward(delta, need_input_grad=False,
+                                    **({"from_logits": True} if from_logits else {}))
             self.reduce_gradients()
             return
         flat, starts, owned = plan
@@ -129,7 +130,8 @@ class DataParallel:
         end, pending = flat.size, []
         for i in range(len(layers) - 1, -1, -1):
             if delta is not None:
-                delta = layers[i].backward(delta, need_input_grad=i > 0)
+                paired = {"from_logits": True} if from_logits and i == len(layers) - 1 else {}
+                delta = layers[i].backward(delta, need_input_grad=i > 0, **paired)
             for p in owned[i]:
                 if p._stale:  # no gradient written this step: reading it zeroes it
                     p.grad  # noqa: B018

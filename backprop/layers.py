@@ -358,8 +358,9 @@ class Dense(Layer):
         z = self._buffer("z", (x.shape[0], self.out_features), W)
         get_array_module(W).matmul(x, W.T, out=z)
         b = None if self.b is None else self.b.data
-        if act == "softmax":
-            a = K.softmax_forward(K.bias_act_forward(z, b, z, "identity", 0.0), z)
+        if act == "softmax":  # out of place: Z stays, as the logits a paired loss reads
+            a = K.softmax_forward(K.bias_act_forward(z, b, z, "identity", 0.0),
+                                  self._buffer("a", z.shape, W))
         elif act not in K.ACTIVATIONS:  # a row activation layer (log_softmax): its own pass
             a = self.activation.forward(K.bias_act_forward(z, b, z, "identity", 0.0))
         else:
@@ -368,11 +369,23 @@ class Dense(Layer):
         self._ctx.saved = x, z, a  # one per-thread access: each costs a dict switch
         return a
 
-    def backward(self, grad, need_input_grad=True):
+    def logits(self):
+        """``Z`` of this thread's last forward pass, when the activation is softmax: the
+        logits that a loss paired with the softmax output reads
+        (:func:`backprop.losses.paired_output`)."""
+        if self.activation.kernel != "softmax":
+            raise ValueError(f"{self!r}: logits() is for a softmax output layer")
+        return self._ctx.saved[1]
+
+    def backward(self, grad, need_input_grad=True, from_logits=False):
+        """``from_logits=True``: ``grad`` is already ``∂L/∂Z`` (a loss paired with the
+        softmax output computed it from the logits), so σ' is skipped."""
         x, z, a = self._ctx.saved
         W = self.W.data
         xp, act = get_array_module(W), self.activation.kernel
-        if act == "softmax":
+        if from_logits:
+            act = "identity"
+        elif act == "softmax":
             act = "identity"
             K.softmax_backward(grad, a, grad)
         elif act not in K.ACTIVATIONS:

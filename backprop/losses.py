@@ -13,6 +13,9 @@ With ``d = pred - target``, ``n`` = number of elements (rows for cross-entropy) 
     SoftmaxCrossEntropyLoss   L = s Σᵢ lseᵢ - Σₖ yᵢₖ zᵢₖ  with y smoothed: (1-ε) y + ε/C
                               ∂L/∂z = s (softmax(z) Σₖ yₖ - y)
     NLLLoss (log p, labels)   L = -s Σᵢ log pᵢ,yᵢ                          ∂L/∂log p = -s [k = yᵢ]
+    CategoricalCrossEntropyLoss (p, y)  L = -s Σ y log clip(p/Σp, ε, 1-ε)  (Keras)
+                              paired with a softmax output layer: from its logits z,
+                              ∂L/∂z = s (softmax(z) Σₖ yₖ - y)  (δᴸ = A - Y)
 
 Every formula only exponentiates non-positive numbers, so any finite input gives a finite
 loss and gradient. Targets are checked (shape always; NaN, label type and range while
@@ -33,8 +36,8 @@ from backprop.backend import get_array_module, to_numpy
 from backprop.concurrency import _MODE, PerThread, WithPerThread
 
 __all__ = ["Loss", "MSELoss", "L1Loss", "BCEWithLogitsLoss", "BCELoss",
-           "SoftmaxCrossEntropyLoss", "CrossEntropyLoss", "NLLLoss", "get", "from_config",
-           "NAMES"]
+           "SoftmaxCrossEntropyLoss", "CrossEntropyLoss", "NLLLoss", "CategoricalCrossEntropyLoss",
+           "paired_output", "get", "from_config", "NAMES"]
 
 
 class Loss(WithPerThread):
@@ -283,10 +286,101 @@ class NLLLoss(Loss):
         g[rows, labels] = -s
         return xp.asarray(-pred[rows, labels].sum(dtype=np.float64) * s)
 
+class CategoricalCrossEntropyLoss(Loss):
+    """Cross-entropy of class probabilities ``P`` (N, C), e.g. the output of a softmax
+    layer, Keras' ``CategoricalCrossentropy`` (``from_logits=False``) semantics:
+
+        Q = P / Σ_row P,   L = -s Σᵢ Σₖ yᵢₖ log clip(Qᵢₖ, ε, 1-ε)     (ε = 1e-7)
+        ∂L/∂P = s (G - Σ_row G ⊙ Q) / Σ_row P,  G = -Y / Q where ε ≤ Q ≤ 1-ε, else 0
+
+    ``target`` is integer labels (N,) (one-hot, as Keras' sparse variant) or probability rows
+    (N, C); ``label_smoothing`` ε' mixes it with the uniform distribution.
+
+    **Paired with a softmax output** (``Dense(..., activation="softmax")`` or a final
+    ``Softmax`` layer), ``fit`` and ``evaluate`` compute the loss from that layer's logits Z
+    instead (:meth:`forward_logits`, as Keras does for a softmax output):
+    ``L = -s Σ Y ⊙ log softmax(Z)`` and the combined gradient
+    ``δᴸ = ∂L/∂Z = s (A Σ_row Y - Y)`` (``s (A - Y)`` for one-hot rows), with no clipping and
+    no division by a probability, so a saturated softmax keeps a finite loss and an exact
+    gradient. In a hand-written loop the same reads::
+
+        out = model.forward(x)
+        L = loss.forward_logits(model.layers[-1].logits(), y)
+        model.backward(loss.backward(), from_logits=True)
+    """
+
+    pairs_with = "softmax"
+    epsilon = 1e-7
+
+    def __init__(self, label_smoothing: float = 0.0, reduction: str = "mean"):
+        super().__init__(reduction)
+        self._paired = SoftmaxCrossEntropyLoss(label_smoothing, reduction)
+        self.label_smoothing = self._paired.label_smoothing
+
+    def config(self) -> dict:
+        return {**super().config(), "label_smoothing": self.label_smoothing}
+
+    def forward(self, pred, target):
+        xp, n, c = self._class_scores(pred, "probabilities")
+        y = self._targets(xp, pred, target, n, c)
+        s = self._scale(n)
+        total = pred.sum(axis=1, keepdims=True)
+        q = pred / total
+        clipped = xp.clip(q, self.epsilon, 1.0 - self.epsilon)
+        g = xp.where((q >= self.epsilon) & (q <= 1.0 - self.epsilon), -y / clipped, 0.0)
+        grad = self._ctx.grad = self._buffer("grad", pred.shape, pred)
+        grad[...] = (g - (g * q).sum(axis=1, keepdims=True)) / total * s
+        return xp.asarray(-(y * xp.log(clipped)).sum(dtype=np.float64) * s)
+
+    def forward_logits(self, logits, target):
+        """The loss from the logits of a softmax output and ``∂L/∂logits`` for
+        ``backward()`` (see the class docstring); the fused kernel of
+        :class:`SoftmaxCrossEntropyLoss`."""
+        paired = self._paired
+        paired.validate_labels = self.validate_labels
+        value = paired.forward(logits, target)
+        self._ctx.grad = paired.backward()
+        return value
+
+    def _targets(self, xp, pred, target, n, c):
+        """``Y`` (N, C) in ``pred``'s dtype, smoothed: from labels (N,) or probability rows."""
+        target = to_numpy(target) if xp is np else xp.asarray(target)
+        if target.shape == (n,):
+            labels = self._class_labels(target, c)
+            y = xp.zeros(pred.shape, dtype=pred.dtype)
+            y[xp.arange(n), labels] = 1.0
+        elif target.shape == (n, c):
+            y = target.astype(pred.dtype, copy=False)
+            if self._check_targets and bool(xp.isnan(y).any()):
+                raise ValueError("CategoricalCrossEntropyLoss: the target contains NaN")
+        else:
+            raise ValueError(f"CategoricalCrossEntropyLoss: probabilities {tuple(pred.shape)} "
+                             f"need integer labels of shape ({n},) or probability rows of "
+                             f"shape {(n, c)}; got target shape {tuple(target.shape)}")
+        eps = self.label_smoothing
+        return y * (1.0 - eps) + eps / c if eps else y
+
+
+def paired_output(model, loss):
+    """The output layer of ``model`` whose logits ``loss`` takes instead of its output, or
+    None: the last layer of a Sequential when its activation is the one the loss
+    ``pairs_with`` (softmax for :class:`CategoricalCrossEntropyLoss`). ``fit`` and
+    ``evaluate`` then call ``loss.forward_logits(layer.logits(), y)`` and
+    ``model.backward(loss.backward(), from_logits=True)``."""
+    pairs = getattr(loss, "pairs_with", None)
+    layers = getattr(model, "layers", None)
+    if pairs is None or not layers:
+        return None
+    last = layers[-1]
+    kernel = getattr(getattr(last, "activation", last), "kernel", None)
+    return last if kernel == pairs and hasattr(last, "logits") else None
+
+
 NAMES = {"mse": MSELoss, "l1": L1Loss, "mae": L1Loss, "bce_with_logits": BCEWithLogitsLoss,
          "bce": BCELoss, "cross_entropy": SoftmaxCrossEntropyLoss,
          "softmax_cross_entropy": SoftmaxCrossEntropyLoss, "nll": NLLLoss,
-         "half_mse": lambda: MSELoss(half=True)}
+         "half_mse": lambda: MSELoss(half=True),
+         "categorical_crossentropy": CategoricalCrossEntropyLoss}
 
 
 def get(spec) -> Loss:

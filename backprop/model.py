@@ -91,8 +91,17 @@ class Sequential(Layer):
             x = layer.forward(x)
         return x
 
-    def backward(self, grad, need_input_grad=True):
-        for i in range(len(self.layers) - 1, -1, -1):
+    def backward(self, grad, need_input_grad=True, from_logits=False):
+        """Backward through every layer, last first; returns ``∂L/∂X`` (None with
+        ``need_input_grad=False``). ``from_logits=True``: ``grad`` is the gradient at the
+        logits of a softmax output layer (what a loss paired with it computes, see
+        :func:`backprop.losses.paired_output`), not at its output."""
+        last = len(self.layers) - 1
+        if from_logits:
+            grad = self.layers[last].backward(grad, need_input_grad=need_input_grad or last > 0,
+                                              from_logits=True)
+            last -= 1
+        for i in range(last, -1, -1):
             grad = self.layers[i].backward(grad, need_input_grad=need_input_grad or i > 0)
         return grad
 

@@ -48,6 +48,7 @@ import numpy as np
 
 from backprop import blas, checks
 from backprop.clip import clip_grad_norm, clip_grad_value
+from backprop.losses import paired_output
 from backprop import data as bpdata
 from backprop import metrics as bpmetrics
 from backprop.backend import get_array_module, get_device, use_device
@@ -502,6 +503,9 @@ class _Trainer:
         self.xp = np if device == "cpu" else get_array_module(optimizer.params[0].data)
         self.params = model.parameters()
         self.regularizers = list(getattr(model, "regularizers", []))
+        # a loss that takes the logits of the softmax output (CategoricalCrossEntropyLoss)
+        self.paired = paired_output(model, loss)
+        self.from_logits = {} if self.paired is None else {"from_logits": True}
         # state that a training forward pass updates (BatchNorm's running statistics): kept
         # from before each step, so that a step with a non-finite loss leaves no trace in it
         self.buffers = [(a, a.copy()) for _, a in model.named_buffers()] \
@@ -633,11 +637,11 @@ class _Trainer:
         out = model.forward(xb)
         for m in self.metrics:
             m.update(yb, out)
-        L = loss.forward(out, yb)
+        L = _loss_forward(loss, self.paired, out, yb)
         for r in self.regularizers:
             L = L + r.penalty(self.params)
         self.guard.watch(L)
-        model.backward(loss.backward(), need_input_grad=False)
+        model.backward(loss.backward(), need_input_grad=False, **self.from_logits)
         for r in self.regularizers:
             r.add_grad(self.params)
         return self.guard.value(), L * rows
@@ -652,11 +656,11 @@ class _Trainer:
             out = model.forward(xb)
             for m in self.metrics:
                 m.update(yb, out)
-            pending = dp.start_loss(float(loss.forward(out, yb)) * n)
+            pending = dp.start_loss(float(_loss_forward(loss, self.paired, out, yb)) * n)
             delta = loss.backward()
             if n != rows:  # ∂(n/rows · L_r): this rank's part of the batch's mean loss
                 delta *= n / rows
-            dp.backward_and_reduce(delta)
+            dp.backward_and_reduce(delta, self.paired is not None)
         else:  # no rows here: as if the forward pass ran, so that ranks stay in step
             for layer in self.dropouts:
                 if not layer.fixed_mask:
@@ -816,6 +820,12 @@ class _Trainer:
 
 
 # ---------------------------------------------------------------------------------------
+def _loss_forward(loss, paired, out, yb):
+    """The loss of a batch: from the logits of ``paired``, the output layer the loss pairs
+    with (:func:`backprop.losses.paired_output`), else from the model's output."""
+    return loss.forward(out, yb) if paired is None else loss.forward_logits(paired.logits(), yb)
+
+
 def _evaluate_arrays(model, X, y, loss, metrics, batch_size, dp=None) -> dict:
     """Loss and metrics over device-resident ``(X, y)`` in eval mode; one sync at the end.
     With ``dp``, ``(X, y)`` is this rank's share and the results cover every rank's."""
@@ -830,7 +840,7 @@ def _evaluate_arrays(model, X, y, loss, metrics, batch_size, dp=None) -> dict:
         for m in metrics:
             m.update(yb, out)
         if loss is not None:
-            total += loss.forward(out, yb) * len(xb)
+            total += _loss_forward(loss, paired_output(model, loss), out, yb) * len(xb)
     total = float(total)
     if dp is not None:
         total, n = dp.sum_host(total, n)

@@ -69,6 +69,9 @@ def build(config: str):
     if config == "batchnorm":
         return bp.Sequential([bp.Dense(5, 16), bp.BatchNorm1d(16), bp.ReLU(),
                               bp.Dense(16, 3)])
+    if config == "softmax":  # paired with categorical_crossentropy: δᴸ = A - Y from logits
+        return bp.Sequential([bp.Dense(5, 16, activation="tanh"),
+                              bp.Dense(16, 3, activation="softmax")])
     if config == "dropout":
         return bp.Sequential([bp.Dense(5, 32, activation="relu"), bp.Dropout(0.5, seed=3),
                               bp.Dense(32, 3)])
@@ -111,7 +114,8 @@ def train(args) -> None:
     callbacks = []
     if args.checkpoint:
         callbacks.append(bp.callbacks.ModelCheckpoint(args.checkpoint))
-    kwargs = dict(loss="cross_entropy", optimizer=optimizer, epochs=args.epochs,
+    loss = "categorical_crossentropy" if args.config == "softmax" else "cross_entropy"
+    kwargs = dict(loss=loss, optimizer=optimizer, epochs=args.epochs,
                   batch_size=args.batch_size, seed=5, verbose=0, initial_epoch=start,
                   callbacks=callbacks)
     if not args.resume:

@@ -255,6 +255,17 @@ def test_allreduce_in_buckets_during_backward_gives_the_same_parameters(tmp_path
 
 
 @needs_mpi
+def test_a_loss_paired_with_the_softmax_output_on_2_ranks_in_buckets(tmp_path):
+    """categorical_crossentropy on a softmax output takes the gradient at the logits; the
+    bucketed backward must do the same on its last layer."""
+    _, alone = train(tmp_path, 0, "softmax-1", config="softmax")
+    res, state = train(tmp_path, 2, "softmax-2", config="softmax",
+                       env={"BACKPROP_BUCKET_MB": str(256 / 2**20)})
+    assert res["nonblocking_per_step"] == 3
+    assert_same(state, alone, tol=1e-9)
+
+
+@needs_mpi
 def test_gradient_clipping_on_3_ranks_clips_the_global_gradient(tmp_path):
     _, alone = train(tmp_path, 0, "clip-1", clip_grad_norm=0.05)
     res, ranks = train(tmp_path, 3, "clip-3", clip_grad_norm=0.05)

@@ -11,8 +11,8 @@ import pytest
 import backprop as bp
 from backprop import losses
 from backprop.gradcheck import gradcheck
-from backprop.losses import (BCELoss, BCEWithLogitsLoss, L1Loss, MSELoss, NLLLoss,
-                             SoftmaxCrossEntropyLoss)
+from backprop.losses import (BCELoss, BCEWithLogitsLoss, CategoricalCrossEntropyLoss, L1Loss,
+                             MSELoss, NLLLoss, SoftmaxCrossEntropyLoss)
 
 pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
 
@@ -53,13 +53,18 @@ def _cases(rng):
             (MSELoss(reduction, half=True), p, t, r(0.5 * (p - t) ** 2)),
             (NLLLoss(reduction), _log_softmax(p), labels,
              rows(-_log_softmax(p)[np.arange(6), labels])),
+            # Keras CategoricalCrossentropy: rows renormalised, then -Σ y log p
+            (CategoricalCrossEntropyLoss(reduction=reduction), prob, labels,
+             rows(-np.log(prob / prob.sum(1, keepdims=True))[np.arange(6), labels])),
+            (CategoricalCrossEntropyLoss(0.1, reduction), prob, dist,
+             rows(-((0.9 * dist + 0.1 / 4) * np.log(prob / prob.sum(1, keepdims=True))).sum(1))),
         ]
     return cases
 
 
 CASE_IDS = [f"{name}-{red}" for red in ("mean", "sum") for name in
             ("mse", "l1", "bce_logits", "bce", "xent", "xent_smooth", "xent_probs", "xent_onehot",
-             "half_mse", "nll")]
+             "half_mse", "nll", "cce", "cce_smooth_probs")]
 
 
 @pytest.mark.parametrize("case", range(len(CASE_IDS)), ids=CASE_IDS)
@@ -228,3 +233,71 @@ def test_half_mse_gradient_is_a_minus_y(device, xp, rng):
 def test_nll_refuses_bad_labels(labels, error):
     with pytest.raises(error, match="NLLLoss"):
         NLLLoss().forward(np.zeros((2, 5)), labels)
+
+
+def test_categorical_crossentropy_clips_like_keras(device, xp):
+    """Keras clips the normalised probabilities to [1e-7, 1 - 1e-7]: a zero probability at
+    the label costs -log 1e-7, and the clipped entries pass no gradient."""
+    p = xp.asarray(np.array([[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]]))
+    loss = CategoricalCrossEntropyLoss(reduction="sum")
+    value = float(loss.forward(p, xp.asarray(np.array([0, 0]))))
+    np.testing.assert_allclose(value, -np.log(1e-7) - np.log(1 - 1e-7), rtol=1e-12)
+    g = bp.to_numpy(loss.backward())
+    assert np.isfinite(g).all() and np.all(g[1] == 0.0)  # all three of row 1 clipped
+
+
+def test_categorical_crossentropy_paired_with_softmax_gives_a_minus_y(device, xp, rng):
+    """Through a softmax output layer, fit takes the loss from the logits (as Keras does):
+    the gradient at the logits is δᴸ = (A - Y)/N, the loss that of the generic path, and a
+    saturated softmax keeps a finite loss and exact gradient where the generic one loses
+    it."""
+    model = bp.Sequential([bp.Dense(3, 4, activation="softmax", rng=0, dtype="float64")])
+    x = xp.asarray(rng.normal(size=(5, 3)))
+    labels = np.array([0, 3, 1, 2, 3])
+    loss = CategoricalCrossEntropyLoss()
+    assert losses.paired_output(model, loss) is model.layers[0]
+    assert losses.paired_output(model, MSELoss()) is None
+    out = model.forward(x)
+    generic = float(loss.forward(out, xp.asarray(labels)))
+    paired = float(loss.forward_logits(model.layers[0].logits(), xp.asarray(labels)))
+    np.testing.assert_allclose(paired, generic, rtol=1e-10)
+    delta = bp.to_numpy(loss.backward())
+    np.testing.assert_allclose(delta, (bp.to_numpy(out) - np.eye(4)[labels]) / 5, atol=1e-15)
+    # the gradient reaching W is the same along both paths
+    model.zero_grad()
+    model.backward(loss.backward(), from_logits=True)
+    dw_paired = bp.to_numpy(model.layers[0].W.grad).copy()
+    model.zero_grad()
+    loss.forward(model.forward(x), xp.asarray(labels))
+    model.backward(loss.backward())
+    np.testing.assert_allclose(bp.to_numpy(model.layers[0].W.grad), dw_paired, atol=1e-12)
+    # saturated: the label's probability underflows to 0
+    model.layers[0].W.data[...] = 0
+    model.layers[0].b.data[...] = xp.asarray(np.array([800.0, 0.0, 0.0, 0.0]))
+    out = model.forward(x)
+    generic = float(loss.forward(out, xp.asarray(labels)))
+    assert generic < 20  # clipped at -log 1e-7: the generic path cannot see how wrong it is
+    assert not bp.to_numpy(loss.backward()).any()  # ... and has no gradient to learn from
+    value = float(loss.forward_logits(model.layers[0].logits(), xp.asarray(labels)))
+    # -log softmax = 800 on the four rows not labelled 0, 0 on the other: mean 640
+    np.testing.assert_allclose(value, 640.0, rtol=1e-12)
+    np.testing.assert_allclose(bp.to_numpy(loss.backward()),
+                               (bp.to_numpy(out) - np.eye(4)[labels]) / 5, atol=1e-15)
+
+
+def test_fit_with_softmax_output_and_categorical_crossentropy_equals_logits_training(
+        device, xp, rng):
+    """fit(Dense(softmax), categorical_crossentropy) takes the same steps as
+    fit(Dense(linear), cross_entropy): the combined gradient is the fused one."""
+    X, y = rng.normal(size=(40, 5)), rng.integers(0, 3, 40)
+    runs = []
+    for act, loss in (("softmax", "categorical_crossentropy"), (None, "cross_entropy")):
+        model = bp.Sequential([bp.Dense(5, 8, activation="tanh", rng=1, dtype="float64"),
+                               bp.Dense(8, 3, activation=act, rng=2, dtype="float64")])
+        hist = model.fit(X, y, loss=loss, optimizer="sgd", lr=0.5, epochs=3, batch_size=8,
+                         seed=0, verbose=0, validation_data=(X, y))
+        runs.append((hist, bp.to_numpy(model.layers[1].W.data)))
+    (h1, w1), (h2, w2) = runs
+    np.testing.assert_allclose(w1, w2, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(h1.history["loss"], h2.history["loss"], rtol=1e-10)
+    np.testing.assert_allclose(h1.history["val_loss"], h2.history["val_loss"], rtol=1e-10)
