@@ -2,8 +2,8 @@
 save, summary) that delegates to :mod:`backprop.training` and :mod:`backprop.io`.
 
 Forward is ``x ← layer.forward(x)`` for each layer; backward is
-``g ← layer.backward(g)`` in reverse order, skipping ``∂X`` of the first layer (nobody
-needs the gradient of the data).
+``g ← layer.backward(g)`` in reverse order, skipping ``∂X`` of the first layer unless asked
+for (``need_input_grad=True``: training never needs the gradient of the data).
 """
 from __future__ import annotations
 
@@ -91,9 +91,14 @@ class Sequential(Layer):
             x = layer.forward(x)
         return x
 
-    def backward(self, grad, need_input_grad=True, from_logits=False):
-        """Backward through every layer, last first; returns ``∂L/∂X`` (None with
-        ``need_input_grad=False``). ``from_logits=True``: ``grad`` is the gradient at the
+    def backward(self, grad, need_input_grad=False, from_logits=False):
+        """Backward through every layer, last first, adding into each parameter's ``.grad``.
+
+        ``∂L/∂X`` of the model's input is one more matrix product in the first layer, which
+        training never needs (PyTorch computes it only for an input that requires a
+        gradient): it is computed and returned only with ``need_input_grad=True`` (a model
+        used as a block inside another, e.g. by ``Residual``, is asked for it); otherwise
+        the result is None. ``from_logits=True``: ``grad`` is the gradient at the
         logits of a softmax output layer (what a loss paired with it computes, see
         :func:`backprop.losses.paired_output`), not at its output."""
         last = len(self.layers) - 1

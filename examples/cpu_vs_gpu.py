@@ -32,7 +32,7 @@ def step_time(device: str, batch: int, hidden: int, steps: int) -> float:
         def step():
             opt.zero_grad()
             loss.forward(model.forward(X), y)
-            model.backward(loss.backward(), need_input_grad=False)
+            model.backward(loss.backward())
             opt.step()
 
         for _ in range(3):  # compiles the kernels (Numba JIT / CuPy NVRTC) and warms caches
