@@ -32,11 +32,15 @@ from backprop.gradcheck import GradcheckError, gradcheck
 from backprop.init import manual_seed
 from backprop.io import CheckpointError, load, load_checkpoint, save
 from backprop.layers import BatchNorm1d, Dense, Dropout, Flatten, Layer, Residual, SyncBatchNorm
-from backprop.losses import (BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, L1Loss, MSELoss,
-                             NLLLoss, SoftmaxCrossEntropyLoss)
+from backprop.losses import (BCELoss, BCEWithLogitsLoss, CategoricalCrossEntropyLoss,
+                             CrossEntropyLoss, L1Loss, MSELoss, NLLLoss, SoftmaxCrossEntropyLoss)
 from backprop.model import Sequential
 from backprop.optim import SGD, Adagrad, Adam, AdamW, RMSprop
 from backprop.regularizers import L1, L2, L1L2
+from backprop.schedules import (CosineAnnealingLR, ExponentialLR, LinearWarmup, LRScheduler,
+                                ReduceLROnPlateau, StepLR)
+from backprop.callbacks import (Callback, CSVLogger, EarlyStopping, History,
+                                LearningRateScheduler, ModelCheckpoint, TerminateOnNaN)
 from backprop.kernels import KernelBackendError
 from backprop.training import NonFiniteLossError, evaluate, fit, predict
 
