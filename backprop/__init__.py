@@ -28,6 +28,7 @@ from backprop.backend import (
 from backprop.clip import clip_grad_norm, clip_grad_value, grad_norm
 from backprop.concurrency import ConcurrentTrainingError, inference_mode
 from backprop.data import DataError
+from backprop.explain import explain
 from backprop.gradcheck import GradcheckError, gradcheck
 from backprop.init import manual_seed
 from backprop.io import CheckpointError, load, load_checkpoint, save

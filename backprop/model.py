@@ -143,13 +143,21 @@ class Sequential(Layer):
                  + (f"; non-trainable buffers: {buffers:,}" if buffers else "")]
         return "\n".join(lines)
 
-    def graph(self, loss=None, input_shape=None) -> str:
-        """The computational graph as text: the forward pass node by node, then the backward
-        pass as its reverse traversal, each node with its equations
-        (:func:`backprop.graph.describe`)."""
-        from backprop.graph import describe
+    def graph(self, loss=None, input_shape=None, format: str = "text") -> str:
+        """The computational graph: forward data flow node by node and the backward pass as
+        its reverse traversal, each node with its equations, output shape (where known) and
+        the tensors it keeps for backward. ``format="text"`` (default) returns the printable
+        text of :func:`backprop.graph.describe`; ``format="dot"`` a Graphviz ``digraph``
+        (:func:`backprop.graph.to_dot`: forward edges solid, gradient edges dashed;
+        render with ``dot -Tsvg``). ``loss`` is a loss name or object; ``input_shape`` the
+        input's shape without the batch axis (default: ``(in_features,)``)."""
+        from backprop.graph import describe, to_dot
 
-        return describe(self, loss=loss, input_shape=input_shape)
+        if format == "text":
+            return describe(self, loss=loss, input_shape=input_shape)
+        if format == "dot":
+            return to_dot(self, loss=loss, input_shape=input_shape)
+        raise ValueError(f"graph format must be 'text' or 'dot'; got {format!r}")
 
     def per_sample_grad_norms(self, *args, **kwargs):
         """The L2 norm of each sample's own loss gradient over all parameters: see
