@@ -30,6 +30,7 @@ from backprop.concurrency import ConcurrentTrainingError, inference_mode
 from backprop.data import DataError
 from backprop.explain import explain
 from backprop.gradcheck import GradcheckError, gradcheck
+from backprop.gradient_health import GradientHealthWarning, GradientMonitor
 from backprop.init import manual_seed
 from backprop.io import CheckpointError, load, load_checkpoint, save
 from backprop.layers import BatchNorm1d, Dense, Dropout, Flatten, Layer, Residual, SyncBatchNorm

@@ -48,7 +48,7 @@ from backprop import checks
 
 __all__ = [
     "Callback", "CallbackList", "History", "EarlyStopping", "ModelCheckpoint", "TerminateOnNaN",
-    "LearningRateScheduler", "CSVLogger", "ProgressBar",
+    "LearningRateScheduler", "CSVLogger", "ProgressBar", "GradientMonitor",
 ]
 
 
@@ -639,9 +639,12 @@ class CSVLogger(Callback):
 
 # ---------------------------------------------------------------------------------------
 def _format_logs(logs: dict, keys=None) -> str:
+    """``"loss 0.3 - accuracy 0.9"``: the keys of the progress line. Keys with a ``/``
+    (a callback's detailed statistics, e.g. ``GradientMonitor``'s ``grad/0/delta_rms``) are
+    left to History and CSVLogger: there may be dozens of them."""
     parts = []
     for key in keys or logs:
-        if key in ("time", "samples_per_s") or key not in logs:
+        if key in ("time", "samples_per_s") or key not in logs or "/" in key:
             continue
         value = logs[key]
         parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
@@ -716,3 +719,7 @@ class ProgressBar(Callback):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+# at the bottom: gradient_health imports Callback from this module
+from backprop.gradient_health import GradientMonitor  # noqa: E402
