@@ -60,11 +60,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "backprop.cli:train_main"),
     "evaluate": ("loss and metrics of a saved model on a data set", "backprop.cli:evaluate_main"),
     "predict": ("predictions of a saved model, as CSV", "backprop.cli:predict_main"),
+    "explain": ("backprop on one small batch, the equations with the numbers, each gradient "
+                "checked; and the computational graph", "backprop.cli:explain_main"),
     "info": ("versions, device, kernel backend and the reason for any CPU fallback",
              "backprop.cli:info_main"),
 }
 
 BUILTIN = ("digits", "xor", "two_moons", "spirals", "regression")
+# the output layer's activation that each loss takes (the others: linear)
+OUTPUT = {"nll": "log_softmax", "categorical_crossentropy": "softmax"}
+
+# train's choices: the losses (-> the task they serve), schedules and batch-norm placements
+LOSSES = {"cross_entropy": "classification", "nll": "classification",
+          "categorical_crossentropy": "classification", "mse": "regression",
+          "half_mse": "regression", "l1": "regression"}
+DEFAULT_LOSS = {"classification": "cross_entropy", "regression": "mse"}
+SCHEDULES = ("none", "step", "exponential", "cosine", "plateau")
+BATCH_NORM = ("none", "before", "after")
+INIT_ALIASES = {"he": "he_uniform", "xavier": "xavier_uniform"}
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -283,6 +296,24 @@ def _activation(text: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown activation {text!r}; expected one of "
                                          f"{', '.join(sorted(NAMES))}")
     return text.strip().lower()
+
+
+def _init_names() -> list[str]:
+    from backprop.init import INITIALIZERS
+
+    return [*INIT_ALIASES, *sorted(INITIALIZERS)]
+
+
+def _init(text: str) -> str:
+    """An initialiser name of ``backprop.init.INITIALIZERS`` (or he / xavier), as that name."""
+    from backprop.init import INITIALIZERS
+
+    name = text.strip().lower()
+    name = INIT_ALIASES.get(name, name)
+    if name not in INITIALIZERS:
+        raise argparse.ArgumentTypeError(f"unknown initialiser {text!r}; expected one of "
+                                         f"{', '.join(_init_names())}")
+    return name
 
 
 def _encoding(text: str) -> str:
@@ -541,13 +572,57 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation", type=_activation, default="relu",
                    help="hidden activation (default relu)")
     p.add_argument("--dropout", type=_probability, default=0.0,
-                   help="dropout probability after each hidden layer, in [0, 1)")
+                   help="dropout probability after each hidden layer (after its activation "
+                        "and batch norm), in [0, 1) (default 0)")
+    p.add_argument("--input-dropout", type=_probability, default=0.0, metavar="P",
+                   help="dropout probability on the input features, before the first layer, "
+                        "in [0, 1) (default 0)")
+    p.add_argument("--batch-norm", default="none", choices=BATCH_NORM,
+                   help="BatchNorm1d in each hidden layer: 'before' normalises the linear "
+                        "part and applies the activation after it (Dense without bias → "
+                        "BatchNorm1d → activation), 'after' normalises the activation's "
+                        "output (Dense → BatchNorm1d); default none. Needs batches of at "
+                        "least 2 rows")
+    p.add_argument("--init", type=_init, default=None, metavar="NAME",
+                   help=f"weight initialiser of every Dense layer: {', '.join(_init_names())} "
+                        "(he = he_uniform, xavier = xavier_uniform; default: the library's "
+                        "per layer, he_uniform before ReLU-like activations, else "
+                        "xavier_uniform)")
+    p.add_argument("--loss", default=None, choices=tuple(LOSSES),
+                   help="classification: cross_entropy (default; softmax of the outputs), "
+                        "nll (the output layer computes log-softmax) or "
+                        "categorical_crossentropy (a softmax output layer and Keras' "
+                        "cross-entropy on its probabilities); regression: mse "
+                        "(default), half_mse (½·MSE) or l1. With a CSV file and --task auto, "
+                        "the loss decides the task")
     p.add_argument("--optimizer", default="adam",
                    choices=("adam", "adamw", "sgd", "momentum", "rmsprop", "adagrad"))
     p.add_argument("--lr", type=_number(0.0, strict=True), default=1e-3,
                    help="learning rate, > 0 (default 1e-3)")
     p.add_argument("--weight-decay", type=_number(0.0), default=None,
                    help="weight decay, >= 0 (default: the optimizer's, 0 except adamw's 0.01)")
+    p.add_argument("--schedule", default="none", choices=SCHEDULES,
+                   help="learning-rate schedule, stepped after each epoch (the lr of each "
+                        "epoch is the 'lr' column of history.csv): step (lr × --gamma every "
+                        "--step-size epochs), exponential (lr × --gamma each epoch), cosine "
+                        "(cosine annealing to --min-lr over the epochs after the warmup), "
+                        "plateau (lr × --gamma after more than --lr-patience epochs without "
+                        "a better val_loss, or loss without a validation part); default none")
+    p.add_argument("--step-size", type=_integer(1), default=None, metavar="N",
+                   help="--schedule step: epochs between two decays (default 10)")
+    p.add_argument("--gamma", type=_number(0.0, strict=True, below=1.0), default=None,
+                   metavar="G",
+                   help="--schedule step, exponential or plateau: the factor that multiplies "
+                        "the lr, in (0, 1) (default 0.1; exponential 0.95)")
+    p.add_argument("--min-lr", type=_number(0.0), default=None, metavar="LR",
+                   help="--schedule cosine: the final lr; plateau: the lowest lr (default 0; "
+                        "below --lr)")
+    p.add_argument("--lr-patience", type=_integer(0), default=None, metavar="N",
+                   help="--schedule plateau: epochs without improvement tolerated before the "
+                        "lr is lowered (default 10)")
+    p.add_argument("--warmup-epochs", type=_integer(0), default=0, metavar="N",
+                   help="raise the lr linearly from lr/3 to --lr over this many epochs, then "
+                        "follow --schedule (not plateau) from its start (default 0: no warmup)")
     p.add_argument("--epochs", type=_integer(1), default=30)
     p.add_argument("--batch-size", type=_integer(1), default=64)
     p.add_argument("--l1", type=_number(0.0), default=0.0,
@@ -557,6 +632,11 @@ def _train_parser() -> argparse.ArgumentParser:
                         "part of the loss)")
     p.add_argument("--graph", action="store_true",
                    help="print the computational graph (forward and backward) before training")
+    p.add_argument("--monitor", type=_integer(1), nargs="?", const=10, default=None,
+                   metavar="EVERY",
+                   help="watch the gradients every EVERY steps (default 10): per-layer δ, "
+                        "‖∂W‖, update ratio, dead and saturated units in history.csv, a "
+                        "warning when they vanish or explode, and gradient_flow.png")
     p.add_argument("--clip-grad-norm", type=_number(0.0, strict=True), default=None,
                    metavar="MAX_NORM", help="scale the gradients of each step to a total L2 "
                    "norm of at most MAX_NORM (before the optimizer step)")
@@ -580,19 +660,88 @@ def _train_parser() -> argparse.ArgumentParser:
 
 
 def _build_model(n_in: int, hidden: list[int], n_out: int, activation: str, dropout: float,
-                 seed: int, dtype: str):
-    from backprop.layers import Dense, Dropout
+                 seed: int, dtype: str, *, input_dropout: float = 0.0, batch_norm: str = "none",
+                 init: str | None = None, output: str | None = None):
+    """An MLP: [Dropout(input_dropout)], then per hidden width ``Dense(act)`` (batch_norm
+    "none"), ``Dense(act) → BatchNorm1d`` ("after") or ``Dense(no bias) → BatchNorm1d →
+    activation layer`` ("before"), each followed by ``Dropout(dropout)``; then
+    ``Dense(n_out, activation=output)``. ``init`` None: the library's default per layer."""
+    from backprop import activations
+    from backprop.init import default_for
+    from backprop.layers import BatchNorm1d, Dense, Dropout
     from backprop.model import Sequential
 
     rng = np.random.default_rng(seed)
     layers, width = [], n_in
+    if input_dropout:
+        layers.append(Dropout(input_dropout, seed=int(rng.integers(2**32))))
+    act = activations.get(activation)
     for h in hidden:
-        layers.append(Dense(width, h, activation=activation, rng=rng, dtype=dtype))
+        if batch_norm == "before":  # the activation's default init, for a Dense without one
+            layers.append(Dense(width, h, init=init or default_for(act), bias=False, rng=rng,
+                                dtype=dtype))
+            layers.append(BatchNorm1d(h, dtype=dtype))
+            if act.kernel != "identity":
+                layers.append(activations.get(activation))
+        else:
+            layers.append(Dense(width, h, activation=activation, init=init, rng=rng,
+                                dtype=dtype))
+            if batch_norm == "after":
+                layers.append(BatchNorm1d(h, dtype=dtype))
         if dropout:
             layers.append(Dropout(dropout, seed=int(rng.integers(2**32))))
         width = h
-    layers.append(Dense(width, n_out, rng=rng, dtype=dtype))
+    layers.append(Dense(width, n_out, activation=output, init=init, rng=rng, dtype=dtype))
     return Sequential(layers)
+
+
+def _make_schedule(args, optimizer):
+    """The ``backprop.schedules`` scheduler of --schedule and --warmup-epochs (or None)."""
+    from backprop import schedules
+
+    name, warmup = args.schedule, args.warmup_epochs
+    gamma = args.gamma if args.gamma is not None else (0.95 if name == "exponential" else 0.1)
+    min_lr = args.min_lr or 0.0
+    if name == "plateau":
+        return schedules.ReduceLROnPlateau(
+            optimizer, factor=gamma, min_lr=min_lr,
+            patience=10 if args.lr_patience is None else args.lr_patience)
+    after = None
+    if name == "step":
+        after = schedules.StepLR(optimizer, step_size=args.step_size or 10, gamma=gamma)
+    elif name == "exponential":
+        after = schedules.ExponentialLR(optimizer, gamma=gamma)
+    elif name == "cosine":
+        after = schedules.CosineAnnealingLR(optimizer, T_max=args.epochs - warmup,
+                                            eta_min=min_lr)
+    if warmup:
+        return schedules.LinearWarmup(optimizer, warmup, after=after)
+    return after
+
+
+def _describe_schedule(scheduler) -> str:
+    """One phrase for a scheduler from :func:`_make_schedule`."""
+    from backprop import schedules
+
+    if scheduler is None:
+        return "constant lr"
+    if isinstance(scheduler, schedules.LinearWarmup):
+        text = (f"linear warmup from lr×{scheduler.start_factor:.3g} over "
+                f"{_count(scheduler.warmup_steps, 'epoch')}")
+        return text + (f", then {_describe_schedule(scheduler.after)}"
+                       if scheduler.after is not None else "")
+    if isinstance(scheduler, schedules.StepLR):
+        return f"step: lr × {scheduler.gamma:g} every {_count(scheduler.step_size, 'epoch')}"
+    if isinstance(scheduler, schedules.ExponentialLR):
+        return f"exponential: lr × {scheduler.gamma:g} each epoch"
+    if isinstance(scheduler, schedules.CosineAnnealingLR):
+        return f"cosine annealing to {scheduler.eta_min:g} over {_count(scheduler.T_max, 'epoch')}"
+    return (f"plateau: lr × {scheduler.factor:g} (down to {scheduler.min_lr:g}) after more "
+            f"than {_count(scheduler.patience, 'epoch')} without improvement")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def train_main(argv) -> int:
@@ -642,6 +791,8 @@ def _train_on_ranks(argv) -> int:
 
 
 def _train(argv) -> int:
+    from backprop.data import DataError
+
     parser = _train_parser()
     with _stderr_of_rank_zero():  # a usage error is printed once, by rank 0
         args = parser.parse_args(argv)
@@ -652,19 +803,103 @@ def _train(argv) -> int:
         parser.error(f"argument --{'target' if args.target is not None else 'task'}: applies "
                      f"to CSV files only; the built-in data set {args.data} has its own target "
                      "and task")
+    task = _check_model_options(parser, args)
     t0 = time.perf_counter()
     runtime, fallback = _setup_runtime(args)  # before any data: a bad device fails fast
-    ds = _load(args.data, target=args.target, task=args.task, seed=args.seed,
-               encoding=args.encoding)
+    try:
+        ds = _load(args.data, target=args.target, task=task, seed=args.seed,
+                   encoding=args.encoding)
+    except DataError as exc:
+        if args.loss is None or args.task != "auto":
+            raise
+        raise CLIError(f"{_one_line(exc)} (--loss {args.loss} makes this a {task} task: give "
+                       f"a {'regression' if task == 'classification' else 'classification'} "
+                       "loss, or leave --loss out)") from None
     _check_target(ds)
     parts = _split(ds, args.split, args.seed)
     _check_parts(ds, parts, args.split)
+    if args.batch_norm != "none":
+        _check_batch_norm_rows(len(parts[0][0]), args.batch_size)
     created = _prepare_out(args.out)
     try:
         return _train_and_save(args, argv, ds, parts, runtime, fallback, t0)
     except BaseException:  # failed or interrupted: leave no empty folders behind
         _remove_empty(created)
         raise
+
+
+def _check_model_options(parser, args) -> str:
+    """Check the model, loss and schedule options against each other and the data's task
+    (known before loading, except a CSV file's under --task auto, which then follows an
+    explicit --loss); a conflict is a usage error. Returns the task to load the data with."""
+    if args.data in BUILTIN:
+        task = "regression" if args.data == "regression" else "classification"
+    else:
+        task = args.task
+    if args.loss is not None:
+        wants = LOSSES[args.loss]
+        if task not in ("auto", wants):
+            where = (f"the built-in data set {args.data} is" if args.data in BUILTIN else
+                     f"--task {task} makes {args.data}")
+            fit = ", ".join(n for n, t in LOSSES.items() if t == task)
+            parser.error(f"argument --loss: {args.loss} is a {wants} loss, but {where} a "
+                         f"{task} task; use one of {fit}")
+        task = wants
+    if args.batch_norm != "none":
+        if not args.hidden:
+            parser.error(f"argument --batch-norm: {args.batch_norm} normalises hidden layers, "
+                         "but --hidden '' gives none; give hidden widths or --batch-norm none")
+        if args.batch_size < 2:
+            parser.error("argument --batch-norm: BatchNorm1d needs at least 2 rows per batch "
+                         "in training; give --batch-size 2 or more")
+    uses = {"--step-size": (args.step_size, ("step",)),
+            "--gamma": (args.gamma, ("step", "exponential", "plateau")),
+            "--min-lr": (args.min_lr, ("cosine", "plateau")),
+            "--lr-patience": (args.lr_patience, ("plateau",))}
+    for flag, (value, schedules) in uses.items():
+        if value is not None and args.schedule not in schedules:
+            which = (", ".join(schedules[:-1]) + " or " if len(schedules) > 1 else "") \
+                + schedules[-1]
+            parser.error(f"argument {flag}: applies to --schedule {which} only, not --schedule "
+                         f"{args.schedule}")
+    if args.min_lr is not None and args.min_lr >= args.lr:
+        parser.error(f"argument --min-lr: {args.min_lr:g} is not below --lr {args.lr:g}; give "
+                     "a smaller --min-lr (the lr the schedule decays towards)")
+    if args.warmup_epochs:
+        if args.schedule == "plateau":
+            parser.error("argument --warmup-epochs: cannot be combined with --schedule "
+                         "plateau (which reacts to the loss rather than following the epochs); "
+                         "use step, exponential, cosine or none after a warmup")
+        if args.warmup_epochs >= args.epochs:
+            parser.error(f"argument --warmup-epochs: {args.warmup_epochs} warmup epochs leave "
+                         f"none of the {args.epochs} --epochs for training at the full lr; "
+                         "give fewer warmup epochs or more epochs")
+    return task
+
+
+def _check_batch_norm_rows(n: int, batch_size: int) -> None:
+    """BatchNorm1d needs 2 rows in every training batch (on every MPI process), the last
+    one included: checked before training, with a batch size that works."""
+    from backprop import distributed
+
+    world = distributed.world_size()
+
+    def smallest(b: int) -> int:  # each process's share of the smallest batch
+        b = min(b, n)
+        return (b if n % b == 0 else n % b) // world
+
+    if smallest(batch_size) >= 2:
+        return
+    where = f" on each of {world} MPI processes" if world > 1 else ""
+    size = min(batch_size, n)
+    last = size if n % size == 0 else n % size
+    good = next((b for d in range(1, n + 1) for b in (batch_size - d, batch_size + d)
+                 if 2 * world <= b <= n and smallest(b) >= 2), None)
+    fix = f"use --batch-size {good}, for example" if good else \
+        f"give at least {2 * world} train rows"
+    raise CLIError(f"--batch-norm needs at least 2 rows in every training batch{where}, but "
+                   f"{n} train rows in batches of {size} leave a last batch of {last} row(s); "
+                   f"{fix}")
 
 
 @contextlib.contextmanager
@@ -689,16 +924,19 @@ def _train_and_save(args, argv, ds, parts, runtime, fallback, t0) -> int:
         if len(X):  # finite and well-formed, also after standardisation
             validate(X, y, name=f"the {name} part of {ds['name']}")
     classify = ds["task"] == "classification"
+    loss = args.loss or DEFAULT_LOSS[ds["task"]]
     yscale = None
     if classify:
-        n_out, loss, metrics = len(ds["classes"]), "cross_entropy", ["accuracy"]
+        n_out, metrics = len(ds["classes"]), ["accuracy"]
     else:
         yscale = Standardizer().fit(ytr)
         ytr, yva = yscale.transform(ytr), yscale.transform(yva)
-        n_out, loss, metrics = ytr.shape[1], "mse", ["mae", "r2"]
+        n_out, metrics = ytr.shape[1], ["mae", "r2"]
     dtype = str(get_dtype())
     model = _build_model(Xtr.shape[1], args.hidden, n_out, args.activation, args.dropout,
-                         args.seed, dtype)
+                         args.seed, dtype, input_dropout=args.input_dropout,
+                         batch_norm=args.batch_norm, init=args.init,
+                         output=OUTPUT.get(loss))
     if args.l1 or args.l2:
         from backprop.regularizers import L1L2
 
@@ -708,34 +946,49 @@ def _train_and_save(args, argv, ds, parts, runtime, fallback, t0) -> int:
     extra_kw = {} if args.weight_decay is None else {"weight_decay": args.weight_decay}
     optimizer = training.make_optimizer(args.optimizer, model.parameters(), lr=args.lr,
                                         **extra_kw)
+    scheduler = _make_schedule(args, optimizer)
     cbs = [callbacks.TerminateOnNaN()]
+    monitor = None
+    if args.monitor:
+        from backprop.gradient_health import GradientMonitor
+
+        monitor = GradientMonitor(every=args.monitor)
+        cbs.append(monitor)
     if args.patience:
         cbs.append(callbacks.EarlyStopping("val_loss", patience=args.patience))
+    options = _run_options(args, loss, model, scheduler, validated=len(Xva) > 0)
     if args.verbose:
         print(runtime + (f" ({fallback})" if fallback else ""))
         print(f"{len(Xtr)} train / {len(Xva)} validation / {len(Xte)} test rows, "
-              f"{Xtr.shape[1]} features, {ds['task']}\n{model.summary()}")
+              f"{Xtr.shape[1]} features, {ds['task']}")
+        print("\n".join(_describe_options(options, scheduler)))
+        print(model.summary())
     validation = (Xva, yva) if len(Xva) else None
-    history = training.fit(model, Xtr, ytr, loss=loss, optimizer=optimizer, epochs=args.epochs,
-                           batch_size=args.batch_size, validation_data=validation,
-                           metrics=metrics, callbacks=cbs, seed=args.seed, verbose=args.verbose,
-                           clip_grad_norm=args.clip_grad_norm,
-                           clip_grad_value=args.clip_grad_value)
+    with _warnings_printed():
+        history = training.fit(model, Xtr, ytr, loss=loss, optimizer=optimizer,
+                               epochs=args.epochs, batch_size=args.batch_size,
+                               validation_data=validation, metrics=metrics, callbacks=cbs,
+                               seed=args.seed, verbose=args.verbose,
+                               clip_grad_norm=args.clip_grad_norm,
+                               clip_grad_value=args.clip_grad_value, scheduler=scheduler)
     if _options["quiet"]:  # a rank other than 0: rank 0 evaluates, writes and reports
         return 0
-    results = _test_metrics(model, Xte, yte, classify, yscale) if len(Xte) else {}
+    results = _test_metrics(model, Xte, yte, classify, yscale, loss=loss) if len(Xte) else {}
     extra = {"task": ds["task"], "classes": ds["classes"], "features": ds["features"],
              "target": ds["target"], "mean": scaler.mean, "std": scaler.std,
              "data": {"name": ds["name"], "split": args.split, "seed": args.seed,
                       "encoding": args.encoding},
-             "test": results, "command": ["train", *argv]}
+             "test": results, "command": ["train", *argv], "options": options}
     if yscale is not None:
         extra.update({"y_mean": yscale.mean, "y_std": yscale.std})
     io.save(model, os.path.join(args.out, "model.npz"), optimizer=optimizer,
-            epoch=len(history), extra=extra)
+            epoch=len(history), scheduler=scheduler, extra=extra)
     history.to_json(os.path.join(args.out, "history.json"))
     history.to_csv(os.path.join(args.out, "history.csv"))
     plot = None if args.no_plot else _plot(history, os.path.join(args.out, "curves.png"))
+    flow = None
+    if monitor is not None and not args.no_plot and monitor.records:
+        flow = _plot_flow(monitor, os.path.join(args.out, "gradient_flow.png"))
     elapsed = time.perf_counter() - t0
     if results:
         print("test " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
@@ -748,17 +1001,108 @@ def _train_and_save(args, argv, ds, parts, runtime, fallback, t0) -> int:
     where = f"{runtime}, {ranks} MPI processes" if ranks > 1 else runtime
     print(f"ran on {where}; {len(history)} epochs in {elapsed:.1f} s")
     print(f"saved {args.out}/model.npz, history.json, history.csv"
-          + (f", {os.path.basename(plot)}" if plot else ""))
+          + (f", {os.path.basename(plot)}" if plot else "")
+          + (f", {os.path.basename(flow)}" if flow else ""))
     return 0
 
 
-def _test_metrics(model, X, y, classify: bool, yscale, batch_size: int = 256) -> dict:
-    """Test metrics in the data's own units (regression outputs are un-standardised)."""
+@contextlib.contextmanager
+def _warnings_printed():
+    """Library warnings raised inside (GradientHealthWarning...) as one ``warning:`` line
+    each on stderr, instead of Python's ``file:line: Category: message`` form."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr)
+
+    before = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = before
+
+
+def _plot_flow(monitor, path: str) -> str | None:
+    """The monitor's gradient-flow plot (per-layer δ RMS over the steps), if matplotlib is
+    there."""
+    try:
+        monitor.plot(path)
+    except ImportError:
+        print("matplotlib is not installed: skipped gradient_flow.png "
+              "(pip install 'backprop[plot]')")
+        return None
+    return path
+
+
+def _run_options(args, loss: str, model, scheduler, validated: bool) -> dict:
+    """The model, loss and schedule options of a run, resolved (defaults filled in) and
+    JSON-able: printed before training and saved in the checkpoint as ``extra["options"]``."""
+    from backprop.layers import Dense
+
+    dense = [layer for layer in model.layers if isinstance(layer, Dense)]
+    inits = {"hidden": sorted({layer.init or _default_init(layer) for layer in dense[:-1]}),
+             "output": dense[-1].init or _default_init(dense[-1])}
+    schedule = None if scheduler is None else scheduler.state_dict()
+    return {"loss": loss, "output": OUTPUT.get(loss, "linear"),
+            "hidden": list(args.hidden), "activation": args.activation,
+            "batch_norm": args.batch_norm, "dropout": args.dropout,
+            "input_dropout": args.input_dropout, "init": args.init or "auto",
+            "initializers": inits, "optimizer": args.optimizer, "lr": args.lr,
+            "schedule": args.schedule, "warmup_epochs": args.warmup_epochs,
+            "schedule_config": None if schedule is None else _schedule_config(schedule),
+            "plateau_monitor": ("val_loss" if validated else "loss")
+            if args.schedule == "plateau" else None}
+
+
+def _default_init(layer) -> str:
+    from backprop.init import default_for
+
+    return default_for(layer.activation)
+
+
+def _schedule_config(state: dict) -> dict:
+    """``{"type", **config}`` of a scheduler state, with its warmup's follower nested."""
+    config = {"type": state["type"], **state["config"]}
+    if state.get("after") is not None:
+        config["after"] = _schedule_config(state["after"])
+    return config
+
+
+def _describe_options(options: dict, scheduler) -> list[str]:
+    """The lines of the run summary that state the model, loss and schedule options."""
+    placement = {"none": "no batch norm",
+                 "before": "batch norm before each hidden activation",
+                 "after": "batch norm after each hidden activation"}[options["batch_norm"]]
+    inits = options["initializers"]
+    hidden = "/".join(inits["hidden"])
+    init = (f"init {options['init']}" if options["init"] != "auto" else
+            f"init {hidden} (hidden), {inits['output']} (output)" if hidden else
+            f"init {inits['output']}")
+    output = {"log_softmax": " (log-softmax output)", "softmax": " (softmax output; the loss "
+              "takes its logits, δ = A - Y)"}.get(options["output"], "")
+    dropout = [f"dropout {options['dropout']:g} after each hidden layer"] \
+        if options["dropout"] else []
+    if options["input_dropout"]:
+        dropout.append(f"input dropout {options['input_dropout']:g}")
+    schedule = _describe_schedule(scheduler)
+    if options["plateau_monitor"]:
+        schedule += f" of {options['plateau_monitor']}"
+    return [f"model: loss {options['loss']}{output}, {init}, {placement}, "
+            + (", ".join(dropout) if dropout else "no dropout"),
+            f"training: {options['optimizer']}, lr {options['lr']:g}, {schedule}"]
+
+
+def _test_metrics(model, X, y, classify: bool, yscale, batch_size: int = 256,
+                  loss: str = "cross_entropy") -> dict:
+    """Test metrics in the data's own units (regression outputs are un-standardised); a
+    classifier's loss is its training loss (cross_entropy on logits, nll on log-softmax
+    outputs)."""
     from backprop import metrics, training
     from backprop.backend import to_numpy
 
     if classify:
-        return training.evaluate(model, X, y, loss="cross_entropy", metrics=["accuracy"],
+        return training.evaluate(model, X, y, loss=loss, metrics=["accuracy"],
                                  batch_size=batch_size)
     pred = to_numpy(training.predict(model, X, batch_size=batch_size))
     if yscale is not None:
@@ -781,7 +1125,7 @@ def _plot(history, path: str) -> str | None:
     h = history.history
     epochs = [e + 1 for e in history.epoch]
     other = next((k for k in h if k not in ("loss", "lr", "time", "samples_per_s")
-                  and not k.startswith("val_")), None)
+                  and not k.startswith("val_") and "/" not in k), None)  # not grad/...
     panels = ["loss"] + ([other] if other else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, key in zip(axes[0], panels):
@@ -880,13 +1224,124 @@ def _evaluate(argv) -> int:
         from backprop.data import Standardizer
 
         yscale = Standardizer(extra["y_mean"], extra["y_std"])
-    results = _test_metrics(ckpt.model, X, y, classify, yscale, batch_size=args.batch_size)
+    loss = extra.get("options", {}).get("loss", "cross_entropy")  # older runs: cross_entropy
+    results = _test_metrics(ckpt.model, X, y, classify, yscale, batch_size=args.batch_size,
+                            loss=loss)
     if args.json:
         print(json.dumps({"split": split, "rows": len(X), **results}))
     else:
         print(f"{len(X)} rows ({split}) on {runtime}: "
               + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
     return 0
+
+
+def explain_main(argv) -> int:
+    return _run(_explain, argv)
+
+
+def _explain(argv) -> int:
+    from backprop.explain import MAX_BATCH, explain
+
+    p = argparse.ArgumentParser(
+        prog="backprop explain",
+        description="Backpropagation on one small batch: the equations with the numbers, "
+                    "layer by layer, each gradient checked against central differences "
+                    "(exit status 1 if one disagrees), after the computational graph. Of a "
+                    "saved model (its data's test rows by default), or of a fresh one built "
+                    "from --hidden, --activation and --loss on --data.")
+    p.add_argument("model", nargs="?", help="a model.npz written by train (default: a fresh "
+                   "model)")
+    p.add_argument("--data", help="data set or CSV file (default: the model's, else digits)")
+    p.add_argument("--target", help="target column of a CSV file (a fresh model)")
+    p.add_argument("--encoding", type=_encoding, default=None,
+                   help="text encoding of a CSV file (default utf-8)")
+    p.add_argument("--split", choices=("test", "all"), help="a saved model: rows of its test "
+                   "part (default on its training data) or of all rows")
+    p.add_argument("--rows", type=_integer(1), default=4,
+                   help=f"rows of the batch, the first of the data (default 4, at most "
+                        f"{MAX_BATCH})")
+    p.add_argument("--hidden", type=_hidden, default="8",
+                   help="a fresh model: hidden layer widths (default 8)")
+    p.add_argument("--activation", type=_activation, default="tanh",
+                   help="a fresh model: hidden activation (default tanh)")
+    p.add_argument("--loss", default=None, choices=tuple(LOSSES),
+                   help="a fresh model: its loss (default cross_entropy for classification, "
+                        "mse for regression; a saved model uses its own)")
+    p.add_argument("--seed", type=_integer(0), default=0, help="a fresh model's weights")
+    p.add_argument("--max-cols", type=_integer(1), default=6,
+                   help="columns of each matrix shown (default 6)")
+    p.add_argument("--dot", metavar="FILE", help="also write the graph as Graphviz DOT to FILE")
+    p.add_argument("--no-graph", action="store_true", help="leave the graph out")
+    _add_common_options(p)
+    args = p.parse_args(argv)
+    if args.rows > MAX_BATCH:
+        p.error(f"argument --rows: at most {MAX_BATCH} rows (explain prints every step of "
+                "every row's gradient)")
+    if args.dot:
+        _check_out_file(args.dot)
+    if args.model is not None:
+        fresh = [f"--{k.replace('_', '-')}" for k in ("hidden", "activation", "loss", "target")
+                 if f"--{k.replace('_', '-')}" in " ".join(argv)]
+        if fresh:
+            verb = "describes" if len(fresh) == 1 else "describe"
+            p.error(f"{', '.join(fresh)} {verb} a fresh model; a saved model has its own")
+        args.batch_size = MAX_BATCH
+        ckpt, ds, X, _, _ = _checkpoint_data(args, need_target=True)
+        model, extra = ckpt.model, ckpt.extra
+        loss = extra.get("options", {}).get("loss", DEFAULT_LOSS[extra["task"]])
+        y = ds["y"]
+        if extra["task"] == "classification":
+            if extra["classes"] != ds["classes"]:
+                y = _remap_labels(y, ds["classes"], extra["classes"])
+        else:
+            y = (y - extra["y_mean"]) / extra["y_std"]
+    else:
+        model, X, y, loss = _fresh_model_batch(args)
+    rows = min(args.rows, len(X))
+    if not args.no_graph:
+        print(model.graph(loss=loss))
+        print()
+    text = explain(model, X[:rows], y[:rows], loss, max_cols=args.max_cols)
+    print(text)
+    if args.dot:
+        with open(args.dot, "w", encoding="utf-8") as f:
+            f.write(model.graph(loss=loss, format="dot"))
+        print(f"wrote the graph to {args.dot} (render: dot -Tsvg {args.dot} -o graph.svg)",
+              file=sys.stderr)
+    if not text.ok:
+        print("error: a gradient disagrees with central differences (✗ or ? above)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _fresh_model_batch(args):
+    """``(model, X, y, loss)`` for ``explain`` without a checkpoint: a new MLP on the data,
+    standardised as ``train`` standardises it."""
+    from backprop.backend import get_dtype
+    from backprop.data import Standardizer
+
+    _setup_runtime(args)
+    name = args.data or "digits"
+    task = LOSSES[args.loss] if args.loss else "auto"
+    if name in BUILTIN and args.target is not None:
+        raise CLIError(f"--target applies to CSV files only; {name} has its own target")
+    ds = _load(name, target=args.target, task=task, seed=args.seed,
+               encoding=args.encoding or "utf-8")
+    loss = args.loss or DEFAULT_LOSS[ds["task"]]
+    if LOSSES[loss] != ds["task"]:
+        raise CLIError(f"--loss {loss} is a {LOSSES[loss]} loss, but {name} is a "
+                       f"{ds['task']} data set")
+    X = Standardizer().fit(ds["X"]).transform(ds["X"])
+    y = ds["y"]
+    if ds["task"] == "classification":
+        n_out = len(ds["classes"])
+    else:
+        y = Standardizer().fit(y).transform(y)
+        n_out = y.shape[1]
+    model = _build_model(X.shape[1], args.hidden, n_out, args.activation, 0.0, args.seed,
+                         str(get_dtype()), output=OUTPUT.get(loss))
+    return model, X, y, loss
 
 
 def _remap_labels(y, classes_now, classes_trained):
@@ -935,8 +1390,15 @@ def _predict(argv) -> int:
     if extra["task"] == "classification":
         classes = extra["classes"]
         header = ["prediction"] + ([f"p_{c}" for c in classes] if args.proba else [])
-        z = out - out.max(axis=1, keepdims=True)
-        proba = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        # softmax of the outputs: of logits (cross_entropy), or of log-probabilities (nll's
+        # log-softmax output), where it is exp(out) itself (a row's log-softmax is the row
+        # shifted by a constant, which softmax ignores)
+        # shifted by a constant, which softmax ignores); a softmax output is already one
+        if extra.get("options", {}).get("output") == "softmax":
+            proba = out / out.sum(axis=1, keepdims=True)
+        else:
+            z = out - out.max(axis=1, keepdims=True)
+            proba = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
         rows = [[classes[k]] + ([f"{v:.6g}" for v in pr] if args.proba else [])
                 for k, pr in zip(out.argmax(axis=1), proba)]
     else:

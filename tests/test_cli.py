@@ -226,9 +226,10 @@ def test_patience_without_a_validation_part_is_an_argument_error(cli, no_fit):
 
 
 @pytest.mark.parametrize("args, decay", [([], 0.01), (["--weight-decay", "0"], 0.0)])
-def test_weight_decay_defaults_to_the_optimizers(cli, no_fit, args, decay):
+def test_weight_decay_defaults_to_the_optimizers(cli, no_fit, tmp_path, args, decay):
     # an explicit 0 turns AdamW's decoupled decay off; no flag keeps AdamW's default
-    cli("train", "--data", "two_moons", "--hidden", "4", "--optimizer", "adamw", *args)
+    cli("train", "--data", "two_moons", "--hidden", "4", "--optimizer", "adamw", *args,
+        "--out", tmp_path / "r")  # not the shared default runs/latest: tests run in parallel
     assert no_fit[0]["optimizer"].hyper["weight_decay"] == decay
 
 
@@ -269,16 +270,18 @@ def test_environment_device_applies_unless_flag_given(cli, monkeypatch, no_fit):
     assert "neither" not in err  # the device is checked before the data is loaded
 
 
-def test_environment_kernels_and_dtype_apply_unless_flags_given(cli, monkeypatch, no_fit):
+def test_environment_kernels_and_dtype_apply_unless_flags_given(cli, monkeypatch, no_fit,
+                                                                tmp_path):
     monkeypatch.setenv("BACKPROP_KERNELS", "reference")
     monkeypatch.setenv("BACKPROP_DTYPE", "float64")
-    code, out, err = cli("train", "--data", "two_moons", "--hidden", "4", "--epochs", "1")
+    code, out, err = cli("train", "--data", "two_moons", "--hidden", "4", "--epochs", "1",
+                         "--out", tmp_path / "r")
     assert code == 1 and "training started" in err  # the stub stopped it
     assert "kernels reference" in out
     assert no_fit[0]["X"].dtype == np.float64
     assert all(p.data.dtype == np.float64 for p in no_fit[0]["model"].parameters())
     code, out, err = cli("train", "--data", "two_moons", "--hidden", "4", "--epochs", "1",
-                         "--kernels", "auto", "--dtype", "float32")
+                         "--kernels", "auto", "--dtype", "float32", "--out", tmp_path / "r")
     assert "kernels reference" not in out and no_fit[1]["X"].dtype == np.float32
 
 
@@ -557,3 +560,365 @@ def test_train_adds_l1_l2_penalties_and_prints_the_graph(cli, tmp_path):
     assert "Forward (each node" in stdout and "dZ0 = dA0 ⊙ relu'(Z0)" in stdout
     code, _, err = cli("train", "--l2", "-1", "--out", tmp_path / "x")
     assert code == 2 and "argument --l2: expected a finite number >= 0" in err
+
+
+# ---------------------------------------------------------------------------------------
+# Model, loss and schedule options: batch norm and dropout placement, init, loss, schedules
+def _train_ok(cli, out, *args):
+    """Train a small two_moons model (unless --data is given) into ``out``; returns stdout."""
+    base = [] if "--data" in args else ["--data", "two_moons"]
+    code, stdout, err = cli("train", *base, "--hidden", "8,4", "--epochs", "2",
+                            "--batch-size", "32", "--out", out, "--no-plot", "--verbose", "0",
+                            *args)
+    assert code == 0, err
+    return stdout
+
+
+def _layers(path):
+    from backprop import io
+
+    ckpt = io.load_checkpoint(path)
+    return ckpt, [type(layer).__name__ for layer in ckpt.model.layers]
+
+
+def _check_evaluate_and_predict(cli, model):
+    code, out, err = cli("evaluate", model, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    code, out, err = cli("predict", model, "--proba")
+    assert code == 0, err
+    return result, list(csv.reader(out.splitlines()))
+
+
+@pytest.mark.parametrize("placement, layers", [
+    ("none", ["Dense", "Dense", "Dense"]),
+    ("after", ["Dense", "BatchNorm1d", "Dense", "BatchNorm1d", "Dense"]),
+    ("before", ["Dense", "BatchNorm1d", "ReLU", "Dense", "BatchNorm1d", "ReLU", "Dense"]),
+])
+def test_batch_norm_placement_builds_the_layers(cli, tmp_path, placement, layers):
+    _train_ok(cli, tmp_path / "r", "--batch-norm", placement)
+    ckpt, names = _layers(tmp_path / "r" / "model.npz")
+    assert names == layers and ckpt.extra["options"]["batch_norm"] == placement
+    dense = [layer for layer in ckpt.model.layers if type(layer).__name__ == "Dense"]
+    hidden_act = "identity" if placement == "before" else "relu"
+    assert [d.activation.name for d in dense] == [hidden_act, hidden_act, "identity"]
+    # before: the bias is BatchNorm1d's β; the Dense keeps the activation's (He) init
+    assert [d.b is None for d in dense[:2]] == [placement == "before"] * 2
+    if placement == "before":
+        assert [d.init for d in dense[:2]] == ["he_uniform"] * 2
+    if placement != "none":  # the running statistics were trained and saved
+        bn = ckpt.model.layers[1]
+        assert not np.allclose(np.asarray(bn.running_mean), 0.0)
+    result, rows = _check_evaluate_and_predict(cli, tmp_path / "r" / "model.npz")
+    assert result["rows"] == 60 and 0.0 <= result["accuracy"] <= 1.0
+    assert rows[0] == ["prediction", "p_0", "p_1"] and len(rows) == 61
+
+
+def test_dropout_placement_input_and_hidden(cli, tmp_path):
+    _train_ok(cli, tmp_path / "r", "--input-dropout", "0.2", "--dropout", "0.1",
+              "--batch-norm", "before", "--activation", "tanh")
+    ckpt, names = _layers(tmp_path / "r" / "model.npz")
+    assert names == ["Dropout", "Dense", "BatchNorm1d", "Tanh", "Dropout",
+                     "Dense", "BatchNorm1d", "Tanh", "Dropout", "Dense"]
+    assert [layer.p for layer in ckpt.model.layers if names[0] == type(layer).__name__] == \
+        pytest.approx([0.2, 0.1, 0.1])
+    assert ckpt.model.layers[0].counter > 0  # the input dropout drew masks in training
+    options = ckpt.extra["options"]
+    assert (options["dropout"], options["input_dropout"]) == (0.1, 0.2)
+    _check_evaluate_and_predict(cli, tmp_path / "r" / "model.npz")
+
+
+def test_dropout_alone_keeps_its_placement(cli, tmp_path):
+    _train_ok(cli, tmp_path / "r", "--dropout", "0.3")
+    _, names = _layers(tmp_path / "r" / "model.npz")
+    assert names == ["Dense", "Dropout", "Dense", "Dropout", "Dense"]
+
+
+@pytest.mark.parametrize("flag, name", [("he_normal", "he_normal"), ("xavier", "xavier_uniform"),
+                                        ("HE", "he_uniform")])
+def test_init_applies_to_every_dense_layer(cli, no_fit, tmp_path, flag, name):
+    cli("train", "--data", "digits", "--hidden", "256,128", "--activation", "tanh",
+        "--init", flag, "--out", tmp_path / "r")
+    dense = [layer for layer in no_fit[0]["model"].layers if hasattr(layer, "W")]
+    assert [d.init for d in dense] == [name] * 3
+    W = np.asarray(dense[1].W.data, dtype=np.float64)  # (128, 256): fan_in 256, fan_out 128
+    std = {"he_normal": np.sqrt(2 / 256), "he_uniform": np.sqrt(2 / 256),
+           "xavier_uniform": np.sqrt(2 / (256 + 128))}[name]
+    assert W.std() == pytest.approx(std, rel=0.05)
+
+
+def test_init_defaults_to_the_library_choice_per_layer(cli, tmp_path):
+    _train_ok(cli, tmp_path / "r")
+    ckpt, _ = _layers(tmp_path / "r" / "model.npz")
+    options = ckpt.extra["options"]
+    assert options["init"] == "auto"
+    assert options["initializers"] == {"hidden": ["he_uniform"], "output": "xavier_uniform"}
+    assert [layer.init for layer in ckpt.model.layers] == [None] * 3
+
+
+def test_nll_loss_trains_a_log_softmax_output(cli, tmp_path):
+    from backprop import data
+
+    out = tmp_path / "r"
+    stdout = _train_ok(cli, out, "--loss", "nll", "--epochs", "4", "--lr", "0.02")
+    ckpt, _ = _layers(out / "model.npz")
+    assert ckpt.model.layers[-1].activation.name == "log_softmax"
+    assert ckpt.extra["options"]["loss"] == "nll"
+    test_loss = float(stdout.split("test loss ")[1].split(",")[0])
+    result, rows = _check_evaluate_and_predict(cli, out / "model.npz")
+    assert result["loss"] == pytest.approx(test_loss, abs=1e-4)
+    # --proba gives probabilities: exp of the log-softmax outputs
+    code, stdout, err = cli("predict", out / "model.npz", "--proba", "--split", "all")
+    assert code == 0, err
+    proba = np.array([[float(v) for v in r[1:]] for r in csv.reader(stdout.splitlines()[1:])])
+    X, _ = data.two_moons(n=400, noise=0.15, seed=0)
+    X = (X - ckpt.extra["mean"]) / ckpt.extra["std"]
+    logp = np.asarray(ckpt.model(X.astype(np.float32)), dtype=np.float64)
+    assert np.allclose(proba, np.exp(logp), atol=1e-5)
+    assert np.allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["half_mse", "l1", "mse"])
+def test_regression_losses(cli, tmp_path, loss):
+    out = tmp_path / "r"
+    _train_ok(cli, out, "--data", "regression", "--loss", loss)
+    history = json.loads((out / "history.json").read_text())
+    if loss == "l1":  # the L1 loss is the MAE of the standardised targets
+        assert history["loss"] == pytest.approx(history["mae"], rel=1e-4)
+    ckpt, _ = _layers(out / "model.npz")
+    assert ckpt.extra["options"]["loss"] == loss and ckpt.extra["task"] == "regression"
+    code, stdout, err = cli("evaluate", out / "model.npz", "--json")
+    assert code == 0 and set(json.loads(stdout)) >= {"mse", "mae", "r2"}, err
+    code, stdout, err = cli("predict", out / "model.npz")
+    assert code == 0 and len(stdout.split()) == 1 + 150, err
+
+
+def test_a_regression_loss_makes_a_csv_a_regression_task(cli, tmp_path):
+    rows = "".join(f"{i % 7},{(i * 3) % 5},{i % 3}\n" for i in range(60))
+    path = _csv(tmp_path / "n.csv", "a,b,y\n" + rows)  # auto: integer labels, classification
+    _train_ok(cli, tmp_path / "r", "--data", path, "--target", "y", "--loss", "mse")
+    ckpt, _ = _layers(tmp_path / "r" / "model.npz")
+    assert ckpt.extra["task"] == "regression" and ckpt.model.layers[-1].out_features == 1
+    pets = _pets(tmp_path / "pets.csv")  # string labels cannot be regressed
+    code, _, err = cli("train", "--data", pets, "--target", "kind", "--loss", "l1",
+                       "--out", tmp_path / "p")
+    assert_user_error(code, err, "'cat'", "--loss l1 makes this a regression task")
+    assert not (tmp_path / "p").exists()
+
+
+LR = 0.1
+
+
+def _cosine(t, T, lo=0.0):
+    return lo + (LR - lo) * (1 + np.cos(np.pi * t / T)) / 2
+
+
+@pytest.mark.parametrize("args, epochs, expected, kind", [
+    (["--schedule", "step", "--step-size", "2", "--gamma", "0.5"], 5,
+     [LR, LR, LR / 2, LR / 2, LR / 4], "StepLR"),
+    (["--schedule", "step"], 3, [LR] * 3, "StepLR"),  # default: step size 10
+    (["--schedule", "exponential", "--gamma", "0.5"], 3, [LR, LR / 2, LR / 4], "ExponentialLR"),
+    (["--schedule", "cosine"], 4, [_cosine(t, 4) for t in range(4)], "CosineAnnealingLR"),
+    (["--schedule", "cosine", "--min-lr", "0.01"], 3, [_cosine(t, 3, 0.01) for t in range(3)],
+     "CosineAnnealingLR"),
+    (["--warmup-epochs", "2"], 4, [LR / 3, 2 * LR / 3, LR, LR], "LinearWarmup"),
+    (["--warmup-epochs", "2", "--schedule", "cosine"], 5,
+     [LR / 3, 2 * LR / 3, *(_cosine(t, 3) for t in range(3))], "LinearWarmup"),
+    (["--warmup-epochs", "1", "--schedule", "step", "--step-size", "1", "--gamma", "0.1"], 3,
+     [LR / 3, LR, LR / 10], "LinearWarmup"),
+])
+def test_schedule_sets_the_lr_of_each_epoch(cli, tmp_path, args, epochs, expected, kind):
+    out = tmp_path / "r"
+    _train_ok(cli, out, "--lr", str(LR), "--epochs", str(epochs), *args)
+    history = json.loads((out / "history.json").read_text())
+    assert history["lr"] == pytest.approx(expected, rel=1e-6)
+    rows = list(csv.DictReader((out / "history.csv").read_text().splitlines()))
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-6)
+    ckpt, _ = _layers(out / "model.npz")  # the schedule's state is in the checkpoint
+    assert type(ckpt.scheduler).__name__ == kind and ckpt.scheduler.last_epoch == epochs
+    assert ckpt.extra["options"]["schedule_config"]["type"] == kind
+    _check_evaluate_and_predict(cli, out / "model.npz")
+
+
+def test_no_schedule_keeps_the_lr_and_saves_no_scheduler(cli, tmp_path):
+    _train_ok(cli, tmp_path / "r", "--lr", "0.05")
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert history["lr"] == pytest.approx([0.05, 0.05])
+    ckpt, _ = _layers(tmp_path / "r" / "model.npz")
+    assert ckpt.scheduler is None and ckpt.extra["options"]["schedule"] == "none"
+
+
+@pytest.mark.parametrize("split, monitor", [("0.7,0.15,0.15", "val_loss"),
+                                            ("0.8,0,0.2", "loss")])
+def test_plateau_schedule_halves_the_lr_when_the_monitor_stalls(cli, tmp_path, split, monitor):
+    out = tmp_path / "r"
+    _train_ok(cli, out, "--hidden", "8", "--epochs", "8", "--lr", "1", "--split", split,
+              "--schedule", "plateau", "--lr-patience", "0", "--gamma", "0.5",
+              "--min-lr", "0.2")
+    history = json.loads((out / "history.json").read_text())
+    expected, best = [1.0], np.inf  # ReduceLROnPlateau, patience 0: halve after a bad epoch
+    for value in history[monitor][:-1]:
+        if value < best * (1 - 1e-4):
+            best = value
+            expected.append(expected[-1])
+        else:
+            expected.append(max(expected[-1] * 0.5, 0.2))
+    assert history["lr"] == pytest.approx(expected) and min(expected) < 1.0  # it did stall
+    ckpt, _ = _layers(out / "model.npz")
+    assert type(ckpt.scheduler).__name__ == "ReduceLROnPlateau"
+    assert ckpt.extra["options"]["plateau_monitor"] == monitor
+
+
+def test_run_summary_states_the_options(cli, tmp_path):
+    code, stdout, err = cli("train", "--data", "two_moons", "--hidden", "8", "--epochs", "3",
+                            "--loss", "nll", "--init", "he_normal", "--batch-norm", "before",
+                            "--dropout", "0.1", "--input-dropout", "0.2", "--lr", "0.01",
+                            "--warmup-epochs", "1", "--schedule", "step", "--step-size", "1",
+                            "--out", tmp_path / "r", "--no-plot", "--verbose", "2")
+    assert code == 0, err
+    assert ("model: loss nll (log-softmax output), init he_normal, batch norm before each "
+            "hidden activation, dropout 0.1 after each hidden layer, input dropout 0.2"
+            in stdout)
+    assert ("training: adam, lr 0.01, linear warmup from lr×0.333 over 1 epoch, then step: "
+            "lr × 0.1 every 1 epoch" in stdout)
+    assert stdout.index("model: loss") < stdout.index("Epoch 1/3")
+    code, stdout, err = cli("train", "--data", "regression", "--hidden", "8", "--epochs", "1",
+                            "--schedule", "plateau", "--split", "0.8,0,0.2",
+                            "--out", tmp_path / "s", "--no-plot", "--verbose", "2")
+    assert code == 0, err
+    assert ("model: loss mse, init he_uniform (hidden), xavier_uniform (output), no batch "
+            "norm, no dropout" in stdout)
+    assert ("training: adam, lr 0.001, plateau: lr × 0.1 (down to 0) after more than 10 "
+            "epochs without improvement of loss" in stdout)
+
+
+def test_graph_shows_batch_norm_activation_layers_and_log_softmax(cli, tmp_path):
+    code, stdout, err = cli("train", "--data", "two_moons", "--hidden", "8", "--epochs", "1",
+                            "--loss", "nll", "--batch-norm", "before", "--graph",
+                            "--out", tmp_path / "r", "--no-plot", "--verbose", "0")
+    assert code == 0, err
+    assert "BatchNorm1d(8)" in stdout and "A2 = relu(A1)" in stdout
+    assert "log Σ_row" in stdout and "NLLLoss" in stdout
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--loss", "mse"], ["--loss", "regression loss", "digits", "cross_entropy, nll"]),
+    (["--data", "regression", "--loss", "nll"], ["--loss", "classification", "mse, half_mse"]),
+    (["--data", "x.csv", "--task", "regression", "--loss", "cross_entropy"],
+     ["--loss", "--task regression"]),
+    (["--loss", "hinge"], ["--loss", "invalid choice", "nll"]),
+    (["--batch-norm", "middle"], ["--batch-norm", "invalid choice", "before"]),
+    (["--batch-norm", "after", "--hidden", ""], ["--batch-norm", "--hidden ''"]),
+    (["--batch-norm", "before", "--batch-size", "1"], ["--batch-norm", "--batch-size 2"]),
+    (["--input-dropout", "1"], ["--input-dropout", "[0, 1)"]),
+    (["--input-dropout", "-0.1"], ["--input-dropout", "[0, 1)"]),
+    (["--init", "orthogonal"], ["--init", "he_normal", "xavier_uniform"]),
+    (["--schedule", "linear"], ["--schedule", "invalid choice", "cosine"]),
+    (["--schedule", "step", "--step-size", "0"], ["--step-size", ">= 1"]),
+    (["--schedule", "step", "--gamma", "1"], ["--gamma", "< 1"]),
+    (["--schedule", "step", "--gamma", "0"], ["--gamma", "> 0"]),
+    (["--schedule", "cosine", "--min-lr", "-1"], ["--min-lr", ">= 0"]),
+    (["--schedule", "plateau", "--lr-patience", "-1"], ["--lr-patience", ">= 0"]),
+    (["--warmup-epochs", "-1"], ["--warmup-epochs", ">= 0"]),
+    (["--step-size", "3"], ["--step-size", "--schedule step only", "not --schedule none"]),
+    (["--schedule", "cosine", "--gamma", "0.5"], ["--gamma", "step, exponential or plateau"]),
+    (["--schedule", "step", "--min-lr", "0"], ["--min-lr", "cosine or plateau"]),
+    (["--schedule", "cosine", "--lr-patience", "2"], ["--lr-patience", "plateau only"]),
+    (["--schedule", "cosine", "--min-lr", "0.01", "--lr", "0.01"], ["--min-lr", "below --lr"]),
+    (["--schedule", "plateau", "--warmup-epochs", "2"], ["--warmup-epochs", "plateau"]),
+    (["--warmup-epochs", "5", "--epochs", "5"], ["--warmup-epochs", "fewer warmup epochs"]),
+])
+def test_bad_model_and_schedule_options_fail_before_training(cli, no_fit, tmp_path, args,
+                                                              fragments):
+    code, _, err = cli("train", *args, "--out", tmp_path / "r")
+    assert_user_error(code, err, *fragments)
+    assert not no_fit and not (tmp_path / "r").exists()
+
+
+def test_batch_norm_needs_two_rows_in_the_last_batch(cli, no_fit, tmp_path):
+    code, _, err = cli("train", "--data", "xor", "--split", "1,0,0", "--hidden", "4",
+                       "--batch-norm", "after", "--batch-size", "3", "--out", tmp_path / "r")
+    assert_user_error(code, err, "--batch-norm", "last batch of 1 row", "--batch-size 2")
+    assert not no_fit and not (tmp_path / "r").exists()
+    cli("train", "--data", "xor", "--split", "1,0,0", "--hidden", "4", "--batch-norm", "after",
+        "--batch-size", "4", "--out", tmp_path / "r")
+    assert len(no_fit) == 1  # one full batch of 4 rows: it trains
+
+
+# -- gradient health and explain ----------------------------------------------------------
+def test_monitor_writes_gradient_flow_and_logs_the_statistics(tmp_path):
+    out = tmp_path / "run"
+    run("train", "--data", "two_moons", "--hidden", "8,8", "--epochs", "2", "--monitor", "3",
+        "--out", out, "--verbose", "0")
+    png = (out / "gradient_flow.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    header = (out / "history.csv").read_text().splitlines()[0].split(",")
+    for key in ("grad/0/delta_rms", "grad/2/grad_norm", "grad/1/update_ratio",
+                "grad/0/dead_fraction", "grad/depth_ratio"):
+        assert key in header
+    plain = tmp_path / "plain"  # without --monitor: no columns, no plot
+    run("train", "--data", "two_moons", "--hidden", "8", "--epochs", "1", "--out", plain,
+        "--verbose", "0")
+    assert not (plain / "gradient_flow.png").exists()
+    assert "grad/" not in (plain / "history.csv").read_text()
+
+
+def test_monitor_warns_in_one_line_when_gradients_vanish(tmp_path):
+    proc = run("train", "--data", "two_moons", "--hidden", ",".join(["16"] * 8),
+               "--activation", "sigmoid", "--epochs", "1", "--monitor", "1", "--out",
+               tmp_path / "deep", "--verbose", "0")
+    lines = [ln for ln in proc.stderr.splitlines() if "vanish" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: GradientMonitor: the gradients "
+                                                   "vanish")
+    assert "He initialisation" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_categorical_crossentropy_trains_a_softmax_output_and_predicts_its_probabilities(
+        tmp_path):
+    out = tmp_path / "cce"
+    stdout = run("train", "--data", "two_moons", "--hidden", "8", "--epochs", "3",
+                 "--loss", "categorical_crossentropy", "--out", out, "--verbose", "1").stdout
+    assert "softmax output; the loss takes its logits" in stdout
+    import backprop as bp
+
+    ckpt = bp.load_checkpoint(out / "model.npz")
+    assert ckpt.model.layers[-1].activation.kernel == "softmax"
+    rows = list(csv.reader(run("predict", out / "model.npz", "--proba").stdout.splitlines()))
+    proba = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-5)
+    assert (proba > 0).all()  # the outputs themselves, not a softmax of them (≥ e⁻¹/(1+e⁻¹))
+    assert proba.max() > 0.75
+
+
+def test_explain_a_fresh_model_prints_graph_equations_and_checks(tmp_path):
+    dot = tmp_path / "g.dot"
+    proc = run("explain", "--rows", "3", "--hidden", "5", "--activation", "relu", "--dot", dot)
+    out = proc.stdout
+    assert out.index("Forward (each node") < out.index("# Backpropagation on one batch")
+    assert "δ0 = ∂L/∂Z0 = dA0 ⊙ σ′(Z0)" in out and "✓ All" in out and "✗" not in out
+    assert dot.read_text().startswith("digraph")
+    regression = run("explain", "--data", "regression", "--rows", "2", "--no-graph").stdout
+    assert "MSELoss" in regression and "Forward (each node" not in regression
+
+
+def test_explain_a_saved_model_uses_its_loss_and_data(trained):
+    out, _ = trained
+    proc = run("explain", out / "model.npz", "--rows", "2")
+    assert "Dense(2, 16, activation='tanh')" in proc.stdout and "✓ All" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rows", "1000"], "at most 256 rows"),
+    (["--loss", "mse"], "is a regression loss, but digits is a classification data set"),
+    (["no-such.npz"], "no checkpoint at"),
+    (["--hidden", "x"], "--hidden"),
+])
+def test_explain_usage_errors(tmp_path, args, message):
+    proc = run("explain", *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_explain_refuses_fresh_model_options_for_a_saved_model(trained):
+    out, _ = trained
+    proc = run("explain", out / "model.npz", "--hidden", "4", check=False)
+    assert proc.returncode == 2 and "--hidden describes a fresh model" in proc.stderr
