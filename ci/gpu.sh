@@ -25,7 +25,8 @@
 #   nccl-ranks  the same script under mpiexec, one rank per GPU (2+ GPUs and mpi4py only)
 #   cpu         the test suite on the CPU once, numba_cpu kernel harness included, beside
 #               the GPU test steps
-# The kernel files run only in `kernels` (and their numba_cpu cases in `cpu`); the suites drop
+# The kernel files (marker kernel_harness) run only in `kernels` (and their numba_cpu cases in
+# `cpu`); the suites drop
 # tests parametrized with the other device (a pytest plugin written under the work dir), and
 # run the model-level files on the dispatch of the step only (--backend default: the CPU CI
 # covers the reference and the host-compiled CuPy kernels).
@@ -211,13 +212,6 @@ sys.exit(tuple(map(int, xdist.__version__.split(".")[:2])) < (3, 2))'; then
   fi
 fi
 PYTEST=("${PYRUN[@]}" -m pytest -q -ra -p no:cacheprovider)
-KERNEL_FILES=()
-for f in tests/test_kernels.py tests/test_cupy_compile.py tests/test_cupy_launches.py \
-         tests/test_numba_cuda_compile.py; do
-  [[ -f $f ]] && KERNEL_FILES+=("$f")
-done
-IGNORE_KERNELS=()
-for f in "${KERNEL_FILES[@]}"; do IGNORE_KERNELS+=("--ignore=$f"); done
 
 # --------------------------------------------------------------------------------------
 # benchmarks first, alone on the machine: the GPU ones, PyTorch on CUDA, then the CPU ones
@@ -265,21 +259,18 @@ fi
 (
   export BACKPROP_DEVICE=cpu BP_CI_DEVICE=cpu NUMBA_NUM_THREADS=4
   run_step cpu 300 "${PYTEST[@]}" tests "${XDIST[@]}" -m "not cudasim" --backend default \
-    --ignore=tests/test_cupy_compile.py --ignore=tests/test_cupy_launches.py \
-    --ignore=tests/test_numba_cuda_compile.py -k "not cupy and not numba_cuda" \
-    -p bp_ci_device_filter --junitxml="$LOGS/cpu.xml" > /dev/null
+    -k "not cupy and not numba_cuda" -p bp_ci_device_filter --junitxml="$LOGS/cpu.xml" \
+    > /dev/null
 ) &
 CPU_PID=$!
 
-if (( ${#KERNEL_FILES[@]} )); then
-  run_step kernels 150 "${PYTEST[@]}" "${KERNEL_FILES[@]}" "${XDIST[@]}" -k "not numba_cpu" \
-    --junitxml="$LOGS/kernels.xml"
-else
-  record kernels 1 0 "no kernel test files found"
-fi
+# the files marked kernel_harness (tests/test_kernels.py and the compile tests)
+run_step kernels 150 "${PYTEST[@]}" tests -m kernel_harness "${XDIST[@]}" -k "not numba_cpu" \
+  --junitxml="$LOGS/kernels.xml"
 for choice in cupy numba; do
   BACKPROP_DEVICE=cuda BACKPROP_KERNELS=$choice BP_CI_DEVICE=cuda \
-    run_step "cuda-$choice" 120 "${PYTEST[@]}" tests "${XDIST[@]}" "${IGNORE_KERNELS[@]}" --backend default \
+    run_step "cuda-$choice" 120 "${PYTEST[@]}" tests "${XDIST[@]}" -m "not kernel_harness" \
+      --backend default \
       -p bp_ci_device_filter --junitxml="$LOGS/cuda-$choice.xml"
 done
 # NCCL through CuPy (backprop.distributed): one rank always; N ranks, one GPU each, when the

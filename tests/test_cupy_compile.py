@@ -61,6 +61,8 @@ from backprop import kernels as K  # noqa: E402
 from backprop.kernels import cupy_kernels as ck  # noqa: E402
 from backprop.kernels import reference  # noqa: E402
 
+pytestmark = pytest.mark.kernel_harness  # ci/gpu.sh runs these in its kernels step
+
 ARCH = os.environ.get("BACKPROP_NVRTC_ARCH", "90")
 DTYPES = [np.dtype(np.float32), np.dtype(np.float64)]
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}

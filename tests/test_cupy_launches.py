@@ -30,6 +30,8 @@ from backprop.kernels import cupy_kernels as CK
 from conftest import kernel_arguments
 from cuda_host import C_SCALARS, install, kernel_signature
 
+pytestmark = pytest.mark.kernel_harness  # ci/gpu.sh runs these in its kernels step
+
 C_TYPES = {ctype: numpy_type for ctype, (numpy_type, _) in C_SCALARS.items()}  # besides T
 SHAPES = [(6, 5), (600, 70)]  # 600 rows: more than _BIAS_ROWS_PER_BLOCK, so partial sums
 

@@ -49,6 +49,7 @@ import cuda_host
 from backprop import kernels as K
 from backprop.kernels import reference as R
 
+pytestmark = pytest.mark.kernel_harness  # ci/gpu.sh runs these in its kernels step
 SIMULATOR = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 CUPY_ON_HOST = "cupy_on_host"  # the CuPy backend's CUDA C++ compiled for the CPU (cuda_host.py)
 BACKENDS = [name for name in K.BACKENDS if name != "reference"]

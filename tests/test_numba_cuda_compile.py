@@ -18,9 +18,10 @@ from backprop import kernels
 from conftest import kernel_arguments
 
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM", "0").strip() not in ("", "0")
-pytestmark = pytest.mark.skipif(
-    SIMULATED, reason="numba.cuda.compile_ptx is not simulated: run this test without "
-                      "NUMBA_ENABLE_CUDASIM=1")
+pytestmark = [pytest.mark.kernel_harness,  # ci/gpu.sh runs these in its kernels step
+              pytest.mark.skipif(
+                  SIMULATED, reason="numba.cuda.compile_ptx is not simulated: run this test "
+                                    "without NUMBA_ENABLE_CUDASIM=1")]
 
 CC = (8, 0)  # any compute capability works without a GPU; sm_80 has float64 atomics etc.
 DTYPES = (np.float32, np.float64)
