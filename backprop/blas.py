@@ -7,7 +7,10 @@ waking and joining than it saves, and spinning between products it slows the ste
 work too (the whole-step measurements that set :data:`MACS_PER_THREAD` are in
 ``docs/design.md``). So :func:`threads_for` caps OpenBLAS at one thread per :data:`MACS_PER_THREAD` multiply-adds
 of the largest product (at least one, never more than it is set to), and ``fit`` trains
-inside it. The cap is set through threadpoolctl, which finds the OpenBLAS that NumPy loaded,
+inside it. A forward or backward pass of a ``Sequential`` on the CPU outside ``fit`` (a
+hand-written training loop, ``predict``) caps itself the same way for its own duration
+(:func:`acquire` / :func:`release`, a few hundred nanoseconds each), so the fast setting is
+the default everywhere and nothing changes for the caller's own NumPy code in between. The cap is set through threadpoolctl, which finds the OpenBLAS that NumPy loaded,
 and only where that OpenBLAS runs its own pthreads pool (an OpenMP build shares its
 thread-count setting with every OpenMP user of the thread, Numba's kernels among them; MKL
 and other BLAS libraries are left alone).
@@ -22,10 +25,15 @@ from __future__ import annotations
 import contextlib
 import threading
 
-__all__ = ["MACS_PER_THREAD", "largest_product", "threads_for"]
+__all__ = ["MACS_PER_THREAD", "largest_product", "threads_for", "acquire", "release"]
 
 MACS_PER_THREAD = 1_500_000
 """Multiply-adds of the largest product per BLAS thread that ``fit`` lets OpenBLAS use."""
+
+SINGLE_THREADED_MACS = 2**18
+"""Products up to this many multiply-adds OpenBLAS runs on one thread by itself
+(``GEMM_MULTITHREAD_THRESHOLD`` × 65536): no cap needed for a pass whose largest product is
+no larger."""
 
 _state: dict = {}
 _lock = threading.Lock()
@@ -43,30 +51,55 @@ def largest_product(model, batch_size: int) -> int:
 
 
 def _openblas():
-    """threadpoolctl's controller of the pthreads OpenBLAS libraries loaded here (None if
-    there is none, or threadpoolctl cannot inspect this process)."""
+    """``[(get, set), ...]``: the thread-count functions of each pthreads OpenBLAS library
+    loaded here, found by threadpoolctl (None if there is none, or it cannot inspect this
+    process). Called through ctypes directly: threadpoolctl's own setter costs more and,
+    for a pthreads OpenBLAS, obeys only the first thread that called it."""
     if "openblas" not in _state:
         try:
-            from threadpoolctl import ThreadpoolController
-
-            controller = ThreadpoolController().select(internal_api="openblas")
-            libraries = controller.lib_controllers
-            pthreads = libraries and all(getattr(lib, "threading_layer", None) == "pthreads"
-                                         for lib in libraries)
-            _state["openblas"] = controller if pthreads else None
+            _state["openblas"] = _find_openblas()
         except Exception:  # threadpoolctl's inspection failed: leave BLAS as it is
             _state["openblas"] = None
     return _state["openblas"]
 
 
+def _find_openblas():
+    import itertools
+
+    from threadpoolctl import ThreadpoolController
+
+    libraries = ThreadpoolController().select(internal_api="openblas").lib_controllers
+    if not libraries or any(getattr(lib, "threading_layer", None) != "pthreads"
+                            for lib in libraries):
+        return None
+    functions = []
+    for lib in libraries:
+        for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_", "_64")):
+            get = getattr(lib.dynlib, f"{prefix}openblas_get_num_threads{suffix}", None)
+            put = getattr(lib.dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
+            if get is not None and put is not None:
+                functions.append((get, put))
+                break
+        else:
+            return None
+    return functions
+
+
+def _threads(openblas) -> int:
+    return min(get() for get, _ in openblas)
+
+
 def _apply(openblas) -> None:
     """Set OpenBLAS to the largest active cap (never above the original count), or back to
-    the original count when no cap is active. Called with ``_lock`` held."""
+    the original count when no cap is active. Called with ``_lock`` held; the count set
+    last is remembered (nothing else changes it while a cap is active), so an unchanged
+    count costs no call."""
     original = _original["threads"]
     count = min(max(_active), original) if _active else original
-    for lib in openblas.lib_controllers:
-        if lib.num_threads != count:
-            lib.set_num_threads(count)
+    if _original.get("now") != count:
+        for _, put in openblas:
+            put(count)
+        _original["now"] = count
 
 
 @contextlib.contextmanager
@@ -82,12 +115,48 @@ def threads_for(largest: int):
     wanted = max(1, largest // MACS_PER_THREAD)
     with _lock:
         if not _active:
-            _original["threads"] = min(lib.num_threads for lib in openblas.lib_controllers)
+            _original["threads"] = _original["now"] = _threads(openblas)
         _active.append(wanted)
         _apply(openblas)
     try:
         yield
     finally:
-        with _lock:
-            _active.remove(wanted)
-            _apply(openblas)
+        release(wanted)
+
+
+def acquire(largest: int) -> int | None:
+    """:func:`threads_for` without the context manager, for the hot path of a forward or
+    backward pass: cap OpenBLAS for a product of ``largest`` multiply-adds and return the
+    token to give :func:`release` afterwards (in a ``finally``), or None when nothing
+    changes (no pthreads OpenBLAS; a product OpenBLAS runs on one thread anyway; the count
+    already at or below the cap, e.g. inside a ``fit``; or a product large enough for
+    every thread). Thread-safe."""
+    if largest <= SINGLE_THREADED_MACS:
+        return None
+    openblas = _openblas()
+    if openblas is None:
+        return None
+    wanted = max(1, largest // MACS_PER_THREAD)
+    active = _active
+    if active and wanted <= max(active, default=wanted):  # an active cap already covers it
+        return None
+    with _lock:
+        if not _active:
+            original = _threads(openblas)
+            if wanted >= original:
+                return None
+            _original["threads"] = _original["now"] = original
+        _active.append(wanted)
+        _apply(openblas)
+    return wanted
+
+
+def release(token: int | None) -> None:
+    """End the cap of :func:`acquire` (None: nothing to do); the count returns to what the
+    remaining caps allow, or to the original count when none is left."""
+    if token is None:
+        return
+    openblas = _openblas()
+    with _lock:
+        _active.remove(token)
+        _apply(openblas)

@@ -7,6 +7,9 @@ for (``need_input_grad=True``: training never needs the gradient of the data).
 """
 from __future__ import annotations
 
+import numpy as np
+
+from backprop import blas
 from backprop.layers import Layer, check_input, from_config
 
 __all__ = ["Sequential"]
@@ -40,6 +43,11 @@ class Sequential(Layer):
 
     ``model(x)`` converts ``x`` (array-like, any device), checks it and returns a fresh
     array; ``model.forward(x)`` is the training hot path and returns a reused buffer.
+
+    On the CPU, ``forward`` and ``backward`` each cap OpenBLAS's threads for their own
+    duration to what the pass's largest matrix product pays for (:mod:`backprop.blas`, as
+    ``fit`` does for a whole run), so a hand-written training loop is as fast as ``fit``
+    and the caller's code in between keeps every thread.
     """
 
     def __init__(self, layers):
@@ -57,6 +65,8 @@ class Sequential(Layer):
         params = self.parameters()
         self._first_param = params[0] if params else None  # its dtype and device: the model's
         self._expected_features = self.in_features
+        # multiply-adds per row of the largest matrix product: sizes the BLAS thread cap
+        self._widest = blas.largest_product(self, 1)
 
     def children(self):
         return [(str(i), layer) for i, layer in enumerate(self.layers)]
@@ -87,9 +97,20 @@ class Sequential(Layer):
     def forward(self, x):
         if self._first_param is not None:
             check_input(x, "the model", self._expected_features, self._first_param.data)
-        for layer in self.layers:
-            x = layer.forward(x)
+        cap = self._blas_cap(x)
+        try:
+            for layer in self.layers:
+                x = layer.forward(x)
+        finally:
+            blas.release(cap)
         return x
+
+    def _blas_cap(self, batch):
+        """On the CPU, cap OpenBLAS's threads for this pass's products (:mod:`backprop.blas`:
+        small products run faster on fewer threads); the token for ``blas.release``."""
+        if not self._widest or type(batch) is not np.ndarray:
+            return None
+        return blas.acquire(batch.shape[0] * self._widest)
 
     def backward(self, grad, need_input_grad=False, from_logits=False):
         """Backward through every layer, last first, adding into each parameter's ``.grad``.
@@ -102,12 +123,16 @@ class Sequential(Layer):
         logits of a softmax output layer (what a loss paired with it computes, see
         :func:`backprop.losses.paired_output`), not at its output."""
         last = len(self.layers) - 1
-        if from_logits:
-            grad = self.layers[last].backward(grad, need_input_grad=need_input_grad or last > 0,
-                                              from_logits=True)
-            last -= 1
-        for i in range(last, -1, -1):
-            grad = self.layers[i].backward(grad, need_input_grad=need_input_grad or i > 0)
+        cap = self._blas_cap(grad)
+        try:
+            if from_logits:
+                grad = self.layers[last].backward(
+                    grad, need_input_grad=need_input_grad or last > 0, from_logits=True)
+                last -= 1
+            for i in range(last, -1, -1):
+                grad = self.layers[i].backward(grad, need_input_grad=need_input_grad or i > 0)
+        finally:
+            blas.release(cap)
         return grad
 
     def output_shape(self, input_shape):
@@ -200,3 +225,12 @@ class Sequential(Layer):
         from backprop import io
 
         return io.save(self, path, *args, **kwargs)
+
+    def export_onnx(self, path, opset=None, **kwargs):
+        """Write the inference graph as ONNX (``opset`` None: the default, 17): see
+        :func:`backprop.onnx_export.export_onnx` (needs ``pip install 'backprop[onnx]'``)."""
+        from backprop import onnx_export
+
+        if opset is None:
+            opset = onnx_export.DEFAULT_OPSET
+        return onnx_export.export_onnx(self, path, opset, **kwargs)

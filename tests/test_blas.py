@@ -10,7 +10,7 @@ from backprop import blas
 from backprop import callbacks as C
 from backprop import training
 from backprop.backend import use_device
-from backprop.layers import BatchNorm1d, Dense, Dropout, Residual
+from backprop.layers import BatchNorm1d, Dense, Dropout, Layer, Residual
 from backprop.model import Sequential
 
 
@@ -19,7 +19,7 @@ def _openblas_threads() -> int:
     if blas._openblas() is None:
         pytest.skip("no OpenBLAS with a pthreads pool in this process (threadpoolctl found "
                     "none): blas.threads_for leaves BLAS alone here")
-    return min(lib.num_threads for lib in blas._openblas().lib_controllers)
+    return blas._threads(blas._openblas())
 
 
 @use_device("cpu")
@@ -68,4 +68,48 @@ def test_fit_trains_under_the_cap_of_its_model(features, width):
     want = min(before, max(1, 128 * features * width // blas.MACS_PER_THREAD))
     assert want == (1 if width == 32 else before)
     assert record.seen == [want, want]
+    assert _openblas_threads() == before
+
+
+class _RecordThreads(Layer):
+    """Passes its input through, recording OpenBLAS's thread count in forward and backward."""
+
+    preserves_shape = True
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(("forward", _openblas_threads()))
+        return x
+
+    def backward(self, grad, need_input_grad=True):
+        self.seen.append(("backward", _openblas_threads()))
+        return grad
+
+
+@pytest.mark.parametrize("rows, width, capped", [(64, 128, True), (4, 16, False),
+                                                 (256, 2048, False)],
+                         ids=["digits-size", "one-thread-anyway", "large"])
+@use_device("cpu")
+def test_a_pass_outside_fit_caps_itself_and_restores_the_count(rows, width, capped):
+    """A hand-written loop's forward and backward run under the cap fit would set, and the
+    caller's own code before and after runs on the threads it had; products OpenBLAS runs
+    on one thread anyway, and large ones, leave the count alone."""
+    before = _openblas_threads()
+    if before < 2:
+        pytest.skip(f"OpenBLAS runs {before} thread here: nothing to cap")
+    probe = _RecordThreads()
+    model = Sequential([Dense(width, width, activation="relu"), probe, Dense(width, 2)])
+    x = np.random.default_rng(0).standard_normal((rows, width)).astype(np.float32)
+    model.backward(model.forward(x).copy())
+    inside = 1 if capped else before
+    assert probe.seen == [("forward", inside), ("backward", inside)]
+    assert _openblas_threads() == before
+    token = blas.acquire(rows * width * width)
+    try:
+        assert (token is None) == (not capped)
+    finally:
+        blas.release(token)
     assert _openblas_threads() == before
