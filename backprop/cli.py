@@ -4,6 +4,7 @@
               model.npz, history.json, history.csv and curves.png to --out
     evaluate  loss and metrics of a saved model on a data set
     predict   a saved model's predictions, as CSV (to a file or stdout)
+    export    a saved model as an ONNX file (needs pip install 'backprop[onnx]')
     info      versions, device, CuPy/Numba status, kernel backend, CPU-fallback reason
 
 Subcommands live in :data:`COMMANDS`: ``name -> (one-line help, "module:function")``, the
@@ -60,6 +61,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "backprop.cli:train_main"),
     "evaluate": ("loss and metrics of a saved model on a data set", "backprop.cli:evaluate_main"),
     "predict": ("predictions of a saved model, as CSV", "backprop.cli:predict_main"),
+    "export": ("write a saved model as ONNX (for ONNX Runtime and other tools)",
+               "backprop.cli:export_main"),
     "explain": ("backprop on one small batch, the equations with the numbers, each gradient "
                 "checked; and the computational graph", "backprop.cli:explain_main"),
     "info": ("versions, device, kernel backend and the reason for any CPU fallback",
@@ -1417,6 +1420,189 @@ def _predict(argv) -> int:
     if args.out:
         print(f"wrote {len(rows)} predictions ({split} rows) to {args.out}", file=sys.stderr)
     return 0
+
+
+# ---------------------------------------------------------------------------------------
+# export
+def export_main(argv) -> int:
+    return _run(_export, argv)
+
+
+def _opset(text: str) -> int:
+    from backprop.onnx_export import MAX_OPSET, MIN_OPSET
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not MIN_OPSET <= value <= MAX_OPSET:
+        raise argparse.ArgumentTypeError(f"expected an ONNX opset from {MIN_OPSET} to "
+                                         f"{MAX_OPSET}, got {text!r}")
+    return value
+
+
+def _input_shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        dims = ()
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected one sample's shape as whole numbers >= 1 "
+                                         f"such as 3,4, got {text!r}")
+    return dims
+
+
+def _check_export_file(path: str, model: str) -> None:
+    """``export``'s output: a file name in a writable folder, not the checkpoint itself."""
+    if os.path.isdir(path):
+        raise CLIError(f"{path} is a directory; give the ONNX file to write, such as "
+                       f"{os.path.join(path, 'model.onnx')}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CLIError(f"{path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise CLIError(f"{path}: the folder {folder} is not writable; give another path")
+    if os.path.exists(path) and os.path.samefile(path, model):
+        raise CLIError(f"{path} is the checkpoint itself, which export would overwrite; give "
+                       "another file name, such as model.onnx")
+
+
+def _network_output(model) -> str:
+    """The activation kernel that the model's last layer applies ("identity" if none)."""
+    from backprop.activations import Activation
+    from backprop.layers import Dense, Dropout
+    from backprop.model import Sequential
+
+    layers = list(model.layers) if isinstance(model, Sequential) else [model]
+    while layers:
+        last = layers.pop()
+        if isinstance(last, Sequential):
+            layers.extend(last.layers)
+        elif isinstance(last, Dense):
+            return last.activation.kernel
+        elif isinstance(last, Activation):
+            return last.kernel
+        elif not isinstance(last, Dropout):
+            return "other"
+    return "identity"
+
+
+OUTPUT_MEANING = {"identity": "logits", "log_softmax": "log-probabilities",
+                  "softmax": "probabilities"}
+
+
+def _export(argv) -> int:
+    from backprop import io, onnx_export
+
+    p = argparse.ArgumentParser(
+        prog="backprop export",
+        description="Write a saved model as an ONNX file, the inference graph of predict, "
+                    "checked by onnx.checker (needs pip install 'backprop[onnx]'). For a model "
+                    "written by train the graph takes the raw feature columns (the "
+                    "standardisation of train is its first step) and gives what predict "
+                    "computes before formatting: a classifier's network outputs (logits, "
+                    "or log-probabilities / probabilities for an nll / "
+                    "categorical_crossentropy model; --proba: probabilities), a regression "
+                    "model's predictions in the target's units. The class names, feature "
+                    "columns and output kind are in the file's metadata_props.")
+    p.add_argument("model", help="a model.npz written by train (or backprop.io.save)")
+    p.add_argument("output", help="the ONNX file to write, e.g. model.onnx (replaced "
+                   "atomically if it exists)")
+    p.add_argument("--opset", type=_opset, default=onnx_export.DEFAULT_OPSET,
+                   help=f"ONNX opset, {onnx_export.MIN_OPSET} to {onnx_export.MAX_OPSET} "
+                        f"(default {onnx_export.DEFAULT_OPSET})")
+    p.add_argument("--dtype", default=None, choices=("float32", "float64"),
+                   help="precision of the graph (default: the model's)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--raw", action="store_true",
+                      help="the network alone: standardised inputs, the outputs as the "
+                           "network computes them (what model.export_onnx writes)")
+    what.add_argument("--proba", action="store_true",
+                      help="a classifier's output: class probabilities (a softmax of the "
+                           "logits)")
+    p.add_argument("--input-shape", type=_input_shape, default=None,
+                   help="one sample's shape, e.g. 3,4, for a model that does not declare its "
+                        "input features (one that starts with Flatten)")
+    p.add_argument("--input-name", default="input", help="the graph's input (default input)")
+    p.add_argument("--output-name", default="output",
+                   help="the graph's output (default output)")
+    _add_common_options(p, runtime=False)
+    args = p.parse_args(argv)
+    if not args.input_name or not args.output_name or args.input_name == args.output_name:
+        p.error("--input-name and --output-name must be two different non-empty names")
+    _check_model_path(args.model)
+    if not os.path.exists(args.model):
+        raise CLIError(f"no checkpoint at {args.model!r}; give the model.npz that train wrote "
+                       "(train --out FOLDER writes FOLDER/model.npz)")
+    _check_export_file(args.output, args.model)
+    try:
+        opsets = onnx_export.supported_opsets()
+    except ImportError as exc:
+        raise CLIError(_one_line(exc)) from None
+    if args.opset not in opsets:
+        import onnx
+
+        raise CLIError(f"--opset {args.opset} is newer than the installed onnx "
+                       f"{onnx.__version__} knows (up to {opsets[-1]}): upgrade onnx (pip "
+                       f"install -U onnx) or give --opset {opsets[-1]} or lower")
+    ckpt = io.load_checkpoint(args.model, device="cpu")  # export needs no GPU and no kernels
+    model, extra = ckpt.model, ckpt.extra
+    from_train = all(k in extra for k in ("features", "mean", "std", "task"))
+    classify = extra.get("task") == "classification" if from_train else None
+    produced = _network_output(model)
+    if args.proba and classify is False:
+        raise CLIError(f"--proba needs a classification model; {args.model} is a regression "
+                       "model: leave --proba out")
+    if args.proba and produced not in OUTPUT_MEANING:
+        raise CLIError(f"--proba needs a model whose outputs are logits, log-probabilities or "
+                       f"probabilities; the last layer of {args.model} applies {produced}: "
+                       "leave --proba out")
+    if args.input_shape is None and model.in_features is None:
+        raise CLIError(f"the model in {args.model} does not declare its input features (it "
+                       "starts with a layer such as Flatten that takes any shape): give one "
+                       "sample's shape with --input-shape, e.g. --input-shape 3,4")
+    kwargs, meta = {}, {"backprop.checkpoint": os.path.basename(args.model)}
+    if args.input_shape is not None:
+        kwargs["input_shape"] = args.input_shape
+    if from_train and not args.raw:
+        kwargs["input_standardization"] = (extra["mean"], extra["std"])
+        inputs = (f"{len(extra['features'])} raw feature columns "
+                  f"{_preview(list(extra['features']))}, standardised in the graph")
+    else:
+        inputs = "standardised features, as in training" if from_train else "the model's inputs"
+    if from_train and not classify:
+        kind = "standardised predictions" if args.raw else "predictions"
+        if not args.raw:
+            kwargs["output_standardization"] = (extra["y_mean"], extra["y_std"])
+        output = f"{kind} of {extra.get('target')!r}" + ("" if args.raw else " in its units")
+    elif args.proba:
+        kwargs["append_softmax"] = produced != "softmax"
+        kind = output = "probabilities"
+    else:
+        kind = OUTPUT_MEANING.get(produced, "outputs") if from_train else "outputs"
+        output = f"the network's {kind}"
+    if from_train:
+        meta.update({"backprop.task": extra["task"],
+                     "backprop.features": json.dumps(list(extra["features"])),
+                     "backprop.target": json.dumps(extra.get("target")),
+                     "backprop.input": "standardised features" if args.raw else "raw features",
+                     "backprop.output": kind})
+        if classify:
+            meta["backprop.classes"] = json.dumps(list(extra["classes"]))
+            output += f" of the classes {_preview(list(extra['classes']))}"
+    try:
+        onnx_export.export_onnx(model, args.output, args.opset, dtype=args.dtype,
+                                input_name=args.input_name, output_name=args.output_name,
+                                metadata=meta, **kwargs)
+    except onnx_export.ONNXExportError as exc:
+        raise CLIError(_one_line(exc)) from None
+    params = model.parameters()
+    dtype = args.dtype or (str(params[0].dtype) if params else "the default dtype")
+    shape = args.input_shape or (model.in_features,)
+    print(f"wrote {args.output} (ONNX opset {args.opset}, {dtype}): input "
+          f"{args.input_name!r} of shape (N, {', '.join(map(str, shape))}): {inputs}; output "
+          f"{args.output_name!r}: {output}")
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------

@@ -922,3 +922,185 @@ def test_explain_refuses_fresh_model_options_for_a_saved_model(trained):
     out, _ = trained
     proc = run("explain", out / "model.npz", "--hidden", "4", check=False)
     assert proc.returncode == 2 and "--hidden describes a fresh model" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# export: a saved model as ONNX (the inference graph of predict, raw features in)
+def _onnx_outputs(path, X, name="input"):
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {name: np.ascontiguousarray(X, dtype=np.float32)})[0]
+
+
+def _onnx_props(path):
+    import onnx
+
+    proto = onnx.load(str(path))
+    return proto, {p.key: p.value for p in proto.metadata_props}
+
+
+def _training_data(ckpt):
+    """The raw feature rows of a built-in data set, as train loaded them."""
+    from backprop import data
+
+    seed = ckpt.extra["data"]["seed"]
+    if ckpt.extra["data"]["name"] == "two_moons":
+        return data.two_moons(n=400, noise=0.15, seed=seed)[0]
+    return data.regression(n=1000, features=8, noise=0.1, seed=seed)[0]
+
+
+def test_export_a_classifier_takes_raw_features_and_matches_predict(cli, trained, tmp_path):
+    pytest.importorskip("onnx")
+    import backprop as bp
+
+    model = trained[0] / "model.npz"
+    code, out, err = cli("export", model, tmp_path / "m.onnx")
+    assert code == 0, err
+    assert "wrote" in out and "2 raw feature columns" in out and "logits" in out
+    ckpt = bp.load_checkpoint(model)
+    X = _training_data(ckpt)
+    Xs = ((X - ckpt.extra["mean"]) / ckpt.extra["std"]).astype(np.float32)
+    np.testing.assert_allclose(_onnx_outputs(tmp_path / "m.onnx", X), ckpt.model.predict(Xs),
+                               rtol=1e-5, atol=1e-5)
+    # --proba: the probabilities that predict --proba prints (to its 6 significant digits)
+    code, out, err = cli("export", model, tmp_path / "p.onnx", "--proba")
+    assert code == 0 and "probabilities of the classes ['0', '1']" in out, err
+    code, out, err = cli("predict", model, "--proba", "--split", "all")
+    assert code == 0, err
+    rows = list(csv.reader(out.splitlines()))[1:]
+    printed = np.array([[float(v) for v in r[1:]] for r in rows])
+    proba = _onnx_outputs(tmp_path / "p.onnx", X)
+    np.testing.assert_allclose(proba, printed, atol=2e-6)
+    assert [str(k) for k in proba.argmax(axis=1)] == [r[0] for r in rows]
+    proto, props = _onnx_props(tmp_path / "p.onnx")
+    assert json.loads(props["backprop.classes"]) == ["0", "1"]
+    assert json.loads(props["backprop.features"]) == ["x0", "x1"]
+    assert props["backprop.output"] == "probabilities" and props["backprop.task"] == \
+        "classification"
+    assert [n.op_type for n in proto.graph.node][:2] == ["Sub", "Div"]
+
+
+def test_export_raw_is_the_network_alone(cli, trained, tmp_path):
+    pytest.importorskip("onnx")
+    import backprop as bp
+
+    model = trained[0] / "model.npz"
+    code, out, err = cli("export", model, tmp_path / "r.onnx", "--raw", "--opset", "20",
+                         "--dtype", "float64", "--input-name", "x", "--output-name", "logits")
+    assert code == 0 and "opset 20, float64" in out and "standardised features" in out, err
+    proto, props = _onnx_props(tmp_path / "r.onnx")
+    assert proto.opset_import[0].version == 20 and props["backprop.input"] == \
+        "standardised features"
+    assert proto.graph.input[0].type.tensor_type.elem_type == 11  # DOUBLE
+    ckpt = bp.load_checkpoint(model)
+    X = np.random.default_rng(0).normal(size=(5, 2))
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {"x": X})[0]
+    np.testing.assert_allclose(got, ckpt.model.predict(X.astype(np.float32)), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_export_a_regression_model_predicts_in_the_targets_units(cli, regression_model,
+                                                                  tmp_path):
+    pytest.importorskip("onnx")
+    code, out, err = cli("export", regression_model, tmp_path / "reg.onnx")
+    assert code == 0 and "predictions of 'y' in its units" in out, err
+    code, out, err = cli("predict", regression_model, "--split", "all")
+    assert code == 0, err
+    printed = np.array([float(v) for v in out.split()[1:]])
+    import backprop as bp
+
+    X = _training_data(bp.load_checkpoint(regression_model))
+    got = _onnx_outputs(tmp_path / "reg.onnx", X)[:, 0]
+    np.testing.assert_allclose(got, printed, rtol=1e-5, atol=1e-4 * np.abs(printed).max())
+    _, props = _onnx_props(tmp_path / "reg.onnx")
+    assert props["backprop.output"] == "predictions" and "backprop.classes" not in props
+
+
+@pytest.mark.parametrize("loss, ops", [("nll", ["LogSoftmax", "Softmax"]),
+                                       ("categorical_crossentropy", ["Softmax"])])
+def test_export_proba_of_log_softmax_and_softmax_outputs(cli, tmp_path, loss, ops):
+    pytest.importorskip("onnx")
+    _train_ok(cli, tmp_path / "r", "--loss", loss)
+    code, out, err = cli("export", tmp_path / "r" / "model.npz", tmp_path / "p.onnx", "--proba")
+    assert code == 0, err
+    proto, _ = _onnx_props(tmp_path / "p.onnx")
+    tail = [n.op_type for n in proto.graph.node if "softmax" in n.op_type.lower()]
+    assert tail == ops  # a softmax output is not softmaxed twice
+    X = np.random.default_rng(1).normal(size=(6, 2))
+    proba = _onnx_outputs(tmp_path / "p.onnx", X)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-6)
+    code, out, err = cli("export", tmp_path / "r" / "model.npz", tmp_path / "l.onnx")
+    assert code == 0 and {"nll": "log-probabilities", "categorical_crossentropy":
+                          "probabilities"}[loss] in out, err
+
+
+def test_export_a_library_checkpoint(cli, tmp_path):
+    pytest.importorskip("onnx")
+    import backprop as bp
+
+    model = bp.Sequential([bp.Flatten(), bp.Dense(6, 3, activation="sigmoid", rng=0)])
+    bp.save(model, tmp_path / "lib.npz")
+    code, _, err = cli("export", tmp_path / "lib.npz", tmp_path / "lib.onnx")
+    assert_user_error(code, err, "--input-shape")
+    code, _, err = cli("export", tmp_path / "lib.npz", tmp_path / "lib.onnx",
+                       "--input-shape", "2,3", "--proba")
+    assert_user_error(code, err, "--proba", "sigmoid")
+    assert not (tmp_path / "lib.onnx").exists()
+    code, out, err = cli("export", tmp_path / "lib.npz", tmp_path / "lib.onnx",
+                         "--input-shape", "2,3")
+    assert code == 0 and "(N, 2, 3)" in out and "the network's outputs" in out, err
+    X = np.random.default_rng(0).normal(size=(4, 2, 3)).astype(np.float32)
+    np.testing.assert_allclose(_onnx_outputs(tmp_path / "lib.onnx", X), model.eval()(X),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["{model}", "{dir}/m.onnx", "--opset", "12"], ["--opset", "13 to"]),
+    (["{model}", "{dir}/m.onnx", "--opset", "x"], ["--opset"]),
+    (["{model}", "{dir}/m.onnx", "--raw", "--proba"], ["--proba", "--raw"]),
+    (["{model}", "{dir}/m.onnx", "--input-shape", "0"], ["--input-shape", "3,4"]),
+    (["{model}", "{dir}/m.onnx", "--dtype", "float16"], ["--dtype"]),
+    (["{model}", "{dir}/m.onnx", "--input-name", "y", "--output-name", "y"],
+     ["--input-name"]),
+    (["{model}"], ["output"]),
+    (["{dir}/none.npz", "{dir}/m.onnx"], ["no checkpoint"]),
+    (["{dir}", "{dir}/m.onnx"], ["is a directory", "model.npz"]),
+    (["{garbage}", "{dir}/m.onnx"], ["not a backprop checkpoint"]),
+    (["{model}", "{dir}"], ["is a directory", "model.onnx"]),
+    (["{model}", "{nodir}"], ["does not exist"]),
+    (["{model}", "{model}"], ["checkpoint itself"]),
+    (["{regression}", "{dir}/m.onnx", "--proba"], ["--proba", "regression"]),
+])
+def test_export_usage_errors(cli, files, args, fragments):
+    if "{garbage}" in args or "{regression}" in args:
+        pytest.importorskip("onnx")  # found after the onnx check
+    code, _, err = cli("export", *[a.format(**files) for a in args])
+    assert_user_error(code, err, *fragments)
+    assert not os.path.exists(files["dir"] / "m.onnx")
+
+
+def test_export_without_onnx_exits_2_with_the_pip_hint(cli, files, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    code, _, err = cli("export", files["model"], tmp_path / "m.onnx")
+    assert_user_error(code, err, "pip install 'backprop[onnx]'")
+    # and in a fresh process whose onnx cannot be imported (a PYTHONPATH shim)
+    shim = tmp_path / "shim" / "onnx"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError(\"No module named 'onnx'\")\n")
+    env = {**CPU_ENV, "PYTHONPATH": os.pathsep.join([str(shim.parent), str(ROOT)])}
+    proc = subprocess.run([sys.executable, "-m", "backprop", "export", str(files["model"]),
+                           str(tmp_path / "m.onnx")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "pip install 'backprop[onnx]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_in_a_subprocess(trained, tmp_path):
+    pytest.importorskip("onnx")
+    proc = run("export", trained[0] / "model.npz", tmp_path / "m.onnx", "--opset", "13")
+    assert proc.stdout.startswith("wrote ") and "opset 13" in proc.stdout
+    assert (tmp_path / "m.onnx").stat().st_size > 100
+    assert "export" in run("--help").stdout
