@@ -23,7 +23,7 @@ from backprop import (activations, callbacks, clip, concurrency, data, distribut
                       init, layers, losses, metrics, optim, regularizers, schedules, training)
 from backprop.backend import (
     Device, DeviceUnavailableError, asarray, device_info, get_array_module, get_device,
-    get_dtype, get_xp, set_device, set_dtype, to_numpy, use_device,
+    get_dtype, get_xp, set_device, set_dtype, to_numpy, use_device, to_dlpack, from_dlpack,
 )
 from backprop.clip import clip_grad_norm, clip_grad_value, grad_norm
 from backprop.concurrency import ConcurrentTrainingError, inference_mode

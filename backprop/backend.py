@@ -24,7 +24,7 @@ import numpy as np
 __all__ = [
     "Device", "DeviceUnavailableError", "get_device", "set_device", "use_device", "get_xp",
     "get_array_module", "asarray", "to_numpy", "get_dtype", "set_dtype", "device_info",
-    "parse_device", "cuda_status",
+    "parse_device", "cuda_status", "to_dlpack", "from_dlpack",
 ]
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -251,6 +251,107 @@ def to_numpy(x):
     if get_array_module(x) is not np:
         return x.get()
     return np.asarray(x)
+
+
+# ---------------------------------------------------------------------------------------
+# DLPack: zero-copy exchange with PyTorch, JAX, CuPy, NumPy >= 2 and other array libraries
+# DLPack device types (dlpack.h): where a tensor's memory lives
+_DL_HOST = {1: "CPU", 3: "CUDA host (pinned)", 11: "ROCm host (pinned)"}
+_DL_GPU = {2: "CUDA", 10: "ROCm", 13: "CUDA managed"}
+_DL_NAMES = {4: "OpenCL", 7: "Vulkan", 8: "Metal", 9: "VPI", 12: "ExtDev", 14: "oneAPI",
+             15: "WebGPU", 16: "Hexagon", 17: "MAIA", **_DL_HOST, **_DL_GPU}
+
+
+def _describe(obj) -> str:
+    """``torch.Tensor of dtype torch.bfloat16 on meta``: an object's type, dtype and device
+    where it says them (for error messages)."""
+    text = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    dtype, device = getattr(obj, "dtype", None), getattr(obj, "device", None)
+    if dtype is not None:
+        text += f" of dtype {dtype}"
+    if device is not None and not callable(device):
+        text += f" on {device}"
+    return text
+
+
+def to_dlpack(a):
+    """A DLPack capsule of ``a`` (a NumPy or CuPy array, e.g. a result of ``predict``) for
+    a consumer that takes capsules: ``torch.from_dlpack(bp.to_dlpack(out))``,
+    ``torch.utils.dlpack.from_dlpack``, ``cupy.from_dlpack``. No copy: the consumer's
+    tensor shares ``a``'s memory (writes through either show in both), and a capsule can be
+    consumed once. Consumers that speak the DLPack protocol (``torch.from_dlpack``,
+    ``jax.numpy.from_dlpack``, ``cupy.from_dlpack``, ``np.from_dlpack``) also accept ``a``
+    itself, which is the better way on the GPU (the protocol orders the consumer's CUDA
+    stream after the producer's); JAX accepts only that. Raises ``TypeError`` for anything
+    that is not a NumPy or CuPy array, and ``BufferError`` for an array DLPack cannot
+    describe (a read-only or byte-swapped NumPy array: export ``a.copy()``)."""
+    if get_array_module(a) is np and not isinstance(a, np.ndarray):
+        raise TypeError(f"to_dlpack takes a NumPy or CuPy array (backprop's arrays), got "
+                        f"{_describe(a)}; convert it first with bp.asarray")
+    try:
+        return a.__dlpack__()
+    except BufferError as exc:
+        raise BufferError(f"to_dlpack: {exc} (export a copy: bp.to_dlpack(a.copy()))") from None
+
+
+def from_dlpack(obj, device=None):
+    """The tensor ``obj`` (anything with ``__dlpack__``: a PyTorch or JAX tensor, a CuPy or
+    NumPy array...) as a NumPy array (memory on the host) or a CuPy array (memory on a CUDA
+    device), sharing its memory: no copy. A PyTorch tensor that requires grad is detached
+    first (backprop computes its own gradients and never differentiates through data), one
+    with the conjugate bit set is resolved (a copy). With ``device`` (``"cpu"``, ``"cuda"``,
+    ``"cuda:N"``) the result is then moved there, a copy when it lives elsewhere.
+
+    The result may be read-only (a JAX array's memory is immutable). Raises
+    :class:`backprop.data.DataError` naming the type, dtype and device of a tensor that
+    cannot be imported: on a device DLPack cannot describe (``meta``) or that CuPy cannot
+    reach (CUDA on a machine without a usable GPU), a dtype NumPy lacks (``bfloat16``),
+    a sparse tensor."""
+    from backprop.data import DataError
+
+    if not hasattr(obj, "__dlpack__"):
+        raise DataError(f"from_dlpack needs an object with __dlpack__ (a PyTorch, JAX or CuPy "
+                        f"tensor, a NumPy array...), got {_describe(obj)}")
+    array = _import_dlpack(obj, "from_dlpack")
+    return array if device is None else asarray(array, device=device)
+
+
+def _import_dlpack(obj, who: str):
+    """``obj`` (with ``__dlpack__``) as a NumPy or CuPy array sharing its memory; see
+    :func:`from_dlpack`. ``who`` starts each error message."""
+    from backprop.data import DataError
+
+    if getattr(obj, "requires_grad", False) and callable(getattr(obj, "detach", None)):
+        obj = obj.detach()  # PyTorch refuses to export a tensor that requires grad
+    is_conj = getattr(obj, "is_conj", None)
+    if callable(is_conj) and is_conj():
+        obj = obj.resolve_conj()
+    try:
+        kind, index = obj.__dlpack_device__()
+        kind, index = int(kind), int(index)
+    except Exception as exc:  # e.g. a torch tensor on 'meta': no memory, no DLPack device
+        raise DataError(f"{who}: {_describe(obj)} has no memory that DLPack can describe "
+                        f"({type(exc).__name__}: {exc}); give a tensor on the CPU or a CUDA "
+                        "device") from None
+    if kind in _DL_HOST:
+        importer = np.from_dlpack
+    elif kind in _DL_GPU:
+        status = cuda_status()
+        if not status["available"]:
+            raise DataError(f"{who}: {_describe(obj)} lives on a {_DL_NAMES[kind]} device "
+                            f"({index}) but CUDA is unusable here ({status['reason']}); move "
+                            "it to the CPU first (tensor.cpu())")
+        importer = _cupy().from_dlpack
+    else:
+        where = _DL_NAMES.get(kind, f"DLPack device type {kind}")
+        raise DataError(f"{who}: {_describe(obj)} lives on a {where} device, which backprop "
+                        "cannot read; move it to the CPU (or a CUDA device) first")
+    try:
+        return importer(obj)
+    except Exception as exc:  # a dtype NumPy lacks (bfloat16), sparse or strided layouts...
+        raise DataError(f"{who}: {_describe(obj)} cannot be imported through DLPack "
+                        f"({type(exc).__name__}: {exc}); convert it to a dense float32 or "
+                        "float64 tensor first (tensor.float())") from None
 
 
 def device_info() -> dict:

@@ -1,4 +1,5 @@
-"""Data: toy generators, the UCI digits, CSV files, standardisation, splits and validation.
+"""Data: toy generators, the UCI digits, CSV files, standardisation, splits, array
+conversion and validation.
 
 Everything here runs on the host with NumPy and returns NumPy arrays: features as the
 default float dtype (``bp.get_dtype()``, float32 unless changed), class labels as int64,
@@ -12,6 +13,7 @@ import csv
 import gzip
 import io
 import math
+import numbers
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -22,7 +24,7 @@ from backprop.backend import get_array_module, get_dtype
 __all__ = [
     "xor", "two_moons", "spirals", "regression", "load_digits", "load_csv", "CSVData",
     "Standardizer", "standardize", "train_val_test_split", "validate", "DataError",
-    "csv_columns",
+    "csv_columns", "as_array", "feature_names", "check_feature_names",
 ]
 
 
@@ -386,10 +388,186 @@ def train_val_test_split(X, y, fractions=(0.8, 0.1, 0.1), seed: int = 0, stratif
 
 
 # ---------------------------------------------------------------------------------------
+# Any array in: what fit, evaluate, predict and model(x) accept
+_ACCEPTED = ("give a NumPy or CuPy array, a tensor with __dlpack__ (PyTorch, JAX, CuPy...), "
+             "an object with __array__, a pandas DataFrame or Series, or nested lists of "
+             "numbers")
+
+
+def _type_name(obj) -> str:
+    """``a dict``, ``an object``, ``a torch.Tensor``: the type of ``obj`` with its article."""
+    module = type(obj).__module__
+    name = type(obj).__qualname__ if module == "builtins" else \
+        f"{module}.{type(obj).__qualname__}"
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _is_pandas(obj) -> bool:
+    return type(obj).__module__.startswith("pandas") and hasattr(obj, "to_numpy")
+
+
+def as_array(obj, *, name: str = "data", what: str = "X"):
+    """``obj`` as a NumPy or CuPy array, without a copy where its type allows.
+
+    Tried in this order: a NumPy or CuPy array is returned as is; a pandas ``DataFrame``
+    or ``Series`` (numeric columns only; nullable columns with missing values become NaN,
+    which validation then reports); an object with ``__dlpack__`` (PyTorch, JAX, CuPy...:
+    :func:`backprop.backend.from_dlpack`, memory shared, memory on the host gives a NumPy
+    array and memory on a CUDA device a CuPy array; a PyTorch tensor that requires grad is
+    detached); an object with ``__cuda_array_interface__`` (CuPy view); an object with
+    ``__array__`` (``np.asarray``); nested lists or tuples of numbers and Python numbers
+    (``np.asarray``: ints give int64, floats float64); a buffer such as a ``memoryview``
+    (shared). dtype and shape are left as they are: :func:`validate` and ``fit`` check and
+    convert them.
+
+    Raises :class:`DataError` (its message starts with ``name``, ``what`` names the
+    argument) for anything else (a str, dict, set, bytes, None...), naming the type and
+    what is accepted; for a DataFrame column that is not numeric, naming it; for ragged
+    nested lists, naming the first row of another length; and for a tensor that cannot be
+    imported (on PyTorch's ``meta`` device, a CUDA tensor without a usable GPU, a dtype
+    NumPy lacks such as bfloat16)."""
+    return _convert(obj, name, what)[0]
+
+
+def feature_names(obj) -> list[str] | None:
+    """The column names of a pandas DataFrame when every one is a str (as scikit-learn's
+    ``feature_names_in_``), else None (arrays, tensors, a DataFrame with integer or mixed
+    column names)."""
+    if not (_is_pandas(obj) and hasattr(obj, "columns") and getattr(obj, "ndim", 0) == 2):
+        return None
+    names = list(obj.columns)
+    return names if names and all(isinstance(n, str) for n in names) else None
+
+
+def check_feature_names(expected, given, name: str = "data") -> None:
+    """Raise :class:`DataError` unless the feature names ``given`` (a DataFrame's columns)
+    are ``expected`` (the model's ``feature_names_in_``) in the same order; nothing is
+    checked when either is None (an array has no names; a model fitted on arrays knows
+    none). The message lists the missing and unexpected names, or says that the order
+    differs."""
+    if expected is None or given is None or list(expected) == list(given):
+        return
+    expected, given = list(expected), list(given)
+    missing = [n for n in expected if n not in given]
+    unexpected = [n for n in given if n not in expected]
+    if missing or unexpected:
+        parts = [f"missing {_preview(missing)}" if missing else "",
+                 f"unexpected {_preview(unexpected)}" if unexpected else ""]
+        problem = ", ".join(p for p in parts if p)
+    elif len(given) == len(expected):
+        problem = "the same names in another order"
+    else:
+        problem = "repeated names"
+    raise DataError(f"{name}: the DataFrame's columns do not match the feature names the "
+                    f"model was fitted with ({problem}); the model expects "
+                    f"{_preview(expected)}, in this order: select them with "
+                    "df[model.feature_names_in_]")
+
+
+def _preview(names: list, n: int = 8) -> str:
+    return repr(names) if len(names) <= n else repr(names[:n])[:-1] + f", ... ({len(names)})]"
+
+
+def _convert(obj, name: str, what: str):
+    """``(array, feature names or None)``: see :func:`as_array` and :func:`feature_names`."""
+    if isinstance(obj, np.ndarray):
+        return (obj if type(obj) is np.ndarray else np.asarray(obj)), None
+    if type(obj).__module__.startswith("cupy") and hasattr(obj, "__cuda_array_interface__"):
+        return obj, None
+    if _is_pandas(obj):
+        return _from_pandas(obj, name, what), feature_names(obj)
+    if obj is None or isinstance(obj, (str, bytes, bytearray, dict, set, frozenset)):
+        raise DataError(f"{name}: {what} is {'None' if obj is None else _type_name(obj)}"
+                        f", not an array; {_ACCEPTED}")
+    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+        from backprop.backend import _import_dlpack
+
+        try:
+            return _import_dlpack(obj, f"{name}: {what}"), None
+        except DataError:
+            if not hasattr(obj, "__array__"):
+                raise
+            try:  # a last try, a copy: some exporters handle fewer cases than __array__
+                return np.asarray(obj), None
+            except Exception:
+                pass
+            raise
+    if hasattr(obj, "__cuda_array_interface__"):
+        from backprop.backend import _cupy
+
+        try:
+            return _cupy().asarray(obj), None
+        except Exception as exc:
+            raise DataError(f"{name}: {what} is {_type_name(obj)} in CUDA memory that "
+                            f"cannot be read here ({exc})") from None
+    if hasattr(obj, "__array__"):
+        try:
+            return np.asarray(obj), None
+        except Exception as exc:
+            raise DataError(f"{name}: {what} is {_type_name(obj)} whose __array__ failed "
+                            f"({type(exc).__name__}: {exc})") from None
+    if isinstance(obj, (list, tuple, numbers.Number)):
+        return _from_sequence(obj, name, what), None
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        raise DataError(f"{name}: {what} is {_type_name(obj)}, which backprop cannot read "
+                        f"as an array; {_ACCEPTED}") from None
+    try:
+        return np.asarray(view), None
+    except Exception as exc:
+        raise DataError(f"{name}: {what} is {_type_name(obj)} buffer that NumPy cannot "
+                        f"read ({exc})") from None
+
+
+def _from_pandas(obj, name, what):
+    columns = obj.dtypes.items() if hasattr(obj, "columns") else [(obj.name, obj.dtype)]
+    for column, dtype in columns:
+        if getattr(dtype, "kind", "O") not in "fiub":
+            label = "" if column is None else f"column {column!r} "
+            raise DataError(f"{name}: {what} {label}has dtype {dtype}, not numbers; encode "
+                            "categorical or text columns as numbers first (one-hot with "
+                            "pandas.get_dummies, or class indices with .cat.codes)")
+    array = obj.to_numpy()
+    if array.dtype == object:  # nullable columns with missing values, or bool mixed with numbers
+        array = obj.to_numpy(dtype=np.float64, na_value=np.nan)
+    return array
+
+
+def _from_sequence(obj, name, what):
+    try:
+        array = np.asarray(obj)
+    except ValueError as exc:
+        raise DataError(f"{name}: {what} is ragged nested lists ({_ragged(obj)}); every row "
+                        f"must have the same length ({exc})") from None
+    if array.dtype.kind not in "fiub":
+        raise DataError(f"{name}: {what} holds {array.dtype} values, not numbers; nested lists "
+                        "must hold numbers only")
+    return array
+
+
+def _ragged(obj) -> str:
+    """Where nested lists first differ in length, e.g. ``row 3 has 2 values, row 0 has 3``."""
+    def length(v):
+        return len(v) if isinstance(v, (list, tuple)) else None
+
+    first = length(obj[0]) if len(obj) else None
+    for i, row in enumerate(obj):
+        if length(row) != first:
+            def say(n):
+                return "a single value" if n is None else f"{n} value{'s' * (n != 1)}"
+            return f"row {i} has {say(length(row))}, row 0 has {say(first)}"
+    return "rows of different shapes"
+
+
+# ---------------------------------------------------------------------------------------
 # Validation (fit calls this once, before any step)
 def validate(X, y=None, *, n_features: int | None = None, target: str = "any",
              n_outputs: int | None = None, name: str = "training data"):
     """Check ``X`` (and ``y``) once, before training, and return them in canonical form.
+
+    ``X`` and ``y`` may be anything :func:`as_array` converts (tensors, DataFrames, lists...);
+    they are returned as NumPy or CuPy arrays.
 
     ``X`` must be a 2-D float array without NaN/inf, with ``n_features`` columns when given.
     ``target`` says what ``y`` must be:
@@ -405,9 +583,8 @@ def validate(X, y=None, *, n_features: int | None = None, target: str = "any",
     run with the array module of the inputs (one host sync per check for CuPy arrays);
     the returned arrays stay where they were. Raises :class:`DataError`.
     """
+    X = as_array(X, name=name, what="X")
     xp = get_array_module(X)
-    if not hasattr(X, "ndim"):
-        X = np.asarray(X)
     if X.ndim != 2:
         raise DataError(f"{name}: X must be 2-D (samples, features), got shape {X.shape}; "
                         "reshape with X.reshape(len(X), -1)")
@@ -425,8 +602,9 @@ def validate(X, y=None, *, n_features: int | None = None, target: str = "any",
                         "the data before training")
     if y is None:
         return X, None
-    if not hasattr(y, "ndim"):
-        y = np.asarray(y)
+    y = as_array(y, name=name, what="y")
+    if y.ndim == 0:
+        raise DataError(f"{name}: y is a single value; give one target per row of X")
     if len(y) != len(X):
         raise DataError(f"{name}: X has {len(X)} rows but y has {len(y)}; they must match")
     if y.dtype.kind not in "fiub":

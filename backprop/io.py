@@ -4,9 +4,10 @@ Layout of the archive, format version 2 (every entry a plain NumPy array, read w
 ``allow_pickle=False``; the file is a zip archive that ``np.load`` opens):
 
     __meta__        UTF-8 JSON as uint8: format name and version, library version, the
-                    architecture (``model.config()``), epoch, the names of all entries, and the
+                    architecture (``model.config()``), epoch, the names of all entries, the
                     optimizer, scheduler and ``extra`` states with each array replaced by a
-                    reference to its entry
+                    reference to its entry, and ``feature_names_in`` (the model's
+                    ``feature_names_in_``, a list of str; only when it is not None)
     model/<name>    ``model.state_dict()``: parameters, buffers and counters (e.g. "0.W")
     optimizer/<n>   the arrays of ``optimizer.state_dict()`` (moments, buffers...), numbered
     scheduler/<n>   the arrays of ``scheduler.state_dict()``, if any, numbered
@@ -311,6 +312,7 @@ def save(model, path, optimizer=None, epoch: int | None = None, scheduler=None,
                         f"lists) or None, got {_type_name(extra)}")
     _check_optimizer(model, optimizer)
     _check_scheduler(optimizer, scheduler)
+    names = _feature_names(model)
     arrays: dict[str, np.ndarray] = {}
     weights = model.state_dict()
     for name, value in weights.items():
@@ -328,10 +330,23 @@ def save(model, path, optimizer=None, epoch: int | None = None, scheduler=None,
         _Encoder("scheduler", arrays)(scheduler.state_dict(), "scheduler.state_dict()"),
         "extra": _Encoder("extra", arrays)(dict(extra), "extra"),
     }
+    if names is not None:
+        meta["feature_names_in"] = names
     meta["arrays"] = sorted(arrays)
     blob = np.frombuffer(json.dumps(meta, allow_nan=True).encode("utf-8"), dtype=np.uint8)
     _atomic_write(target, mode, {_META: blob, **arrays})
     return path
+
+
+def _feature_names(model) -> list[str] | None:
+    """``model.feature_names_in_`` as a list of str (None when the model has none)."""
+    names = getattr(model, "feature_names_in_", None)
+    if names is None:
+        return None
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"model.feature_names_in_ must be None or a list of str (the columns "
+                        f"of the DataFrame the model was fitted on), got {names!r}")
+    return [str(n) for n in names]
 
 
 def _fspath(path) -> str:
@@ -599,6 +614,9 @@ def _meta_problem(meta: dict) -> str | None:
         return "no model architecture"
     if type(meta.get("extra", {})) not in (dict, type(None)):
         return "'extra' is not a dict"
+    names = meta.get("feature_names_in")
+    if names is not None and not str_list(names):
+        return "'feature_names_in' is not a list of names"
     return None
 
 
@@ -627,6 +645,8 @@ def load_checkpoint(path, device=None) -> Checkpoint:
     with use_device(device if device is not None else get_device()):
         try:
             model = _build_model(meta, arrays)
+            if meta.get("feature_names_in") is not None:
+                model.feature_names_in_ = list(meta["feature_names_in"])
             optimizer = scheduler = None
             if optimizer_state is not None:
                 optimizer = _build_optimizer(model, optimizer_state)

@@ -59,6 +59,11 @@ class Layer(WithPerThread):
     #: :func:`backprop.per_sample.per_sample_grad_norms`); one attribute read per backward
     #: when unset. It is the layer's, so it sees the backward passes of every thread.
     backward_observer = None
+    #: The column names of the pandas DataFrame the model was fitted on (a list of str, as
+    #: scikit-learn's ``feature_names_in_``), or None: set by ``fit``, saved in checkpoints,
+    #: and checked against the columns of a DataFrame given to ``model(x)``, ``predict``
+    #: and ``evaluate`` (:func:`backprop.data.check_feature_names`).
+    feature_names_in_ = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -87,7 +92,8 @@ class Layer(WithPerThread):
             f"{type(self).__name__} must implement backward(grad, need_input_grad=True)")
 
     def __call__(self, x):
-        """Forward on any array-like; returns a fresh array (``forward`` returns a buffer)."""
+        """Forward on any array-like (see :meth:`prepare_input`); returns a fresh array of
+        the parameters' type (NumPy or CuPy; ``forward`` returns a buffer)."""
         return self.forward(self.prepare_input(x)).copy()
 
     # -- structure -------------------------------------------------------------------------
@@ -229,12 +235,25 @@ class Layer(WithPerThread):
         return input_shape if self.preserves_shape else None
 
     def prepare_input(self, x):
-        """``x`` as a C-contiguous array on the device and in the dtype of the parameters."""
+        """``x`` as a C-contiguous array on the device of the parameters.
+
+        ``x`` is anything :func:`backprop.data.as_array` converts (NumPy, CuPy, PyTorch or
+        JAX tensors through DLPack, objects with ``__array__``, pandas DataFrames, nested
+        lists); anything else is a :class:`~backprop.data.DataError`. Nested lists, Python
+        numbers and DataFrames (which have no dtype of their own) adopt the parameters'
+        dtype; an array or tensor keeps its dtype, which the forward pass checks. A
+        DataFrame's columns must match ``feature_names_in_`` when the model has names."""
+        from backprop import data as bpdata
+
         params = self.parameters()
         like = params[0].data if params else None
+        adopt = isinstance(x, (list, tuple, int, float)) or (
+            bpdata._is_pandas(x) and getattr(x, "ndim", 0) == 2)
+        x, names = bpdata._convert(x, "model input", "x")
+        bpdata.check_feature_names(self.feature_names_in_, names, "model input")
         xp = get_array_module(like if like is not None else x)
-        if not hasattr(x, "dtype"):  # a list or scalar has no dtype of its own: adopt the model's
-            x = np.asarray(x, dtype=like.dtype if like is not None else get_dtype())
+        if adopt and x.dtype.kind in "fiub":  # no dtype of its own: adopt the model's
+            x = x.astype(like.dtype if like is not None else get_dtype(), copy=False)
         x = to_numpy(x) if xp is np else xp.asarray(x)
         if like is None and x.dtype.kind != "f":
             raise TypeError(f"{self!r} needs a floating-point input; got {x.dtype}: "

@@ -12,7 +12,9 @@ One step of ``fit`` is exactly::
 On the CPU the loop runs with no more BLAS threads than the model's matrix products pay for
 (:mod:`backprop.blas`: one thread for a small MLP, whose products are slower split in two).
 
-Data: ``X``/``y`` (NumPy or CuPy) are validated once, before any step (NaN/inf, label
+Data: ``X``/``y`` (NumPy or CuPy arrays, or anything :func:`backprop.data.as_array`
+converts: PyTorch/JAX tensors through DLPack, pandas DataFrames and Series, objects with
+``__array__``, nested lists) are converted and validated once, before any step (NaN/inf, label
 range, lengths, feature count), then moved to the model's device and dtype once. Each
 epoch draws a permutation on the host from ``(seed, epoch)`` only, gathers the data into a
 permuted device copy once, and takes batches as contiguous slices of it. So a run is a
@@ -175,11 +177,26 @@ def _n_outputs(model):
     return None if shape is None or len(shape) != 2 else shape[1]
 
 
-def _prepare(model, X, y, kind, name):
-    """Validate on the host once, then move to the model's device and dtype once."""
+def _prepare(model, X, y, kind, name, expected_names=None):
+    """Convert to arrays (:func:`backprop.data.as_array`), check a DataFrame's column names
+    against ``expected_names`` (default: the model's ``feature_names_in_``), validate on the
+    host once, then move to the model's device and dtype once."""
+    X, names = bpdata._convert(X, name, "X")
+    if expected_names is None:
+        expected_names = getattr(model, "feature_names_in_", None)
+    bpdata.check_feature_names(expected_names, names, name)
     X, y = bpdata.validate(X, y, n_features=getattr(model, "in_features", None), target=kind,
                            n_outputs=_n_outputs(model), name=name)
     return _place(model, X, y, kind)
+
+
+def _source_names(source):
+    """The feature names of a data source that has them (a CSVSource's columns), or None."""
+    from backprop.sources import CSVSource
+
+    if isinstance(source, CSVSource):
+        return list(source.features)
+    return None
 
 
 def _place(model, X, y, kind):
@@ -258,8 +275,15 @@ def fit(model, X, y=None, *, loss, optimizer="adam", lr=None, epochs: int = 1, b
         clip_grad_norm: float | None = None, clip_grad_value: float | None = None) -> History:
     """Train ``model`` on ``(X, y)`` for epochs ``initial_epoch .. epochs-1``.
 
-    ``X`` is an array (NumPy, CuPy; ``y`` its targets) or a data source that does not need
-    to fit in memory, with its own targets (``y`` None): a
+    ``X`` is an array (``y`` its targets) or a data source that does not need to fit in
+    memory, with its own targets (``y`` None). An array is anything
+    :func:`backprop.data.as_array` converts: a NumPy or CuPy array, a tensor with
+    ``__dlpack__`` (PyTorch, JAX; shared, not copied, when its dtype and device are the
+    model's), a pandas DataFrame or Series, an object with ``__array__``, nested lists.
+    A DataFrame with str column names records them in ``model.feature_names_in_`` (when
+    the model has none yet; saved in checkpoints), and later DataFrames given to ``fit``,
+    ``evaluate``, ``predict`` and ``model(x)`` must have these columns in this order
+    (plain arrays are not checked). A data source is a
     :class:`backprop.sources.DataSource` (``NpySource``, ``ShardedNpySource``,
     ``CSVSource``, ``IterableSource``), or the path of an ``.npy`` file or of a directory
     of ``.npy`` shards. A source is checked chunk by chunk before the first step (an
@@ -328,9 +352,20 @@ def fit(model, X, y=None, *, loss, optimizer="adam", lr=None, epochs: int = 1, b
             if validation_split:
                 raise ValueError("validation_split takes the last rows of arrays in memory; "
                                  "with a data source, pass validation_data=(X_val, y_val)")
-        elif y is None and kind != "any":
-            raise bpdata.DataError(f"training data: y is None, but {type(loss).__name__} needs "
-                                   "targets: pass fit(X, y, ...) with one target per row of X")
+            names = _source_names(source)
+        else:
+            if y is None and kind != "any":
+                raise bpdata.DataError(f"training data: y is None, but {type(loss).__name__} "
+                                       "needs targets: pass fit(X, y, ...) with one target per "
+                                       "row of X")
+            # any array type in (tensors, DataFrames, lists), converted once, here: the
+            # split below slices arrays
+            X, names = bpdata._convert(X, "training data", "X")
+            if y is not None:
+                y = bpdata.as_array(y, name="training data", what="y")
+        fitted_names = getattr(model, "feature_names_in_", None)
+        bpdata.check_feature_names(fitted_names, names, "training data")
+        expected_names = fitted_names if fitted_names is not None else names
         if validation_split:
             n_all = len(X)
             n_val = int(round(n_all * validation_split))
@@ -359,7 +394,8 @@ def fit(model, X, y=None, *, loss, optimizer="adam", lr=None, epochs: int = 1, b
                 _check_batch_rows(model, n, batch_size, drop_last, setup.world)
             val = None
             if validation_data is not None:
-                val = _prepare(model, *validation_data, kind, "validation data")
+                val = _prepare(model, *validation_data, kind, "validation data",
+                               expected_names)
             metric_objs = _metric_list(metrics, loss, kind)
             val_metrics = [copy.deepcopy(m) for m in metric_objs]
             params = model.parameters()
@@ -370,6 +406,8 @@ def fit(model, X, y=None, *, loss, optimizer="adam", lr=None, epochs: int = 1, b
                 trainer = _Trainer(model, loss, optimizer, metric_objs, val_metrics, Xd, yd,
                                    val, batch_size, shuffle, drop_last, seed, setup.group,
                                    source=source, kind=kind, clip=clip)
+                if fitted_names is None and names is not None:  # every check passed
+                    model.feature_names_in_ = list(names)
                 with setup.training():
                     return trainer.run(epochs, initial_epoch, callbacks, scheduler, verbose)
 
@@ -855,18 +893,18 @@ def evaluate(model, X, y, loss=None, metrics="auto", batch_size: int = 256) -> d
     """Loss (when ``loss`` is given) and metrics of ``model`` on ``(X, y)`` in eval mode,
     e.g. ``{"loss": 0.08, "accuracy": 0.975}``. ``metrics="auto"``: accuracy for
     classification losses (or when no loss is given and ``y`` holds integer labels).
-    Thread-safe: runs in :func:`~backprop.concurrency.inference_mode`, on this thread's
+    ``X`` and ``y`` may be any array type :func:`fit` takes. Thread-safe: runs in :func:`~backprop.concurrency.inference_mode`, on this thread's
     buffers, without touching the model's ``training`` flags."""
     batch_size = checks.integer("batch_size", batch_size, minimum=1)
     if y is None:
         raise bpdata.DataError("evaluation data: y is None; evaluate needs the targets "
                                "(use predict(X) for outputs alone)")
+    y = bpdata.as_array(y, name="evaluation data", what="y")
     if loss is not None:
         loss = make_loss(loss)
         kind = _target_kind(loss)
     else:
-        kind = "labels" if np.dtype(getattr(y, "dtype", np.asarray(y).dtype)).kind in "iu" \
-            else "values"
+        kind = "labels" if y.dtype.kind in "iu" else "values"
     device, _ = _placement(model)
     with use_device(device), targets_validated(), inference_mode():
         X, y = _prepare(model, X, y, kind, "evaluation data")
@@ -876,8 +914,9 @@ def evaluate(model, X, y, loss=None, metrics="auto", batch_size: int = 256) -> d
 
 def predict(model, X, batch_size: int = 256):
     """The model's outputs for ``X`` in eval mode, batch by batch, as a fresh array on the
-    model's device (NumPy for a CPU model, CuPy for a GPU model). Thread-safe, as
-    :func:`evaluate`."""
+    model's device (NumPy for a CPU model, CuPy for a GPU model), whatever type ``X`` is
+    (see :func:`fit`; :func:`backprop.backend.to_dlpack` or ``torch.from_dlpack(out)`` hand
+    it back to PyTorch without a copy). Thread-safe, as :func:`evaluate`."""
     batch_size = checks.integer("batch_size", batch_size, minimum=1)
     device, _ = _placement(model)
     with use_device(device), inference_mode():
