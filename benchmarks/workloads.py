@@ -465,6 +465,14 @@ MLPS = {m.name: m for m in (
     MLP("wide", (1024, 2048, 2048, 10), 256),
 )}
 
+# One hidden layer of the mnist MLP at large batches (benchmarks/frameworks.py): where the
+# step is almost all GEMM, against PyTorch.
+LARGE_BATCH_MLPS = {m.name: m for m in (
+    MLP("b1024", (784, 256, 10), 1024),
+    MLP("b4096", (784, 256, 10), 4096),
+    MLP("b8192", (784, 256, 10), 8192),
+)}
+
 
 def mlp_data(mlp: MLP, xp, seed: int = 0):
     """A random batch ``(X, labels)`` for ``mlp`` on the device of ``xp``."""
