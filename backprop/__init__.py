@@ -48,7 +48,7 @@ from backprop.training import NonFiniteLossError, evaluate, fit, predict
 
 # the activation layers (one per record of kernels/activations.py, and GELU, Softmax)
 globals().update({name: getattr(activations, name) for name in activations.__all__
-                  if name[0].isupper()})
+                  if isinstance(getattr(activations, name), type)})  # classes, not NAMES
 
 __version__ = "0.1.0"
 

@@ -1,9 +1,14 @@
 """``python -m backprop [--debug] <command>`` (also the ``backprop`` script).
 
+::
+
     train     build an MLP, train it with a progress bar, report test metrics, and save
-              model.npz, history.json, history.csv and curves.png to --out
+              model.npz, history.json, history.csv and curves.png (with --monitor also
+              gradient_flow.png) to --out
     evaluate  loss and metrics of a saved model on a data set
     predict   a saved model's predictions, as CSV (to a file or stdout)
+    explain   backprop on one small batch: the equations with the numbers, each gradient
+              checked against central differences, after the computational graph
     export    a saved model as an ONNX file (needs pip install 'backprop[onnx]')
     info      versions, device, CuPy/Numba status, kernel backend, CPU-fallback reason
 
@@ -24,7 +29,7 @@ require the other columns to be the model's features (in any order).
 Errors. Every argument is checked when the command line is parsed; ``train`` then checks
 the device, the data, the split (every part used is non-empty, every class is in the train
 part) and the output folder (created, and written to) before the first epoch, so that a
-problem never costs a training run. Exit codes:
+problem never costs a training run. Exit codes::
 
     0    success
     1    ``info`` found an unusable configuration (each problem on stderr), or an

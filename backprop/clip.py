@@ -1,5 +1,7 @@
 """Gradient norms and clipping, with PyTorch's semantics (``torch.nn.utils.clip_grad_*_``).
 
+::
+
     total = ‖(‖g₁‖_p, ‖g₂‖_p, …)‖_p        (= ‖all gradients concatenated‖_p; p = inf: max |g|)
     clip_grad_norm:  g ← g · c  with  c = min(1, max_norm / (total + 1e-6))
     clip_grad_value: g ← clamp(g, −v, v)

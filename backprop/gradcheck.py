@@ -50,12 +50,14 @@ explain, relative to the tensor's largest gradient; the tensor passes where it i
     error = maxᵢ max(|gᵢ - Dₕ,ᵢ| - atolᵢ, 0) / S        (0 when S = 0; inf for NaN/inf)
 
 What ``L`` is depends on what is checked:
+
 - a Layer or model: ``L = Σ out ⊙ R`` with a fixed random ``R`` (or ``loss(out, target)``),
   checking ``∂L/∂input`` and every parameter. The model runs in its current mode; running
   statistics (BatchNorm) are restored afterwards, and Dropout layers are checked with a
   fixed mask (``fixed_mask = True``: every evaluation draws the same mask).
 - a Loss: ``L = loss(pred, target)``, checking ``∂L/∂pred``.
 - a callable ``fn(*inputs) -> (value, grads)``: checking ``grads`` against ``value``.
+
 Every perturbed element is restored to its exact original value. Each element costs two
 evaluations of ``L``, four where ``δᵢ`` is measured. Not thread-safe: it perturbs the
 parameters in place and fixes Dropout's masks, so no other thread may use the checked layer

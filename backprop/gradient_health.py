@@ -15,7 +15,7 @@ of the ``fit``, counted across epochs) it looks inside the backward pass of each
 a ``W`` — BatchNorm1d, activation layers, Dropout — show through the δ of the Dense layers
 around them) and records:
 
-=====================  ======================================================================
+====================== ======================================================================
 ``delta_rms``          ``sqrt(mean(δ²))`` over the batch and the units, ``δ = ∂L/∂Z``: the
                        error signal that reaches the layer (the "gradient flow"). ``L`` is
                        the mean loss of the batch, so δ carries a factor 1/N.
@@ -30,7 +30,7 @@ around them) and records:
 ``saturated_fraction`` sigmoid and tanh: the fraction of units with ``σ′(z) <
                        saturation_threshold`` (0.01) on more than ``saturation_rows`` (half)
                        of the rows. NaN for other activations.
-=====================  ======================================================================
+====================== ======================================================================
 
 ``monitor.records`` holds one dict per monitored step (``step``, ``epoch``, ``batch``,
 ``loss``, ``depth_ratio`` (below), ``layers``: ``{path: {stat: value}}``),

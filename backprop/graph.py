@@ -15,7 +15,7 @@ those of a batch of ``N`` rows (known where the first layer declares its input f
 from ``input_shape``).
 
 What each node keeps between its forward and its backward pass (the memory a training step
-holds per layer; "by reference" means the array of the previous node, not a copy):
+holds per layer; "by reference" means the array of the previous node, not a copy)::
 
     Dense        X (by reference) and one buffer holding A written over Z, when σ′ can be
                  computed from A (identity, relu, leaky_relu, sigmoid, tanh, softmax);

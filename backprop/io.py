@@ -1,7 +1,7 @@
 """Checkpoints: one ``.npz`` file, written atomically, read without pickle.
 
 Layout of the archive, format version 2 (every entry a plain NumPy array, read with
-``allow_pickle=False``; the file is a zip archive that ``np.load`` opens):
+``allow_pickle=False``; the file is a zip archive that ``np.load`` opens)::
 
     __meta__        UTF-8 JSON as uint8: format name and version, library version, the
                     architecture (``model.config()``), epoch, the names of all entries, the

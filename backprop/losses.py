@@ -2,7 +2,7 @@
 computes ``∂L/∂pred`` into a buffer the loss owns, which ``backward()`` returns.
 
 With ``d = pred - target``, ``n`` = number of elements (rows for cross-entropy) and
-``s = 1/n`` for ``reduction="mean"`` or ``1`` for ``"sum"``:
+``s = 1/n`` for ``reduction="mean"`` or ``1`` for ``"sum"``::
 
     MSELoss                   L = s Σ d²                                   ∂L/∂pred = 2 s d
     MSELoss(half=True)        L = s ½ Σ d²  (the textbooks' ½·MSE)          ∂L/∂pred = s d

@@ -13,6 +13,7 @@ still lives in its buffer; if ``.data`` was replaced (``model.to(...)``, an assi
 optimizer re-flattens, carrying its state along (to the new device or dtype if need be).
 
 Differences from PyTorch, all deliberate
+
 - A parameter whose gradient is stale (``zero_grad`` with no backward since) is updated with
   a zero gradient, so weight decay and momentum still act on it; PyTorch skips parameters
   whose ``.grad`` is None.

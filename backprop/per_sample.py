@@ -7,7 +7,7 @@ batch ``(xᵢ, yᵢ)``. For a batch of ``N`` rows the loss is ``L = s Σᵢ ℓ�
 or ``s = 1`` (``"sum"``). In eval mode every layer acts on each row by itself, and every
 built-in loss's ``ℓᵢ`` depends on row ``i`` only, so row ``i`` of the ``δ`` that backward
 hands a layer is ``s δᵢ``, with ``δᵢ`` that of ``ℓᵢ`` alone. The per-row gradients are then
-read off one backward pass of the whole batch:
+read off one backward pass of the whole batch::
 
     Dense        ∂Wᵢ = δᵢ xᵢᵀ,  ∂bᵢ = δᵢ       so   ‖∂Wᵢ‖² + ‖∂bᵢ‖² = ‖δᵢ‖² (‖xᵢ‖² + 1)
                  (δᵢ = ∂ℓᵢ/∂zᵢ, the layer's pre-activation; without a bias the ``+ 1`` goes)

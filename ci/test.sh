@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command of the README (`make test` runs this). Creates .venv if needed, installs
-# backprop with its test extra, then runs three pytest jobs:
+# backprop with its test and docs extras, then runs three pytest jobs and the docs build:
 #   1. the whole suite. The model-level files (marked `backends`) run once per kernel backend
 #      that can run here (tests/conftest.py, --backend): the default dispatch (numba_cpu),
 #      the reference oracle, and the CuPy backend's CUDA C++ compiled for this CPU
@@ -11,10 +11,13 @@
 #      before Python starts: the kernel harness's numba_cuda cases, then the layer, loss,
 #      optimizer, gradcheck and regularizer files on those kernels (the training loops would
 #      take the simulator many minutes);
-#   3. the benchmarks once in smoke mode (--benchmark-disable) so they cannot rot.
+#   3. the documentation site (`make docs`'s build): Sphinx with warnings as errors and every
+#      reference checked, so a docstring that breaks the markup or names something that is
+#      gone fails here (the pages' examples run in job 1: tests/test_docs.py);
+#   4. the benchmarks once in smoke mode (--benchmark-disable) so they cannot rot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source ci/venv.sh test
+source ci/venv.sh test,docs
 P="$VENV/bin/python -m pytest"
 export NUMBA_NUM_THREADS=${NUMBA_NUM_THREADS:-2}
 # one pytest worker per core (pytest-xdist): most of the first run is Numba compiling the
@@ -24,15 +27,18 @@ export NUMBA_NUM_THREADS=${NUMBA_NUM_THREADS:-2}
 WORKERS=${PYTEST_WORKERS:-$(nproc)}
 XDIST="-n $WORKERS --dist worksteal"
 
-echo "== 1/3 the suite; model-level files on each kernel backend =="
+echo "== 1/4 the suite; model-level files on each kernel backend =="
 $P tests -q -ra $XDIST | grep -v "^SKIPPED.*no CUDA device"
 
-echo "== 2/3 Numba CUDA kernels in the simulator =="
+echo "== 2/4 Numba CUDA kernels in the simulator =="
 NUMBA_ENABLE_CUDASIM=1 $P -q $XDIST --backend numba_cuda_sim -k numba_cuda tests/test_kernels.py \
   tests/test_layers.py tests/test_losses.py tests/test_optim.py tests/test_gradcheck.py \
   tests/test_regularizers.py
 
-echo "== 3/3 benchmarks, smoke mode =="
+echo "== 3/4 the documentation site (build/docs/html) =="
+"$VENV/bin/python" -m sphinx -W --keep-going -n -E -q -b html docs build/docs/html
+
+echo "== 4/4 benchmarks, smoke mode =="
 if [ -d benchmarks ] && ls benchmarks/test_*.py >/dev/null 2>&1; then
   $P benchmarks -q --benchmark-disable
 else
