@@ -334,7 +334,7 @@ def save(model, path, optimizer=None, epoch: int | None = None, scheduler=None,
         meta["feature_names_in"] = names
     meta["arrays"] = sorted(arrays)
     blob = np.frombuffer(json.dumps(meta, allow_nan=True).encode("utf-8"), dtype=np.uint8)
-    _atomic_write(target, mode, {_META: blob, **arrays})
+    _atomic_write(target, mode, lambda f: _write_npz(f, {_META: blob, **arrays}))
     return path
 
 
@@ -436,26 +436,29 @@ def _check_class(obj, module, what: str) -> None:
                         f"{what}.state_dict() in extra instead")
 
 
-def _destination(path: str) -> tuple[str, int]:
-    """The file to replace (symlinks followed) and the permission bits to give it."""
+def _destination(path: str, verb: str = "save", example: str = "model.npz",
+                 not_regular: type = ValueError) -> tuple[str, int]:
+    """The file to replace (symlinks followed) and the permission bits to give it; the
+    errors say ``cannot {verb} to ...`` (also used by :mod:`backprop.onnx_export`)."""
     target = os.path.realpath(path)  # np.save writes through a symlink: so does save
     if os.path.isdir(target) or path.endswith(("/", os.sep)):  # "runs/" names a directory
-        raise IsADirectoryError(f"cannot save to {path!r}: it is a directory; give a file "
-                                f"name such as {os.path.join(path, 'model.npz')!r}")
+        raise IsADirectoryError(f"cannot {verb} to {path!r}: it is a directory; give a file "
+                                f"name such as {os.path.join(path, example)!r}")
     directory = os.path.dirname(target)
     if not os.path.isdir(directory):
         if os.path.exists(directory):
-            raise NotADirectoryError(f"cannot save to {path!r}: {directory!r} is not a "
+            raise NotADirectoryError(f"cannot {verb} to {path!r}: {directory!r} is not a "
                                      "directory")
-        raise FileNotFoundError(f"cannot save to {path!r}: the directory {directory!r} does not "
-                                "exist; create it first (os.makedirs(directory, exist_ok=True))")
+        raise FileNotFoundError(f"cannot {verb} to {path!r}: the directory {directory!r} does "
+                                "not exist; create it first (os.makedirs(directory, "
+                                "exist_ok=True))")
     try:
         st = os.stat(target)
     except FileNotFoundError:
         return target, 0o666 & ~_umask()
     if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"cannot save to {path!r}: it exists and is not a regular file "
-                         "(a device, pipe or socket), which save would replace")
+        raise not_regular(f"cannot {verb} to {path!r}: it exists and is not a regular file "
+                          f"(a device, pipe or socket), which {verb} would replace")
     return target, stat.S_IMODE(st.st_mode)
 
 
@@ -483,7 +486,10 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(target: str, mode: int, arrays: dict) -> None:
+def _atomic_write(target: str, mode: int, write) -> None:
+    """Replace ``target`` by a file with permission bits ``mode`` that ``write(f)`` fills
+    (``f`` a binary file object): written beside it, flushed to disk, then renamed over it,
+    so a failure leaves the previous file whole and no partial one behind."""
     directory, name = os.path.split(target)
     # mkstemp's name is unique (concurrent saves never share one); the target's name is cut
     # so that the temporary name fits the file system's limit whenever the target's does
@@ -492,7 +498,7 @@ def _atomic_write(target: str, mode: int, arrays: dict) -> None:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):  # mkstemp made it 0600; set the mode before the fsync
                 os.fchmod(f.fileno(), mode)
-            _write_npz(f, arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         if not hasattr(os, "fchmod"):  # Windows: only the read-only flag

@@ -54,8 +54,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
-import tempfile
 
 import numpy as np
 
@@ -476,58 +474,15 @@ def _version() -> str:
 # ---------------------------------------------------------------------------------------
 # Writing
 def _destination(path) -> tuple[str, int]:
-    """The file to replace (symlinks followed) and the permission bits to give it."""
+    """The file to replace (symlinks followed) and the permission bits to give it: the
+    checks of :func:`backprop.io.save`, worded for an export."""
+    from backprop import io
+
     if not isinstance(path, (str, bytes, os.PathLike)) or not os.fspath(path):
         raise TypeError(f"path must be a file name (str or os.PathLike) such as "
                         f"'model.onnx'; got {path!r}")
-    path = os.fsdecode(os.fspath(path))
-    target = os.path.realpath(path)
-    if os.path.isdir(target) or path.endswith(("/", os.sep)):
-        raise IsADirectoryError(f"cannot export to {path!r}: it is a directory; give a file "
-                                f"name such as {os.path.join(path, 'model.onnx')!r}")
-    directory = os.path.dirname(target)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"cannot export to {path!r}: the folder {directory!r} does "
-                                "not exist; create it first")
-    try:
-        st = os.stat(target)
-    except FileNotFoundError:
-        return target, 0o666 & ~_umask()
-    if not stat.S_ISREG(st.st_mode):
-        raise ONNXExportError(f"cannot export to {path!r}: it exists and is not a regular file")
-    return target, stat.S_IMODE(st.st_mode)
-
-
-def _umask() -> int:
-    try:  # Linux: read without changing it (os.umask would, for every thread)
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0o022
-
-
-def _write_atomic(target: str, mode: int, data: bytes) -> None:
-    directory, name = os.path.split(target)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name[:64]}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if not hasattr(os, "fchmod"):
-            os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    return io._destination(os.fsdecode(os.fspath(path)), verb="export", example="model.onnx",
+                           not_regular=ONNXExportError)
 
 
 def export_onnx(model, path, opset: int = DEFAULT_OPSET, *, input_name: str = "input",
@@ -565,5 +520,7 @@ def export_onnx(model, path, opset: int = DEFAULT_OPSET, *, input_name: str = "i
         data = proto.SerializeToString()
     except ValueError as exc:  # protobuf's 2 GiB limit
         raise ONNXExportError(f"the model is too large for one ONNX file ({exc})") from exc
-    _write_atomic(target, mode, data)
+    from backprop import io
+
+    io._atomic_write(target, mode, lambda f: f.write(data))
     return os.fsdecode(os.fspath(path))
