@@ -275,7 +275,12 @@ class _Sym:
     def __le__(self, o): return self._bin("<=", o, True)        # noqa: E704
     def __gt__(self, o): return self._bin(">", o, True)         # noqa: E704
     def __ge__(self, o): return self._bin(">=", o, True)        # noqa: E704
+    def __ne__(self, o): return self._bin("!=", o, True)        # noqa: E704
     __hash__ = object.__hash__
+
+    def __bool__(self):
+        raise TypeError("a formula took the truth value of a symbolic value (if, and, or, "
+                        "not): select with where(cond, a, b)")
 
 
 def _const(value) -> _Sym:
@@ -306,6 +311,14 @@ def _helpers() -> str:
 
 def _print(root: _Sym) -> tuple[list[str], str]:
     """``(temporaries, expression)``: nodes used more than once become ``const`` locals."""
+    lines, (expr,) = _print_all([root])
+    return lines, expr
+
+
+def _print_all(roots, temps=()) -> tuple[list[str], list[str]]:
+    """``(temporaries, expressions)`` of several trees printed together: the nodes used more
+    than once (in any of them) and the nodes in ``temps`` become ``const`` locals, in the
+    order of their first use, so every temporary precedes the expressions."""
     uses: dict[int, int] = {}
 
     def count(node):
@@ -316,7 +329,11 @@ def _print(root: _Sym) -> tuple[list[str], str]:
             for a in node.args:
                 count(a)
 
-    count(root)
+    for root in roots:
+        count(root)
+    for node in temps:
+        if id(node) in uses:
+            uses[id(node)] = 2
     names: dict[int, str] = {}
     lines: list[str] = []
 
@@ -343,8 +360,8 @@ def _print(root: _Sym) -> tuple[list[str], str]:
             return name
         return out
 
-    expr = text(root)
-    return lines, expr
+    exprs = [text(root) for root in roots]
+    return lines, exprs
 
 
 def _nodes(root) -> list:

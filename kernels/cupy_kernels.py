@@ -16,8 +16,9 @@ raw modules; literal constants are cast to ``T``; sums are accumulated in float6
     bias_act_backward    RawModule per activation: δ and the column sums of δ in one pass
                          (+ ElementwiseKernel ``bp_bias_grad_finalize`` on tall batches)
     softmax_*            RawModule ``bp_softmax``: one block per row, shared-memory max/sum
-    sgd/rmsprop/adam/    ElementwiseKernels over (flat) parameter buffers; a None state
-    adagrad_step         buffer selects the kernel variant without it
+    sgd/rmsprop/adam/    ElementwiseKernel per variant over (flat) parameter buffers, its
+    adagrad_step         body printed from the record's formula (kernels/optimizers.py); a
+                         None state buffer selects the variant without it
     dropout              ElementwiseKernel: the counter hash of reference.dropout
     batchnorm_*          RawModule ``bp_batchnorm``: one block per 32-feature strip
 
@@ -33,7 +34,6 @@ All 2-D arguments of the raw kernels must be C-contiguous (checked, with the fix
 """
 from __future__ import annotations
 
-import math
 import threading
 from dataclasses import dataclass
 from importlib import resources
@@ -42,6 +42,8 @@ import numpy as np
 
 from . import reference
 from .activations import cuda_source
+from .optimizers import RECORDS as OPTIMIZERS
+from .optimizers import cuda_update, entry_point
 from .reference import ACTIVATIONS, NEEDS_Z
 
 # ---------------------------------------------------------------------------------------
@@ -107,75 +109,18 @@ def _forward_specs(act: str) -> list[ElementwiseSpec]:
         "a = bp_activate<T>(z + b[i % m], alpha)", ("m", "alpha"), pre)]
 
 
-_OPTIMIZER_SPECS = [
-    # d = g + λp (λ = 0 leaves g untouched, as in the reference, even for p = ±inf)
-    ElementwiseSpec(
-        "bp_sgd", "T g, T lr, T weight_decay", "T p",
-        "const T d = weight_decay != T(0) ? g + weight_decay * p : g;\np = p - lr * d",
-        ("lr", "weight_decay")),
-    ElementwiseSpec(
-        "bp_sgd_momentum",
-        "T g, T lr, T momentum, T one_minus_dampening, T weight_decay, int32 nesterov, "
-        "int32 first_step", "T p, T buf",
-        "const T d = weight_decay != T(0) ? g + weight_decay * p : g;\n"
-        "const T v = first_step ? d : buf * momentum + one_minus_dampening * d;\n"
-        "buf = v;\n"
-        "p = p - lr * (nesterov ? d + momentum * v : v)",
-        ("lr", "momentum", "one_minus_dampening", "weight_decay", "nesterov", "first_step")),
-]
-
-_RMSPROP_IN = "T g, T lr, T alpha, T one_minus_alpha, T eps, T weight_decay, T momentum"
-_RMSPROP_SCALARS = ("lr", "alpha", "one_minus_alpha", "eps", "weight_decay", "momentum")
+def _optimizer_spec(record, present) -> ElementwiseSpec:
+    """The ElementwiseKernel of one variant of an optimizer record (``kernels/optimizers.py``):
+    ``g``, the scalars (``T``) and the flags (``int32``) in, ``p`` and the kept states out
+    (updated in place), its body printed from the record's formula."""
+    ins = ["T g"] + [f"T {s}" for s in record.scalars] + [f"int32 {f}" for f in record.flags]
+    outs = ["T p"] + [f"T {s}" for s, kept in zip(record.states, present) if kept]
+    return ElementwiseSpec(f"bp_{record.variant_name(present)}", ", ".join(ins), ", ".join(outs),
+                           cuda_update(record, present), record.scalars + record.flags)
 
 
-def _rmsprop_spec(centered: bool, momentum: bool) -> ElementwiseSpec:
-    outs = ["T p", "T square_avg"] + (["T grad_avg"] if centered else []) + (
-        ["T buf"] if momentum else [])
-    body = ["const T d = weight_decay != T(0) ? g + weight_decay * p : g;",
-            "square_avg = square_avg * alpha + one_minus_alpha * d * d;"]
-    if centered:
-        body += ["grad_avg = grad_avg + one_minus_alpha * (d - grad_avg);",
-                 "const T avg = sqrt(square_avg - grad_avg * grad_avg) + eps;"]
-    else:
-        body += ["const T avg = sqrt(square_avg) + eps;"]
-    if momentum:
-        body += ["buf = buf * momentum + d / avg;", "p = p - lr * buf"]
-    else:
-        body += ["p = p - lr * (d / avg)"]
-    name = "bp_rmsprop" + ("_centered" if centered else "") + ("_momentum" if momentum else "")
-    return ElementwiseSpec(name, _RMSPROP_IN, ", ".join(outs), "\n".join(body),
-                           _RMSPROP_SCALARS)
-
-
-def _adam_spec(amsgrad: bool) -> ElementwiseSpec:
-    # decay = 1 - lr λ (AdamW) or 1; l2 = λ (Adam) or 0; step_size = lr / (1 - β1ᵗ)
-    outs = "T p, T exp_avg, T exp_avg_sq" + (", T max_exp_avg_sq" if amsgrad else "")
-    second = "exp_avg_sq"
-    body = ["p = p * decay;",
-            "const T d = l2 != T(0) ? g + l2 * p : g;",
-            "exp_avg = exp_avg + one_minus_beta1 * (d - exp_avg);",
-            "exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * d * d;"]
-    if amsgrad:  # NaN-propagating max, as xp.maximum
-        body += ["max_exp_avg_sq = (exp_avg_sq > max_exp_avg_sq || exp_avg_sq != exp_avg_sq)"
-                 " ? exp_avg_sq : max_exp_avg_sq;"]
-        second = "max_exp_avg_sq"
-    body += [f"const T denom = sqrt({second}) / bias2_sqrt + eps;",
-             "p = p - step_size * (exp_avg / denom)"]
-    return ElementwiseSpec(
-        "bp_adam" + ("_amsgrad" if amsgrad else ""),
-        "T g, T decay, T l2, T one_minus_beta1, T beta2, T one_minus_beta2, T step_size, "
-        "T bias2_sqrt, T eps", outs, "\n".join(body),
-        ("decay", "l2", "one_minus_beta1", "beta2", "one_minus_beta2", "step_size",
-         "bias2_sqrt", "eps"))
-
-
-_OPTIMIZER_SPECS += [_rmsprop_spec(c, m) for c in (False, True) for m in (False, True)]
-_OPTIMIZER_SPECS += [_adam_spec(False), _adam_spec(True)]
-_OPTIMIZER_SPECS += [ElementwiseSpec(
-    "bp_adagrad", "T g, T clr, T eps, T weight_decay", "T p, T state_sum",
-    "const T d = weight_decay != T(0) ? g + weight_decay * p : g;\n"
-    "state_sum = state_sum + d * d;\n"
-    "p = p - clr * (d / (sqrt(state_sum) + eps))", ("clr", "eps", "weight_decay"))]
+_OPTIMIZER_SPECS = [_optimizer_spec(record, present) for record in OPTIMIZERS.values()
+                    for present in record.variants]
 
 _DROPOUT_SPEC = ElementwiseSpec(
     # keep element i iff mix32((i·φ) ^ key) >> 8 >= threshold (reference.dropout), in uint32
@@ -410,51 +355,21 @@ def softmax_xent(logits, labels, smoothing: float, scale: float, grad_out, loss_
     return loss_out
 
 
-def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step):
-    """SGD of reference.sgd_step in one elementwise pass (variant without ``buf`` when μ = 0)."""
-    if momentum:
-        if buf is None:
-            raise ValueError("sgd_step with momentum needs its buffer, got buf=None")
-        elementwise_kernel("bp_sgd_momentum")(
-            g, float(lr), float(momentum), 1.0 - dampening, float(weight_decay),
-            int(bool(nesterov)), int(bool(first_step)), p, buf)
-    else:
-        elementwise_kernel("bp_sgd")(g, float(lr), float(weight_decay), p)
+def _optimizer_op(record):
+    """The op of an optimizer record: one ElementwiseKernel launch over ``p`` and its kept
+    states; the kernel variant follows which states the call keeps."""
+    names = {present: f"bp_{record.variant_name(present)}" for present in record.variants}
+
+    def run(p, g, states, scalars, flags):
+        kept = [s for s in states if s is not None]
+        elementwise_kernel(names[tuple(s is not None for s in states)])(
+            g, *scalars, *map(int, flags), p, *kept)
+
+    return entry_point(record, run, f"reference.{record.op} in one elementwise pass, from "
+                       f"the formula of kernels/optimizers.py ({record.name!r}).")
 
 
-def rmsprop_step(p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay, momentum,
-                 centered):
-    """RMSprop of reference.rmsprop_step in one elementwise pass; the variant follows which of
-    ``grad_avg`` (centered) and ``buf`` (momentum) are used."""
-    name = "bp_rmsprop" + ("_centered" if centered else "") + ("_momentum" if momentum else "")
-    states = [square_avg] + ([grad_avg] if centered else []) + ([buf] if momentum else [])
-    if any(state is None for state in states):
-        raise ValueError("rmsprop_step needs grad_avg when centered and buf when momentum "
-                         f"≠ 0 (centered={centered}, momentum={momentum}), got None")
-    elementwise_kernel(name)(g, float(lr), float(alpha), 1.0 - alpha, float(eps),
-                             float(weight_decay), float(momentum), p, *states)
-
-
-def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, step):
-    """Adam/AdamW of reference.adam_step in one elementwise pass; the bias corrections are
-    computed on the host (``step_size = lr / (1 - β1ᵗ)``); the amsgrad variant when ``vmax``."""
-    decay = 1.0 - lr * weight_decay if (weight_decay and decoupled) else 1.0
-    l2 = 0.0 if decoupled else float(weight_decay)
-    bias1 = 1.0 - beta1 ** step
-    bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
-    args = (g, decay, l2, 1.0 - beta1, float(beta2), 1.0 - beta2, lr / bias1, bias2_sqrt,
-            float(eps), p, m, v)
-    if vmax is None:
-        elementwise_kernel("bp_adam")(*args)
-    else:
-        elementwise_kernel("bp_adam_amsgrad")(*args, vmax)
-
-
-def adagrad_step(p, g, state_sum, lr, lr_decay, eps, weight_decay, step):
-    """Adagrad of reference.adagrad_step; ``clr = lr / (1 + (t - 1) η)`` computed on the host."""
-    clr = lr / (1.0 + (step - 1) * lr_decay)
-    elementwise_kernel("bp_adagrad")(g, float(clr), float(eps), float(weight_decay), p,
-                                     state_sum)
+globals().update({record.op: _optimizer_op(record) for record in OPTIMIZERS.values()})
 
 
 def dropout(x, key: int, threshold: int, scale: float, out):

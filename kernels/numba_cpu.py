@@ -34,8 +34,11 @@ How the kernels are built
   quarter); every sum over rows or columns accumulates in float64, in a loop of its own so
   that the float32 loop keeps its full vector width. The optimizers, too, compute in the
   parameters' dtype (as PyTorch's do), their coefficients rounded to it once per call
-  (:func:`_like`); BatchNorm normalises with its statistics rounded to the input's dtype,
-  as the reference does.
+  (:func:`_like_all`); BatchNorm normalises with its statistics rounded to the input's
+  dtype, as the reference does.
+- Optimizers: the update formulas are the records of :mod:`optimizers`, compiled into one
+  loop per record (:func:`_optimizer_kernel`); Numba compiles each variant (which states
+  are None) apart, so an optimizer without momentum has no buffer code at all.
 - Sums over rows (bias gradient, BatchNorm statistics) never accumulate into one shared
   vector from parallel rows (that races). The rows are cut into chunks whose number depends
   on N alone (:func:`_row_chunks`, never on the thread count); each chunk sums its rows in
@@ -71,11 +74,14 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core.caching import FunctionCache
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from . import activations, inline, reference, vecmath
+from . import activations, inline, optimizers, reference, vecmath
 from .inline import inlined, jit
 from .activations import RECORDS, Math
+from .optimizers import RECORDS as OPTIMIZERS
+from .optimizers import SLOTS, UpdateMath, entry_point, slotted
 from .reference import ACTIVATIONS, GOLDEN32, NEEDS_Z
 
 _ROW_SUM_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -89,7 +95,7 @@ _ROW_GROUP = 4  # a chunk adds its rows to its partial sums four at a time (writ
 PARALLEL_MIN_ELEMENTS = 1 << 19  # smaller calls run on the calling thread (see _Loops)
 _DEPENDENCIES = hashlib.sha256(b"".join(  # see _KernelCache
     Path(module.__file__).read_bytes()
-    for module in (inline, vecmath, reference, activations))).hexdigest()
+    for module in (inline, vecmath, reference, activations, optimizers))).hexdigest()
 
 
 class _Loops:
@@ -146,8 +152,8 @@ _PARALLEL: dict = {"lock": threading.Lock(), "serialize": None}
 
 class _KernelCache(FunctionCache):
     """Numba's on-disk cache, with one more part in each entry's key: the source of
-    :mod:`vecmath`, :mod:`reference` and :mod:`activations` (the formulas), whose functions
-    and constants the kernels compile
+    :mod:`inline`, :mod:`vecmath`, :mod:`reference`, :mod:`activations` and
+    :mod:`optimizers` (the formulas), whose functions and constants the kernels compile
     in. Numba keys entries by the kernel's own file alone, so an edit of those modules
     would otherwise keep loading stale machine code."""
 
@@ -200,17 +206,20 @@ def _batch(op: str, name: str, a) -> np.dtype:
     return a.dtype
 
 
-def _flat(op: str, p, named: dict) -> dict:
-    """Optimizer buffers: ``p`` and every non-None buffer in ``named`` share shape, dtype and
-    C-contiguity; returns the raveled (1-D view) version of each."""
-    if type(p) is not np.ndarray or p.dtype not in _FLOATS or not p.flags.c_contiguous:
+def _flat(op: str, names: tuple, arrays: tuple) -> list:
+    """Optimizer buffers: ``arrays`` (``p``, ``g``, then the states; named ``names``) share
+    shape, dtype and C-contiguity, None aside; returns the raveled (1-D view) version of
+    each."""
+    p = arrays[0]
+    if type(p) is not np.ndarray or p.dtype not in _FLOATS:
         _fail(op, "p", "a C-contiguous float32 or float64 array", p)
-    flat = {}
-    for name, a in named.items():
+    dtype, shape = p.dtype, p.shape
+    flat = []
+    for name, a in zip(names, arrays):
         if a is not None:
-            _array(op, name, a, p.dtype, p.shape, out=name != "g")
+            _array(op, name, a, dtype, shape, out=name != "g")
             a = a if a.ndim == 1 else a.reshape(-1)
-        flat[name] = a
+        flat.append(a)
     return flat
 
 
@@ -632,12 +641,13 @@ def softmax_xent(logits, labels, smoothing: float, scale: float, grad_out, loss_
 
 
 # ---------------------------------------------------------------------------------------
-# 4. Optimizer updates: one in-place pass over flat buffers, in the parameters' dtype. Every
-# coefficient (1 - β, lr / (1 - β1ᵗ), ...) is computed on the host as a Python float and
-# rounded to that dtype once, before the loop (:func:`_like`): a float64 scalar inside the
-# loop would promote the float32 math to float64, which halves the SIMD lanes and makes
-# division and sqrt several times slower; the reference's float32 arithmetic rounds the
-# same scalars the same way.
+# 4. Optimizer updates: one in-place pass over flat buffers per record of
+# kernels/optimizers.py, in the parameters' dtype. Every scalar (1 - β, lr / (1 - β1ᵗ), ...)
+# is computed on the host as a Python float (the record's ``arguments``) and rounded to that
+# dtype once, before the loop (:func:`_like_all`): a float64 scalar inside the loop would
+# promote the float32 math to float64, which halves the SIMD lanes and makes division and
+# sqrt several times slower; the reference's float32 arithmetic rounds the same scalars the
+# same way. Strict IEEE arithmetic (no fastmath), as the reference's.
 def _like(x, a):
     """The scalar ``x`` rounded to the element type of the array ``a``."""
     return a.dtype.type(x)
@@ -650,128 +660,120 @@ def _like_impl(x, a):
     return lambda x, a: np.float64(x)
 
 
-@_loops()
-def _sgd(p, g, buf, lr, momentum, dampened, nesterov, weight_decay, first_step):
-    lr, momentum, dampened = _like(lr, p), _like(momentum, p), _like(dampened, p)
-    weight_decay = _like(weight_decay, p)
-    for i in prange(p.size):
-        d = g[i]
-        if weight_decay != 0.0:
-            d += weight_decay * p[i]
-        if buf is not None:
-            v = d if first_step else momentum * buf[i] + dampened * d
-            buf[i] = v
-            d = d + momentum * v if nesterov else v
-        p[i] = p[i] - lr * d
+def _like_all(values, a):
+    """The tuple ``values`` with each float rounded to the element type of the array ``a``
+    (booleans stay)."""
+    return tuple(a.dtype.type(v) if isinstance(v, float) else v for v in values)
 
 
-def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step):
-    """SGD with momentum / dampening / Nesterov / L2, PyTorch formulas; see
-    :func:`reference.sgd_step`. ``buf`` is used only when ``momentum != 0``."""
-    op = "sgd_step"
-    if momentum and buf is None:
-        raise ValueError(f"{op}: momentum={momentum} needs a momentum buffer, got buf=None")
-    f = _flat(op, p, {"p": p, "g": g, "buf": buf if momentum else None})
-    _sgd(p.size, f["p"], f["g"], f["buf"], float(lr), float(momentum), 1.0 - dampening,
-         bool(nesterov), float(weight_decay), bool(first_step))
+@intrinsic
+def _round_floats(typingctx, values, a):
+    """:func:`_like_all` in compiled code: one conversion per float of the tuple."""
+    if not isinstance(values, types.BaseTuple) or not isinstance(a, types.Array):
+        return None
+    rounded = types.Tuple([a.dtype if isinstance(t, types.Float) else t for t in values])
+
+    def codegen(context, builder, signature, args):
+        items = cgutils.unpack_tuple(builder, args[0], len(values))
+        return context.make_tuple(builder, rounded, [
+            context.cast(builder, v, t, r) for v, t, r in zip(items, values, rounded)])
+
+    return rounded(values, a), codegen
 
 
-@_loops()
-def _rmsprop(p, g, square_avg, buf, grad_avg, lr, alpha, one_minus_alpha, eps, weight_decay,
-             momentum):
-    lr, alpha, one_minus_alpha = _like(lr, p), _like(alpha, p), _like(one_minus_alpha, p)
-    eps, weight_decay, momentum = _like(eps, p), _like(weight_decay, p), _like(momentum, p)
-    for i in prange(p.size):
-        d = g[i]
-        if weight_decay != 0.0:
-            d += weight_decay * p[i]
-        s = alpha * square_avg[i] + one_minus_alpha * d * d
-        square_avg[i] = s
-        if grad_avg is not None:
-            mean = grad_avg[i] + one_minus_alpha * (d - grad_avg[i])
-            grad_avg[i] = mean
-            s -= mean * mean
-        step = d / (np.sqrt(s) + eps)  # centered: s < 0 gives NaN, also as Python
-        if buf is not None:
-            step += momentum * buf[i]
-            buf[i] = step
-        p[i] = p[i] - lr * step
+@overload(_like_all)
+def _like_all_impl(values, a):
+    return lambda values, a: _round_floats(values, a)
 
 
-def rmsprop_step(p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay, momentum,
-                 centered):
-    """RMSprop (eps outside the sqrt; centered; momentum), PyTorch formulas; see
-    :func:`reference.rmsprop_step`."""
-    op = "rmsprop_step"
-    if momentum and buf is None:
-        raise ValueError(f"{op}: momentum={momentum} needs a momentum buffer, got buf=None")
-    if centered and grad_avg is None:
-        raise ValueError(f"{op}: centered=True needs a grad_avg buffer, got grad_avg=None")
-    f = _flat(op, p, {"p": p, "g": g, "square_avg": square_avg,
-                      "buf": buf if momentum else None,
-                      "grad_avg": grad_avg if centered else None})
-    _rmsprop(p.size, f["p"], f["g"], f["square_avg"], f["buf"], f["grad_avg"],
-             float(lr), float(alpha), 1.0 - alpha, float(eps), float(weight_decay),
-             float(momentum))
+_STRICT = dict(error_model="numpy")  # the optimizers' arithmetic: no fastmath flag
 
 
-@_loops()
-def _adam(p, g, m, v, vmax, step_size, one_minus_beta1, beta2, one_minus_beta2, eps, l2, decay,
-          inv_bias2_sqrt):
-    step_size, one_minus_beta1 = _like(step_size, p), _like(one_minus_beta1, p)
-    beta2, one_minus_beta2 = _like(beta2, p), _like(one_minus_beta2, p)
-    eps, l2, decay = _like(eps, p), _like(l2, p), _like(decay, p)
-    inv_bias2_sqrt = _like(inv_bias2_sqrt, p)
-    for i in prange(p.size):
-        w = p[i]
-        d = g[i]
-        if l2 != 0.0:
-            d += l2 * w
-        w *= decay
-        mi = m[i] + one_minus_beta1 * (d - m[i])
-        vi = beta2 * v[i] + one_minus_beta2 * d * d
-        m[i] = mi
-        v[i] = vi
-        if vmax is not None:
-            top = vmax[i]
-            if vi > top or vi != vi:  # np.maximum: NaN wins
-                top = vi
-            vmax[i] = top
-            vi = top
-        p[i] = w - step_size * (mi / (math.sqrt(vi) * inv_bias2_sqrt + eps))
+@functools.lru_cache(maxsize=None)
+def _formula(name: str, scalar):
+    """The update of optimizer record ``name`` for elements of NumPy type ``scalar``, compiled
+    in the kernels' fixed form (:func:`optimizers.slotted`); Numba specialises it on which
+    slots are None, pruning the branches of the states not kept."""
+    record = OPTIMIZERS[name]
+    m = UpdateMath(K=scalar, where=_select, sqrt=np.sqrt, maximum=_maximum)
+    return njit(**_STRICT)(slotted(njit(**_STRICT)(record.update(m)), len(record.states)))
 
 
-def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, step):
-    """Adam / AdamW / AMSGrad (``vmax`` given), PyTorch formulas; see
-    :func:`reference.adam_step`. The bias corrections are computed here, on the host."""
-    op = "adam_step"
-    f = _flat(op, p, {"p": p, "g": g, "m": m, "v": v, "vmax": vmax})
-    lr, weight_decay = float(lr), float(weight_decay)
-    decay = 1.0 - lr * weight_decay if decoupled else 1.0
-    l2 = 0.0 if decoupled else weight_decay
-    _adam(p.size, f["p"], f["g"], f["m"], f["v"], f["vmax"], lr / (1.0 - beta1 ** step),
-          1.0 - beta1, float(beta2), 1.0 - beta2, float(eps), l2, decay,
-          1.0 / math.sqrt(1.0 - beta2 ** step))
+@jit
+def _maximum(a, b):
+    """``np.maximum`` of two scalars: ``b`` where it is larger or NaN."""
+    return b if b > a or b != b else a
 
 
-@_loops()
-def _adagrad(p, g, state_sum, clr, eps, weight_decay):
-    clr, eps, weight_decay = _like(clr, p), _like(eps, p), _like(weight_decay, p)
-    for i in prange(p.size):
-        d = g[i]
-        if weight_decay != 0.0:
-            d += weight_decay * p[i]
-        s = state_sum[i] + d * d
-        state_sum[i] = s
-        p[i] = p[i] - clr * (d / (math.sqrt(s) + eps))
+@jit
+def _at(a, i):
+    """Element ``i`` of a state buffer, or None for a state not kept (``a`` None)."""
+    return None if a is None else a[i]
 
 
-def adagrad_step(p, g, state_sum, lr, lr_decay, eps, weight_decay, step):
-    """Adagrad with lr decay, PyTorch formulas; see :func:`reference.adagrad_step`."""
-    op = "adagrad_step"
-    f = _flat(op, p, {"p": p, "g": g, "state_sum": state_sum})
-    clr = float(lr) / (1.0 + (step - 1) * float(lr_decay))
-    _adagrad(p.size, f["p"], f["g"], f["state_sum"], clr, float(eps), float(weight_decay))
+@jit
+def _put(a, i, x):
+    if a is not None:
+        a[i] = x
+
+
+def _update(name, p, g, s0, s1, s2, c):
+    """One element's update by the formula of optimizer record ``name`` (a literal in
+    compiled code, where :func:`_update_impl` picks the formula); this Python body is what
+    runs under ``NUMBA_DISABLE_JIT=1``."""
+    return _formula(name, type(p))(p, g, s0, s1, s2, c)
+
+
+@overload(_update, prefer_literal=True, jit_options=_STRICT)
+def _update_impl(name, p, g, s0, s1, s2, c):
+    if not isinstance(name, types.StringLiteral) or name.literal_value not in OPTIMIZERS:
+        return None
+    formula = _formula(name.literal_value, _scalar_type(p))
+    return lambda name, p, g, s0, s1, s2, c: formula(p, g, s0, s1, s2, c)
+
+
+def _optimizer_kernel(name: str):
+    """The loop of optimizer record ``name``: ``(p, s) = update(p, g, s, c)`` per element,
+    ``c`` rounded to ``p``'s dtype first; unused state slots are None.
+
+    The formula is called twice on the same loaded values, the states taken from the first
+    call and ``p`` from the second: inlined, LLVM computes it once, but in this order: the
+    states, their stores, then the rest of ``p``'s arithmetic (sqrt, division) and its store.
+    Storing every value at the end of the iteration instead made the loop much slower for
+    buffers of some sizes (multiples of 2 MB, as the buffers of one call are allocated
+    alike), which the hand-written loops, storing each state as soon as computed, were not."""
+    @_loops()
+    def kernel(p, g, s0, s1, s2, args):
+        c = _like_all(args, p)
+        for i in prange(p.size):
+            w, d, a0, a1, a2 = p[i], g[i], _at(s0, i), _at(s1, i), _at(s2, i)
+            _, x0, x1, x2 = _update(name, w, d, a0, a1, a2, c)
+            _put(s0, i, x0)
+            _put(s1, i, x1)
+            _put(s2, i, x2)
+            p[i] = _update(name, w, d, a0, a1, a2, c)[0]
+    return kernel
+
+
+def _optimizer_op(record):
+    """The op of an optimizer record: validation, then its kernel on raveled buffers."""
+    kernel = _optimizer_kernel(record.name)
+    names = ("p", "g") + record.states
+    unused = (None,) * (SLOTS - len(record.states))
+
+    def run(p, g, states, scalars, flags):
+        flat = _flat(record.op, names, (p, g) + states)
+        kernel(p.size, *flat, *unused, scalars + flags)
+
+    return kernel, entry_point(record, run, f"reference.{record.op} in one parallel pass over "
+                               f"the flat buffers, from the formula of kernels/optimizers.py "
+                               f"({record.name!r}).")
+
+
+# the kernels as _sgd, _adam, ... and the ops as sgd_step, adam_step, ...
+for _record in OPTIMIZERS.values():
+    globals()[f"_{_record.name}"], globals()[_record.op] = _optimizer_op(_record)
+del _record
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,10 +21,11 @@ Layouts
   chunks (one block row per chunk) and sums the chunk partials in a second, fixed-order
   pass, so ``db`` is deterministic and needs no atomics.
 
-Dtypes. float32 and float64; kernels that need constants (activations) or casts (row and
-column kernels) are built once per dtype by a cached factory, so float32 kernels compute
-in float32 (their PTX holds no f64 instruction), while every reduction accumulates in
-float64. Hyperparameters are kernel arguments cast to the array dtype on the host.
+Dtypes. float32 and float64; kernels that need constants (activations, optimizers) or
+casts (row and column kernels) are built once per dtype by a cached factory, so float32
+kernels compute in float32 (their PTX holds no f64 instruction), while every reduction
+accumulates in float64. Hyperparameters are kernel arguments cast to the array dtype on the
+host.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ import numpy as np
 from numba import cuda
 
 from .activations import RECORDS, Math
+from .optimizers import RECORDS as OPTIMIZERS
+from .optimizers import SLOTS, UpdateMath, entry_point, slotted
 from .reference import (ACTIVATIONS, GOLDEN32, INV_SQRT2, INV_SQRT_2PI, MASK32, NEEDS_Z)
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
@@ -530,132 +533,79 @@ def softmax_xent(logits, labels, smoothing: float, scale: float, grad_out, loss_
 
 
 # ---------------------------------------------------------------------------------------
-# 4. Optimizer updates: element-wise over flat buffers, hyperparameters as arguments
-@cuda.jit
-def _sgd_kernel(p, g, buf, lr, momentum, damp_keep, weight_decay, has_decay, has_momentum,
-                nesterov, first_step):
-    """d = g + λp; buf = d | μ buf + (1-τ) d; d = d + μ buf | buf; p -= lr d."""
-    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
-        d = g[i]
-        if has_decay:
-            d += weight_decay * p[i]
-        if has_momentum:
-            if first_step:
-                v = d
-            else:
-                v = momentum * buf[i] + damp_keep * d
-            buf[i] = v
-            if nesterov:
-                d = d + momentum * v
-            else:
-                d = v
-        p[i] -= lr * d
+# 4. Optimizer updates: one thread per element of the flat buffers, the formula of a record
+# of kernels/optimizers.py compiled per variant (the states kept) and dtype; the scalars are
+# kernel arguments, rounded to the dtype on the host. A state not kept is passed as ``p``
+# (a kernel argument cannot be None on a GPU) and neither read nor written.
+@cuda.jit(device=True, inline="always")
+def _maximum(a, b):
+    """``np.maximum`` of two scalars: ``b`` where it is larger or NaN."""
+    return b if b > a or b != b else a
 
 
-@cuda.jit
-def _rmsprop_kernel(p, g, square_avg, buf, grad_avg, lr, alpha, alpha_keep, eps, weight_decay,
-                    has_decay, momentum, has_momentum, centered):
-    """s = αs + (1-α)d²; ḡ += (1-α)(d-ḡ); avg = sqrt(s - ḡ²) + eps; buf = μ buf + d/avg; p -= lr ·."""
-    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
-        d = g[i]
-        if has_decay:
-            d += weight_decay * p[i]
-        s = alpha * square_avg[i] + alpha_keep * d * d
-        square_avg[i] = s
-        if centered:
-            ga = grad_avg[i] + alpha_keep * (d - grad_avg[i])
-            grad_avg[i] = ga
-            avg = math.sqrt(s - ga * ga) + eps
-        else:
-            avg = math.sqrt(s) + eps
-        if has_momentum:
-            v = momentum * buf[i] + d / avg
-            buf[i] = v
-            p[i] -= lr * v
-        else:
-            p[i] -= lr * (d / avg)
+@cuda.jit(device=True, inline="always")
+def _element(a, i):
+    return a[i]
 
 
-@cuda.jit
-def _adam_kernel(p, g, m, v, vmax, step_size, beta1_keep, beta2, beta2_keep, bias2_sqrt, eps,
-                 decay_factor, weight_decay, decoupled, coupled, amsgrad):
-    """p *= 1-lr λ | d = g + λp; m += (1-β1)(d-m); v = β2 v + (1-β2)d²; p -= lr/(1-β1ᵗ) m/(√v̂/√(1-β2ᵗ)+eps)."""
-    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
-        if decoupled:
-            p[i] *= decay_factor
-        d = g[i]
-        if coupled:
-            d += weight_decay * p[i]
-        mi = m[i] + beta1_keep * (d - m[i])
-        m[i] = mi
-        vi = beta2 * v[i] + beta2_keep * d * d
-        v[i] = vi
-        if amsgrad:
-            if not vmax[i] >= vi:  # also takes a NaN v
-                vmax[i] = vi
-            vi = vmax[i]
-        p[i] -= step_size * (mi / (math.sqrt(vi) / bias2_sqrt + eps))
+@cuda.jit(device=True, inline="always")
+def _not_kept(a, i):
+    return None
 
 
-@cuda.jit
-def _adagrad_kernel(p, g, state_sum, clr, eps, weight_decay, has_decay):
-    """d = g + λp; s += d²; p -= clr · d / (sqrt(s) + eps)."""
-    for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
-        d = g[i]
-        if has_decay:
-            d += weight_decay * p[i]
-        s = state_sum[i] + d * d
-        state_sum[i] = s
-        p[i] -= clr * (d / (math.sqrt(s) + eps))
+@cuda.jit(device=True, inline="always")
+def _store(a, i, x):
+    a[i] = x
 
 
-def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step):
-    """SGD (PyTorch semantics); see :func:`reference.sgd_step`."""
-    t = _checked_dtype(p.dtype).type
-    pf = _flat(p, "p")
-    if pf.size:
-        _launch(_sgd_kernel, _blocks(pf.size, TPB), TPB, pf, _flat(g, "g"),
-                _flat(buf, "buf") if momentum else pf, t(lr), t(momentum), t(1.0 - dampening),
-                t(weight_decay), bool(weight_decay), bool(momentum), bool(nesterov),
-                bool(first_step))
+@cuda.jit(device=True, inline="always")
+def _discard(a, i, x):
+    pass
 
 
-def rmsprop_step(p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay, momentum,
-                 centered):
-    """RMSprop (PyTorch semantics); see :func:`reference.rmsprop_step`."""
-    t = _checked_dtype(p.dtype).type
-    pf = _flat(p, "p")
-    if pf.size:
-        _launch(_rmsprop_kernel, _blocks(pf.size, TPB), TPB, pf, _flat(g, "g"),
-                _flat(square_avg, "square_avg"), _flat(buf, "buf") if momentum else pf,
-                _flat(grad_avg, "grad_avg") if centered else pf, t(lr), t(alpha),
-                t(1.0 - alpha), t(eps), t(weight_decay), bool(weight_decay), t(momentum),
-                bool(momentum), bool(centered))
+@functools.lru_cache(maxsize=None)
+def _optimizer_kernel(name: str, kept: tuple, dtype):
+    """The kernel of optimizer record ``name`` in ``dtype`` for the state slots ``kept``."""
+    record = OPTIMIZERS[name]
+    t = _checked_dtype(dtype).type
+    device = cuda.jit(device=True, inline="always")
+    m = UpdateMath(K=t, where=_select, sqrt=math.sqrt, maximum=_maximum)
+    update = device(slotted(device(record.update(m)), len(record.states)))
+    (load0, store0), (load1, store1), (load2, store2) = (
+        (_element, _store) if k else (_not_kept, _discard) for k in kept)
+
+    @cuda.jit
+    def kernel(p, g, s0, s1, s2, c):
+        """(p, s) = update(p, g, s, c) per element, by the record's formula."""
+        for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+            w, x0, x1, x2 = update(p[i], g[i], load0(s0, i), load1(s1, i), load2(s2, i), c)
+            p[i] = w
+            store0(s0, i, x0)
+            store1(s1, i, x1)
+            store2(s2, i, x2)
+
+    return kernel
 
 
-def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, step):
-    """Adam / AdamW (PyTorch semantics); see :func:`reference.adam_step`."""
-    t = _checked_dtype(p.dtype).type
-    pf = _flat(p, "p")
-    if pf.size:
-        bias1 = 1.0 - beta1 ** step
-        bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
-        decay = bool(weight_decay)
-        _launch(_adam_kernel, _blocks(pf.size, TPB), TPB, pf, _flat(g, "g"), _flat(m, "m"),
-                _flat(v, "v"), pf if vmax is None else _flat(vmax, "vmax"), t(lr / bias1),
-                t(1.0 - beta1), t(beta2), t(1.0 - beta2), t(bias2_sqrt), t(eps),
-                t(1.0 - lr * weight_decay), t(weight_decay), decay and bool(decoupled),
-                decay and not decoupled, vmax is not None)
+def _optimizer_op(record):
+    """The op of an optimizer record: one launch over ``p`` and its kept states."""
+    names = record.states + ("",) * (SLOTS - len(record.states))
+
+    def run(p, g, states, scalars, flags):
+        t = _checked_dtype(p.dtype).type
+        pf = _flat(p, "p")
+        if pf.size:
+            slots = states + (None,) * (SLOTS - len(states))
+            kernel = _optimizer_kernel(record.name, tuple(s is not None for s in slots), p.dtype)
+            _launch(kernel, _blocks(pf.size, TPB), TPB, pf, _flat(g, "g"),
+                    *(pf if s is None else _flat(s, n) for s, n in zip(slots, names)),
+                    tuple(map(t, scalars)) + flags)
+
+    return entry_point(record, run, f"reference.{record.op} with one thread per element, "
+                       f"from the formula of kernels/optimizers.py ({record.name!r}).")
 
 
-def adagrad_step(p, g, state_sum, lr, lr_decay, eps, weight_decay, step):
-    """Adagrad (PyTorch semantics); see :func:`reference.adagrad_step`."""
-    t = _checked_dtype(p.dtype).type
-    pf = _flat(p, "p")
-    if pf.size:
-        _launch(_adagrad_kernel, _blocks(pf.size, TPB), TPB, pf, _flat(g, "g"),
-                _flat(state_sum, "state_sum"), t(lr / (1.0 + (step - 1) * lr_decay)), t(eps),
-                t(weight_decay), bool(weight_decay))
+globals().update({record.op: _optimizer_op(record) for record in OPTIMIZERS.values()})
 
 
 # ---------------------------------------------------------------------------------------

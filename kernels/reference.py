@@ -180,7 +180,9 @@ def softmax_xent(logits, labels, smoothing: float, scale: float, grad_out, loss_
 
 
 # ---------------------------------------------------------------------------------------
-# 4. Optimizer updates (PyTorch formulas, one parameter tensor or a flat buffer of many)
+# 4. Optimizer updates (PyTorch formulas, one parameter tensor or a flat buffer of many).
+# The accelerated backends build theirs from the records of kernels/optimizers.py; these are
+# written apart, on whole arrays, as the oracle the records are tested against.
 def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step):
     """SGD (PyTorch semantics), in place on ``p`` and ``buf``::
 

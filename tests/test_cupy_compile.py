@@ -158,9 +158,9 @@ def test_import_needs_no_cupy_and_compiles_nothing():
 
 def test_nvrtc_rejects_a_broken_elementwise_body():
     spec = ck.ELEMENTWISE["bp_sgd"]
-    broken = cupy.ElementwiseKernel(spec.in_params, spec.out_params,
-                                    spec.operation.replace("lr * d", "lr * undeclared_d"),
-                                    spec.name)
+    operation = spec.operation.replace("lr * ", "lr * undeclared_d * ", 1)
+    assert operation != spec.operation
+    broken = cupy.ElementwiseKernel(spec.in_params, spec.out_params, operation, spec.name)
     source = elementwise_source(broken, spec.scalars, np.float32)
     with pytest.raises(compiler.CompileException, match="undeclared_d"):
         nvrtc_compile(source, cupy_headers=True)

@@ -722,19 +722,19 @@ def test_numba_cpu_rejects_partial_overlap():
 
 def test_numba_cpu_cache_is_keyed_by_the_modules_it_compiles_in():
     """The kernels inline vecmath's functions (through inline's calls), reference's
-    constants and the activations' formulas; Numba keys its disk cache by the kernel's own
-    file, so the key must also cover those four sources."""
+    constants and the activations' and optimizers' formulas; Numba keys its disk cache by
+    the kernel's own file, so the key must also cover those five sources."""
     pytest.importorskip("numba")
     import hashlib
     from pathlib import Path
 
-    from backprop.kernels import activations, inline, numba_cpu, reference, vecmath
+    from backprop.kernels import activations, inline, numba_cpu, optimizers, reference, vecmath
 
     p = np.ones(3, np.float32)
     numba_cpu.adam_step(p, p.copy(), p.copy(), p.copy(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0,
                         False, 1)
     sources = b"".join(Path(m.__file__).read_bytes()
-                       for m in (inline, vecmath, reference, activations))
+                       for m in (inline, vecmath, reference, activations, optimizers))
     for dispatcher in (numba_cpu._adam.serial, numba_cpu._adam.parallel):
         assert isinstance(dispatcher._cache, numba_cpu._KernelCache)
         if not dispatcher.signatures:
@@ -804,6 +804,31 @@ def test_numba_cpu_softmax_rows_load_vectors_not_gathers(op, pipelined):
                        0.125, 2, np.empty_like(x), np.empty(8, np.float32))
     assert re.search(r"load <\d+ x float>", ir), "the row loops were not vectorised"
     assert "gather" not in ir
+
+
+@pytest.mark.codegen
+@pytest.mark.parametrize("kept", ["required", "all"], ids=["required_states", "all_states"])
+@pytest.mark.parametrize("name", ["sgd", "rmsprop", "adam", "adagrad"])
+def test_numba_cpu_optimizer_loop_is_vectorised_in_float32(name, kept):
+    """The loop of each optimizer record (kernels/optimizers.py) inlines its formula and
+    runs on float32 vectors; its scalars are rounded to float32 once, so no arithmetic is
+    done in float64 (which would halve the lanes)."""
+    pytest.importorskip("numba")
+    import re
+
+    from backprop.kernels import numba_cpu, optimizers
+
+    record = optimizers.RECORDS[name]
+    states = [np.ones(64, np.float32) if kept == "all" or s not in record.optional else None
+              for s in record.states]
+    states += [None] * (optimizers.SLOTS - len(states))
+    args = (0.5,) * len(record.scalars) + (False,) * len(record.flags)
+    ir = _fresh_ir(getattr(numba_cpu, f"_{name}"), np.ones(64, np.float32),
+                   np.ones(64, np.float32), *states, args)
+    assert re.search(r"= f(add|sub|mul|div) <\d+ x float>", ir), "the loop was not vectorised"
+    assert not re.search(r"= f(add|sub|mul|div) (double|<\d+ x double>)", ir)
+    calls = re.findall(r'call [^@]*@"?([\w.$]+)', ir)
+    assert not [c for c in calls if "10optimizers" in c or "_update_impl" in c]
 
 
 def _host_has_avx512() -> bool:

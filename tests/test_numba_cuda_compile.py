@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from backprop import kernels
+from backprop.kernels import optimizers
 from conftest import kernel_arguments
 
 SIMULATED = os.environ.get("NUMBA_ENABLE_CUDASIM", "0").strip() not in ("", "0")
@@ -93,3 +94,24 @@ def test_dropout_hash_multiplies_in_32_bits(numba_cuda, monkeypatch):
     narrow = re.findall(rf"mul\.lo\.[su]32\s[^;]*\b(?:{spellings});", ptx)
     assert not wide, f"64-bit multiplies in the dropout hash: {wide[:3]}"
     assert narrow, "no 32-bit hash multiply found in the dropout PTX (did the hash change?)"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(optimizers.RECORDS))
+def test_every_optimizer_variant_compiles_to_ptx(numba_cuda, name, dtype):
+    """The ops above launch one variant each; every variant (which states are kept) of every
+    optimizer record compiles, float32 ones without an f64 instruction."""
+    import numba
+    from numba import cuda
+
+    record = optimizers.RECORDS[name]
+    array = numba.typeof(np.zeros(4, dtype))
+    c = numba.typeof(tuple(np.dtype(dtype).type(0.5) for _ in record.scalars)
+                     + (True,) * len(record.flags))
+    slots = optimizers.SLOTS
+    for present in record.variants:
+        kept = tuple(present) + (False,) * (slots - len(present))
+        kernel = numba_cuda._optimizer_kernel(name, kept, np.dtype(dtype))
+        ptx, _ = cuda.compile_ptx(kernel.py_func, (array,) * (2 + slots) + (c,), cc=CC)
+        f64 = [line.strip() for line in ptx.splitlines() if re.search(r"\.f64\b", line)]
+        assert dtype == np.float64 or not f64, (record.variant_name(present), f64[:3])
