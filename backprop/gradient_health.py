@@ -27,7 +27,8 @@ around them) and records:
 ``dead_fraction``      ReLU-like σ (``backprop.init.RELU_LIKE``): the fraction of units with
                        ``σ′(z) = 0`` on every row of the batch (no gradient reaches their
                        weights). NaN for other activations.
-``saturated_fraction`` sigmoid and tanh: the fraction of units with ``σ′(z) <
+``saturated_fraction`` saturating σ (``SATURATING``, the records' ``saturating`` flag: sigmoid
+                       and tanh): the fraction of units with ``σ′(z) <
                        saturation_threshold`` (0.01) on more than ``saturation_rows`` (half)
                        of the rows. NaN for other activations.
 ====================== ======================================================================
@@ -107,14 +108,16 @@ from backprop import kernels as K
 from backprop.backend import get_array_module, to_numpy
 from backprop.callbacks import Callback
 from backprop.init import RELU_LIKE
+from backprop.kernels.activations import RECORDS
 
 __all__ = ["GradientHealthWarning", "GradientMonitor", "STATS"]
 
 #: The per-layer statistics of a monitored step, in the order of ``records``.
 STATS = ("delta_rms", "grad_norm", "update_ratio", "dead_fraction", "saturated_fraction")
 
-#: Activations whose saturation is measured (bounded, squashing σ, σ′ → 0 at both ends).
-SATURATING = frozenset({"sigmoid", "tanh"})
+#: Activations whose saturation is measured (bounded, squashing σ, σ′ → 0 at both ends):
+#: the records marked ``saturating`` in ``backprop.kernels.activations``.
+SATURATING = frozenset(name for name, r in RECORDS.items() if r.saturating)
 
 _KINDS = ("vanish", "explode", "nonfinite", "dead", "saturated")
 _UNSET = object()

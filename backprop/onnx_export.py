@@ -18,23 +18,31 @@ Every layer of backprop maps to standard ONNX operators (``MAPPING``):
     Sequential             its layers in order (nested inside a Residual too)
 
 and every activation (the layers of ``backprop.activations``, or Dense's ``activation``):
+``softmax`` and ``log_softmax`` (row operations) are ``Softmax(axis=-1)`` and
+``LogSoftmax(axis=-1)``; an elementwise activation is built from its record in
+``backprop.kernels.activations``, so a new record is exported with no change here:
 
-    identity   nothing              relu       Relu          leaky_relu  LeakyRelu(alpha) ¹
-    sigmoid    Sigmoid              tanh       Tanh          softplus    Softplus ¹
-    elu        Elu(alpha) ¹         silu       Mul(x, Sigmoid(x))
-    gelu       Gelu (opset ≥ 20) or x·½(1 + Erf(x/√2)) ² ³
-    gelu_tanh  Gelu(approximate="tanh") (opset ≥ 20) or x·Sigmoid(2√(2/π)(x + 0.044715x³)) ³
-    softmax    Softmax(axis=-1)     log_softmax  LogSoftmax(axis=-1)
+- its ``forward`` formula, instantiated with this module's ONNX math: the builder's
+  arithmetic and comparisons become ``Add``, ``Sub``, ``Mul``, ``Div``, ``Neg``, ``Less``,
+  ``Greater``... nodes, its constants (and ``alpha``) constants of the graph's dtype, and the
+  primitives ``where`` ``Where``, ``abs`` ``Abs``, ``exp`` ``Exp``, ``tanh`` ``Tanh``,
+  ``sigmoid`` ``Sigmoid``; ``softplus`` ``Max(x, 0) + log1p(Exp(-|x|))`` (exp never
+  overflows); ``expm1`` and ``log1p`` Kahan's compositions of ``Exp`` and ``Log``
+  (``(e^x - 1)·x / log(e^x)``, ``log(1 + x)·x / ((1 + x) - 1)``), which keep the relative
+  accuracy of a true ``expm1`` / ``log1p`` near 0 that ``Exp(x) - 1`` loses; ``ndtr``
+  (Φ) ``½(1 + Erf(x/√2))`` ¹ (a repeated subexpression is one node);
+- or, in float32 graphs, the record's native operator when it has one (``onnx_op``, with
+  its attributes and ``alpha``; from opset ``onnx_opset``, e.g. ``Gelu`` from opset 20).
+  float64 graphs always use the composition: ONNX Runtime has no double kernel for several
+  of these operators (``Softplus``, ``Elu``, ``LeakyRelu`` at most opsets), their ``alpha``
+  attribute is a float32, and its double ``Gelu`` computes in float32 precision; composed,
+  a float64 activation agrees with ``predict`` to float64 precision (but see ¹).
 
-¹ float64: composed of primitive operators, because ONNX Runtime has no double kernel for
-``Softplus``, ``Elu`` and (at most opsets) ``LeakyRelu``, whose ``alpha`` attribute is a
-float32 anyway: ``Max(x, 0) + Log(1 + Exp(-|x|))``, ``Where(x > 0, x, α(Exp(Min(x, 0)) - 1))``
-and ``Where(x > 0, x, αx)``, ``α`` a double constant: these agree with ``predict`` to ~1e-16.
-² float64: ONNX Runtime has no double ``Erf`` either, so ``Erf`` runs in float32 between two
-``Cast`` nodes: a float64 GELU (erf) model agrees with ``predict`` to ~1e-7 relative (float32
-precision in Φ), every other layer to float64 precision.
-³ opset < 20 has no ``Gelu``; float64 uses the composition at every opset (ONNX Runtime's
-double ``Gelu`` computes in float32 precision).
+``ACTIVATION_OPS`` lists what each activation becomes.
+
+¹ ONNX Runtime has no double ``Erf``: in a float64 graph ``Erf`` runs in float32 between
+two ``Cast`` nodes, so a float64 GELU (erf) model agrees with ``predict`` to ~1e-7 relative
+(float32 precision in Φ), every other layer to float64 precision.
 
 Opsets ``MIN_OPSET`` (13) to ``MAX_OPSET`` (25), capped by the installed ``onnx``; the
 default ``DEFAULT_OPSET`` (17) loads in every ONNX Runtime since 1.12 and most other tools.
@@ -52,10 +60,12 @@ to the graph: see :mod:`backprop.cli`.
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import numpy as np
+
+from backprop.kernels.activations import INV_SQRT2, INV_SQRT_2PI, Math
+from backprop.kernels.activations import RECORDS as _RECORDS
 
 __all__ = ["export_onnx", "to_onnx", "ONNXExportError", "MAPPING", "ACTIVATION_OPS",
            "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET", "supported_opsets"]
@@ -78,22 +88,27 @@ MAPPING = {
     "Sequential": "its layers in order",
 }
 
-#: activation kernel name -> the ONNX operators it becomes (float32; see the module docstring
-#: for float64 and for opsets before Gelu)
-ACTIVATION_OPS = {
-    "identity": "(none)",
-    "relu": "Relu",
-    "leaky_relu": "LeakyRelu(alpha)",
-    "sigmoid": "Sigmoid",
-    "tanh": "Tanh",
-    "softplus": "Softplus",
-    "elu": "Elu(alpha)",
-    "silu": "Mul(x, Sigmoid(x))",
-    "gelu_erf": "Gelu / x·½(1 + Erf(x/√2))",
-    "gelu_tanh": "Gelu(approximate='tanh') / x·Sigmoid(2k(x + cx³))",
-    "softmax": "Softmax(axis=-1)",
-    "log_softmax": "LogSoftmax(axis=-1)",
-}
+#: the row activations (not records): kernel name -> ONNX operator (over the last axis)
+_ROW_OPS = {"softmax": "Softmax", "log_softmax": "LogSoftmax"}
+
+
+def _describe(record) -> str:
+    """What ``record``'s activation becomes, for ``ACTIVATION_OPS``."""
+    composed = f"composed: {record.formula}"
+    if record.onnx_op is None:
+        return composed
+    args = [f"{k}={v!r}" for k, v in record.onnx_attrs]
+    args += [record.onnx_alpha] if record.onnx_alpha else []
+    native = f"{record.onnx_op}({', '.join(args)})" if args else record.onnx_op
+    when = "float32" + (f", opset ≥ {record.onnx_opset}" if record.onnx_opset > MIN_OPSET
+                        else "")
+    return f"{native} ({when}), else {composed}"
+
+
+#: activation kernel name -> the ONNX operators it becomes (from the records; see the
+#: module docstring)
+ACTIVATION_OPS = {**{name: _describe(r) for name, r in _RECORDS.items()},
+                  **{name: f"{op}(axis=-1)" for name, op in _ROW_OPS.items()}}
 
 
 class ONNXExportError(ValueError):
@@ -230,6 +245,14 @@ class _Graph:
             self._constants[key] = self.tensor(f"const_{key:g}", np.array(key))
         return self._constants[key]
 
+    def prune_constants(self):
+        """Drop the shared constants that no node reads (a formula builder may make a
+        constant that its formula does not use)."""
+        used = {name for node in self.nodes for name in node.input}
+        unused = set(self._constants.values()) - used
+        self.initializers = [t for t in self.initializers if t.name not in unused]
+        self._constants = {k: v for k, v in self._constants.items() if v not in unused}
+
     def node(self, op: str, inputs, hint: str, **attrs) -> str:
         out = self.unique(f"{hint}/{op}")
         node = self.helper.make_node(op, list(inputs), [out], name=out, **attrs)
@@ -256,64 +279,134 @@ def _activation_classes() -> set:
             and cls.__module__ == activations.__name__ and cls is not activations.Activation}
 
 
-def _emit_activation(g: _Graph, act, x: str, path: str) -> str:
-    """The nodes of activation ``act`` (an activation layer object) applied to ``x``."""
-    kind, alpha, dt = act.kernel, float(act.alpha), g.dtype
-    double = dt == np.float64
-    if kind == "identity":
-        return x
-    if kind in ("relu", "sigmoid", "tanh"):
-        return g.node({"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}[kind], [x], path)
-    if kind == "leaky_relu":
-        if not double:  # (a float attribute: α in float32, and no double kernel in ORT)
-            return g.node("LeakyRelu", [x], path, alpha=alpha)
-        neg = g.node("Mul", [x, g.scalar(alpha)], path)
-        return g.node("Where", [g.node("Greater", [x, g.scalar(0.0)], path), x, neg], path)
-    if kind == "softmax":
-        return g.node("Softmax", [x], path, axis=-1)
-    if kind == "log_softmax":
-        return g.node("LogSoftmax", [x], path, axis=-1)
-    if kind == "silu":
-        return g.node("Mul", [x, g.node("Sigmoid", [x], path)], path)
-    if kind == "softplus":
-        if not double:
-            return g.node("Softplus", [x], path)
-        # max(x, 0) + log(1 + e^-|x|): exp never overflows
-        e = g.node("Exp", [g.node("Neg", [g.node("Abs", [x], path)], path)], path)
-        log = g.node("Log", [g.node("Add", [e, g.scalar(1.0)], path)], path)
-        return g.node("Add", [g.node("Max", [x, g.scalar(0.0)], path), log], path)
-    if kind == "elu":
-        if not double:
-            return g.node("Elu", [x], path, alpha=alpha)
-        # where(x > 0, x, α(e^min(x, 0) - 1)): exp sees min(x, 0) only
-        em1 = g.node("Sub", [g.node("Exp", [g.node("Min", [x, g.scalar(0.0)], path)], path),
-                             g.scalar(1.0)], path)
-        neg = g.node("Mul", [em1, g.scalar(alpha)], path)
-        return g.node("Where", [g.node("Greater", [x, g.scalar(0.0)], path), x, neg], path)
-    if kind == "gelu_tanh":
-        if g.opset >= GELU_OPSET and not double:  # (ORT's double Gelu: float32 constants)
-            return g.node("Gelu", [x], path, approximate="tanh")
-        from backprop.kernels.activations import GELU_C, GELU_K
+def _exportable(kind: str) -> bool:
+    return kind in _RECORDS or kind in _ROW_OPS
 
-        # x σ(2k(x + c x³)) = ½x(1 + tanh(k(x + c x³))), as backprop computes it
-        x3 = g.node("Mul", [g.node("Mul", [x, x], path), x], path)
-        u = g.node("Add", [x, g.node("Mul", [x3, g.scalar(GELU_C)], path)], path)
-        gate = g.node("Sigmoid", [g.node("Mul", [u, g.scalar(2.0 * GELU_K)], path)], path)
-        return g.node("Mul", [x, gate], path)
-    if kind == "gelu_erf":
-        if g.opset >= GELU_OPSET and not double:
-            return g.node("Gelu", [x], path)
-        # x Φ(x) = x · ½(1 + erf(x/√2))
-        u = g.node("Mul", [x, g.scalar(1.0 / math.sqrt(2.0))], path)
-        if double:  # no double Erf in ONNX Runtime: erf in float32 (see the module docstring)
+
+class _Value:
+    """A tensor of the graph under construction, as the records' formula builders see it:
+    arithmetic and comparisons add nodes (``a + b`` is ``Add``, ``a < b`` is ``Less``...), a
+    number on either side is a constant of the graph's dtype."""
+
+    __slots__ = ("em", "name")
+
+    def __init__(self, em, name: str):
+        self.em, self.name = em, name
+
+    def _bin(self, op, other, swap=False):
+        other = self.em.value(other)
+        return self.em.op(op, *((other, self) if swap else (self, other)))
+
+    def __add__(self, o): return self._bin("Add", o)                # noqa: E704
+    def __radd__(self, o): return self._bin("Add", o, swap=True)    # noqa: E704
+    def __sub__(self, o): return self._bin("Sub", o)                # noqa: E704
+    def __rsub__(self, o): return self._bin("Sub", o, swap=True)    # noqa: E704
+    def __mul__(self, o): return self._bin("Mul", o)                # noqa: E704
+    def __rmul__(self, o): return self._bin("Mul", o, swap=True)    # noqa: E704
+    def __truediv__(self, o): return self._bin("Div", o)            # noqa: E704
+    def __rtruediv__(self, o): return self._bin("Div", o, swap=True)  # noqa: E704
+    def __neg__(self): return self.em.op("Neg", self)               # noqa: E704
+    def __lt__(self, o): return self._bin("Less", o)                # noqa: E704
+    def __le__(self, o): return self._bin("LessOrEqual", o)         # noqa: E704
+    def __gt__(self, o): return self._bin("Greater", o)             # noqa: E704
+    def __ge__(self, o): return self._bin("GreaterOrEqual", o)      # noqa: E704
+    def __ne__(self, o): return self.em.op("Not", self._bin("Equal", o))  # noqa: E704
+    __hash__ = object.__hash__
+
+    def __bool__(self):
+        raise TypeError("a formula took the truth value of a symbolic value (if, and, or, "
+                        "not): select with where(cond, a, b)")
+
+
+class _Emitter:
+    """The nodes of one activation's formula: ``math`` is the records' :class:`Math` for this
+    graph; a node with the same operator, inputs and attributes as an earlier one is reused
+    (a subexpression that a formula writes twice is computed once)."""
+
+    def __init__(self, g: _Graph, path: str):
+        self.g, self.path, self._made = g, path, {}
+        self.math = _onnx_math(self)
+
+    def value(self, v) -> _Value:
+        return v if isinstance(v, _Value) else _Value(self, self.g.scalar(float(v)))
+
+    def op(self, op: str, *args, **attrs) -> _Value:
+        inputs = [self.value(a).name for a in args]
+        key = (op, tuple(inputs), tuple(sorted(attrs.items())))
+        if key not in self._made:
+            self._made[key] = _Value(self, self.g.node(op, inputs, self.path, **attrs))
+        return self._made[key]
+
+
+def _onnx_math(em: _Emitter) -> Math:
+    """The records' primitives as ONNX operators (see the module docstring)."""
+    g = em.g
+    one = em.value(1.0)
+
+    def where(c, a, b):
+        return em.op("Where", c, a, b)
+
+    def exp(x):
+        return em.op("Exp", x)
+
+    def log(x):
+        return em.op("Log", x)
+
+    def expm1(x):  # Kahan: (u - 1)·x / log u corrects the rounding of u = e^x
+        u = exp(x)
+        um1 = u - one
+        return where(em.op("Equal", u, one), x,
+                     where(em.op("Equal", um1, -1.0), -1.0,
+                           where(em.op("Equal", um1, u), u, um1 * x / log(u))))
+
+    def log1p(x):  # Kahan: log(u)·x / (u - 1) corrects the rounding of u = 1 + x
+        u = x + one
+        return where(em.op("Equal", u, one), x, log(u) * x / (u - one))
+
+    def softplus(x):  # max(x, 0) + log(1 + e^-|x|): exp never overflows
+        return em.op("Max", x, 0.0) + log1p(exp(-em.op("Abs", x)))
+
+    def ndtr(x):  # ½(1 + erf(x/√2)); no double Erf in ONNX Runtime: float32 between Casts
+        u = x * INV_SQRT2
+        if g.dtype == np.float64:
             f32 = g.onnx.TensorProto.FLOAT
-            erf = g.node("Cast", [g.node("Erf", [g.node("Cast", [u], path, to=f32)], path)],
-                         path, to=g.elem)
+            erf = em.op("Cast", em.op("Erf", em.op("Cast", u, to=f32)), to=g.elem)
         else:
-            erf = g.node("Erf", [u], path)
-        half = g.node("Mul", [g.node("Add", [erf, g.scalar(1.0)], path), g.scalar(0.5)], path)
-        return g.node("Mul", [x, half], path)
-    raise KeyError(kind)
+            erf = em.op("Erf", u)
+        return (erf + one) * 0.5
+
+    return Math(
+        K=em.value, cast=em.value, where=where, abs=lambda x: em.op("Abs", x), exp=exp,
+        expm1=expm1, tanh=lambda x: em.op("Tanh", x), sigmoid=lambda x: em.op("Sigmoid", x),
+        softplus=softplus, ndtr=ndtr,
+        ndtr_pdf=lambda x: (ndtr(x), exp(-(x * x) * 0.5) * INV_SQRT_2PI))
+
+
+def _native_op(record, g: _Graph):
+    """The record's native ONNX operator if this graph may use it (float32, the opset)."""
+    if record.onnx_op is None or g.dtype != np.float32 or g.opset < record.onnx_opset:
+        return None
+    return record.onnx_op
+
+
+def _emit_activation(g: _Graph, act, x: str, path: str) -> str:
+    """The nodes of activation ``act`` (an activation layer object) applied to ``x``: a row
+    operation's operator, or the record's native operator, or its formula composed."""
+    kind = act.kernel
+    if kind in _ROW_OPS:
+        return g.node(_ROW_OPS[kind], [x], path, axis=-1)
+    record, alpha = _RECORDS[kind], float(act.alpha)
+    op = _native_op(record, g)
+    if op is not None:
+        attrs = dict(record.onnx_attrs)
+        if record.onnx_alpha:
+            attrs[record.onnx_alpha] = alpha
+        return g.node(op, [x], path, **attrs)
+    em = _Emitter(g, path)
+    out = em.value(record.forward(em.math)(_Value(em, x), alpha))
+    if out.name in g._constants.values():  # a constant formula: one value per element
+        return g.node("Expand", [out.name, g.node("Shape", [x], path)], path)
+    return out.name
 
 
 def _check_features(layer, path: str, shape, n: int, who: str):
@@ -339,7 +432,7 @@ def _emit(g: _Graph, layer, x: str, shape, path: str, acts: set):
         return x, shape
     if kind is Dense:
         act = layer.activation
-        if type(act) not in acts or act.kernel not in ACTIVATION_OPS:
+        if type(act) not in acts or not _exportable(act.kernel):
             raise _unsupported(layer, where, f"its activation {act!r} has no ONNX form")
         _check_features(layer, where, shape, layer.in_features, "inputs")
         inputs = [x, g.tensor(f"{prefix}W", layer.W.data)]
@@ -374,7 +467,7 @@ def _emit(g: _Graph, layer, x: str, shape, path: str, acts: set):
     if kind is Flatten:
         return g.node("Flatten", [x], where, axis=1), layer.output_shape(shape)
     if kind in acts:
-        if layer.kernel not in ACTIVATION_OPS:
+        if not _exportable(layer.kernel):
             raise _unsupported(layer, where)
         return _emit_activation(g, layer, x, where), shape
     raise _unsupported(layer, where)
@@ -445,6 +538,7 @@ def to_onnx(model, opset: int = DEFAULT_OPSET, *, input_name: str = "input",
         node.output[0] = output_name
     else:  # no node at all (Dropout, Identity): the output is the input
         g.nodes.append(helper.make_node("Identity", [out], [output_name], name="output"))
+    g.prune_constants()
     graph = helper.make_graph(
         g.nodes, "backprop", [helper.make_tensor_value_info(input_name, g.elem, _dims(shape))],
         [helper.make_tensor_value_info(output_name, g.elem, _dims(out_shape))],

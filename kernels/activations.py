@@ -18,7 +18,8 @@ branches are evaluated, so a branch must not overflow where it is not chosen). �
 ``s = σ(z)`` when it can be computed from the output, or ``s = z`` when ``needs_z``.
 
 Everything else about an activation is in its record too: whether it is ReLU-like (He
-initialisation), its layer class name and default ``alpha``, the names it answers to in
+initialisation) or saturating (the gradient monitor's saturation statistic), its native ONNX
+operator if it has one, its layer class name and default ``alpha``, the names it answers to in
 ``Dense(activation=...)``, its formula for the documentation, and an independent NumPy
 definition (as PyTorch defines it) that the tests compare the layers with. Adding an
 activation means adding a record here: the backends, the layers, ``init``'s defaults, the
@@ -76,6 +77,14 @@ class ActivationDef:
     layer: str | None = None           # the activation layer's class name
     alpha: float | None = None         # the layer's default alpha (None: it takes none)
     aliases: tuple = field(default=())  # more names for Dense(activation=...)
+    saturating: bool = False           # bounded, σ′ → 0 at both ends (gradient_health)
+    # ONNX export (backprop.onnx_export): σ is composed from the formula; a native operator,
+    # when given, replaces it in float32 graphs from opset ``onnx_opset`` on, with the
+    # attributes ``onnx_attrs`` ((name, value) pairs) and ``alpha`` as ``onnx_alpha``
+    onnx_op: str | None = None
+    onnx_attrs: tuple = field(default=())
+    onnx_alpha: str | None = None      # the attribute that receives alpha
+    onnx_opset: int = 1                # the first opset with onnx_op
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,29 +226,34 @@ RECORDS = {r.name: r for r in (
     ActivationDef("identity", _identity, _identity_d, "z", "1",
                   lambda z, alpha: z, layer="Identity", aliases=("linear",)),
     ActivationDef("relu", _relu, _relu_d, "max(z, 0)", "[a > 0]",
-                  lambda z, alpha: _np().maximum(z, 0.0), relu_like=True, layer="ReLU"),
+                  lambda z, alpha: _np().maximum(z, 0.0), relu_like=True, layer="ReLU",
+                  onnx_op="Relu"),
     ActivationDef("leaky_relu", _leaky_relu, _leaky_relu_d, "z if z > 0 else αz", "1 or α",
                   lambda z, alpha: _np().where(z > 0, z, alpha * z), relu_like=True,
-                  layer="LeakyReLU", alpha=0.01),
+                  layer="LeakyReLU", alpha=0.01, onnx_op="LeakyRelu", onnx_alpha="alpha"),
     ActivationDef("sigmoid", _sigmoid, _sigmoid_d, "1 / (1 + e^-z)", "a (1 - a)",
-                  lambda z, alpha: 1.0 / (1.0 + _np().exp(-z)), layer="Sigmoid"),
+                  lambda z, alpha: 1.0 / (1.0 + _np().exp(-z)), layer="Sigmoid",
+                  saturating=True, onnx_op="Sigmoid"),
     ActivationDef("tanh", _tanh, _tanh_d, "tanh z", "1 - a²",
-                  lambda z, alpha: _np().tanh(z), layer="Tanh"),
+                  lambda z, alpha: _np().tanh(z), layer="Tanh", saturating=True,
+                  onnx_op="Tanh"),
     ActivationDef("gelu_tanh", _gelu_tanh, _gelu_tanh_d,
                   "½z(1 + tanh(√(2/π)(z + 0.044715z³)))", "(from z)",
                   lambda z, alpha: 0.5 * z * (1.0 + _np().tanh(GELU_K * (z + GELU_C * z ** 3))),
-                  needs_z=True, relu_like=True),
+                  needs_z=True, relu_like=True, onnx_op="Gelu",
+                  onnx_attrs=(("approximate", "tanh"),), onnx_opset=20),
     ActivationDef("gelu_erf", _gelu_erf, _gelu_erf_d, "z Φ(z) (exact, erf)", "Φ(z) + z φ(z)",
-                  _check_gelu_erf, needs_z=True, relu_like=True),
+                  _check_gelu_erf, needs_z=True, relu_like=True, onnx_op="Gelu", onnx_opset=20),
     ActivationDef("softplus", _softplus, _softplus_d, "log(1 + e^z)", "sigmoid(z)",
                   lambda z, alpha: _np().log1p(_np().exp(z)), needs_z=True, relu_like=True,
-                  layer="Softplus"),
+                  layer="Softplus", onnx_op="Softplus"),
     ActivationDef("silu", _silu, _silu_d, "z sigmoid(z)", "σ(z)(1 + z(1 - σ(z)))",
                   lambda z, alpha: z / (1.0 + _np().exp(-z)), needs_z=True, relu_like=True,
                   layer="SiLU", aliases=("swish",)),
     ActivationDef("elu", _elu, _elu_d, "z if z > 0 else α(e^z - 1)", "1 or α e^z",
                   lambda z, alpha: _np().where(z > 0, z, alpha * _np().expm1(_np().minimum(z, 0))),
-                  needs_z=True, relu_like=True, layer="ELU", alpha=1.0),
+                  needs_z=True, relu_like=True, layer="ELU", alpha=1.0, onnx_op="Elu",
+                  onnx_alpha="alpha"),
 )}
 
 ACTIVATIONS = tuple(RECORDS)

@@ -103,6 +103,123 @@ def test_activation_matches_predict(ort, tmp_path, name, dtype, opset):
     np.testing.assert_allclose(got, model.predict(X), **tol)
 
 
+# The ONNX operators that the records' math composes formulas from (no activation's own)
+COMPOSED_OPS = {"Add", "Sub", "Mul", "Div", "Neg", "Less", "LessOrEqual", "Greater",
+                "GreaterOrEqual", "Equal", "Not", "Where", "Abs", "Exp", "Log", "Max", "Tanh",
+                "Sigmoid", "Erf", "Cast", "Expand", "Shape"}
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("name", activation_names())
+def test_every_activation_composed_from_its_formula(ort, tmp_path, monkeypatch, name, opset):
+    """float32 without the records' native operators: every activation is built from its
+    record's formula alone (the path that float64 always takes), within 1e-5 of predict."""
+    monkeypatch.setattr(onnx_export, "_native_op", lambda record, g: None)
+    act = make_activation(name)
+    model = bp.Sequential([bp.Dense(5, 6, activation=act, rng=1), make_activation(name)])
+    path = model.export_onnx(tmp_path / "m.onnx", opset=opset)
+    ops = {n.op_type for n in onnx.load(path).graph.node} - {"Gemm"}
+    if act.kernel in RECORDS:
+        assert ops <= COMPOSED_OPS, f"{name}: {sorted(ops - COMPOSED_OPS)}"
+    X = inputs("float32")
+    np.testing.assert_allclose(run_onnx(ort, path, X), model.predict(X), **TOLERANCE["float32"])
+
+
+def test_the_composition_is_accurate_near_zero_and_in_the_tails(ort, tmp_path, monkeypatch):
+    """Kahan's expm1 and log1p: ELU near 0 and softplus far below 0 keep their relative
+    accuracy (Exp(x) - 1 and Log(1 + x) lose it), float32 and float64."""
+    monkeypatch.setattr(onnx_export, "_native_op", lambda record, g: None)
+    z = np.concatenate([np.geomspace(-1e-6, -1e-1, 60), np.linspace(-80, -20, 61)])
+    for dtype, rtol in (("float32", 1e-6), ("float64", 1e-14)):
+        for act in (bp.ELU(0.5), bp.Softplus()):
+            model = bp.Sequential([act])
+            X = z.reshape(-1, 1).astype(dtype)
+            path = model.export_onnx(tmp_path / "m.onnx", input_shape=(1,), dtype=dtype)
+            want = RECORDS[act.kernel].check(X.astype(np.float64), 0.5)
+            keep = np.abs(want) > np.finfo(dtype).tiny * 1e3
+            got = run_onnx(ort, path, X).astype(np.float64)
+            np.testing.assert_allclose(got[keep], want[keep], rtol=rtol, atol=0,
+                                       err_msg=f"{act!r} {dtype}")
+
+
+def exported_activation(record_name, dtype, opset, alpha=0.0):
+    """An ONNX model of the activation ``record_name`` alone, by the exporter's own emitter
+    (no layer class: a record made by a test has none)."""
+    from types import SimpleNamespace
+
+    g = onnx_export._Graph(onnx, np.dtype(dtype), opset, ("input", "output"))
+    act = SimpleNamespace(kernel=record_name, alpha=alpha)
+    out = onnx_export._emit_activation(g, act, "input", "act")
+    g.nodes.append(onnx.helper.make_node("Identity", [out], ["output"], name="output"))
+    g.prune_constants()
+    h = onnx.helper
+    graph = h.make_graph(g.nodes, "t", [h.make_tensor_value_info("input", g.elem, ["N", 1])],
+                         [h.make_tensor_value_info("output", g.elem, ["N", 1])],
+                         initializer=g.initializers)
+    opsets = [h.make_opsetid("", opset)]
+    proto = h.make_model(graph, opset_imports=opsets,
+                         ir_version=h.find_min_ir_version_for(opsets))
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _made_up(m):
+    """A formula that uses every primitive of the records' math, alpha and every operator."""
+    zero, one, two, cast, where = m.K(0.0), m.K(1.0), m.K(2.0), m.cast, m.where
+
+    def f(z, alpha):
+        cdf, pdf = m.ndtr_pdf(z)
+        a = where(z >= zero, m.tanh(z) + m.sigmoid(-z), m.expm1(where(z < zero, z, zero)))
+        b = where(z <= one, m.softplus(z) / two, one - m.exp(-m.abs(z)))
+        c = where(z != zero, cdf * pdf, m.ndtr(z))
+        return cast(alpha) * a + b * c - one / (two + z * z)
+    return f
+
+
+def _made_up_check(z, alpha):
+    from math import erf
+
+    cdf = 0.5 * (1.0 + np.vectorize(erf)(z / np.sqrt(2.0)))
+    pdf = np.exp(-z * z / 2) / np.sqrt(2 * np.pi)
+    a = np.where(z >= 0, np.tanh(z) + 1 / (1 + np.exp(z)), np.expm1(np.minimum(z, 0)))
+    b = np.where(z <= 1, np.logaddexp(0, z) / 2, 1 - np.exp(-np.abs(z)))
+    c = np.where(z != 0, cdf * pdf, cdf)
+    return alpha * a + b * c - 1 / (2 + z * z)
+
+
+@pytest.mark.parametrize("opset", [onnx_export.MIN_OPSET, onnx_export.MAX_OPSET])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_new_record_is_exported_without_a_change_to_the_exporter(ort, monkeypatch, dtype,
+                                                                    opset):
+    """A record added at test time (its formula, and then a native operator) is exported
+    from the record alone, and agrees with its NumPy definition."""
+    from backprop.kernels.activations import ActivationDef
+
+    opset = min(opset, max(onnx_export.supported_opsets()))
+    record = ActivationDef("made_up", _made_up, _made_up, "made up", "made up",
+                           _made_up_check, alpha=0.5)
+    monkeypatch.setitem(RECORDS, record.name, record)
+    z = np.concatenate([inputs("float64").reshape(-1), np.linspace(-12, 12, 97)])
+    X = z.reshape(-1, 1).astype(dtype)
+    want = _made_up_check(X.astype(np.float64), 0.37)
+    proto = exported_activation(record.name, dtype, opset, alpha=0.37)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == "float32" else GELU_ERF64  # (Erf: float32)
+    np.testing.assert_allclose(sess.run(None, {"input": X})[0], want, **tol)
+
+    # a native operator, named by the record: used in float32 from its opset on
+    native = ActivationDef("made_up_elu", RECORDS["elu"].forward, RECORDS["elu"].derivative,
+                           "", "", RECORDS["elu"].check, alpha=1.0, onnx_op="Elu",
+                           onnx_alpha="alpha", onnx_opset=onnx_export.MIN_OPSET + 1)
+    monkeypatch.setitem(RECORDS, native.name, native)
+    proto = exported_activation(native.name, dtype, opset, alpha=0.37)
+    ops = [n.op_type for n in proto.graph.node]
+    assert ("Elu" in ops) == (dtype == "float32" and opset > onnx_export.MIN_OPSET)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"input": X})[0], native.check(X, 0.37),
+                               **TOLERANCE[dtype])
+
+
 def trained_batchnorm(dtype, affine=True, cls=bp.BatchNorm1d):
     """A BatchNorm after one training step: running statistics far from (0, 1), and gamma,
     beta not (1, 0)."""
