@@ -10,9 +10,31 @@ from __future__ import annotations
 import numpy as np
 
 from backprop import blas
+from backprop.concurrency import _MODE
 from backprop.layers import Layer, check_input, from_config
 
 __all__ = ["Sequential"]
+
+_plans = None  # backprop.inference, imported on the first model(x) (it imports Numba)
+_training = None  # backprop.training, imported on the first model.predict
+
+
+def _inference():
+    global _plans
+    if _plans is None:
+        from backprop import inference
+
+        _plans = inference
+    return _plans
+
+
+def _training_module():
+    global _training
+    if _training is None:
+        from backprop import training
+
+        _training = training
+    return _training
 
 
 def _reject_repeated_layers(layers) -> None:
@@ -104,6 +126,30 @@ class Sequential(Layer):
         finally:
             blas.release(cap)
         return x
+
+    def __call__(self, x):
+        """``forward`` on any array-like (:meth:`~backprop.layers.Layer.prepare_input`),
+        returned as a fresh array. In eval mode (``model.eval()`` or inside
+        :func:`~backprop.concurrency.inference_mode`) a NumPy batch of at most
+        ``backprop.inference.MAX_ROWS`` rows runs through the model's compiled inference
+        plan (:mod:`backprop.inference`) when one covers its layers: the same outputs up to
+        rounding, without saving tensors for ``backward`` (call ``forward`` for a pass to
+        differentiate). Thread-safe, as ``predict``."""
+        if self._training and not _MODE.eval:
+            return self.forward(self.prepare_input(x)).copy()
+        plans = _plans or _inference()
+        out = plans.run(self, x) if type(x) is np.ndarray else None
+        if out is None:
+            x = self.prepare_input(x)
+            out = plans.run(self, x) if type(x) is np.ndarray else None
+            if out is None:
+                out = self.forward(x).copy()
+        return out
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_inference_plan", None)  # compiled code and per-thread buffers: rebuilt
+        return state
 
     def _blas_cap(self, batch):
         """On the CPU, cap OpenBLAS's threads for this pass's products (:mod:`backprop.blas`:
@@ -216,9 +262,7 @@ class Sequential(Layer):
 
     def predict(self, *args, **kwargs):
         """Outputs for a data set, batch by batch: see :func:`backprop.training.predict`."""
-        from backprop import training
-
-        return training.predict(self, *args, **kwargs)
+        return (_training or _training_module()).predict(self, *args, **kwargs)
 
     def save(self, path, *args, **kwargs):
         """Write a checkpoint: see :func:`backprop.io.save`."""

@@ -912,20 +912,75 @@ def evaluate(model, X, y, loss=None, metrics="auto", batch_size: int = 256) -> d
         return _evaluate_arrays(model, X, y, loss, metric_objs, batch_size)
 
 
-def predict(model, X, batch_size: int = 256):
-    """The model's outputs for ``X`` in eval mode, batch by batch, as a fresh array on the
-    model's device (NumPy for a CPU model, CuPy for a GPU model), whatever type ``X`` is
-    (see :func:`fit`; :func:`backprop.backend.to_dlpack` or ``torch.from_dlpack(out)`` hand
-    it back to PyTorch without a copy). Thread-safe, as :func:`evaluate`."""
-    batch_size = checks.integer("batch_size", batch_size, minimum=1)
+PREDICT_MEMORY = 32 * 2**20
+"""Bytes that the intermediate outputs of one forward pass of :func:`predict` may take when
+``batch_size`` is None: the rows per pass are this over the bytes per row (at least 256)."""
+
+_plans = None  # backprop.inference, imported on first use (it imports Numba)
+
+
+def _inference():
+    global _plans
+    if _plans is None:
+        from backprop import inference
+
+        _plans = inference
+    return _plans
+
+
+def _rows_per_pass(model, X) -> int:
+    """Rows per forward pass within :data:`PREDICT_MEMORY`: each row holds, per layer, its
+    output and at most one more array of that width (Dense keeps ``Z`` and ``A``)."""
+    widths = sum(getattr(m, "out_features", None) or getattr(m, "num_features", None) or 0
+                 for m in (model.modules() if hasattr(model, "modules") else ()))
+    per_row = X.dtype.itemsize * (X.shape[1] + 2 * widths) if X.ndim == 2 else 0
+    return max(256, PREDICT_MEMORY // max(per_row, 1))
+
+
+def predict(model, X, batch_size: int | None = None):
+    """The model's outputs for ``X`` in eval mode, as a fresh array on the model's device
+    (NumPy for a CPU model, CuPy for a GPU model), whatever type ``X`` is (see :func:`fit`;
+    :func:`backprop.backend.to_dlpack` or ``torch.from_dlpack(out)`` hand it back to
+    PyTorch without a copy). ``X`` is checked as by ``fit`` (shape, NaN/inf:
+    :class:`~backprop.data.DataError` before any work).
+
+    ``batch_size``: rows per forward pass; None (the default) takes all of ``X`` in one pass
+    when the pass's intermediate outputs fit in :data:`PREDICT_MEMORY` bytes, else as many
+    rows per pass as fit. On the CPU a pass of at most ``backprop.inference.MAX_ROWS`` rows
+    runs through the model's compiled inference plan when one covers its layers
+    (:mod:`backprop.inference`; the same outputs up to rounding). A C-contiguous NumPy ``X``
+    of the model's dtype and feature count with that few rows goes straight to the plan:
+    no conversion, no copy, and the finiteness check rides on the first layer's kernel.
+
+    Thread-safe, as :func:`evaluate`."""
+    if batch_size is not None:
+        batch_size = checks.integer("batch_size", batch_size, minimum=1)
+    if type(X) is np.ndarray and X.ndim == 2 and (batch_size is None or
+                                                  batch_size >= X.shape[0]):
+        out = (_plans or _inference()).run(model, X, check=True, eval_mode=True)
+        if out is not None:
+            return out
     device, _ = _placement(model)
     with use_device(device), inference_mode():
         X, _ = _prepare(model, X, None, "any", "prediction data")
-        xp = get_array_module(X)
-        result = None
-        for lo in range(0, len(X), batch_size):
-            out = model.forward(X[lo:lo + batch_size])
-            if result is None:
-                result = xp.empty((len(X), *out.shape[1:]), dtype=out.dtype)
-            result[lo:lo + len(out)] = out
-        return result
+        return _predict_arrays(model, X, batch_size)
+
+
+def _predict_arrays(model, X, batch_size):
+    """:func:`predict` on ``X`` validated and placed, inside inference_mode."""
+    n = len(X)
+    rows = batch_size or _rows_per_pass(model, X)
+    plans = (_plans or _inference()) if type(X) is np.ndarray else None
+    result = None
+    for lo in range(0, n, rows):
+        xb = X[lo:lo + rows]
+        out = None if plans is None else plans.run(model, xb)
+        fresh = out is not None
+        if not fresh:
+            out = model.forward(xb)
+        if rows >= n:
+            return out if fresh else out.copy()
+        if result is None:
+            result = get_array_module(X).empty((n, *out.shape[1:]), dtype=out.dtype)
+        result[lo:lo + len(out)] = out
+    return result

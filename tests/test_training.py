@@ -62,6 +62,7 @@ def test_predict_returns_a_fresh_array(moons):
     training.predict(model, X[40:80])
     model.forward(bp.asarray(X[:40] * 3, dtype=first.dtype))  # overwrites the layer buffers
     np.testing.assert_array_equal(bp.to_numpy(first), kept)
+    model.eval()  # predict is eval mode; model(x) then runs the same path (a compiled plan)
     np.testing.assert_array_equal(kept, bp.to_numpy(model(X[:40])))
 
 

@@ -1,0 +1,965 @@
+"""Compiled inference plans: the eval-mode forward pass of a small batch on the CPU in a few
+Numba calls, without the per-layer overheads of ``Sequential.forward``.
+
+``model.predict(X)`` and ``model(x)`` use a plan, when one applies, for a C-contiguous NumPy
+batch of at most :data:`MAX_ROWS` rows of the model's dtype and feature count, with the
+model in eval mode (``model(x)``) or under :func:`~backprop.concurrency.inference_mode`
+(``predict``). Anything else takes the normal path.
+
+What a plan computes, layer by layer (the same math as the layers' eval-mode forward):
+
+    Dense        A = σ(X Wᵀ + b)       one kernel: the product, the bias and σ; a softmax
+                                        or log-softmax output (or a following Softmax,
+                                        LogSoftmax or elementwise activation layer, when
+                                        the Dense has no activation of its own) is fused in
+    BatchNorm1d  A = γ (X - μ)/sqrt(σ² + ε) + β, with the running statistics (not folded
+                 into the weights: folding would need a copy of them, stale after an
+                 in-place update)
+    Activation   A = σ(X) elementwise; Softmax, LogSoftmax per row
+    Dropout      A = X (eval mode); Flatten of a 2-D batch: A = X
+    Residual     A = X + F(X), F planned the same way
+    Sequential   its layers, in order
+
+Any other layer (or a Dense whose activation is neither elementwise nor a softmax) makes
+the model unplannable, and it always takes the normal path.
+
+Kernels. Each Dense runs one kernel compiled for its activation: ``Z = X Wᵀ``, then
+``+ b``, σ (the formula of the activation's record in ``kernels/activations.py``, built with
+the same math as the ``numba_cpu`` kernels: vecmath's vectorisable functions, constants of
+the array's dtype) and the row softmax. ``W`` is read as the layer stores it, ``(out, in)``:
+no transposed copy is kept. The product has two forms:
+
+- dot form, below one vector of rows (16 float32, 8 float64): blocks of 4 rows of ``X`` × 4
+  rows of ``W``, each of the 16 dot products a vectorised reduction over the features;
+- lanes form, from one vector of rows on (when every layer is a Dense): the batch is
+  transposed once, ``(features, P)`` with the rows along the vector lanes, and
+  ``Zᵀ = W Xᵀ`` is computed in tiles of 8 weight rows × 2 vectors of rows held in
+  registers through the whole sum over the features (:func:`_make_tile`): no horizontal
+  reductions, which in the dot form cost as much as the products when the features are
+  few. The output is transposed back at the end.
+
+The products run on the calling thread: at the batch sizes a plan takes, waking a second
+thread costs about as much as it saves (far more on a loaded machine), and two threads
+predicting at once each run on their own core. Kernels are compiled per activation, form
+and dtype on first use and cached on disk.
+
+Precision: every operation runs in the model's dtype, as in the normal path, but the dot
+products are summed in another order (vectorised partial sums, fused multiply-adds), so the
+results differ from ``model.forward``'s by rounding: a few units in the last place of
+``Σ|xᵢ wᵢ|`` per output. tests/test_inference.py holds them to
+``|plan - forward| <= rtol·|forward| + atol·max(1, max|forward|)`` with ``rtol=1e-4``,
+``atol=1e-5`` in float32 and ``1e-10``, ``1e-12`` in float64. The outputs of a row do not
+depend on which plan form ran, up to that rounding; bit for bit they may (as BLAS's do on
+the shape of the product).
+
+Invalidation: a plan holds the model's layer objects, not their arrays: every call reads
+``W.data``, ``b.data``, the running statistics and each activation's ``alpha`` anew, so an
+optimizer's in-place update, ``load_state_dict``, ``model.to(...)`` (new arrays) and
+``Parameter.rebind`` are all seen at the next call. It is rebuilt when the structure it was
+built from changes: the model's ``layers`` list (or a nested Sequential's), a Residual's
+block, a Dense's activation object, or the dtype of the parameters.
+
+Threads: a plan may run in any number of threads at once. The kernels release the GIL and
+only read the weights; the intermediate outputs live in per-thread buffers
+(:class:`threading.local`), and the result is a fresh array. Building a plan is idempotent
+(two threads may both build one; the model keeps either). As for the normal path, a plan
+that runs while another thread trains or moves the model reads the weights as they are at
+that moment.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import threading
+from pathlib import Path
+
+import numba
+import numpy as np
+from numba import njit, types
+from numba.core.caching import FunctionCache
+from numba.extending import intrinsic, overload
+
+from backprop import kernels as K
+from backprop.concurrency import _MODE
+from backprop.kernels import activations as _activations
+from backprop.kernels import inline, vecmath
+from backprop.kernels.activations import RECORDS, Math
+
+__all__ = ["MAX_ROWS", "plan_for", "run", "clear"]
+
+MAX_ROWS = 64
+"""Batches of at most this many rows run through a plan; larger ones take the normal path,
+whose multithreaded BLAS products win from there on for models of a few hundred thousand
+multiply-adds per row (a smaller model's plan stays faster up to a few hundred rows)."""
+
+_FLAGS = dict(fastmath={"reassoc", "contract", "nsz"}, error_model="numpy", nogil=True,
+              cache=True)
+"""``reassoc`` lets LLVM vectorise the dot products' sums; never ``nnan``/``ninf``: NaN and
+inf propagate as in NumPy, and comparisons with NaN stay false (the finiteness flags below
+count values failing ``|v| <= max``: an integer sum, which no float flag can fold away)."""
+
+_THREAD_BUFFERS_KEPT = 8  # batch sizes whose buffers a thread keeps per plan
+
+
+class _Stale(Exception):
+    """Raised by an op when the structure it was built from has changed."""
+
+
+class _Unsupported(Exception):
+    """A layer the plans do not cover: the model takes the normal path."""
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels. Module-level functions (not closures over other functions), so that Numba's disk
+# cache finds them again in the next process; compiled on first use.
+_DEPENDS = hashlib.sha256(b"".join(
+    Path(m.__file__).read_bytes() for m in (inline, vecmath, _activations))).hexdigest()
+
+
+class _Cache(FunctionCache):
+    """Numba's on-disk cache, keyed also on the source of the kernel modules whose functions
+    are compiled into these kernels (Numba keys an entry by this file alone)."""
+
+    def _index_key(self, sig, codegen):
+        return super()._index_key(sig, codegen) + (_DEPENDS,)
+
+
+def _jit(fn):
+    dispatcher = njit(**_FLAGS)(fn)
+    if hasattr(dispatcher, "py_func"):  # (under NUMBA_DISABLE_JIT njit returns fn itself)
+        dispatcher._cache = _Cache(dispatcher.py_func)
+    return dispatcher
+
+
+@intrinsic
+def _prefer_wide_vectors(typingctx):
+    """Mark the calling function to vectorise to the widest registers (512 bits with
+    AVX-512, where LLVM's default is 256): the dot products then run twice the lanes."""
+    def codegen(context, builder, signature, args):
+        set.add(builder.function.attributes, inline.WIDE_VECTORS)
+        return context.get_dummy_value()
+    return types.none(), codegen
+
+
+def _cast(value, like):
+    """``value`` as a scalar of the dtype of the array ``like`` (compiled code only)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_cast)
+def _cast_impl(value, like):
+    scalar = np.float32 if like.dtype == types.float32 else np.float64
+    return lambda value, like: scalar(value)
+
+
+def _largest(like):
+    """The largest finite value of the dtype of the array ``like`` (compiled code only)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_largest)
+def _largest_impl(like):
+    top = np.finfo(np.float32 if like.dtype == types.float32 else np.float64).max
+    return lambda like: top
+
+
+@inline.jit
+def _where(c, a, b):
+    return a if c else b
+
+
+@functools.lru_cache(maxsize=None)
+def _math(scalar) -> Math:
+    """The math of the formula builders, as the numba_cpu kernels instantiate it: vecmath's
+    vectorisable functions, constants and ``alpha`` of the array's NumPy type ``scalar``."""
+    return Math(K=scalar, cast=scalar, where=_where, abs=abs, exp=vecmath.exp,
+                expm1=vecmath.expm1, tanh=vecmath.tanh, sigmoid=vecmath.sigmoid,
+                softplus=vecmath.softplus, ndtr=vecmath.ndtr, ndtr_pdf=vecmath.ndtr_pdf)
+
+
+def _activation_impl(act, v, alpha):
+    name = act.literal_value if isinstance(act, types.StringLiteral) else None
+    record = RECORDS.get(name)
+    if record is None:
+        return None
+    return record.forward(_math(np.float32 if v == types.float32 else np.float64))
+
+
+@inline.inlined(_activation_impl)
+def _activate(act, v, alpha):
+    """``σ(v)`` of the record named by the literal ``act``, inlined (compiled code only: the
+    plans are off under ``NUMBA_DISABLE_JIT``)."""
+    raise NotImplementedError("compiled code only")
+
+
+@_jit
+def _gemm(x, W, b, out):
+    """``out = x Wᵀ (+ b)``: 4×4 blocks of dot products, each reduced over the features."""
+    _prefer_wide_vectors()
+    n, k_in = x.shape
+    m = W.shape[0]
+    zero = _cast(0.0, out)
+    blocks = m // 4
+    for jb in range(blocks):
+        j = jb * 4
+        i = 0
+        while i + 4 <= n:
+            a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = zero
+            a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = zero
+            for k in range(k_in):
+                w0, w1, w2, w3 = W[j, k], W[j + 1, k], W[j + 2, k], W[j + 3, k]
+                v = x[i, k]
+                a00 += v * w0; a01 += v * w1; a02 += v * w2; a03 += v * w3  # noqa: E702
+                v = x[i + 1, k]
+                a10 += v * w0; a11 += v * w1; a12 += v * w2; a13 += v * w3  # noqa: E702
+                v = x[i + 2, k]
+                a20 += v * w0; a21 += v * w1; a22 += v * w2; a23 += v * w3  # noqa: E702
+                v = x[i + 3, k]
+                a30 += v * w0; a31 += v * w1; a32 += v * w2; a33 += v * w3  # noqa: E702
+            out[i, j], out[i, j + 1], out[i, j + 2], out[i, j + 3] = a00, a01, a02, a03
+            out[i + 1, j], out[i + 1, j + 1], out[i + 1, j + 2], out[i + 1, j + 3] = \
+                a10, a11, a12, a13
+            out[i + 2, j], out[i + 2, j + 1], out[i + 2, j + 2], out[i + 2, j + 3] = \
+                a20, a21, a22, a23
+            out[i + 3, j], out[i + 3, j + 1], out[i + 3, j + 2], out[i + 3, j + 3] = \
+                a30, a31, a32, a33
+            i += 4
+        while i < n:
+            a0 = a1 = a2 = a3 = zero
+            for k in range(k_in):
+                v = x[i, k]
+                a0 += v * W[j, k]; a1 += v * W[j + 1, k]  # noqa: E702
+                a2 += v * W[j + 2, k]; a3 += v * W[j + 3, k]  # noqa: E702
+            out[i, j], out[i, j + 1], out[i, j + 2], out[i, j + 3] = a0, a1, a2, a3
+            i += 1
+    for j in range(blocks * 4, m):
+        for i in range(n):
+            a = zero
+            for k in range(k_in):
+                a += x[i, k] * W[j, k]
+            out[i, j] = a
+    if b is not None:
+        for i in range(n):
+            for j in range(m):
+                out[i, j] += b[j]
+
+
+# The lanes form, for batches of at least one vector of rows: a batch is kept transposed,
+# ``(features, P)`` with the rows along the vector lanes (P: the rows rounded up to whole
+# vectors, the padding lanes zero in the input and never read in the output), so that
+# ``Zᵀ = W Xᵀ`` is a sum over k of a broadcast weight times a row of ``Xᵀ``: tiles of
+# ``Zᵀ`` stay in vector registers across the whole sum, with no horizontal reductions (the
+# dot form above pays one per output, which dominates when the features are few).
+def _lanes(like):
+    """Vector lanes of the dtype of the array ``like``: 16 float32 or 8 float64 (512 bits;
+    on narrower hardware LLVM splits each vector)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_lanes)
+def _lanes_impl(like):
+    lanes = 16 if like.dtype == types.float32 else 8
+    return lambda like: lanes
+
+
+def _make_tile(rows: int, vectors: int):
+    """An intrinsic ``tile(xT, W, outT, j, i)``: ``outT[j:j+rows, i:i+vectors·L] =
+    W[j:j+rows, :] @ xT[:, i:i+vectors·L]`` (L lanes per vector), the ``rows × vectors``
+    accumulators in registers through the loop over k: per k, ``vectors`` loads of ``xT``,
+    ``rows`` broadcast weights, ``rows·vectors`` fused multiply-adds. The arrays are
+    C-contiguous of one float dtype (checked when typed); the caller keeps the indices in
+    bounds."""
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    @intrinsic
+    def tile(typingctx, xT, W, outT, j, i):
+        arrays = (xT, W, outT)
+        if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
+                   for a in arrays) or not (
+                xT.dtype == W.dtype == outT.dtype and W.dtype in (types.float32,
+                                                                  types.float64)):
+            return None
+        if not all(isinstance(v, types.Integer) for v in (j, i)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            xa, wa, oa, jv, iv = args
+            xarr, warr, oarr = (context.make_array(t)(context, builder, a)
+                                for t, a in zip(signature.args[:3], (xa, wa, oa)))
+            single = signature.args[1].dtype == types.float32
+            lanes = 16 if single else 8
+            fty = context.get_value_type(signature.args[1].dtype)
+            vty = ir.VectorType(fty, lanes)
+            intp = context.get_value_type(types.intp)
+            jv = context.cast(builder, jv, signature.args[3], types.intp)
+            iv = context.cast(builder, iv, signature.args[4], types.intp)
+            k_in = builder.extract_value(warr.shape, 1)
+            p = builder.extract_value(xarr.shape, 1)
+            accs = [[cgutils.alloca_once_value(builder, ir.Constant(vty, None))
+                     for _ in range(vectors)] for _ in range(rows)]
+            w_rows = [builder.gep(warr.data, [builder.mul(builder.add(
+                jv, ir.Constant(intp, r)), k_in)], inbounds=True) for r in range(rows)]
+            undef = ir.Constant(vty, ir.Undefined)
+            splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+            first = ir.Constant(ir.IntType(32), 0)
+            align = 4 if single else 8
+            fma = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(vty, [vty] * 3),
+                f"llvm.fma.v{lanes}f{32 if single else 64}")
+            with cgutils.for_range(builder, k_in) as loop:
+                k = loop.index
+                row = builder.gep(xarr.data, [builder.add(builder.mul(k, p), iv)],
+                                  inbounds=True)
+                xs = [builder.load(builder.bitcast(builder.gep(
+                    row, [ir.Constant(intp, v * lanes)], inbounds=True), vty.as_pointer()),
+                    align=align) for v in range(vectors)]
+                for r in range(rows):
+                    w = builder.load(builder.gep(w_rows[r], [k], inbounds=True))
+                    wv = builder.shuffle_vector(builder.insert_element(undef, w, first),
+                                                undef, splat)
+                    for v in range(vectors):
+                        builder.store(builder.call(fma, [wv, xs[v], builder.load(accs[r][v])]),
+                                      accs[r][v])
+            for r in range(rows):
+                row = builder.gep(oarr.data, [builder.add(builder.mul(builder.add(
+                    jv, ir.Constant(intp, r)), p), iv)], inbounds=True)
+                for v in range(vectors):
+                    target = builder.bitcast(builder.gep(
+                        row, [ir.Constant(intp, v * lanes)], inbounds=True), vty.as_pointer())
+                    builder.store(builder.load(accs[r][v]), target, align=align)
+            return context.get_dummy_value()
+
+        return types.void(xT, W, outT, j, i), codegen
+
+    return tile
+
+
+_tile82, _tile81, _tile42, _tile41 = (_make_tile(8, 2), _make_tile(8, 1), _make_tile(4, 2),
+                                      _make_tile(4, 1))
+
+
+@_jit
+def _tiles(xT, W, outT):
+    """``outT = W xT`` for ``xT`` ``(K, P)``, ``outT`` ``(M, P)``, P a multiple of the lanes:
+    tiles of 8 (then 4) weight rows × 2 (then 1) vectors of lanes, the last rows alone."""
+    _prefer_wide_vectors()
+    k_in, p = xT.shape
+    m = W.shape[0]
+    wide = 2 * _lanes(xT)
+    j = 0
+    while j + 8 <= m:
+        i = 0
+        while i + wide <= p:
+            _tile82(xT, W, outT, j, i)
+            i += wide
+        if i < p:
+            _tile81(xT, W, outT, j, i)
+        j += 8
+    if j + 4 <= m:
+        i = 0
+        while i + wide <= p:
+            _tile42(xT, W, outT, j, i)
+            i += wide
+        if i < p:
+            _tile41(xT, W, outT, j, i)
+        j += 4
+    zero = _cast(0.0, xT)
+    for jj in range(j, m):
+        for lane in range(p):
+            outT[jj, lane] = zero
+        for k in range(k_in):
+            w = W[jj, k]
+            for lane in range(p):
+                outT[jj, lane] += w * xT[k, lane]
+
+
+@_jit
+def _to_lanes(x, xT):
+    """``xT[:, :n] = xᵀ``, the padding lanes zero; returns whether ``x`` is all finite."""
+    n, k_in = x.shape
+    p = xT.shape[1]
+    top = _largest(x)
+    bad = 0
+    zero = _cast(0.0, x)
+    for k in range(k_in):
+        for i in range(n):
+            v = x[i, k]
+            bad += 0 if abs(v) <= top else 1
+            xT[k, i] = v
+        for i in range(n, p):
+            xT[k, i] = zero
+    return bad == 0
+
+
+@_jit
+def _from_lanes(outT, out):
+    """``out = outT[:, :n]ᵀ``."""
+    n, m = out.shape
+    for i in range(n):
+        for j in range(m):
+            out[i, j] = outT[j, i]
+
+
+@_jit
+def _softmax_columns(outT):
+    """:func:`_softmax_rows` of the transposed batch: each lane over the features."""
+    m, p = outT.shape
+    top = outT[0].copy()
+    for j in range(m):
+        for lane in range(p):
+            top[lane] = vecmath.fmax(top[lane], outT[j, lane])
+    total = np.zeros(p)
+    for j in range(m):
+        for lane in range(p):
+            e = vecmath.exp(outT[j, lane] - top[lane])
+            outT[j, lane] = e
+            total[lane] += e
+    for lane in range(p):
+        top[lane] = _cast(1.0 / total[lane], outT)
+    for j in range(m):
+        for lane in range(p):
+            outT[j, lane] = outT[j, lane] * top[lane]
+
+
+@_jit
+def _log_softmax_columns(outT):
+    """:func:`_log_softmax_rows` of the transposed batch."""
+    m, p = outT.shape
+    top = outT[0].copy()
+    for j in range(m):
+        for lane in range(p):
+            top[lane] = vecmath.fmax(top[lane], outT[j, lane])
+    total = np.zeros(p)
+    for j in range(m):
+        for lane in range(p):
+            outT[j, lane] = outT[j, lane] - top[lane]
+            total[lane] += vecmath.exp(outT[j, lane])
+    for lane in range(p):
+        top[lane] = _cast(np.log(total[lane]), outT)
+    for j in range(m):
+        for lane in range(p):
+            outT[j, lane] = outT[j, lane] - top[lane]
+
+
+@_jit
+def _softmax_rows(out):
+    """Each row ``e^(z - max z) / Σ e^(z - max z)`` in place, as the numba_cpu kernel: the
+    maximum skips NaN, the sum runs in float64, its reciprocal is rounded to the dtype."""
+    n, m = out.shape
+    for i in range(n):
+        top = out[i, 0]
+        for j in range(m):
+            top = vecmath.fmax(top, out[i, j])
+        for j in range(m):
+            out[i, j] = vecmath.exp(out[i, j] - top)
+        total = 0.0
+        for j in range(m):
+            total += out[i, j]
+        inv = _cast(1.0 / total, out)
+        for j in range(m):
+            out[i, j] = out[i, j] * inv
+
+
+@_jit
+def _log_softmax_rows(out):
+    """Each row ``z - max z - log Σ e^(z - max z)`` in place (the sum in float64)."""
+    n, m = out.shape
+    for i in range(n):
+        top = out[i, 0]
+        for j in range(m):
+            top = vecmath.fmax(top, out[i, j])
+        for j in range(m):
+            out[i, j] = out[i, j] - top
+        total = 0.0
+        for j in range(m):
+            total += vecmath.exp(out[i, j])
+        lse = _cast(np.log(total), out)
+        for j in range(m):
+            out[i, j] = out[i, j] - lse
+
+
+_ROW, _LANES = 0, 1  # Dense kernel forms (the layout of input and output)
+
+
+def _dense_kernel(act: str, row: int, form: int):
+    """``out = row_op(σ(x Wᵀ + b))`` (row op 0: none, 1: softmax, 2: log-softmax), in the
+    dot form on ``(n, ·)`` batches (``_ROW``) or in the lanes form on transposed ``(·, P)``
+    batches whose first ``n`` lanes are rows (``_LANES``). Returns whether every
+    ``x Wᵀ + b`` of the real rows is finite (a NaN or inf input value makes its whole
+    output row non-finite, so this also tells whether ``x`` may hold one)."""
+    def dense(x, n, W, b, alpha, out):
+        top = _largest(out)
+        bad = 0
+        if form == _ROW:
+            _gemm(x, W, b, out)
+            rows, m = out.shape
+            for i in range(rows):
+                for j in range(m):
+                    v = out[i, j]
+                    bad += 0 if abs(v) <= top else 1  # NaN and ±inf: 1 (no FP sum to fold)
+                    out[i, j] = _activate(act, v, alpha)
+            if row == 1:
+                _softmax_rows(out)
+            elif row == 2:
+                _log_softmax_rows(out)
+            return bad == 0
+        _tiles(x, W, out)
+        m, p = out.shape
+        for j in range(m):
+            for lane in range(p):
+                v = out[j, lane]
+                if b is not None:
+                    v += b[j]
+                bad += 0 if abs(v) <= top or lane >= n else 1
+                out[j, lane] = _activate(act, v, alpha)
+        if row == 1:
+            _softmax_columns(out)
+        elif row == 2:
+            _log_softmax_columns(out)
+        return bad == 0
+    dense.__qualname__ = dense.__name__ = f"dense_{act}_{row}_{form}"  # the cache's file names
+    return _jit(dense)
+
+
+def _act_kernel(act: str, row: int):
+    """``out = row_op(σ(x))``, σ elementwise."""
+    def elementwise(x, alpha, out):
+        n, m = x.shape
+        for i in range(n):
+            for j in range(m):
+                out[i, j] = _activate(act, x[i, j], alpha)
+        if row == 1:
+            _softmax_rows(out)
+        elif row == 2:
+            _log_softmax_rows(out)
+    elementwise.__qualname__ = elementwise.__name__ = f"elementwise_{act}_{row}"
+    return _jit(elementwise)
+
+
+@_jit
+def _batchnorm(x, mean, var, gamma, beta, eps, out):
+    """``out = (x - μ) r γ + β`` with ``r = 1/sqrt(σ² + ε)`` per feature, in the dtype and in
+    the order of BatchNorm1d's eval forward (``gamma`` None: no affine part)."""
+    n, m = x.shape
+    e = _cast(eps, x)
+    one = _cast(1.0, x)
+    for j in range(m):
+        r = one / np.sqrt(var[j] + e)
+        for i in range(n):
+            v = (x[i, j] - mean[j]) * r
+            if gamma is not None:
+                v = v * gamma[j] + beta[j]
+            out[i, j] = v
+
+
+@_jit
+def _add(x, h, out):
+    """``out = x + h``."""
+    n, m = x.shape
+    for i in range(n):
+        for j in range(m):
+            out[i, j] = x[i, j] + h[i, j]
+
+
+@_jit
+def _all_finite(x):
+    n, m = x.shape
+    top = _largest(x)
+    bad = 0
+    for i in range(n):
+        for j in range(m):
+            bad += 0 if abs(x[i, j]) <= top else 1
+    return bad == 0
+
+
+_DENSE: dict = {}
+_ELEMENTWISE: dict = {}
+_ROW_OPS = {"softmax": 1, "log_softmax": 2}
+
+
+def _kernel(table, make, *key):
+    kernel = table.get(key)
+    if kernel is None:
+        kernel = table[key] = make(*key)
+    return kernel
+
+
+# ---------------------------------------------------------------------------------------
+# Plans
+class _Local(threading.local):
+    def __init__(self):
+        self.buffers = {}  # rows -> this thread's intermediate arrays
+
+
+class _State:
+    """What a plan (or the finding that none applies) was made from, checked on every call:
+    the model's ``layers`` list and the array type and dtype of its first parameter (which
+    ``model.to`` changes)."""
+
+    def _record(self, model):
+        layers = getattr(model, "layers", None)
+        self.layers = None if layers is None else list(layers)
+        params = model.parameters() if hasattr(model, "parameters") else []
+        self.first = params[0] if params else None
+        data = None if self.first is None else self.first.data
+        self.array_type = type(data)
+        self.dtype = getattr(data, "dtype", None)
+
+    def usable(self, model) -> bool:
+        """Whether this still describes ``model`` (structure, dtype, device)."""
+        if self.layers != getattr(model, "layers", None):
+            return False
+        first = self.first
+        return first is None or (type(first.data) is self.array_type
+                                 and first.data.dtype == self.dtype)
+
+
+class _NoPlan(_State):
+    """A model that no plan covers (kept, so that this is not found again on every call)."""
+
+    ok = False
+
+    def __init__(self, model):
+        self._record(model)
+
+
+class Plan(_State):
+    """The eval-mode forward pass of a :class:`~backprop.model.Sequential` as a list of ops
+    over registers: register 0 is the input batch, the last is the output (a fresh array per
+    call), the others are this thread's buffers. Built by :func:`plan_for`; see the module
+    docstring for what it covers, its precision, invalidation and threads."""
+
+    ok = True
+
+    def __init__(self, model):
+        from backprop.layers import Layer
+
+        if not isinstance(model, Layer) or not hasattr(model, "layers"):
+            raise _Unsupported("not a Sequential")
+        if numba.config.DISABLE_JIT:
+            raise _Unsupported("Numba's JIT is disabled")
+        self._record(model)
+        if self.first is None:
+            raise _Unsupported("no parameters")
+        if self.array_type is not np.ndarray or self.dtype not in (np.float32, np.float64):
+            raise _Unsupported("not float32/float64 NumPy parameters")
+        if any(type(p.data) is not np.ndarray or p.data.dtype != self.dtype
+               for p in model.parameters()):
+            raise _Unsupported("parameters of mixed dtypes or devices")
+        self.in_features = model.in_features
+        if self.in_features is None:
+            raise _Unsupported("unknown input features")
+        self.sensitive = []  # layers whose forward differs in training mode
+        self._widths = [self.in_features]
+        self._steps = []
+        last, width = self._sequence(model, 0, self.in_features, top=True)
+        if not self._steps or last == 0:
+            raise _Unsupported("no operation")
+        self.out_width = width
+        self._finalize(last)
+        self._local = _Local()
+
+    # -- building --------------------------------------------------------------------------
+    def _register(self, width) -> int:
+        self._widths.append(width)
+        return len(self._widths) - 1
+
+    def _sequence(self, seq, reg, width, top=False):
+        if not top:
+            self._steps.append(("guard", seq, list(seq.layers)))
+        fusable = None  # the step of a Dense without activation whose output is `reg`
+        for layer in seq.layers:
+            reg, width, fusable = self._layer(layer, reg, width, fusable)
+        return reg, width
+
+    def _layer(self, layer, reg, width, fusable):
+        from backprop.activations import Activation, LogSoftmax, Softmax
+        from backprop.layers import BatchNorm1d, Dense, Dropout, Flatten, Residual
+        from backprop.model import Sequential
+
+        kind = type(layer)
+        if isinstance(layer, Dense) and kind.forward is Dense.forward:
+            if layer.in_features != width:
+                raise _Unsupported("feature count mismatch")
+            act = layer.activation
+            name, row = self._activation(act)
+            out = self._register(layer.out_features)
+            step = ["dense", layer, act, act, name, row, reg, out]
+            self._steps.append(step)
+            return out, layer.out_features, step if (name, row) == ("identity", 0) else None
+        if isinstance(layer, Activation) and kind.forward in (
+                Activation.forward, Softmax.forward, LogSoftmax.forward):
+            name, row = self._activation(layer)
+            if fusable is not None and (row or fusable[4] == "identity"):
+                # a Dense without activation, then this: one kernel (σ, then a row op)
+                if row:
+                    fusable[5] = row
+                    return reg, width, None
+                fusable[3], fusable[4] = layer, name
+                return reg, width, fusable
+            out = self._register(width)
+            step = ["act", layer, name, row, reg, out]
+            self._steps.append(step)
+            return out, width, None
+        if kind is Dropout or (isinstance(layer, Dropout) and kind.forward is Dropout.forward):
+            if layer.p > 0:
+                self.sensitive.append(layer)
+            return reg, width, fusable
+        if isinstance(layer, Flatten) and kind.forward is Flatten.forward:
+            return reg, width, fusable  # a 2-D batch is flat already
+        if isinstance(layer, BatchNorm1d) and kind.forward in (
+                BatchNorm1d.forward, _sync_forward()):
+            if layer.num_features != width:
+                raise _Unsupported("feature count mismatch")
+            self.sensitive.append(layer)
+            out = self._register(width)
+            self._steps.append(["bn", layer, reg, out])
+            return out, width, None
+        if isinstance(layer, Residual) and kind.forward is Residual.forward:
+            block = layer.block
+            self._steps.append(("guard_block", layer, block))
+            inner, inner_width = self._layer_or_sequence(block, reg, width)
+            if inner_width != width:
+                raise _Unsupported("a residual block that changes the width")
+            out = self._register(width)
+            self._steps.append(["add", reg, inner, out])
+            return out, width, None
+        if isinstance(layer, Sequential) and kind.forward is Sequential.forward:
+            reg, width = self._sequence(layer, reg, width)
+            return reg, width, None
+        raise _Unsupported(f"layer {layer!r}")
+
+    def _layer_or_sequence(self, layer, reg, width):
+        reg, width, _ = self._layer(layer, reg, width, None)
+        return reg, width
+
+    @staticmethod
+    def _activation(act):
+        kernel = act.kernel
+        if kernel in RECORDS:
+            return kernel, 0
+        if kernel in _ROW_OPS:
+            return "identity", _ROW_OPS[kernel]
+        raise _Unsupported(f"activation {kernel!r}")
+
+    def _finalize(self, last):
+        """Make the programs: the row program (every layout ``(n, ·)``) and, for a stack of
+        Dense layers, the lanes program (the batch transposed, see :func:`_tiles`)."""
+        self.guards = [_guard_op(*step) for step in self._steps if step[0].startswith("guard")]
+        steps = [step for step in self._steps if not step[0].startswith("guard")]
+        self.row = _Program(steps, self._widths, last, lanes=False)
+        self.lanes = None
+        if all(step[0] == "dense" for step in steps):
+            self.lanes = _Program(steps, self._widths, last, lanes=True)
+        self.lanes_from = 16 if self.dtype == np.float32 else 8  # rows: one vector of lanes
+        del self._steps, self._widths
+
+    # -- running ---------------------------------------------------------------------------
+    def __call__(self, x, check: bool):
+        """``(output, finite)``: the output for ``x`` (C-contiguous, ``(n, in_features)``, the
+        plan's dtype, ``n`` ≤ :data:`MAX_ROWS`) as a fresh array. ``finite`` is True when
+        ``x`` is surely finite; when False (only computed with ``check``), ``x`` may hold
+        NaN or inf, or the weights do (or the products overflowed)."""
+        for guard in self.guards:
+            guard()
+        n = x.shape[0]
+        program = self.lanes if n >= self.lanes_from and self.lanes is not None else self.row
+        hidden = self._local.buffers.get(n)
+        if hidden is None:
+            hidden = self._allocate(n, program)
+        out = np.empty((n, self.out_width), self.dtype)
+        regs = [x, *hidden, out]
+        if program.flags_input:
+            finite = program.head(regs, n)
+            for op in program.rest:
+                op(regs, n)
+        else:
+            finite = _all_finite(x) if check else True
+            for op in program.ops:
+                op(regs, n)
+        return out, finite
+
+    def _allocate(self, n, program):
+        """This thread's intermediate arrays for batches of ``n`` rows (the oldest batch
+        size's are dropped beyond a few)."""
+        buffers = self._local.buffers
+        if len(buffers) >= _THREAD_BUFFERS_KEPT:
+            buffers.pop(next(iter(buffers)))
+        lanes = 16 if self.dtype == np.float32 else 8
+        padded = -(-n // lanes) * lanes
+        hidden = buffers[n] = [np.empty((w, padded) if transposed else (n, w), self.dtype)
+                               for w, transposed in program.hidden]
+        return hidden
+
+
+class _Program:
+    """A plan's ops in order, over the registers ``regs = [x, *hidden, out]`` (``out``: the
+    fresh output array); ``hidden`` lists each hidden register's ``(width, transposed)``.
+    The row program keeps every batch ``(n, ·)``; the lanes program (a stack of Dense
+    layers only) keeps them transposed, ``(·, P)``, and transposes the output back last."""
+
+    def __init__(self, steps, widths, last, lanes):
+        number = {0: 0}  # the plan's registers -> indices into regs
+        hidden = []
+        for step in steps:  # the output of each step, except the last one's in the row form
+            dst = step[-1]
+            if lanes or dst != last:
+                number[dst] = len(hidden) + 1
+                hidden.append((widths[dst], lanes))
+        ops = []
+        if lanes:  # first x transposed into regs[1] (the pass also checks that x is finite)
+            hidden.insert(0, (steps[0][1].in_features, True))
+            # every index moves up by one, and the first Dense reads the transposed x
+            number = {r: i + 1 if r else 1 for r, i in number.items()}
+            ops.append(_transpose_op(0, 1))
+        else:
+            number[last] = len(hidden) + 1
+        for step in steps:
+            kind = step[0]
+            if kind == "dense":
+                _, layer, own, act, name, row, src, dst = step
+                kernel = _kernel(_DENSE, _dense_kernel, name, row, _LANES if lanes else _ROW)
+                ops.append(_dense_op(layer, own, act, kernel, number[src], number[dst]))
+            elif kind == "act":
+                _, layer, name, row, src, dst = step
+                ops.append(_act_op(layer, _kernel(_ELEMENTWISE, _act_kernel, name, row),
+                                   number[src], number[dst]))
+            elif kind == "bn":
+                _, layer, src, dst = step
+                ops.append(_bn_op(layer, number[src], number[dst]))
+            else:
+                _, a, b, dst = step
+                ops.append(_add_op(number[a], number[b], number[dst]))
+        if lanes:
+            ops.append(_untranspose_op(number[last], len(hidden) + 1))
+        # the first op's result says whether x is finite when it reads x: the transposing
+        # pass, or a Dense kernel (whose output rows are non-finite wherever x's are)
+        self.flags_input = lanes or (steps[0][0] == "dense" and steps[0][-2] == 0)
+        self.ops, self.hidden = ops, hidden
+        self.head, self.rest = ops[0], ops[1:]
+
+
+def _sync_forward():
+    from backprop.layers import SyncBatchNorm
+
+    return SyncBatchNorm.forward  # in eval mode it is BatchNorm1d's forward
+
+
+def _guard_op(kind, owner, snapshot):
+    if kind == "guard":
+        def op():
+            if owner.layers != snapshot:
+                raise _Stale
+    else:
+        def op():
+            if owner.block is not snapshot:
+                raise _Stale
+    return op
+
+
+def _dense_op(layer, own, act, kernel, src, dst):
+    def op(regs, n):
+        if layer.activation is not own:
+            raise _Stale
+        b = layer.b
+        return kernel(regs[src], n, layer.W.data, None if b is None else b.data, act.alpha,
+                      regs[dst])
+    return op
+
+
+def _act_op(layer, kernel, src, dst):
+    def op(regs, n):
+        kernel(regs[src], layer.alpha, regs[dst])
+    return op
+
+
+def _bn_op(layer, src, dst):
+    buffers = layer._buffers
+
+    def op(regs, n):
+        gamma, beta = (layer.gamma.data, layer.beta.data) if layer.affine else (None, None)
+        _batchnorm(regs[src], buffers["running_mean"], buffers["running_var"], gamma, beta,
+                   layer.eps, regs[dst])
+    return op
+
+
+def _add_op(a, b, dst):
+    def op(regs, n):
+        _add(regs[a], regs[b], regs[dst])
+    return op
+
+
+def _transpose_op(src, dst):
+    def op(regs, n):
+        return _to_lanes(regs[src], regs[dst])
+    return op
+
+
+def _untranspose_op(src, dst):
+    def op(regs, n):
+        _from_lanes(regs[src], regs[dst])
+    return op
+
+
+def _build(model):
+    """A new :class:`Plan` of ``model``, or a :class:`_NoPlan` saying none applies; kept
+    on the model for the next call."""
+    try:
+        plan = Plan(model)
+    except _Unsupported:
+        plan = _NoPlan(model)
+    model._inference_plan = plan
+    return plan
+
+
+def plan_for(model):
+    """The :class:`Plan` of ``model`` (built on first use, rebuilt when stale), or None when
+    no plan covers its layers or its parameters are not float32/float64 NumPy arrays."""
+    plan = model.__dict__.get("_inference_plan")
+    if plan is None or not plan.usable(model):
+        plan = _build(model)
+    return plan if plan.ok else None
+
+
+def clear(model) -> None:
+    """Forget ``model``'s plan (the next call builds it again)."""
+    model.__dict__.pop("_inference_plan", None)
+
+
+_NUMBA_CHOICES = ("auto", "numba")  # kernel choices under which the CPU runs Numba kernels
+
+
+def run(model, x, check: bool = False, eval_mode: bool = False):
+    """``model``'s eval-mode output for the NumPy batch ``x`` through its plan, as a fresh
+    array, or None where no plan applies (the caller then takes the normal path): ``x`` not
+    a C-contiguous 2-D array of the model's dtype with its feature count and 1 to
+    :data:`MAX_ROWS` rows, a model on the GPU or with a layer no plan covers, a layer in
+    training mode whose forward depends on it (Dropout, BatchNorm1d) outside
+    :func:`~backprop.concurrency.inference_mode`, or kernels other than Numba's selected.
+
+    ``check=True`` (``predict``): ``x`` must hold no NaN or inf, or this raises
+    :class:`~backprop.data.DataError` naming the first bad row. ``eval_mode=True``: run as
+    inside inference_mode (every layer in eval mode), whatever the training flags."""
+    plan = model.__dict__.get("_inference_plan")
+    if plan is None or not plan.usable(model):
+        plan = _build(model)
+    if (not plan.ok or x.ndim != 2 or x.dtype != plan.dtype
+            or x.shape[1] != plan.in_features or not 0 < x.shape[0] <= MAX_ROWS
+            or not x.flags.c_contiguous or K.get_choice() not in _NUMBA_CHOICES):
+        return None
+    if plan.sensitive and not (eval_mode or _MODE.eval) and any(
+            m._training for m in plan.sensitive):
+        return None
+    try:
+        out, finite = plan(x, check)
+    except _Stale:
+        plan = _build(model)
+        if not plan.ok or x.dtype != plan.dtype or x.shape[1] != plan.in_features:
+            return None
+        out, finite = plan(x, check)
+    if check and not finite and not bool(np.isfinite(x).all()):
+        from backprop import data as bpdata
+
+        bpdata.validate(x, name="prediction data")  # raises, naming the first bad row
+    return out

@@ -1,0 +1,355 @@
+"""Compiled inference plans (backprop/inference.py): ``predict`` and ``model(x)`` on a small
+CPU batch give ``model.forward``'s outputs up to rounding, for every activation, dtype,
+batch size and supported layer; the plan follows the model's weights, structure and dtype;
+bad input still raises DataError; threads get their own results; anything the plans do not
+cover takes the normal path."""
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+
+import numpy as np
+import pytest
+
+import backprop as bp
+from backprop import activations, inference, kernels, training
+from backprop.data import DataError
+from backprop.layers import BatchNorm1d, Dense, Dropout, Flatten, Layer, Residual
+from backprop.model import Sequential
+
+R = inference.MAX_ROWS
+DTYPES = (np.float32, np.float64)
+
+
+@pytest.fixture(autouse=True)
+def numba_on_cpu():
+    """Plans run on NumPy arrays with the Numba kernels: CPU arrays and ``auto`` kernels,
+    whatever device and kernel backend the job selected."""
+    previous = kernels.get_choice()
+    kernels.set_backend("auto")
+    with bp.use_device("cpu"):
+        yield
+    kernels.set_backend(previous)
+
+
+def assert_close(got, expected, dtype):
+    """The plan's tolerance (see backprop/inference.py): the dot products are summed in
+    another order than BLAS's, so float32 results differ by a few ulps of ``Σ|x w|``."""
+    rtol, atol = (1e-4, 1e-5) if np.dtype(dtype) == np.float32 else (1e-10, 1e-12)
+    scale = max(float(np.max(np.abs(expected))), 1.0)
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol * scale)
+
+
+def forward(model, x):
+    with bp.inference_mode():
+        return model.forward(x).copy()
+
+
+def data(n, features, dtype, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, features)).astype(dtype)
+
+
+def mlp(activation, dtype, width=24, out=5, seed=0):
+    rng = np.random.default_rng(seed)
+    return Sequential([Dense(7, width, activation=activation, rng=rng, dtype=dtype),
+                       Dense(width, width, activation=activation, rng=rng, dtype=dtype),
+                       Dense(width, out, rng=rng, dtype=dtype)]).eval()
+
+
+def uses_plan(model, x):
+    """predict(x) and model(x), with Sequential.forward disabled: they must not need it."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the normal path ran")
+
+    model.forward = refuse
+    try:
+        return model.predict(x), model(x)
+    finally:
+        del model.forward
+
+
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(activations.NAMES))
+def test_every_activation_matches_forward(name, dtype):
+    """Every activation name (each record of kernels/activations.py, its aliases, GELU,
+    softmax and log-softmax): hidden layers and the output layer, through predict and
+    model(x), in the dot form (fewer rows than a vector) and the lanes form, equal forward
+    up to rounding."""
+    model = mlp(name, dtype)
+    model.layers[-1].activation = activations.get(name)
+    if getattr(model.layers[0].activation, "alpha", None):
+        for layer in model.layers:
+            layer.activation.alpha = 0.3  # a non-default alpha is the one used
+    assert inference.plan_for(model) is not None
+    for n in (5, 21):
+        x = data(n, 7, dtype) * 2
+        predicted, called = uses_plan(model, x)
+        assert predicted.dtype == dtype and called.dtype == dtype
+        np.testing.assert_array_equal(predicted, called)
+        assert_close(predicted, forward(model, x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_every_batch_size_up_to_max_rows_and_beyond(dtype):
+    model = mlp("relu", dtype, width=33, out=6)  # widths that leave remainders in each block
+    X = data(2 * R + 3, 7, dtype, seed=1)
+    for n in [*range(1, R + 1), R + 1, 2 * R + 3]:
+        x = np.ascontiguousarray(X[:n])
+        expected = forward(model, x)
+        got = model.predict(x)
+        assert got.shape == (n, 6)
+        if n > R:  # the normal path: forward itself
+            np.testing.assert_array_equal(got, expected)
+        else:
+            assert_close(got, expected, dtype)
+            assert_close(model(x), expected, dtype)
+
+
+def test_batch_size_passes_go_through_the_plan():
+    model = mlp("tanh", np.float32)
+    X = data(100, 7, np.float32)
+    got = model.predict(X, batch_size=30)
+    assert_close(got, forward(model, X), np.float32)
+    for lo in range(0, 100, 30):  # each pass of 30 rows is what the plan gives alone
+        np.testing.assert_array_equal(got[lo:lo + 30], model.predict(X[lo:lo + 30]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_batchnorm_dropout_residual_flatten_and_nesting(dtype):
+    rng = np.random.default_rng(2)
+    bn = BatchNorm1d(16, dtype=dtype)
+    plain = BatchNorm1d(16, affine=False, dtype=dtype)
+    model = Sequential([
+        Dense(6, 16, rng=rng, dtype=dtype), Flatten(), bn, activations.ReLU(), Dropout(0.3),
+        Residual([Dense(16, 16, activation="gelu", rng=rng, dtype=dtype), plain,
+                  Dense(16, 16, rng=rng, dtype=dtype)]),
+        Sequential([Dense(16, 8, rng=rng, dtype=dtype), activations.Tanh()]),
+        Dense(8, 3, rng=rng, dtype=dtype), activations.Softmax()])
+    for layer in (bn, plain):  # running statistics away from 0 and 1
+        layer.running_mean[...] = rng.normal(size=16)
+        layer.running_var[...] = rng.uniform(0.5, 2.0, size=16)
+    bn.gamma.data[...] = rng.normal(size=16)
+    bn.beta.data[...] = rng.normal(size=16)
+    model.eval()
+    x = data(R, 6, dtype, seed=3)
+    assert inference.plan_for(model) is not None
+    predicted, called = uses_plan(model, x)
+    assert_close(predicted, forward(model, x), dtype)
+    np.testing.assert_allclose(predicted.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(predicted, called)
+
+
+def test_residual_with_an_identity_block_doubles_its_input():
+    model = Sequential([Dense(4, 4, rng=0), Residual(Dropout(0.5))]).eval()
+    x = data(3, 4, np.float32)
+    predicted, _ = uses_plan(model, x)
+    dense = x @ model[0].W.data.T + model[0].b.data
+    assert_close(predicted, 2 * dense, np.float32)
+
+
+@pytest.mark.parametrize("row", ["softmax", "log_softmax"])
+def test_row_outputs_fused_or_as_layers(row):
+    rng = np.random.default_rng(4)
+    fused = Sequential([Dense(5, 9, activation="silu", rng=rng), Dense(9, 4, activation=row,
+                                                                        rng=rng)])
+    apart = Sequential([Dense(5, 9, rng=rng), activations.ELU(0.7), activations.get(row)])
+    after_bn = Sequential([Dense(5, 9, rng=rng), BatchNorm1d(9), activations.SiLU(),
+                           activations.get(row)])
+    x = data(13, 5, np.float32, seed=5) * 3
+    for model in (fused, apart, after_bn):
+        model.eval()
+        predicted, _ = uses_plan(model, x)
+        assert_close(predicted, forward(model, x), np.float32)
+
+
+def test_no_bias_and_leaky_alpha_read_live():
+    model = Sequential([Dense(5, 8, activation="leaky_relu", bias=False, rng=0),
+                        Dense(8, 2, bias=False, rng=1)]).eval()
+    x = data(4, 5, np.float32)
+    before = model.predict(x)
+    model[0].activation.alpha = 0.5
+    after = model.predict(x)
+    assert not np.array_equal(before, after)
+    assert_close(after, forward(model, x), np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# The plan follows the model
+def test_predict_after_fit_uses_the_new_weights():
+    X = data(200, 7, np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    model = mlp("relu", np.float32, out=2)
+    x = X[:10]
+    before = model.predict(x)
+    model.fit(X, y, loss="cross_entropy", epochs=2, batch_size=32, verbose=0, seed=0)
+    after = model.predict(x)
+    assert not np.allclose(before, after)
+    assert_close(after, forward(model, x), np.float32)
+    model.train()
+    model.fit(X, y, loss="cross_entropy", epochs=1, batch_size=32, verbose=0, seed=1)
+    model.eval()
+    assert_close(model(x), forward(model, x), np.float32)
+
+
+def test_in_place_updates_state_dicts_and_new_arrays_are_seen():
+    model = mlp("sigmoid", np.float32)
+    x = data(5, 7, np.float32)
+    model.predict(x)
+    model[0].W.data *= 2  # in place, as an optimizer
+    assert_close(model.predict(x), forward(model, x), np.float32)
+    state = mlp("sigmoid", np.float32, seed=9).state_dict()
+    model.load_state_dict(state)
+    assert_close(model.predict(x), forward(model, x), np.float32)
+    model[1].b.data = model[1].b.data + 1  # a new array
+    assert_close(model.predict(x), forward(model, x), np.float32)
+
+
+def test_dtype_change_rebuilds_the_plan():
+    model = mlp("gelu_tanh", np.float32)
+    x = data(6, 7, np.float64)
+    model.predict(x.astype(np.float32))
+    model.to(dtype="float64")
+    got = model.predict(x)
+    assert got.dtype == np.float64
+    assert_close(got, forward(model, x), np.float64)
+    predicted, called = uses_plan(model, x)
+    np.testing.assert_array_equal(predicted, called)
+
+
+def test_structure_changes_rebuild_the_plan():
+    model = mlp("relu", np.float32)
+    x = data(6, 7, np.float32)
+    model.predict(x)
+    model[1].activation = activations.get("tanh")
+    assert_close(model.predict(x), forward(model, x), np.float32)
+    model.layers[2] = Dense(24, 3, rng=5)
+    got = model.predict(x)
+    assert got.shape == (6, 3)
+    assert_close(got, forward(model, x), np.float32)
+
+
+def test_training_mode_model_call_takes_the_normal_path():
+    model = Sequential([Dense(4, 8, rng=0), Dropout(0.5, seed=1), Dense(8, 2, rng=1)])
+    x = data(8, 4, np.float32)
+    dropped = model(x)  # training mode: dropout applies (and forward saves for backward)
+    model.backward(np.ones_like(dropped))
+    model.eval()
+    model[1].train()  # a Dropout left in training mode: model(x) must apply it
+    counter = model[1].counter
+    model(x)
+    assert model[1].counter == counter + 1
+    with bp.inference_mode():  # ... but predict and inference_mode do not
+        assert_close(model(x), forward(model, x), np.float32)
+    assert_close(model.predict(x), forward(model, x), np.float32)
+
+
+def test_pickle_and_copies_drop_the_plan():
+    model = mlp("elu", np.float32)
+    x = data(3, 7, np.float32)
+    expected = model.predict(x)
+    assert "_inference_plan" in vars(model)
+    for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert "_inference_plan" not in vars(other)
+        np.testing.assert_array_equal(other.predict(x), expected)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input, other inputs, other layers
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_raises_data_error(bad):
+    for model in (mlp("relu", np.float32),
+                  Sequential([BatchNorm1d(7), Dense(7, 2, rng=0)]).eval()):
+        x = data(5, 7, np.float32)
+        x[3, 2] = bad
+        with pytest.raises(DataError, match="NaN or inf.*row 3"):
+            model.predict(x)
+        assert model(x).shape == (5, 2 if len(model) == 2 else 5)  # model(x) never checked
+
+
+def test_non_finite_weights_or_overflow_are_not_a_data_error():
+    model = mlp("relu", np.float32)
+    x = data(4, 7, np.float32)
+    model[2].W.data[0, 0] = np.nan
+    assert np.isnan(model.predict(x)[:, 0]).all()
+    model = mlp("identity", np.float32)
+    big = np.full((2, 7), 3e38, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # the products overflow
+        np.testing.assert_array_equal(np.isfinite(model.predict(big)),
+                                      np.isfinite(forward(model, big)))
+
+
+def test_other_inputs_convert_then_take_the_plan():
+    model = mlp("softplus", np.float32)
+    x = data(10, 7, np.float32)
+    expected = model.predict(x)
+    np.testing.assert_array_equal(model.predict(x.tolist()), expected)
+    np.testing.assert_array_equal(model.predict(x.astype(np.float64)), expected)
+    np.testing.assert_array_equal(model.predict(np.asfortranarray(x)), expected)
+    np.testing.assert_array_equal(model(np.asfortranarray(x)), expected)
+    np.testing.assert_array_equal(model(x.tolist()), expected)
+    with pytest.raises(TypeError, match="float32"):
+        model(x.astype(np.float64))  # model(x) keeps its dtype check
+    with pytest.raises(DataError, match="features"):
+        model.predict(x[:, :6])
+    with pytest.raises(ValueError, match=r"\(N, 7\)"):
+        model(x[:, :6])
+
+
+def test_unplannable_models_take_the_normal_path():
+    class Scale(Layer):
+        preserves_shape = True
+
+        def forward(self, x):
+            return x * 2
+
+    model = Sequential([Dense(3, 4, rng=0), Scale()]).eval()
+    x = data(5, 3, np.float32)
+    assert inference.plan_for(model) is None
+    np.testing.assert_array_equal(model.predict(x), forward(model, x))
+    kernels.set_backend("reference")
+    plain = mlp("relu", np.float32)
+    assert inference.run(plain, x[:, :1].repeat(7, axis=1)) is None
+
+
+def test_default_batch_is_one_pass():
+    model = mlp("relu", np.float32)
+    X = data(4096, 7, np.float32)
+    calls = []
+    original = model.forward
+
+    def counted(x):
+        calls.append(len(x))
+        return original(x)
+
+    model.forward = counted
+    out = model.predict(X)
+    assert calls == [4096]
+    np.testing.assert_array_equal(out, original(X))
+    assert training._rows_per_pass(model, X) >= 4096
+
+
+def test_two_threads_predict_at_once():
+    model = mlp("gelu", np.float32, width=64)
+    inputs = [data(1 + 7 * i, 7, np.float32, seed=i) for i in range(6)]
+    expected = [model.predict(x) for x in inputs]
+    barrier, bad, errors = threading.Barrier(2), [], []
+
+    def worker(offset):
+        try:
+            barrier.wait()
+            for k in range(300):
+                i = (k + offset) % len(inputs)
+                got = model.predict(inputs[i]) if k % 2 else model(inputs[i])
+                if not np.array_equal(got, expected[i]):
+                    bad.append(i)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(o,)) for o in (0, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and bad == []
