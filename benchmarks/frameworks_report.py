@@ -186,7 +186,8 @@ def render_inference(data: dict) -> str:
     lines = header("Inference: backprop vs ONNX Runtime, PyTorch and jax.jit (CPU)", data)
     lines += ["The digits (64-128-128-10) and mnist (784-256-256-10) MLPs, float32, the same "
               "weights everywhere (outputs checked against a float64 NumPy forward). backprop: "
-              "`model.predict(X)` (its default batch_size=256), `model(x)` (the `__call__` "
+              "`model.predict(X)` (its default: one pass when the batch fits 32 MiB; "
+              "compiled plans up to 64 rows), `model(x)` (the `__call__` "
               "path: converts, checks, copies) and the raw `model.forward(x)` after "
               "`model.eval()` and under `bp.inference_mode()`; PyTorch: `model(x)` inside "
               "`with torch.inference_mode():` (entered per call), on a tensor sharing the "
