@@ -6,7 +6,7 @@ batch of at most :data:`MAX_ROWS` rows of the model's dtype and feature count, w
 model in eval mode (``model(x)``) or under :func:`~backprop.concurrency.inference_mode`
 (``predict``). Anything else takes the normal path.
 
-What a plan computes, layer by layer (the same math as the layers' eval-mode forward):
+What a plan computes, layer by layer (the same math as the layers' eval-mode forward)::
 
     Dense        A = σ(X Wᵀ + b)       one kernel: the product, the bias and σ; a softmax
                                         or log-softmax output (or a following Softmax,
@@ -61,7 +61,7 @@ block, a Dense's activation object, or the dtype of the parameters.
 
 Threads: a plan may run in any number of threads at once. The kernels release the GIL and
 only read the weights; the intermediate outputs live in per-thread buffers
-(:class:`threading.local`), and the result is a fresh array. Building a plan is idempotent
+(``threading.local``), and the result is a fresh array. Building a plan is idempotent
 (two threads may both build one; the model keeps either). As for the normal path, a plan
 that runs while another thread trains or moves the model reads the weights as they are at
 that moment.
@@ -914,7 +914,7 @@ def _build(model):
 
 
 def plan_for(model):
-    """The :class:`Plan` of ``model`` (built on first use, rebuilt when stale), or None when
+    """The ``Plan`` of ``model`` (built on first use, rebuilt when stale), or None when
     no plan covers its layers or its parameters are not float32/float64 NumPy arrays."""
     plan = model.__dict__.get("_inference_plan")
     if plan is None or not plan.usable(model):

@@ -929,7 +929,7 @@ def _inference():
 
 
 def _rows_per_pass(model, X) -> int:
-    """Rows per forward pass within :data:`PREDICT_MEMORY`: each row holds, per layer, its
+    """Rows per forward pass within ``PREDICT_MEMORY``: each row holds, per layer, its
     output and at most one more array of that width (Dense keeps ``Z`` and ``A``)."""
     widths = sum(getattr(m, "out_features", None) or getattr(m, "num_features", None) or 0
                  for m in (model.modules() if hasattr(model, "modules") else ()))
@@ -945,7 +945,7 @@ def predict(model, X, batch_size: int | None = None):
     :class:`~backprop.data.DataError` before any work).
 
     ``batch_size``: rows per forward pass; None (the default) takes all of ``X`` in one pass
-    when the pass's intermediate outputs fit in :data:`PREDICT_MEMORY` bytes, else as many
+    when the pass's intermediate outputs fit in ``PREDICT_MEMORY`` bytes, else as many
     rows per pass as fit. On the CPU a pass of at most ``backprop.inference.MAX_ROWS`` rows
     runs through the model's compiled inference plan when one covers its layers
     (:mod:`backprop.inference`; the same outputs up to rounding). A C-contiguous NumPy ``X``

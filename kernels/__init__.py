@@ -4,7 +4,7 @@ Each op is declared once, by its reference function in :mod:`reference` (plain `
 math with the docstring that states it). A backend module defines a function of the same
 name and signature for each op it accelerates; for every other op the reference is used.
 The accelerated backends build the activations' kernels from the records of
-:mod:`activations` and the optimizer updates' from those of :mod:`optimizers` (one formula
+:mod:`activations` and the optimizer updates' from those of ``kernels/optimizers.py`` (one formula
 each, instantiated per backend); the reference states both apart, as the oracle.
 
     op                    reference   numba_cpu   numba_cuda   cupy
