@@ -1268,9 +1268,9 @@ def _explain(argv) -> int:
     p.add_argument("--rows", type=_integer(1), default=4,
                    help=f"rows of the batch, the first of the data (default 4, at most "
                         f"{MAX_BATCH})")
-    p.add_argument("--hidden", type=_hidden, default="8",
+    p.add_argument("--hidden", type=_hidden, default=None,
                    help="a fresh model: hidden layer widths (default 8)")
-    p.add_argument("--activation", type=_activation, default="tanh",
+    p.add_argument("--activation", type=_activation, default=None,
                    help="a fresh model: hidden activation (default tanh)")
     p.add_argument("--loss", default=None, choices=tuple(LOSSES),
                    help="a fresh model: its loss (default cross_entropy for classification, "
@@ -1288,8 +1288,8 @@ def _explain(argv) -> int:
     if args.dot:
         _check_out_file(args.dot)
     if args.model is not None:
-        fresh = [f"--{k.replace('_', '-')}" for k in ("hidden", "activation", "loss", "target")
-                 if f"--{k.replace('_', '-')}" in " ".join(argv)]
+        fresh = [f"--{k}" for k in ("hidden", "activation", "loss", "target")
+                 if getattr(args, k) is not None]
         if fresh:
             verb = "describes" if len(fresh) == 1 else "describe"
             p.error(f"{', '.join(fresh)} {verb} a fresh model; a saved model has its own")
@@ -1347,7 +1347,8 @@ def _fresh_model_batch(args):
     else:
         y = Standardizer().fit(y).transform(y)
         n_out = y.shape[1]
-    model = _build_model(X.shape[1], args.hidden, n_out, args.activation, 0.0, args.seed,
+    hidden = [8] if args.hidden is None else args.hidden
+    model = _build_model(X.shape[1], hidden, n_out, args.activation or "tanh", 0.0, args.seed,
                          str(get_dtype()), output=OUTPUT.get(loss))
     return model, X, y, loss
 
