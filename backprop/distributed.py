@@ -47,6 +47,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 import traceback
 
 import numpy as np
@@ -502,6 +503,9 @@ def abort(group: ProcessGroup, exc: BaseException, code: int = 1,
     sys.stderr.write(f"backprop: rank {group.rank} of {group.size} failed; aborting the job "
                      f"(MPI_Abort):\n" + "".join(lines))
     sys.stderr.flush()
+    # MPI_Abort makes the launcher kill every process at once, and hydra's output proxy
+    # could drop this rank's message still in its pipe: give the proxy a moment to read it
+    time.sleep(0.2)
     group.abort(code)
 
 
