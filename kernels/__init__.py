@@ -19,6 +19,14 @@ each, instantiated per backend); the reference states both apart, as the oracle.
     batchnorm_forward         ✓           ✓           ✓          ✓    per-feature normalisation
     batchnorm_backward        ✓           ✓           ✓          ✓    and its gradient
 
+Low-precision copies (mixed precision, ``kernels/lowp.py``), in every backend: the last
+argument of ``bias_act_forward`` (``out_lp``), ``bias_act_backward`` (``delta_lp``) and of
+every optimizer step (``data_lp``) is None or a ``uint16`` (bfloat16 bits) or ``float16``
+array that also receives the copy of the float32 result (``A``, ``δ``, the updated weights)
+that the next matrix product reads, written in the same pass from exactly the float32 value
+stored. Float32 data only; None, the default, costs nothing. The dispatchers below pass
+keywords through.
+
 Selection: ``BACKPROP_KERNELS`` = ``auto`` (cupy on CUDA arrays, numba_cpu on NumPy arrays,
 reference where neither is importable) | ``cupy`` | ``numba`` (numba_cpu / numba_cuda) |
 ``reference``, or :func:`set_backend`. The backend is chosen per call from the type of the

@@ -59,6 +59,15 @@ How the kernels are built
   reference). The activation kernels use ``{"contract"}`` (FMA); the softmax kernels
   ``{"reassoc", "contract", "nsz", "arcp"}`` so that LLVM may vectorise their row sums, and
   take row maxima with :func:`vecmath.fmax`. Everything else is strict IEEE.
+- Low-precision copies (``out_lp``, ``delta_lp``, ``data_lp``; ``kernels/lowp.py``): the
+  epilogues and the optimizers store the copy in the loop that stores the float32 value,
+  from that very value (:func:`_lowp_bits`): its bits as an integer, then integer arithmetic
+  (:func:`lowp.bf16_bits`, :func:`f16_bits`), which vectorises. The copy is a kernel
+  argument that is None without one, so Numba compiles the float32-only loop exactly as
+  before. Numba has no float16 on the CPU: a float16 copy reaches the kernels as its
+  ``int16`` view, whose type selects the float16 formula at compile time (the ``uint16``
+  of bfloat16 bits selects bfloat16's). float16 is a GPU format; the CPU kernels write it
+  for tests and emulation, by the same one-pass loop.
 """
 from __future__ import annotations
 
@@ -77,7 +86,7 @@ from numba.core.caching import FunctionCache
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from . import activations, inline, optimizers, reference, vecmath
+from . import activations, inline, lowp, optimizers, reference, vecmath
 from .inline import inlined, jit
 from .activations import RECORDS, Math
 from .optimizers import RECORDS as OPTIMIZERS
@@ -95,7 +104,7 @@ _ROW_GROUP = 4  # a chunk adds its rows to its partial sums four at a time (writ
 PARALLEL_MIN_ELEMENTS = 1 << 19  # smaller calls run on the calling thread (see _Loops)
 _DEPENDENCIES = hashlib.sha256(b"".join(  # see _KernelCache
     Path(module.__file__).read_bytes()
-    for module in (inline, vecmath, reference, activations, optimizers))).hexdigest()
+    for module in (inline, vecmath, reference, activations, optimizers, lowp))).hexdigest()
 
 
 class _Loops:
@@ -152,10 +161,10 @@ _PARALLEL: dict = {"lock": threading.Lock(), "serialize": None}
 
 class _KernelCache(FunctionCache):
     """Numba's on-disk cache, with one more part in each entry's key: the source of
-    :mod:`inline`, :mod:`vecmath`, :mod:`reference`, :mod:`activations` and
-    :mod:`optimizers` (the formulas), whose functions and constants the kernels compile
-    in. Numba keys entries by the kernel's own file alone, so an edit of those modules
-    would otherwise keep loading stale machine code."""
+    :mod:`inline`, :mod:`vecmath`, :mod:`reference`, :mod:`activations`,
+    :mod:`optimizers` and :mod:`lowp` (the formulas), whose functions and constants the
+    kernels compile in. Numba keys entries by the kernel's own file alone, so an edit of
+    those modules would otherwise keep loading stale machine code."""
 
     def _index_key(self, sig, codegen):
         return super()._index_key(sig, codegen) + (_DEPENDENCIES,)
@@ -345,12 +354,83 @@ def _chunk_rows(chunk, chunks, n):
 
 
 # ---------------------------------------------------------------------------------------
+# Low-precision copies (kernels/lowp.py), stored by the loops that store the float32 values
+def f16_bits(u):
+    """The IEEE binary16 bits of the float32 whose bits are ``u`` (an unsigned 32-bit
+    integer): round to nearest, ties to even, as NumPy's ``astype(np.float16)`` (equal to it
+    for all 2³² inputs but NaN payloads); overflow → ±inf; float16 subnormals rounded, never
+    flushed. NaN stays NaN, made quiet with sign and upper payload kept (as x86's
+    ``vcvtps2ph``; NumPy keeps a signalling payload as it is). Plain integer arithmetic, the
+    float16 counterpart of :func:`lowp.bf16_bits`: Numba compiles no float16 conversion on
+    the CPU, and this one vectorises."""
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    if a > 0x7F800000:  # NaN
+        return sign | 0x7E00 | ((a >> 13) & 0x3FF)
+    if a >= 0x38800000:  # |x| ≥ 2⁻¹⁴: normal in binary16, or overflow (the carry may reach it)
+        return sign | min((a - 0x38000000 + 0xFFF + ((a >> 13) & 1)) >> 13, 0x7C00)
+    # a binary16 subnormal or zero: the significand (implicit bit set) shifted down to units
+    # of 2⁻²⁴, rounded to even; float32 subnormals and anything below 2⁻²⁵ give 0 (the shift
+    # is capped where that holds, below the width of the integer)
+    shift = min(126 - (a >> 23), 31)
+    m = (a & 0x7FFFFF) | 0x800000
+    return sign | ((m + (1 << (shift - 1)) - 1 + ((m >> shift) & 1)) >> shift)
+
+
+@intrinsic
+def _float_bits(typingctx, v):
+    """The bits of the float32 ``v`` as a uint32 (a bitcast: no scalar ``view`` in Numba)."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(v), codegen
+
+
+_bf16_bits_compiled = jit(lowp.bf16_bits)
+_f16_bits_compiled = jit(f16_bits)
+_LOWP_FORMULAS = {  # the element type of the array the kernel stores into -> its formula
+    types.uint16: jit(lambda out, v: _bf16_bits_compiled(_float_bits(v))),
+    types.int16: jit(lambda out, v: _f16_bits_compiled(_float_bits(v))),  # float16's view
+}
+
+
+def _lowp_impl(out, v):
+    if v != types.float32 or not isinstance(out, types.Array):
+        return None
+    return _LOWP_FORMULAS.get(out.dtype)
+
+
+@inlined(_lowp_impl)
+def _lowp_bits(out, v):
+    """The bits that the low-precision array ``out`` (``uint16``: bfloat16; ``int16``: the
+    view of a float16 array) stores for the float32 value ``v``, as ``out``'s type. Compiled
+    code runs the formula for ``out``'s element type, inlined; this Python body is what runs
+    under ``NUMBA_DISABLE_JIT=1``."""
+    u = int(np.float32(v).view(np.uint32))
+    bits = lowp.bf16_bits(u) if out.dtype == np.uint16 else f16_bits(u)
+    return np.array(bits, np.uint16).view(out.dtype)[()]
+
+
+def _lowp_arg(op: str, name: str, out_lp, source, *others):
+    """``out_lp`` as the kernels take it (after :func:`reference.check_lowp` against the
+    float32 ``source`` and the call's ``others``): the ``uint16`` array of bfloat16 bits as
+    it is, a float16 array as its ``int16`` view (see the module docstring); None stays."""
+    if out_lp is None:
+        return None
+    reference.check_lowp(op, name, out_lp, source, *others)
+    return out_lp if out_lp.dtype == np.uint16 else out_lp.view(np.int16)
+
+
+# ---------------------------------------------------------------------------------------
 # 1-2. Dense epilogues
 def _forward_kernel(act: str):
     write_z = act in NEEDS_Z
 
     @_loops(fastmath=_CONTRACT)
-    def kernel(z, b, out_arg, alpha):
+    def kernel(z, b, out_arg, alpha, out_lp=None):
         n, m = z.shape
         for i in prange(n):
             out = z if out_arg is None else out_arg
@@ -360,20 +440,26 @@ def _forward_kernel(act: str):
                     v += b[j]
                     if write_z:
                         z[i, j] = v
-                out[i, j] = _activate(act, v, alpha)
+                y = _activate(act, v, alpha)
+                out[i, j] = y
+                if out_lp is not None:
+                    out_lp[i, j] = _lowp_bits(out_lp, y)
 
     return kernel
 
 
 def _backward_kernel(act: str):
     @_loops(fastmath=_CONTRACT)
-    def kernel(da, s, alpha, delta_arg, db, accumulate, partial):
+    def kernel(da, s, alpha, delta_arg, db, accumulate, partial, delta_lp=None):
         n, m = da.shape
         if db is None:
             for i in prange(n):
                 delta = da if delta_arg is None else delta_arg
                 for j in range(m):
-                    delta[i, j] = da[i, j] * _derivative(act, s[i, j], alpha)
+                    d = da[i, j] * _derivative(act, s[i, j], alpha)
+                    delta[i, j] = d
+                    if delta_lp is not None:
+                        delta_lp[i, j] = _lowp_bits(delta_lp, d)
             return
         chunks = partial.shape[0]
         for chunk in prange(chunks):
@@ -383,7 +469,10 @@ def _backward_kernel(act: str):
                 partial[chunk, j] = 0.0
             for i in range(start, stop):
                 for j in range(m):
-                    delta[i, j] = da[i, j] * _derivative(act, s[i, j], alpha)
+                    d = da[i, j] * _derivative(act, s[i, j], alpha)
+                    delta[i, j] = d
+                    if delta_lp is not None:
+                        delta_lp[i, j] = _lowp_bits(delta_lp, d)
                 if (i - start) % _ROW_GROUP == _ROW_GROUP - 1:  # apart: float64 sums in the
                     for j in range(m):  # loop above would halve its lanes
                         partial[chunk, j] += (float(delta[i - 3, j]) + delta[i - 2, j]) \
@@ -404,9 +493,10 @@ _FORWARD: dict = {}
 _BACKWARD: dict = {}
 
 
-def bias_act_forward(z, b, out, act: str, alpha: float = 0.0):
-    """``out ← σ(z + b)`` (and ``z ← z + b`` for NEEDS_Z activations with a bias); see
-    :func:`reference.bias_act_forward`. One pass over rows in parallel."""
+def bias_act_forward(z, b, out, act: str, alpha: float = 0.0, out_lp=None):
+    """``out ← σ(z + b)`` (and ``z ← z + b`` for NEEDS_Z activations with a bias), and
+    ``out_lp ← lowp(out)`` when given; see :func:`reference.bias_act_forward`. One pass over
+    rows in parallel."""
     op = "bias_act_forward"
     dtype = _batch(op, "z", z)
     if b is not None:
@@ -416,13 +506,19 @@ def bias_act_forward(z, b, out, act: str, alpha: float = 0.0):
     if kernel is None:
         _activation(act)
         kernel = _FORWARD[act] = _forward_kernel(act)
-    kernel(z.size, z, b, _separate(op, "out", out, "z", z), float(alpha))
+    separate = _separate(op, "out", out, "z", z)
+    if out_lp is None:
+        kernel(z.size, z, b, separate, float(alpha))
+    else:
+        kernel(z.size, z, b, separate, float(alpha), _lowp_arg(op, "out_lp", out_lp, out, z, b))
     return out
 
 
-def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumulate=False):
-    """``δ = dA ⊙ σ'`` and ``db (+)= Σ_rows δ``; see :func:`reference.bias_act_backward`.
-    ``db`` is summed in float64 per column, threads owning blocks of columns."""
+def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumulate=False,
+                      delta_lp=None):
+    """``δ = dA ⊙ σ'`` and ``db (+)= Σ_rows δ``, and ``delta_lp ← lowp(δ)`` when given; see
+    :func:`reference.bias_act_backward`. ``db`` is summed in float64 per column, threads
+    owning blocks of columns."""
     op = "bias_act_backward"
     dtype = _batch(op, "da", da)
     kernel = _BACKWARD.get(act)
@@ -434,10 +530,15 @@ def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumul
     _array(op, "delta_out", delta_out, dtype, da.shape, out=True)
     if db_out is not None:
         _array(op, "db_out", db_out, dtype, da.shape[1:], out=True)
+    separate = _separate(op, "delta_out", delta_out, "da", da)
+    lp = _lowp_arg(op, "delta_lp", delta_lp, delta_out, da, source, db_out)
     partial = None if db_out is None else \
         _scratch(((_row_chunks(da.shape[0]), da.shape[1]), np.float64))[0]
-    kernel(da.size, da, source, float(alpha), _separate(op, "delta_out", delta_out, "da", da),
-           db_out, bool(accumulate), partial)
+    if lp is None:
+        kernel(da.size, da, source, float(alpha), separate, db_out, bool(accumulate), partial)
+    else:
+        kernel(da.size, da, source, float(alpha), separate, db_out, bool(accumulate), partial,
+               lp)
     return delta_out
 
 
@@ -743,7 +844,7 @@ def _optimizer_kernel(name: str):
     buffers of some sizes (multiples of 2 MB, as the buffers of one call are allocated
     alike), which the hand-written loops, storing each state as soon as computed, were not."""
     @_loops()
-    def kernel(p, g, s0, s1, s2, args):
+    def kernel(p, g, s0, s1, s2, args, data_lp=None):
         c = _like_all(args, p)
         for i in prange(p.size):
             w, d, a0, a1, a2 = p[i], g[i], _at(s0, i), _at(s1, i), _at(s2, i)
@@ -751,7 +852,10 @@ def _optimizer_kernel(name: str):
             _put(s0, i, x0)
             _put(s1, i, x1)
             _put(s2, i, x2)
-            p[i] = _update(name, w, d, a0, a1, a2, c)[0]
+            x = _update(name, w, d, a0, a1, a2, c)[0]
+            p[i] = x
+            if data_lp is not None:
+                data_lp[i] = _lowp_bits(data_lp, x)
     return kernel
 
 
@@ -761,9 +865,13 @@ def _optimizer_op(record):
     names = ("p", "g") + record.states
     unused = (None,) * (SLOTS - len(record.states))
 
-    def run(p, g, states, scalars, flags):
+    def run(p, g, states, scalars, flags, data_lp=None):
         flat = _flat(record.op, names, (p, g) + states)
-        kernel(p.size, *flat, *unused, scalars + flags)
+        if data_lp is None:
+            kernel(p.size, *flat, *unused, scalars + flags)
+        else:
+            lp = _lowp_arg(record.op, "data_lp", data_lp, p, g, *states)
+            kernel(p.size, *flat, *unused, scalars + flags, lp.reshape(-1))
 
     return kernel, entry_point(record, run, f"reference.{record.op} in one parallel pass over "
                                f"the flat buffers, from the formula of kernels/optimizers.py "

@@ -31,6 +31,15 @@ kept), the scalars computed from the hyperparameters (bias corrections, the effe
 learning rate, ``1 - β``) as Python floats, which each backend rounds to the array's dtype
 once per call, and the flags as bools. A backend's op is ``arguments`` with its ``run`` bound (:func:`entry_point`).
 
+Every op ends with the keyword ``data_lp=None``: a ``uint16`` (bfloat16 bits) or ``float16``
+array shaped like a float32 ``p``, into which the backend writes the low-precision copy of
+each updated weight, ``data_lp ← lowp(p_new)`` (``kernels/lowp.py``), in the same pass as the
+update (mixed precision: the next matrix product reads the copy). The backend's ``run``
+validates it (:func:`lowp.check_lowp`) before any work. ``arguments`` calls
+``run(p, g, states, scalars, flags)`` when it is None and ``run(p, g, states, scalars, flags,
+data_lp)`` otherwise, so a ``run`` without the sixth parameter still serves every call
+without a copy.
+
 The oracle is not built from these records. ``kernels/reference.py`` keeps its own,
 hand-written statement of every update (whole-array ``xp`` operations in PyTorch's order),
 and tests/test_kernels.py holds every backend to it (tests/test_optim.py holds the optimizers
@@ -75,7 +84,7 @@ class OptimizerDef:
 
     name: str                          # the op is ``<name>_step``
     update: Callable[[UpdateMath], Callable]
-    arguments: Callable                # (run, *op's arguments): run(p, g, states, ...)
+    arguments: Callable                # (run, *op's arguments, data_lp=None): run(p, g, ...)
     states: tuple[str, ...]            # state buffers, in the formula's order
     scalars: tuple[str, ...]           # kernel scalars, in the array's dtype
     flags: tuple[str, ...] = ()        # kernel booleans
@@ -166,40 +175,53 @@ def _adagrad(m):
 
 # ---------------------------------------------------------------------------------------
 # The host side of each op: its signature, its checks, the scalars its kernel takes
+# (each ends with ``run(...) if data_lp is None else run(..., data_lp)``, written out: a
+# shared helper would put a Python call between the op and its kernel)
 def _sgd_arguments(run, p, g, buf, lr, momentum, dampening, nesterov, weight_decay,
-                   first_step):
+                   first_step, data_lp=None):
     if momentum and buf is None:
         raise ValueError(f"sgd_step: momentum={momentum} needs a momentum buffer, got buf=None")
-    return run(p, g, (buf if momentum else None,),
-               (float(lr), float(momentum), 1.0 - dampening, float(weight_decay)),
-               (bool(nesterov), bool(first_step)))
+    states = (buf if momentum else None,)
+    scalars = (float(lr), float(momentum), 1.0 - dampening, float(weight_decay))
+    flags = (bool(nesterov), bool(first_step))
+    if data_lp is None:
+        return run(p, g, states, scalars, flags)
+    return run(p, g, states, scalars, flags, data_lp)
 
 
 def _rmsprop_arguments(run, p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay,
-                       momentum, centered):
+                       momentum, centered, data_lp=None):
     if momentum and buf is None:
         raise ValueError(f"rmsprop_step: momentum={momentum} needs a momentum buffer, "
                          "got buf=None")
     if centered and grad_avg is None:
         raise ValueError("rmsprop_step: centered=True needs a grad_avg buffer, got "
                          "grad_avg=None")
-    return run(p, g, (square_avg, grad_avg if centered else None, buf if momentum else None),
-               (float(lr), float(alpha), 1.0 - alpha, float(eps), float(weight_decay),
-                float(momentum)), ())
+    states = (square_avg, grad_avg if centered else None, buf if momentum else None)
+    scalars = (float(lr), float(alpha), 1.0 - alpha, float(eps), float(weight_decay),
+               float(momentum))
+    if data_lp is None:
+        return run(p, g, states, scalars, ())
+    return run(p, g, states, scalars, (), data_lp)
 
 
 def _adam_arguments(run, p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled,
-                    step):
+                    step, data_lp=None):
     decay = 1.0 - lr * weight_decay if decoupled else 1.0
     l2 = 0.0 if decoupled else float(weight_decay)
-    return run(p, g, (m, v, vmax),
-               (decay, l2, 1.0 - beta1, float(beta2), 1.0 - beta2, lr / (1.0 - beta1 ** step),
-                1.0 / math.sqrt(1.0 - beta2 ** step), float(eps)), ())
+    scalars = (decay, l2, 1.0 - beta1, float(beta2), 1.0 - beta2, lr / (1.0 - beta1 ** step),
+               1.0 / math.sqrt(1.0 - beta2 ** step), float(eps))
+    if data_lp is None:
+        return run(p, g, (m, v, vmax), scalars, ())
+    return run(p, g, (m, v, vmax), scalars, (), data_lp)
 
 
-def _adagrad_arguments(run, p, g, state_sum, lr, lr_decay, eps, weight_decay, step):
-    return run(p, g, (state_sum,), (lr / (1.0 + (step - 1) * lr_decay), float(eps),
-                                    float(weight_decay)), ())
+def _adagrad_arguments(run, p, g, state_sum, lr, lr_decay, eps, weight_decay, step,
+                       data_lp=None):
+    scalars = (lr / (1.0 + (step - 1) * lr_decay), float(eps), float(weight_decay))
+    if data_lp is None:
+        return run(p, g, (state_sum,), scalars, ())
+    return run(p, g, (state_sum,), scalars, (), data_lp)
 
 
 RECORDS = {r.name: r for r in (
@@ -234,8 +256,8 @@ def slotted(update, count: int):
 
 def entry_point(record: OptimizerDef, run: Callable, doc: str) -> Callable:
     """A backend's op function for ``record``: :attr:`OptimizerDef.arguments` with the
-    backend's ``run(p, g, states, scalars, flags)`` bound (a C-level partial: no Python call in
-    between), the op's name and its signature."""
+    backend's ``run(p, g, states, scalars, flags[, data_lp])`` bound (a C-level partial: no
+    Python call in between), the op's name and its signature."""
     op = functools.partial(record.arguments, run)
     op.__name__ = op.__qualname__ = record.op
     op.__doc__ = doc

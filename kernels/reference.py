@@ -12,6 +12,15 @@ Conventions shared by all backends
 - ``accumulate=True`` adds into a gradient buffer instead of overwriting it.
 - Activations are named by strings: ``ACTIVATIONS``; ``NEEDS_Z`` lists those whose
   derivative is computed from the pre-activation ``Z`` rather than from ``A``.
+- Low-precision copies (mixed precision, ``kernels/lowp.py``): the ops whose float32 result
+  a matrix product reads next take one more optional output, ``out_lp`` / ``delta_lp`` /
+  ``data_lp``: a ``uint16`` (bfloat16 bits) or ``float16`` array of the result's shape, into
+  which every backend writes ``lowp(result)`` of each element, from exactly the float32 value
+  it stores, in the same pass (here: after it, by :func:`lowp.to_lowp`, the oracle of the
+  conversion). bfloat16 bits are identical in every backend (NaN payloads included);
+  float16 is IEEE round to nearest even (NaN stays NaN; its payload may differ). Checked
+  before any work (:func:`check_lowp`): float32 data only, and a C-contiguous buffer of its
+  own, overlapping no argument. None (the default) changes nothing.
 """
 from __future__ import annotations
 
@@ -19,6 +28,7 @@ import math
 
 import numpy as np
 
+from . import lowp
 from .activations import (ACTIVATIONS, GELU_C, GELU_K, INV_SQRT2, INV_SQRT_2PI,  # noqa: F401
                           NEEDS_Z, RECORDS, Math)
 
@@ -67,6 +77,19 @@ def _math(xp) -> Math:
     return _MATHS[xp]
 
 
+def check_lowp(op: str, name: str, out_lp, source, *others) -> None:
+    """``out_lp`` may receive the low-precision copy of the float32 array ``source``
+    (:func:`lowp.check_lowp`: type, float32 source, dtype, shape, C-contiguity, writeable,
+    no overlap with ``source``) and overlaps none of ``others`` (the call's other arrays,
+    None ignored): a copy written over an input would corrupt what the pass still reads."""
+    lowp.check_lowp(op, name, out_lp, source)
+    xp = _xp(out_lp)
+    for other in others:
+        if other is not None and xp.may_share_memory(out_lp, other):
+            raise ValueError(f"{op}: {name} overlaps another argument of the call; pass a "
+                             "separate buffer")
+
+
 def _record(act: str):
     if act not in RECORDS:
         raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
@@ -96,35 +119,49 @@ def derivative(xp, a, z, act: str, alpha: float = 0.0):
 
 # ---------------------------------------------------------------------------------------
 # 1-2. Dense epilogues
-def bias_act_forward(z, b, out, act: str, alpha: float = 0.0):
+def bias_act_forward(z, b, out, act: str, alpha: float = 0.0, out_lp=None):
     """Forward epilogue of ``Dense``: ``A = σ(Z + b)``.
 
     ``z`` (N, M) holds ``X Wᵀ``; ``b`` (M,) or None. Writes ``out ← σ(z + b)``. When the
     activation is in ``NEEDS_Z`` and ``b`` is given, also writes ``z ← z + b`` (backward
     needs the pre-activation); otherwise ``z`` is only read, and ``out`` may be ``z`` itself.
-    Returns ``out``.
+    ``out_lp`` (float32 data only): None, or a ``uint16`` (bfloat16 bits) or ``float16``
+    array of ``z``'s shape that also receives ``lowp(out)`` (``kernels/lowp.py``), the next
+    layer's low-precision input. Returns ``out``.
     """
+    if out_lp is not None:
+        check_lowp("bias_act_forward", "out_lp", out_lp, out, z, b)
     xp = _xp(z)
     pre = z if b is None else z + b
     a = activate(xp, pre, act, alpha)
     if act in NEEDS_Z and b is not None:
         z[...] = pre
     out[...] = a
+    if out_lp is not None:
+        lowp.to_lowp(out, out_lp)
     return out
 
 
-def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumulate=False):
+def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumulate=False,
+                      delta_lp=None):
     """Backward epilogue of ``Dense``: ``δ = ∂L/∂A ⊙ σ'(Z)`` and ``∂L/∂b = Σ_rows δ``.
 
     ``σ'`` is computed from ``a`` for activations outside ``NEEDS_Z`` and from ``z`` (the
     pre-activation, bias included) for those in it; the unused one may be None.
     ``delta_out`` may be ``da`` (in place). ``db_out`` (M,) receives the column sums of δ
-    (added to it when ``accumulate``); None skips the bias gradient. Returns ``delta_out``.
+    (added to it when ``accumulate``); None skips the bias gradient. ``delta_lp`` (float32
+    data only): None, or a ``uint16`` (bfloat16 bits) or ``float16`` array of ``da``'s shape
+    that also receives ``lowp(δ)`` (``kernels/lowp.py``), the operand of the products
+    ``∂W = δᵀX`` and ``∂X = δW``. Returns ``delta_out``.
     """
+    if delta_lp is not None:
+        check_lowp("bias_act_backward", "delta_lp", delta_lp, delta_out, da, a, z, db_out)
     xp = _xp(da)
     d = derivative(xp, a, z, act, alpha)
     delta = da * d
     delta_out[...] = delta
+    if delta_lp is not None:
+        lowp.to_lowp(delta_out, delta_lp)
     if db_out is not None:
         s = delta.sum(axis=0, dtype=np.float64).astype(db_out.dtype)
         if accumulate:
@@ -182,8 +219,16 @@ def softmax_xent(logits, labels, smoothing: float, scale: float, grad_out, loss_
 # ---------------------------------------------------------------------------------------
 # 4. Optimizer updates (PyTorch formulas, one parameter tensor or a flat buffer of many).
 # The accelerated backends build theirs from the records of kernels/optimizers.py; these are
-# written apart, on whole arrays, as the oracle the records are tested against.
-def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step):
+# written apart, on whole arrays, as the oracle the records are tested against. Each takes
+# ``data_lp=None`` last, the low-precision copy of the updated weights, which the next
+# forward pass's products read.
+def _check_data_lp(op, data_lp, p, *states):
+    if data_lp is not None:
+        check_lowp(op, "data_lp", data_lp, p, *states)
+
+
+def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step,
+             data_lp=None):
     """SGD (PyTorch semantics), in place on ``p`` and ``buf``::
 
         d = g + λ p
@@ -192,8 +237,11 @@ def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_s
         d = d + μ buf   if nesterov  else  d = buf        (when μ ≠ 0)
         p = p - lr d
 
-    ``buf`` is None when ``momentum == 0``.
+    ``buf`` is None when ``momentum == 0``. ``data_lp``: None, or a ``uint16`` (bfloat16 bits)
+    or ``float16`` array of a float32 ``p``'s shape that receives ``lowp(p)`` of the updated
+    weights (``kernels/lowp.py``).
     """
+    _check_data_lp("sgd_step", data_lp, p, g, buf)
     d = g + weight_decay * p if weight_decay else g.copy()
     if momentum:
         if first_step:
@@ -206,10 +254,12 @@ def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_s
         else:
             d = buf
     p -= lr * d
+    if data_lp is not None:
+        lowp.to_lowp(p, data_lp)
 
 
 def rmsprop_step(p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay, momentum,
-                 centered):
+                 centered, data_lp=None):
     """RMSprop (PyTorch semantics), in place::
 
         d = g + λ p
@@ -219,7 +269,10 @@ def rmsprop_step(p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay, 
         buf = μ buf + d / avg ;  p = p - lr buf  (momentum)   or   p = p - lr d / avg
 
     ``buf`` is None when ``momentum == 0``; ``grad_avg`` is None unless ``centered``.
+    ``data_lp``: None, or a ``uint16`` (bfloat16 bits) or ``float16`` array of a float32 ``p``'s
+    shape that receives ``lowp(p)`` of the updated weights (``kernels/lowp.py``).
     """
+    _check_data_lp("rmsprop_step", data_lp, p, g, square_avg, buf, grad_avg)
     xp = _xp(p)
     d = g + weight_decay * p if weight_decay else g
     square_avg *= alpha
@@ -235,9 +288,12 @@ def rmsprop_step(p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay, 
         p -= lr * buf
     else:
         p -= lr * (d / avg)
+    if data_lp is not None:
+        lowp.to_lowp(p, data_lp)
 
 
-def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, step):
+def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, step,
+              data_lp=None):
     """Adam / AdamW (PyTorch semantics), in place, ``step`` counted from 1::
 
         p = p (1 - lr λ)                 (decoupled, AdamW)   or   d = g + λ p  (Adam, L2)
@@ -245,7 +301,11 @@ def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, 
         v = β2 v + (1 - β2) d²
         v̂ = max(v̂, v)                   (amsgrad, when ``vmax`` is given)
         p = p - (lr / (1 - β1ᵗ)) · m / (sqrt(v or v̂) / sqrt(1 - β2ᵗ) + eps)
+
+    ``data_lp``: None, or a ``uint16`` (bfloat16 bits) or ``float16`` array of a float32 ``p``'s
+    shape that receives ``lowp(p)`` of the updated weights (``kernels/lowp.py``).
     """
+    _check_data_lp("adam_step", data_lp, p, g, m, v, vmax)
     xp = _xp(p)
     d = g
     if weight_decay:
@@ -265,18 +325,26 @@ def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, 
     bias2_sqrt = math.sqrt(1.0 - beta2 ** step)
     denom = xp.sqrt(second) / bias2_sqrt + eps
     p -= (lr / bias1) * (m / denom)
+    if data_lp is not None:
+        lowp.to_lowp(p, data_lp)
 
 
-def adagrad_step(p, g, state_sum, lr, lr_decay, eps, weight_decay, step):
+def adagrad_step(p, g, state_sum, lr, lr_decay, eps, weight_decay, step, data_lp=None):
     """Adagrad (PyTorch semantics), in place, ``step`` counted from 1::
 
         d = g + λ p ;  s = s + d² ;  p = p - lr / (1 + (t - 1) η) · d / (sqrt(s) + eps)
+
+    ``data_lp``: None, or a ``uint16`` (bfloat16 bits) or ``float16`` array of a float32 ``p``'s
+    shape that receives ``lowp(p)`` of the updated weights (``kernels/lowp.py``).
     """
+    _check_data_lp("adagrad_step", data_lp, p, g, state_sum)
     xp = _xp(p)
     d = g + weight_decay * p if weight_decay else g
     state_sum += d * d
     clr = lr / (1.0 + (step - 1) * lr_decay)
     p -= clr * (d / (xp.sqrt(state_sum) + eps))
+    if data_lp is not None:
+        lowp.to_lowp(p, data_lp)
 
 
 # ---------------------------------------------------------------------------------------

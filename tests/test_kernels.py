@@ -107,7 +107,8 @@ def invoke(fn, op: str, call: Call, xp, dtype=None) -> dict:
     for name, target in call.alias.items():
         objs[name] = objs[target]
     params = inspect.signature(getattr(R, op)).parameters
-    fn(*[objs[p] if p in objs else call.scalars[p] for p in params])
+    fn(*[objs[p] if p in objs else call.scalars[p] if p in call.scalars else params[p].default
+         for p in params])
     host = np.asarray if xp is np else xp.asnumpy
     return {name: host(a) for name, a in objs.items() if a is not None}
 
@@ -728,13 +729,14 @@ def test_numba_cpu_cache_is_keyed_by_the_modules_it_compiles_in():
     import hashlib
     from pathlib import Path
 
-    from backprop.kernels import activations, inline, numba_cpu, optimizers, reference, vecmath
+    from backprop.kernels import activations, inline, lowp, numba_cpu, optimizers, reference, \
+        vecmath
 
     p = np.ones(3, np.float32)
     numba_cpu.adam_step(p, p.copy(), p.copy(), p.copy(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0,
                         False, 1)
     sources = b"".join(Path(m.__file__).read_bytes()
-                       for m in (inline, vecmath, reference, activations, optimizers))
+                       for m in (inline, vecmath, reference, activations, optimizers, lowp))
     for dispatcher in (numba_cpu._adam.serial, numba_cpu._adam.parallel):
         assert isinstance(dispatcher._cache, numba_cpu._KernelCache)
         if not dispatcher.signatures:
