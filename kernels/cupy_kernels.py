@@ -12,13 +12,15 @@ raw modules; literal constants are cast to ``T``; sums are accumulated in float6
 
     op                   kernel(s)
     bias_act_forward     ElementwiseKernel per activation: no bias | bias (bias and Z ← Z + b
-                         where σ' needs Z)
+                         where σ' needs Z); each also with a low-precision copy of A
     bias_act_backward    RawModule per activation: δ and the column sums of δ in one pass
-                         (+ ElementwiseKernel ``bp_bias_grad_finalize`` on tall batches)
+                         (+ ElementwiseKernel ``bp_bias_grad_finalize`` on tall batches); a
+                         RawModule per activation and format with a low-precision copy of δ
     softmax_*            RawModule ``bp_softmax``: one block per row, shared-memory max/sum
     sgd/rmsprop/adam/    ElementwiseKernel per variant over (flat) parameter buffers, its
     adagrad_step         body printed from the record's formula (kernels/optimizers.py); a
-                         None state buffer selects the variant without it
+                         None state buffer selects the variant without it; each variant also
+                         with a low-precision copy of the new parameters
     dropout              ElementwiseKernel: the counter hash of reference.dropout
     batchnorm_*          RawModule ``bp_batchnorm``: one block per 32-feature strip
 
@@ -31,6 +33,18 @@ adds the partials per column. Partials rather than atomics keep the sum determin
 bits every run) and in float64 whatever ``T`` is; the extra launch reads only G × M numbers.
 
 All 2-D arguments of the raw kernels must be C-contiguous (checked, with the fix named).
+
+Low-precision copies (mixed precision, ``kernels/lowp.py``): given ``out_lp``, ``delta_lp``
+or ``data_lp``, an op launches its kernel's low-precision variant, which also stores
+``bp_lowp_bits(x)`` of each float32 value ``x`` it stores, in the same pass. Both formats are
+written as ``uint16`` bits (a float16 array is passed as its ``uint16`` view), so one kernel
+source serves both; only ``bp_lowp_bits`` differs (:data:`LOWP_BITS`): the integer formula
+of ``kernels.lowp.CUDA_BF16_BITS`` for bfloat16 (bitwise equal to the CPU, NaN payloads
+included, where ``__float2bfloat16_rn`` makes every NaN canonical), ``__float2half_rn`` for
+float16. The variants are separate kernels (suffix ``_bf16`` / ``_f16``), so the float32-only
+ones are unchanged, and only float32 data has a low-precision copy (checked before the
+launch by ``reference.check_lowp``): their ``double`` instantiations are compiled with the
+rest but never launched.
 """
 from __future__ import annotations
 
@@ -42,6 +56,7 @@ import numpy as np
 
 from . import reference
 from .activations import cuda_source
+from .lowp import CUDA_BF16_BITS, lowp_kind
 from .optimizers import RECORDS as OPTIMIZERS
 from .optimizers import cuda_update, entry_point
 from .reference import ACTIVATIONS, NEEDS_Z
@@ -63,6 +78,34 @@ def _cuda_source(name: str, **constants) -> str:
     for key, value in constants.items():
         text = text.replace(key, str(value))
     return text
+
+
+# ---------------------------------------------------------------------------------------
+# Low-precision copies: bp_lowp_bits(float) -> unsigned short, per format
+LOWP_SUFFIX = {"bfloat16": "bf16", "float16": "f16"}
+"""The kernel-name suffix of each low-precision format's variants."""
+
+LOWP_BITS = {
+    "bfloat16": CUDA_BF16_BITS + (
+        "__device__ __forceinline__ unsigned short bp_lowp_bits(float x) {\n"
+        "    return backprop_bf16_bits(x);\n}\n"),
+    # cuda_fp16.h only here: the bf16 and float32 kernels compile without the CUDA headers
+    "float16": (
+        "#include <cuda_fp16.h>\n"
+        "// IEEE binary16, round to nearest even; a NaN stays a NaN (its payload is the GPU's)\n"
+        "__device__ __forceinline__ unsigned short bp_lowp_bits(float x) {\n"
+        "    return __half_as_ushort(__float2half_rn(x));\n}\n"),
+}
+"""CUDA C++ of ``bp_lowp_bits``, the bits of a float32's low-precision copy, per format."""
+
+
+def _lowp_bits(op: str, name: str, out, source, *others):
+    """``out`` checked as the low-precision copy of ``source`` overlapping none of the call's
+    ``others`` (``reference.check_lowp``, so every backend refuses the same buffers), and
+    ``(suffix of its format's kernels, out as uint16 bits)``."""
+    reference.check_lowp(op, name, out, source, *others)
+    kind = lowp_kind(out)
+    return LOWP_SUFFIX[kind], out if kind == "bfloat16" else out.view(np.uint16)
 
 
 # ---------------------------------------------------------------------------------------
@@ -109,6 +152,17 @@ def _forward_specs(act: str) -> list[ElementwiseSpec]:
         "a = bp_activate<T>(z + b[i % m], alpha)", ("m", "alpha"), pre)]
 
 
+def _with_lowp_copy(spec: ElementwiseSpec, output: str, kind: str) -> ElementwiseSpec:
+    """``spec``'s low-precision variant: also the out parameter ``uint16 <output>_lp``,
+    assigned the bits of ``output`` after ``spec``'s body has stored it (read back from the
+    output reference: exactly the float32 value stored)."""
+    return ElementwiseSpec(
+        f"{spec.name}_{LOWP_SUFFIX[kind]}", spec.in_params,
+        f"{spec.out_params}, uint16 {output}_lp",
+        f"{spec.operation.rstrip().rstrip(';')};\n{output}_lp = bp_lowp_bits({output})",
+        spec.scalars, spec.preamble + LOWP_BITS[kind])
+
+
 def _optimizer_spec(record, present) -> ElementwiseSpec:
     """The ElementwiseKernel of one variant of an optimizer record (``kernels/optimizers.py``):
     ``g``, the scalars (``T``) and the flags (``int32``) in, ``p`` and the kept states out
@@ -121,6 +175,10 @@ def _optimizer_spec(record, present) -> ElementwiseSpec:
 
 _OPTIMIZER_SPECS = [_optimizer_spec(record, present) for record in OPTIMIZERS.values()
                     for present in record.variants]
+_FORWARD_SPECS = [spec for act in ACTIVATIONS for spec in _forward_specs(act)]
+_LOWP_SPECS = [_with_lowp_copy(spec, output, kind) for kind in LOWP_SUFFIX
+               for specs, output in ((_FORWARD_SPECS, "a"), (_OPTIMIZER_SPECS, "p"))
+               for spec in specs]
 
 _DROPOUT_SPEC = ElementwiseSpec(
     # keep element i iff mix32((i·φ) ^ key) >> 8 >= threshold (reference.dropout), in uint32
@@ -140,8 +198,8 @@ _BIAS_GRAD_FINALIZE_SPEC = ElementwiseSpec(
 #: Every elementwise kernel, by name.
 ELEMENTWISE: dict[str, ElementwiseSpec] = {
     s.name: s for s in (
-        [spec for act in ACTIVATIONS for spec in _forward_specs(act)]
-        + _OPTIMIZER_SPECS + [_DROPOUT_SPEC, _BIAS_GRAD_FINALIZE_SPEC])
+        _FORWARD_SPECS + _OPTIMIZER_SPECS + [_DROPOUT_SPEC, _BIAS_GRAD_FINALIZE_SPEC]
+        + _LOWP_SPECS)
 }
 
 # Block-level reductions shared by the raw modules (blockDim.x a multiple of 32, ≤ 1024).
@@ -154,6 +212,8 @@ _BIAS_LANES = 8    # row lanes per block of the bias-gradient kernel
 _BN_LANES = 16     # row lanes per block of the batch-norm kernels
 
 _BIAS_BACKWARD_CODE = _cuda_source("bias_act_backward.cu", LANES=_BIAS_LANES, STRIP=_STRIP)
+_BIAS_BACKWARD_LOWP_CODE = _cuda_source("bias_act_backward_lowp.cu", LANES=_BIAS_LANES,
+                                        STRIP=_STRIP)
 
 _BATCHNORM_CODE = _cuda_source("batchnorm.cu", LANES=_BN_LANES, STRIP=_STRIP)
 
@@ -163,6 +223,10 @@ RAW_MODULES: dict[str, RawModuleSpec] = {
         [RawModuleSpec(f"bp_bias_act_backward_{act}",
                        activation_source(act) + _BIAS_BACKWARD_CODE,
                        ("bp_bias_act_backward",)) for act in ACTIVATIONS]
+        + [RawModuleSpec(f"bp_bias_act_backward_{suffix}_{act}",
+                         LOWP_BITS[kind] + activation_source(act) + _BIAS_BACKWARD_CODE
+                         + _BIAS_BACKWARD_LOWP_CODE, ("bp_bias_act_backward_lowp",))
+           for kind, suffix in LOWP_SUFFIX.items() for act in ACTIVATIONS]
         + [RawModuleSpec("bp_softmax", _SOFTMAX_CODE,
                          ("bp_softmax_forward", "bp_softmax_backward", "bp_softmax_xent")),
            RawModuleSpec("bp_batchnorm", _BATCHNORM_CODE,
@@ -268,27 +332,35 @@ def _row_block(c: int) -> int:
 
 # ---------------------------------------------------------------------------------------
 # The ops (signatures and semantics of kernels/reference.py)
-def bias_act_forward(z, b, out, act: str, alpha: float = 0.0):
+def bias_act_forward(z, b, out, act: str, alpha: float = 0.0, out_lp=None):
     """``out = σ(z + b)``, and ``z ← z + b`` for NEEDS_Z activations (one elementwise pass;
-    ``b[i % M]`` is the bias of column ``i % M``)."""
+    ``b[i % M]`` is the bias of column ``i % M``); with ``out_lp``, also ``out_lp ←
+    lowp(out)`` in the same pass (the kernel's ``_bf16``/``_f16`` variant)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
     alpha = float(alpha)
+    suffix, lowp = "", ()
+    if out_lp is not None:
+        suffix, bits = _lowp_bits("bias_act_forward", "out_lp", out_lp, out, z, b)
+        suffix, lowp = f"_{suffix}", (bits,)
     if b is None:
-        elementwise_kernel(f"bp_act_{act}")(z, alpha, out)
+        elementwise_kernel(f"bp_act_{act}{suffix}")(z, alpha, out, *lowp)
     elif act in NEEDS_Z:
-        elementwise_kernel(f"bp_bias_act_keep_z_{act}")(b, z.shape[-1], alpha, z, out)
+        elementwise_kernel(f"bp_bias_act_keep_z_{act}{suffix}")(b, z.shape[-1], alpha, z, out,
+                                                                *lowp)
     else:
-        elementwise_kernel(f"bp_bias_act_{act}")(z, b, z.shape[-1], alpha, out)
+        elementwise_kernel(f"bp_bias_act_{act}{suffix}")(z, b, z.shape[-1], alpha, out, *lowp)
     return out
 
 
 _BIAS_ROWS_PER_BLOCK = 256  # rows one block row of bp_bias_act_backward handles at least
 
 
-def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumulate=False):
+def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumulate=False,
+                      delta_lp=None):
     """``δ = dA ⊙ σ'(a or z)`` and ``∂b = Σ_rows δ`` (float64 sums) in one pass over the
-    batch; see the module docstring for the block layout."""
+    batch; see the module docstring for the block layout. With ``delta_lp``, also ``delta_lp
+    ← lowp(δ)`` in the same pass (the module ``bp_bias_act_backward_<bf16|f16>_<act>``)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
     s = z if act in NEEDS_Z else a
@@ -297,6 +369,9 @@ def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumul
         raise ValueError(f"bias_act_backward({act!r}) needs {which}, got None")
     n, m = da.shape
     _require_c_contiguous(da=da, **{"a" if s is a else "z": s}, delta_out=delta_out)
+    if delta_lp is not None:
+        suffix, bits = _lowp_bits("bias_act_backward", "delta_lp", delta_lp, delta_out, da, a,
+                                  z, db_out)
     want_db = db_out is not None
     if da.size == 0:
         if want_db and not accumulate:
@@ -307,11 +382,17 @@ def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumul
     if want_db:
         groups = max(1, min(-(-n // _BIAS_ROWS_PER_BLOCK), 4 * _sm_count() // strips, 65535))
     partial = _workspace(groups * m if groups > 1 else 1)  # read only when groups > 1
-    kernel = raw_kernel(f"bp_bias_act_backward_{act}", "bp_bias_act_backward", da.dtype)
     t = da.dtype.type
-    kernel((strips, groups), (_STRIP, _BIAS_LANES),
-           (da, s, t(alpha), delta_out, partial, db_out if want_db else delta_out,
-            np.int64(n), np.int64(m), np.int32(want_db), np.int32(bool(accumulate))))
+    tail = (partial, db_out if want_db else delta_out, np.int64(n), np.int64(m),
+            np.int32(want_db), np.int32(bool(accumulate)))
+    if delta_lp is None:
+        kernel = raw_kernel(f"bp_bias_act_backward_{act}", "bp_bias_act_backward", da.dtype)
+        kernel((strips, groups), (_STRIP, _BIAS_LANES), (da, s, t(alpha), delta_out) + tail)
+    else:
+        kernel = raw_kernel(f"bp_bias_act_backward_{suffix}_{act}", "bp_bias_act_backward_lowp",
+                            da.dtype)
+        kernel((strips, groups), (_STRIP, _BIAS_LANES),
+               (da, s, t(alpha), delta_out, bits) + tail)
     if groups > 1:
         elementwise_kernel("bp_bias_grad_finalize")(partial, groups, m, int(bool(accumulate)),
                                                     db_out)
@@ -357,13 +438,19 @@ def softmax_xent(logits, labels, smoothing: float, scale: float, grad_out, loss_
 
 def _optimizer_op(record):
     """The op of an optimizer record: one ElementwiseKernel launch over ``p`` and its kept
-    states; the kernel variant follows which states the call keeps."""
+    states; the kernel variant follows which states the call keeps, and whether it writes
+    ``data_lp ← lowp(p)`` (the ``_bf16``/``_f16`` variant)."""
     names = {present: f"bp_{record.variant_name(present)}" for present in record.variants}
 
-    def run(p, g, states, scalars, flags):
+    def run(p, g, states, scalars, flags, data_lp=None):
         kept = [s for s in states if s is not None]
-        elementwise_kernel(names[tuple(s is not None for s in states)])(
-            g, *scalars, *map(int, flags), p, *kept)
+        name = names[tuple(s is not None for s in states)]
+        if data_lp is None:
+            elementwise_kernel(name)(g, *scalars, *map(int, flags), p, *kept)
+        else:
+            suffix, bits = _lowp_bits(record.op, "data_lp", data_lp, p, g, *kept)
+            elementwise_kernel(f"{name}_{suffix}")(g, *scalars, *map(int, flags), p, *kept,
+                                                    bits)
 
     return entry_point(record, run, f"reference.{record.op} in one elementwise pass, from "
                        f"the formula of kernels/optimizers.py ({record.name!r}).")

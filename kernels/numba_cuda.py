@@ -26,6 +26,14 @@ casts (row and column kernels) are built once per dtype by a cached factory, so 
 kernels compute in float32 (their PTX holds no f64 instruction), while every reduction
 accumulates in float64. Hyperparameters are kernel arguments cast to the array dtype on the
 host.
+
+Low-precision copies (mixed precision, ``kernels/lowp.py``): given ``out_lp``, ``delta_lp`` or
+``data_lp``, the Dense epilogues and the optimizer updates launch a variant of their kernel
+(built by the same factory, keyed by the format) that also stores, next to each float32 value
+it stores, that value's copy: bf16 bits by ``kernels.lowp.bf16_bits`` (the CPU's formula, so
+the bits agree, NaN payloads included), float16 by the store's own conversion
+(``cvt.rn.f16.f32``, NumPy's in the simulator). The float32-only kernels are unchanged, and
+only float32 data has a copy (``reference.check_lowp``, before any launch).
 """
 from __future__ import annotations
 
@@ -39,9 +47,11 @@ import numpy as np
 from numba import cuda
 
 from .activations import RECORDS, Math
+from .lowp import bf16_bits, lowp_kind
 from .optimizers import RECORDS as OPTIMIZERS
 from .optimizers import SLOTS, UpdateMath, entry_point, slotted
-from .reference import (ACTIVATIONS, GOLDEN32, INV_SQRT2, INV_SQRT_2PI, MASK32, NEEDS_Z)
+from .reference import (ACTIVATIONS, GOLDEN32, INV_SQRT2, INV_SQRT_2PI, MASK32, NEEDS_Z,
+                        check_lowp)
 
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 
@@ -300,10 +310,54 @@ def _needed_input(act, a, z):
 
 
 # ---------------------------------------------------------------------------------------
+# Low-precision copies: the value a kernel stores in the copy's array for a float32 ``x``
+if SIMULATOR:
+    @cuda.jit(device=True)
+    def _float_bits(x):
+        """The bits of the float32 ``x`` as a uint32 (the simulator runs Python)."""
+        return np.float32(x).view(np.uint32)
+else:
+    from numba.cuda import libdevice
+
+    @cuda.jit(device=True, inline="always")
+    def _float_bits(x):
+        """The bits of the float32 ``x`` as a uint32: a register move (__nv_float_as_int)."""
+        return numba.uint32(libdevice.float_as_int(x))
+
+_bf16_bits = cuda.jit(device=True, inline="always")(bf16_bits)
+
+
+@cuda.jit(device=True, inline="always")
+def _to_bf16(x):
+    """bf16 bits of ``x``, the formula of kernels/lowp.py (not the hardware conversion,
+    whose NaN is canonical: every backend's bits must agree)."""
+    return _bf16_bits(_float_bits(x))
+
+
+@cuda.jit(device=True, inline="always")
+def _to_f16(x):
+    """``x`` itself: storing it in a float16 array rounds to nearest even."""
+    return x
+
+
+_LOWP_CONVERT = {"bfloat16": _to_bf16, "float16": _to_f16}
+
+
+def _lowp_format(op: str, name: str, out, source, *others):
+    """The format of ``out``, the low-precision copy of ``source``, checked as the reference
+    checks it: overlapping none of the call's ``others`` either. (The ops call it only for
+    a copy: without one, nothing is added to the float32 path.)"""
+    check_lowp(op, name, out, source, *others)
+    return lowp_kind(out)
+
+
+# ---------------------------------------------------------------------------------------
 # 1-2. Dense epilogues
 @functools.lru_cache(maxsize=None)
-def _bias_act_forward_kernel(act: str, dtype):
+def _bias_act_forward_kernel(act: str, dtype, lowp=None):
     forward, _ = _activation(act, dtype)
+    if lowp is not None:
+        return _bias_act_forward_lowp_kernel(forward, _LOWP_CONVERT[lowp])
 
     @cuda.jit
     def kernel(z, b, out, alpha, has_b, write_z):
@@ -322,9 +376,33 @@ def _bias_act_forward_kernel(act: str, dtype):
     return kernel
 
 
+def _bias_act_forward_lowp_kernel(forward, convert):
+    """The float32 forward kernel that also stores ``out_lp_ij = convert(out_ij)``."""
+
+    @cuda.jit
+    def kernel(z, b, out, out_lp, alpha, has_b, write_z):
+        """The forward kernel, and out_lp_ij = lowp(out_ij) of the float32 value stored."""
+        m = z.shape[1]
+        for k in range(cuda.grid(1), z.size, cuda.gridsize(1)):
+            i = k // m
+            j = k - i * m
+            pre = z[i, j]
+            if has_b:
+                pre += b[j]
+                if write_z:
+                    z[i, j] = pre
+            a = numba.float32(forward(pre, alpha))
+            out[i, j] = a
+            out_lp[i, j] = convert(a)
+
+    return kernel
+
+
 @functools.lru_cache(maxsize=None)
-def _bias_act_backward_kernel(act: str, dtype):
+def _bias_act_backward_kernel(act: str, dtype, lowp=None):
     _, slope = _activation(act, dtype)
+    if lowp is not None:
+        return _bias_act_backward_lowp_kernel(slope, _LOWP_CONVERT[lowp])
 
     @cuda.jit
     def kernel(da, s, alpha, delta, partials, chunk_rows, want_db):
@@ -349,6 +427,33 @@ def _bias_act_backward_kernel(act: str, dtype):
     return kernel
 
 
+def _bias_act_backward_lowp_kernel(slope, convert):
+    """The float32 backward kernel that also stores ``delta_lp_ij = convert(δ_ij)``."""
+
+    @cuda.jit
+    def kernel(da, s, alpha, delta, delta_lp, partials, chunk_rows, want_db):
+        """The backward kernel, and delta_lp_ij = lowp(δ_ij) of the float32 value stored."""
+        sh = cuda.shared.array((ROWS, LANES), numba.float64)
+        n, m = da.shape
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        j = cuda.blockIdx.x * LANES + tx
+        first = cuda.blockIdx.y * chunk_rows
+        last = min(first + chunk_rows, n)
+        acc = _ZERO64
+        if j < m:
+            for i in range(first + ty, last, ROWS):
+                d = numba.float32(da[i, j] * slope(s[i, j], alpha))
+                delta[i, j] = d
+                delta_lp[i, j] = convert(d)
+                acc += d
+        if want_db:
+            total = _column_sum(sh, acc, tx, ty)
+            if ty == 0 and j < m:
+                partials[cuda.blockIdx.y * m + j] = total
+
+    return kernel
+
+
 @cuda.jit
 def _chunk_sum_kernel(partials, chunks, db, accumulate):
     """db_j = Σ_c partials[c, j] in chunk order (db_j += … when accumulate)."""
@@ -363,20 +468,28 @@ def _chunk_sum_kernel(partials, chunks, db, accumulate):
             db[j] = total
 
 
-def bias_act_forward(z, b, out, act: str, alpha: float = 0.0):
-    """``A = σ(Z + b)``; see :func:`reference.bias_act_forward`."""
-    kernel = _bias_act_forward_kernel(act, z.dtype)
+def bias_act_forward(z, b, out, act: str, alpha: float = 0.0, out_lp=None):
+    """``A = σ(Z + b)`` (and ``out_lp ← lowp(A)`` when given); see
+    :func:`reference.bias_act_forward`."""
+    lowp = None if out_lp is None else _lowp_format("bias_act_forward", "out_lp", out_lp,
+                                                    out, z, b)
+    kernel = _bias_act_forward_kernel(act, z.dtype, lowp)
     if z.size == 0:
         return out
     has_b = b is not None
-    _launch(kernel, _blocks(z.size, TPB), TPB, z, b if has_b else z[0], out,
+    copy = () if lowp is None else (out_lp,)
+    _launch(kernel, _blocks(z.size, TPB), TPB, z, b if has_b else z[0], out, *copy,
             z.dtype.type(alpha), has_b, has_b and act in NEEDS_Z)
     return out
 
 
-def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumulate=False):
-    """``δ = dA ⊙ σ'(Z)``, ``db = Σ_rows δ``; see :func:`reference.bias_act_backward`."""
-    kernel = _bias_act_backward_kernel(act, da.dtype)
+def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumulate=False,
+                      delta_lp=None):
+    """``δ = dA ⊙ σ'(Z)``, ``db = Σ_rows δ`` (and ``delta_lp ← lowp(δ)`` when given); see
+    :func:`reference.bias_act_backward`."""
+    lowp = None if delta_lp is None else _lowp_format("bias_act_backward", "delta_lp",
+                                                      delta_lp, delta_out, da, a, z, db_out)
+    kernel = _bias_act_backward_kernel(act, da.dtype, lowp)
     src = _needed_input(act, a, z)
     n, m = da.shape
     if m == 0:
@@ -385,8 +498,9 @@ def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumul
     chunks = max(1, -(-n // chunk_rows))
     want_db = db_out is not None
     partials = _partials(da, chunks * m)
+    copy = () if lowp is None else (delta_lp,)
     _launch(kernel, (-(-m // LANES), chunks), (LANES, ROWS), da, src, da.dtype.type(alpha),
-            delta_out, partials, chunk_rows, want_db)
+            delta_out, *copy, partials, chunk_rows, want_db)
     if want_db:
         _launch(_chunk_sum_kernel, _blocks(m, TPB), TPB, partials, chunks, db_out,
                 bool(accumulate))
@@ -564,8 +678,9 @@ def _discard(a, i, x):
 
 
 @functools.lru_cache(maxsize=None)
-def _optimizer_kernel(name: str, kept: tuple, dtype):
-    """The kernel of optimizer record ``name`` in ``dtype`` for the state slots ``kept``."""
+def _optimizer_kernel(name: str, kept: tuple, dtype, lowp=None):
+    """The kernel of optimizer record ``name`` in ``dtype`` for the state slots ``kept``;
+    with ``lowp`` (a format), the float32 kernel that also stores ``p_lp ← lowp(p)``."""
     record = OPTIMIZERS[name]
     t = _checked_dtype(dtype).type
     device = cuda.jit(device=True, inline="always")
@@ -573,6 +688,23 @@ def _optimizer_kernel(name: str, kept: tuple, dtype):
     update = device(slotted(device(record.update(m)), len(record.states)))
     (load0, store0), (load1, store1), (load2, store2) = (
         (_element, _store) if k else (_not_kept, _discard) for k in kept)
+    if lowp is not None:
+        convert = _LOWP_CONVERT[lowp]
+
+        @cuda.jit
+        def kernel_lowp(p, g, s0, s1, s2, p_lp, c):
+            """The update, and p_lp_i = lowp(p_i) of the float32 value stored."""
+            for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
+                w, x0, x1, x2 = update(p[i], g[i], load0(s0, i), load1(s1, i), load2(s2, i),
+                                       c)
+                w = numba.float32(w)
+                p[i] = w
+                p_lp[i] = convert(w)
+                store0(s0, i, x0)
+                store1(s1, i, x1)
+                store2(s2, i, x2)
+
+        return kernel_lowp
 
     @cuda.jit
     def kernel(p, g, s0, s1, s2, c):
@@ -591,14 +723,18 @@ def _optimizer_op(record):
     """The op of an optimizer record: one launch over ``p`` and its kept states."""
     names = record.states + ("",) * (SLOTS - len(record.states))
 
-    def run(p, g, states, scalars, flags):
+    def run(p, g, states, scalars, flags, data_lp=None):
         t = _checked_dtype(p.dtype).type
         pf = _flat(p, "p")
+        lowp = None if data_lp is None else _lowp_format(record.op, "data_lp", data_lp, p,
+                                                         g, *states)
         if pf.size:
             slots = states + (None,) * (SLOTS - len(states))
-            kernel = _optimizer_kernel(record.name, tuple(s is not None for s in slots), p.dtype)
+            kernel = _optimizer_kernel(record.name, tuple(s is not None for s in slots), p.dtype,
+                                       lowp)
+            copy = () if lowp is None else (data_lp.reshape(-1),)
             _launch(kernel, _blocks(pf.size, TPB), TPB, pf, _flat(g, "g"),
-                    *(pf if s is None else _flat(s, n) for s, n in zip(slots, names)),
+                    *(pf if s is None else _flat(s, n) for s, n in zip(slots, names)), *copy,
                     tuple(map(t, scalars)) + flags)
 
     return entry_point(record, run, f"reference.{record.op} with one thread per element, "

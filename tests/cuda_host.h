@@ -1,8 +1,9 @@
 // The CUDA C++ that backprop's CuPy kernels use, on the host: enough to run the kernel
 // sources of kernels/cupy_kernels.py on a CPU, unchanged but for their pointer declarations
 // (tests/cuda_host.py compiles them with this header and launches them on NumPy arrays).
-// It proves the kernels' logic and math (indexing, reductions, barriers, warp shuffles)
-// without a GPU; the GPU's own rounding of exp, tanh or erf is left to ci/gpu.sh.
+// It proves the kernels' logic and math (indexing, reductions, barriers, warp shuffles, the
+// bit-level conversions of the low-precision copies) without a GPU; the GPU's own rounding
+// of exp, tanh or erf is left to ci/gpu.sh.
 //
 // Execution: the blocks of a grid run one after another; the threads of a block are
 // coroutines (one stack each) run in turn by a scheduler until each exits or waits (in
@@ -249,6 +250,43 @@ V __shfl_xor_sync(unsigned mask, V value, int lane_mask) {
     std::memcpy(&result, &threads[partner].slot, sizeof result);
     wait(AT_SHUFFLE);
     return result;
+}
+
+// Conversions of the low-precision kernels (kernels/lowp.py), as CUDA defines them.
+inline unsigned int __float_as_uint(float x) {
+    unsigned int u;
+    std::memcpy(&u, &x, sizeof u);
+    return u;
+}
+
+struct __half {
+    unsigned short x;
+};
+
+inline unsigned short __half_as_ushort(__half h) { return h.x; }
+
+// float -> IEEE binary16, round to nearest, ties to even (cvt.rn.f16.f32): overflow to
+// ±inf, subnormal halves rounded, float32 subnormals to ±0; a NaN gives 0x7FFF (a GPU's
+// canonical half NaN: the tests ask only for a NaN).
+inline __half __float2half_rn(float f) {
+    const unsigned int u = __float_as_uint(f);
+    const unsigned short sign = (unsigned short)((u >> 16) & 0x8000u);
+    const unsigned int a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return {0x7FFF};
+    if (a >= 0x477FF000u) return {(unsigned short)(sign | 0x7C00u)};  // ≥ 65520: ±inf
+    if (a >= 0x38800000u) {  // a normal half (≥ 2^-14): drop 13 bits, rebias 127 -> 15
+        const unsigned int r = a + 0xFFFu + ((a >> 13) & 1u);
+        return {(unsigned short)(sign | ((r - (112u << 23)) >> 13))};
+    }
+    // a subnormal half: units of 2^-24; float = mant * 2^(e - 150), so mant >> (126 - e)
+    const unsigned int e = a >> 23;
+    if (e < 102) return {sign};  // below 2^-25 (a tie with 0 at 2^-25 itself: e = 102)
+    const unsigned int mant = (a & 0x7FFFFFu) | 0x800000u;
+    const unsigned int shift = 126 - e;  // 14 ... 24
+    const unsigned int q = mant >> shift, rest = mant & ((1u << shift) - 1);
+    const unsigned int tie = 1u << (shift - 1);
+    const unsigned int rounded = q + (rest > tie || (rest == tie && (q & 1u)));
+    return {(unsigned short)(sign | rounded)};  // 0x400 when it rounds up to 2^-14
 }
 
 extern "C" const char* cuda_host_error() { return cuda_host::error; }

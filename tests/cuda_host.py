@@ -3,8 +3,10 @@
 ``kernels/cupy_kernels.py`` declares every kernel as source text (:data:`ELEMENTWISE` specs
 and :data:`RAW_MODULES`). This module compiles all of it with the host C++ compiler and
 ``cuda_host.h`` (a block scheduler with coroutine threads, ``__syncthreads`` and warp
-shuffles, bounds-checked pointers; see its header comment), unchanged but for its pointer
-declarations (:func:`checked_pointers`), into one shared library, and gives launchers
+shuffles, bounds-checked pointers, the CUDA intrinsics the kernels call; see its header
+comment), unchanged but for its pointer declarations (:func:`checked_pointers`) and its
+``#include`` of CUDA headers (:func:`host_code`: ``cuda_host.h`` defines what they would),
+into one shared library, and gives launchers
 that run on NumPy arrays in place of ``cupy.RawKernel`` and ``cupy.ElementwiseKernel``.
 :func:`install` puts them under the backend's own op functions, so that the tests run the
 ops exactly as a GPU would be driven (launch geometry, two-stage reductions, workspaces) and
@@ -47,12 +49,13 @@ CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 # CuPy's type names in ElementwiseKernel parameters -> C++ and NumPy
 _CUPY_TYPES = {"int64": ("long long", np.int64), "int32": ("int", np.int32),
-               "uint32": ("unsigned int", np.uint32), "float64": ("double", np.float64),
-               "float32": ("float", np.float32)}
+               "uint32": ("unsigned int", np.uint32), "uint16": ("unsigned short", np.uint16),
+               "float64": ("double", np.float64), "float32": ("float", np.float32)}
 # C++ scalar types of raw-kernel parameters (T aside) -> NumPy and ctypes
 C_SCALARS = {"long long": (np.int64, ctypes.c_longlong), "int": (np.int32, ctypes.c_int),
-              "unsigned int": (np.uint32, ctypes.c_uint), "double": (np.float64, ctypes.c_double),
-              "float": (np.float32, ctypes.c_float)}
+              "unsigned int": (np.uint32, ctypes.c_uint),
+              "unsigned short": (np.uint16, ctypes.c_ushort),
+              "double": (np.float64, ctypes.c_double), "float": (np.float32, ctypes.c_float)}
 
 
 def kernel_signature(code: str, kernel: str) -> tuple[list[tuple[str, bool, str]], str]:
@@ -70,13 +73,24 @@ def kernel_signature(code: str, kernel: str) -> tuple[list[tuple[str, bool, str]
 
 
 _POINTER = re.compile(
-    r"\b((?:const\s+)?(?:T|double|float|long long|unsigned int|int))\s*\*(?=\s*\w)")
+    r"\b((?:const\s+)?(?:T|double|float|long long|unsigned int|unsigned short|int))"
+    r"\s*\*(?=\s*\w)")
+# CUDA headers a kernel source includes; cuda_host.h defines what the kernels use of them
+_CUDA_INCLUDE = re.compile(r"^[ \t]*#include\s*<cuda_fp16\.h>[ \t]*$", re.M)
 
 
 def checked_pointers(code: str) -> str:
-    """``code`` with every pointer declaration ``[const] X* name`` (parameters and locals)
-    turned into ``bp_ptr<[const] X> name``, which checks each index (cuda_host.h)."""
+    """``code`` with every pointer declaration ``[const] X* name`` (parameters, locals and
+    struct members) turned into ``bp_ptr<[const] X> name``, which checks each index
+    (cuda_host.h)."""
     return _POINTER.sub(lambda m: f"bp_ptr<{m.group(1)}> ", code)
+
+
+def host_code(code: str) -> str:
+    """``code`` without its ``#include <cuda_fp16.h>``: the host has no CUDA headers, and
+    cuda_host.h defines the intrinsics the kernels take from them (``__float2half_rn``,
+    ``__half_as_ushort``)."""
+    return _CUDA_INCLUDE.sub("// (cuda_fp16.h: cuda_host.h)", code)
 
 
 def elementwise_params(params: str) -> list[tuple[bool, str, str]]:
@@ -107,7 +121,7 @@ _LAUNCHER = ('extern "C" int {symbol}({params}) {{\n    using T = {ctype};\n'
 
 
 def _raw_module_source(spec) -> str:
-    lines = [f"namespace {spec.name} {{", checked_pointers(spec.code), "}"]
+    lines = [f"namespace {spec.name} {{", checked_pointers(host_code(spec.code)), "}"]
     for kernel in spec.kernels:
         params, _ = kernel_signature(spec.code, kernel)
         args = ", ".join(_unpack(k, *param) for k, param in enumerate(params))
@@ -135,7 +149,7 @@ def _elementwise_source(spec) -> str:
                          else f"{ctype}& {name} = {name}_[i];")
     args = ", ".join(_unpack(k, _cxx_type(t), name not in spec.scalars, name)
                      for k, (_, t, name) in enumerate(params))
-    lines = [f"namespace {spec.name} {{", spec.preamble,
+    lines = [f"namespace {spec.name} {{", host_code(spec.preamble),
              "template <typename T>",
              f"void run(const long long n, {', '.join(decls)}) {{",
              "    for (long long i = 0; i < n; ++i) {",
