@@ -17,10 +17,14 @@
 #   torch       benchmarks/torch_compare.py on CUDA, when PyTorch imports (else skipped)
 #   bench-cpu   the CPU benchmarks of the same run (fused kernels, copy, steps, floors)
 #   report      benchmarks/report.py: report.md (and report.png with matplotlib)
+#   lowp-bench  benchmarks/gpu_lowp_gemm.py: bf16 and fp16 cuBLAS products (backprop.cuda_lowp)
+#               against float32 cupy.matmul at the four MLPs' shapes -> gpu_lowp_gemm.md
 #   kernels     the kernel harness on the GPU backends (cupy, numba_cuda vs the reference)
 #               and the compile tests
 #   cuda-cupy   the test suite on CUDA with BACKPROP_KERNELS=cupy   (CUDA-device tests)
 #   cuda-numba  the test suite on CUDA with BACKPROP_KERNELS=numba  (CUDA-device tests)
+#   lowp        tests/test_cuda_lowp.py on CUDA, once (left out of cuda-cupy and cuda-numba:
+#               backprop.cuda_lowp calls cuBLAS directly, whatever kernel backend is chosen)
 #   nccl        ci/nccl_smoke.py: a CuPy array reduced through NCCL on a one-rank group
 #   nccl-ranks  the same script under mpiexec, one rank per GPU (2+ GPUs and mpi4py only)
 #   cpu         the test suite on the CPU once, numba_cpu kernel harness included, beside
@@ -33,7 +37,7 @@
 #
 # Results: benchmarks/results/<gpu-name-slug>-<date>/{summary.md, summary.json, env.json,
 # machine.json, benchmark-{cuda,cpu}.json, pytest-{cuda,cpu}.txt, torch.json, report.md,
-# report.png, logs.tar.gz},
+# report.png, gpu_lowp_gemm.md, logs.tar.gz},
 # also copied to $OUT/<same name>/ when OUT is set. Exits non-zero when any step failed, after
 # writing the summary. The whole run is kept inside BACKPROP_CI_BUDGET_S seconds (default 570);
 # each step has a cap, and later steps get what is left.
@@ -253,6 +257,14 @@ else
   say "bench: benchmarks/ has no test_*.py: nothing to time"
   record bench-cuda 0 0 "absent: benchmarks/ has no test_*.py"
 fi
+# low-precision products through cuBLAS against float32, while the machine is otherwise idle
+# (the CPU test suite starts after it): its per-call overheads are host timings
+if [[ -f benchmarks/gpu_lowp_gemm.py ]]; then
+  BACKPROP_DEVICE=cuda run_step lowp-bench 60 "${PYRUN[@]}" benchmarks/gpu_lowp_gemm.py \
+    --out "$RESULTS/gpu_lowp_gemm.md"
+else
+  record lowp-bench 0 0 "absent: no benchmarks/gpu_lowp_gemm.py"
+fi
 
 # --------------------------------------------------------------------------------------
 # tests: the cpu suite in the background (4 Numba threads), while the GPU steps run
@@ -270,9 +282,12 @@ run_step kernels 150 "${PYTEST[@]}" tests -m kernel_harness "${XDIST[@]}" -k "no
 for choice in cupy numba; do
   BACKPROP_DEVICE=cuda BACKPROP_KERNELS=$choice BP_CI_DEVICE=cuda \
     run_step "cuda-$choice" 120 "${PYTEST[@]}" tests "${XDIST[@]}" -m "not kernel_harness" \
-      --backend default \
+      --backend default --ignore=tests/test_cuda_lowp.py \
       -p bp_ci_device_filter --junitxml="$LOGS/cuda-$choice.xml"
 done
+# backprop.cuda_lowp: its GPU tests (the `device` fixture with "cuda" only) and its host half
+BACKPROP_DEVICE=cuda run_step lowp 90 "${PYTEST[@]}" tests/test_cuda_lowp.py "${XDIST[@]}" \
+  --junitxml="$LOGS/lowp.xml"
 # NCCL through CuPy (backprop.distributed): one rank always; N ranks, one GPU each, when the
 # machine has several GPUs and mpiexec exists (mpi4py is optional on the GPU machine)
 BACKPROP_DEVICE=cuda run_step nccl 60 "${PYRUN[@]}" ci/nccl_smoke.py
@@ -294,8 +309,8 @@ tar -czf "$RESULTS/logs.tar.gz" -C "$WORK" logs 2>/dev/null
 import json, os, sys, xml.etree.ElementTree as ET
 
 status_dir, logs, results, run_name, total = sys.argv[1:6]
-order = ["env", "install", "warm-cpu", "bench-cuda", "torch", "bench-cpu", "report", "kernels",
-         "cuda-cupy", "cuda-numba", "nccl", "nccl-ranks", "cpu"]
+order = ["env", "install", "warm-cpu", "bench-cuda", "torch", "bench-cpu", "report",
+         "lowp-bench", "kernels", "cuda-cupy", "cuda-numba", "lowp", "nccl", "nccl-ranks", "cpu"]
 info = {}
 if os.path.exists(os.path.join(results, "env.json")):
     info = json.load(open(os.path.join(results, "env.json")))
@@ -369,6 +384,9 @@ if bench and "error" not in bench[0]:
                      f"| {b['stddev_s'] * 1e6:.1f} µs | {b['rounds']} |")
 elif bench:
     lines += ["", bench[0]["error"]]
+if os.path.exists(os.path.join(results, "gpu_lowp_gemm.md")):
+    lines += ["", "Low-precision (bf16, fp16) cuBLAS products against float32: "
+              "gpu_lowp_gemm.md."]
 lines += ["", "Logs and junit XML of every step: logs.tar.gz."]
 open(os.path.join(results, "summary.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
