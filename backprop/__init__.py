@@ -34,10 +34,12 @@ from backprop.gradient_health import GradientHealthWarning, GradientMonitor
 from backprop.init import manual_seed
 from backprop.io import CheckpointError, load, load_checkpoint, save
 from backprop.layers import BatchNorm1d, Dense, Dropout, Flatten, Layer, Residual, SyncBatchNorm
+from backprop.loss_scaling import GradScaler
 from backprop.losses import (BCELoss, BCEWithLogitsLoss, CategoricalCrossEntropyLoss,
                              CrossEntropyLoss, L1Loss, MSELoss, NLLLoss, SoftmaxCrossEntropyLoss)
 from backprop.model import Sequential
 from backprop.optim import SGD, Adagrad, Adam, AdamW, RMSprop
+from backprop.precision import PrecisionFallbackWarning, autocast
 from backprop.regularizers import L1, L2, L1L2
 from backprop.schedules import (CosineAnnealingLR, ExponentialLR, LinearWarmup, LRScheduler,
                                 ReduceLROnPlateau, StepLR)

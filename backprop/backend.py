@@ -354,8 +354,10 @@ def _import_dlpack(obj, who: str):
                         "float64 tensor first (tensor.float())") from None
 
 
-def device_info() -> dict:
-    """What runs where: device, dtype, kernel backend, CuPy/Numba status, fallback reason."""
+def device_info(mixed_precision: bool = True) -> dict:
+    """What runs where: device, dtype, kernel backend, CuPy/Numba status, fallback reason,
+    and (``mixed_precision=True``; it loads MKL, which takes a moment) what each mixed
+    precision does on the CPU and GPU here (:func:`backprop.precision.describe`)."""
     from backprop import kernels
 
     device = get_device()
@@ -375,6 +377,12 @@ def device_info() -> dict:
         "numba_cuda": _version_of("numba_cuda"),
         "numpy": np.__version__,
     }
+    if mixed_precision:
+        from backprop import precision
+
+        info["mixed_precision"] = {f"{name} on {where}": text
+                                   for name, row in precision.describe().items()
+                                   for where, text in row.items()}
     return info
 
 

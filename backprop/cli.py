@@ -399,7 +399,8 @@ def _setup_runtime(args) -> tuple[str, str]:
         kernels = K.backend_name(device.kind)  # raises now if the choice cannot run here
     except K.KernelBackendError as exc:
         raise CLIError(f"{exc} (on the command line: --device, --kernels)") from None
-    return f"device {device}, kernels {kernels}", bp.device_info()["fallback_reason"]
+    return f"device {device}, kernels {kernels}", \
+        bp.device_info(mixed_precision=False)["fallback_reason"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -660,6 +661,10 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="seed of the split, weights and shuffling")
     p.add_argument("--dtype", default=None, choices=("float32", "float64"),
                    help="float type (default: BACKPROP_DTYPE, else float32)")
+    p.add_argument("--precision", default=None, choices=("float32", "bf16-mixed", "fp16-mixed"),
+                   help="bf16-mixed or fp16-mixed: float32 weights, bfloat16/float16 matrix "
+                        "products where they pay (falls back to float32 with a warning where "
+                        "the hardware lacks them); default: BACKPROP_PRECISION, else float32")
     p.add_argument("--out", default="runs/latest", help="output folder (default runs/latest)")
     p.add_argument("--no-plot", action="store_true", help="do not write curves.png")
     p.add_argument("--verbose", type=int, default=1, choices=(0, 1, 2))
@@ -870,6 +875,9 @@ def _check_model_options(parser, args) -> str:
                 + schedules[-1]
             parser.error(f"argument {flag}: applies to --schedule {which} only, not --schedule "
                          f"{args.schedule}")
+    if args.precision in ("bf16-mixed", "fp16-mixed") and args.dtype == "float64":
+        parser.error(f"argument --precision: {args.precision} keeps float32 master weights; "
+                     "it cannot be combined with --dtype float64")
     if args.min_lr is not None and args.min_lr >= args.lr:
         parser.error(f"argument --min-lr: {args.min_lr:g} is not below --lr {args.lr:g}; give "
                      "a smaller --min-lr (the lr the schedule decays towards)")
@@ -978,7 +986,8 @@ def _train_and_save(args, argv, ds, parts, runtime, fallback, t0) -> int:
                                validation_data=validation, metrics=metrics, callbacks=cbs,
                                seed=args.seed, verbose=args.verbose,
                                clip_grad_norm=args.clip_grad_norm,
-                               clip_grad_value=args.clip_grad_value, scheduler=scheduler)
+                               clip_grad_value=args.clip_grad_value, scheduler=scheduler,
+                               precision=args.precision)
     if _options["quiet"]:  # a rank other than 0: rank 0 evaluates, writes and reports
         return 0
     results = _test_metrics(model, Xte, yte, classify, yscale, loss=loss) if len(Xte) else {}
@@ -986,7 +995,8 @@ def _train_and_save(args, argv, ds, parts, runtime, fallback, t0) -> int:
              "target": ds["target"], "mean": scaler.mean, "std": scaler.std,
              "data": {"name": ds["name"], "split": args.split, "seed": args.seed,
                       "encoding": args.encoding},
-             "test": results, "command": ["train", *argv], "options": options}
+             "test": results, "command": ["train", *argv], "options": options,
+             "precision": history.params.get("precision")}
     if yscale is not None:
         extra.update({"y_mean": yscale.mean, "y_std": yscale.std})
     io.save(model, os.path.join(args.out, "model.npz"), optimizer=optimizer,
@@ -1007,6 +1017,8 @@ def _train_and_save(args, argv, ds, parts, runtime, fallback, t0) -> int:
 
     ranks = distributed.world_size()
     where = f"{runtime}, {ranks} MPI processes" if ranks > 1 else runtime
+    if history.params.get("precision") in ("bf16-mixed", "fp16-mixed"):
+        where += f", {history.params['precision']}"
     print(f"ran on {where}; {len(history)} epochs in {elapsed:.1f} s")
     print(f"saved {args.out}/model.npz, history.json, history.csv"
           + (f", {os.path.basename(plot)}" if plot else "")
@@ -1703,5 +1715,19 @@ def _runtime_report() -> dict:
         "cuda_available": status["available"], "cuda_reason": status["reason"],
         "cuda_devices": status["names"], "numba": backend._version_of("numba"),
         "numba_cuda": backend._version_of("numba_cuda"), "numpy": np.__version__,
-        "kernel_backends": backends, "problems": problems,
+        "kernel_backends": backends, "mixed_precision": _mixed_precision_report(problems),
+        "problems": problems,
     }
+
+
+def _mixed_precision_report(problems) -> dict:
+    """What bf16-mixed and fp16-mixed do on this CPU and GPU (backprop.precision)."""
+    try:
+        from backprop import precision
+
+        return {f"{name} on {where}": text for name, row in precision.describe().items()
+                for where, text in row.items()}
+    except Exception as exc:  # a broken MKL or CuPy must not hide the rest of the report
+        problems.append(f"the mixed-precision probe failed: {type(exc).__name__}: "
+                        f"{_one_line(exc)}")
+        return {}

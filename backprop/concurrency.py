@@ -71,16 +71,17 @@ class WithPerThread:
     starts with an empty context of its own (a ``threading.local`` can be neither pickled
     nor shared by copies)."""
 
-    def _buffer(self, name: str, shape, like):
-        """A reusable array ``name`` of ``shape`` (dtype and device of ``like``), this
-        thread's own; the oldest is dropped beyond ``_BUFFERS_KEPT``."""
+    def _buffer(self, name: str, shape, like, dtype=None):
+        """A reusable array ``name`` of ``shape`` (device of ``like``; dtype ``dtype``, or
+        ``like``'s), this thread's own; the oldest is dropped beyond ``_BUFFERS_KEPT``."""
         cache = self._ctx.buffers
-        key = (name, tuple(shape), like.dtype)
+        dtype = like.dtype if dtype is None else dtype
+        key = (name, tuple(shape), dtype)
         buf = cache.get(key)
         if buf is None:
             if len(cache) >= _BUFFERS_KEPT:
                 cache.pop(next(iter(cache)))
-            buf = cache[key] = get_array_module(like).empty(shape, dtype=like.dtype)
+            buf = cache[key] = get_array_module(like).empty(shape, dtype=dtype)
         return buf
 
     def __getstate__(self):
@@ -98,6 +99,7 @@ class _Mode(threading.local):
 
     eval = False          # inside inference_mode(): layers behave as in eval()
     targets_valid = False  # inside targets_validated(): skip per-call target checks
+    autocast = None       # inside autocast(): the PrecisionRequest (backprop.precision)
 
 
 _MODE = _Mode()

@@ -514,7 +514,7 @@ class GradientMonitor(Callback):
         d2 = delta if delta.ndim == 2 else delta.reshape(delta.shape[0], -1)
         dead = sat = None
         if entry.dead or entry.saturating:
-            _, z, a = entry.layer._ctx.saved
+            z, a = entry.layer._ctx.saved[1:3]
             n, m = d2.shape
             if entry.ones is None or type(entry.ones) is not type(d2) or \
                     entry.ones.shape[0] < n or entry.ones.shape[1] != m or \

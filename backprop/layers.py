@@ -216,6 +216,8 @@ class Layer(WithPerThread):
                 raise ValueError(f"state_dict[{name!r}] has shape {tuple(np.shape(value))}, "
                                  f"but the layer's array has shape {tuple(arr.shape)}")
             arr[...] = get_array_module(arr).asarray(value)
+        for _, p in self.named_parameters():
+            p.mark_changed()
 
     def config(self) -> dict:
         raise NotImplementedError(
@@ -372,6 +374,11 @@ class Dense(Layer):
         self.b = Parameter(asarray(np.zeros(self.out_features), dtype=dtype), "b") if bias else None
 
     def forward(self, x):
+        request = _MODE.autocast
+        if request is not None:  # mixed precision (backprop.precision)
+            policy = self._lowp_policy(request)
+            if policy is not None:
+                return self.forward_lowp(x, None, policy, request, False)[0]
         W, act = self.W.data, self.activation.kernel
         check_input(x, self, self.in_features, W)
         z = self._buffer("z", (x.shape[0], self.out_features), W)
@@ -399,7 +406,10 @@ class Dense(Layer):
     def backward(self, grad, need_input_grad=True, from_logits=False):
         """``from_logits=True``: ``grad`` is already ``∂L/∂Z`` (a loss paired with the
         softmax output computed it from the logits), so σ' is skipped."""
-        x, z, a = self._ctx.saved
+        saved = self._ctx.saved
+        if len(saved) == 4:  # the forward pass ran in mixed precision
+            return self._backward_lowp(saved, grad, need_input_grad, from_logits)
+        x, z, a = saved
         W = self.W.data
         xp, act = get_array_module(W), self.activation.kernel
         if from_logits:
@@ -422,6 +432,118 @@ class Dense(Layer):
         if not need_input_grad:
             return None
         return xp.matmul(delta, W, out=self._buffer("dx", x.shape, W))
+
+    # -- mixed precision (backprop.precision) ------------------------------------------
+    def _lowp_policy(self, request):
+        """The Policy of ``request`` for this layer's weights, or None (float32 here)."""
+        W = self.W.data
+        return request.policy(W) if W.dtype == np.float32 else None
+
+    def takes_lowp_input(self, rows: int, policy) -> bool:
+        """True when a mixed-precision forward pass of ``rows`` rows reads the input's
+        low-precision copy (its forward product or its ``∂W`` runs in low precision): the
+        layer before then writes that copy in its epilogue."""
+        out_f, in_f = self.W.data.shape
+        return policy.lowp(rows, out_f, in_f) or policy.lowp(out_f, in_f, rows)
+
+    def forward_lowp(self, x, x_lp, policy, request, emit: bool):
+        """The forward pass in mixed precision: returns ``(A, A_lp)``.
+
+        ``x_lp`` is ``x``'s low-precision copy when the layer before wrote it (else None:
+        converted here when needed). Each of the three products runs in low precision where
+        ``policy.lowp(m, n, k)`` says it pays (the others read the float32 tensors, which
+        always exist). ``emit``: also write ``A_lp`` (the next Dense layer reads it) in the
+        epilogue's pass; None otherwise."""
+        W, act = self.W.data, self.activation.kernel
+        check_input(x, self, self.in_features, W)
+        n = x.shape[0]
+        out_f, in_f = W.shape
+        fwd = policy.lowp(n, out_f, in_f)
+        dw = policy.lowp(out_f, in_f, n)
+        dx = policy.lowp(n, in_f, out_f)
+        lp = policy.lp_dtype
+        if (fwd or dw) and x_lp is None:
+            x_lp = policy.convert(x, self._buffer("x_lp", x.shape, W, lp))
+        z = self._buffer("z", (n, out_f), W)
+        if fwd:
+            from backprop.precision import lowp_copy
+
+            self._product("fwd", policy, x_lp, lowp_copy(self.W, policy, request), z,
+                          False, True, 0.0)
+        else:
+            get_array_module(W).matmul(x, W.T, out=z)
+        b = None if self.b is None else self.b.data
+        a_lp = self._buffer("a_lp", z.shape, W, lp) if emit else None
+        if act == "softmax":
+            a = K.softmax_forward(K.bias_act_forward(z, b, z, "identity", 0.0),
+                                  self._buffer("a", z.shape, W))
+            if a_lp is not None:
+                policy.convert(a, a_lp)
+        elif act not in K.ACTIVATIONS:
+            a = self.activation.forward(K.bias_act_forward(z, b, z, "identity", 0.0))
+            if a_lp is not None:
+                policy.convert(a, a_lp)
+        else:
+            a = self._buffer("a", z.shape, W) if act in K.NEEDS_Z else z
+            K.bias_act_forward(z, b, a, act, self.activation.alpha, out_lp=a_lp)
+        self._ctx.saved = x, z, a, (x_lp if dw else None, dw, dx, policy, request)
+        return a, a_lp
+
+    def _product(self, name, policy, a, b, out, trans_a, trans_b, beta) -> None:
+        """``out = op(a)·op(b) + beta·out`` in low precision, through a plan kept per
+        thread for these arrays (checked once; rebuilt when any array is a new one)."""
+        ctx = self._ctx
+        plans = getattr(ctx, "_lp_plans", None)
+        if plans is None:
+            plans = ctx._lp_plans = {}
+        key = (name, out.shape, beta)
+        entry = plans.get(key)
+        if entry is None or entry[1] is not a or entry[2] is not b or entry[3] is not out \
+                or entry[4] is not policy:
+            if len(plans) >= 12:
+                plans.clear()
+            entry = plans[key] = (policy.plan(a, b, out, trans_a, trans_b, beta), a, b, out,
+                                  policy)
+        entry[0]()
+
+    def _backward_lowp(self, saved, grad, need_input_grad, from_logits):
+        x, z, a, (x_lp, dw, dx, policy, request) = saved
+        W = self.W.data
+        xp, act = get_array_module(W), self.activation.kernel
+        if from_logits:
+            act = "identity"
+        elif act == "softmax":
+            act = "identity"
+            K.softmax_backward(grad, a, grad)
+        elif act not in K.ACTIVATIONS:
+            act = "identity"
+            grad = self.activation.backward(grad)
+        dx = dx and need_input_grad
+        delta_lp = self._buffer("delta_lp", grad.shape, W, policy.lp_dtype) \
+            if dw or dx else None
+        db, accumulate_b = (None, False) if self.b is None else self.b.grad_for_write()
+        delta = K.bias_act_backward(grad, a, z, act, self.activation.alpha, grad, db,
+                                    accumulate_b, delta_lp=delta_lp)
+        if self.backward_observer is not None:
+            self.backward_observer(self, delta)
+        dW, accumulate_w = self.W.grad_for_write()
+        if dw:
+            self._product("dW", policy, delta_lp, x_lp, dW, True, False,
+                          1.0 if accumulate_w else 0.0)
+        elif accumulate_w:
+            dW += xp.matmul(delta.T, x, out=self._buffer("dW", W.shape, W))
+        else:
+            xp.matmul(delta.T, x, out=dW)
+        if not need_input_grad:
+            return None
+        dx_out = self._buffer("dx", x.shape, W)
+        if dx:
+            from backprop.precision import lowp_copy
+
+            self._product("dX", policy, delta_lp, lowp_copy(self.W, policy, request), dx_out,
+                          False, False, 0.0)
+            return dx_out
+        return xp.matmul(delta, W, out=dx_out)
 
     def output_shape(self, input_shape):
         return (input_shape[0], self.out_features)

@@ -11,7 +11,7 @@ import numpy as np
 
 from backprop import blas
 from backprop.concurrency import _MODE
-from backprop.layers import Layer, check_input, from_config
+from backprop.layers import Dense, Layer, check_input, from_config
 
 __all__ = ["Sequential"]
 
@@ -121,10 +121,33 @@ class Sequential(Layer):
             check_input(x, "the model", self._expected_features, self._first_param.data)
         cap = self._blas_cap(x)
         try:
-            for layer in self.layers:
-                x = layer.forward(x)
+            request = _MODE.autocast
+            if request is None:
+                for layer in self.layers:
+                    x = layer.forward(x)
+            else:
+                x = self._forward_lowp(x, request)
         finally:
             blas.release(cap)
+        return x
+
+    def _forward_lowp(self, x, request):
+        """``forward`` in mixed precision (:mod:`backprop.precision`): a Dense layer
+        followed by a Dense layer that reads its input in low precision writes that copy in
+        its epilogue and hands it over, so the conversion costs no pass of its own."""
+        layers = self.layers
+        last = len(layers) - 1
+        rows = x.shape[0] if getattr(x, "ndim", 0) else 0
+        x_lp = None
+        for i, layer in enumerate(layers):
+            policy = layer._lowp_policy(request) if isinstance(layer, Dense) else None
+            if policy is None:
+                x, x_lp = layer.forward(x), None
+                continue
+            after = layers[i + 1] if i < last else None
+            emit = isinstance(after, Dense) and after._lowp_policy(request) is policy and \
+                after.takes_lowp_input(rows, policy)
+            x, x_lp = layer.forward_lowp(x, x_lp, policy, request, emit)
         return x
 
     def __call__(self, x):

@@ -33,7 +33,7 @@ import numpy as np
 from backprop import checks
 from backprop import kernels as K
 from backprop.backend import asarray, get_array_module, to_numpy
-from backprop.concurrency import ConcurrentTrainingError
+from backprop.concurrency import _MODE, ConcurrentTrainingError
 from backprop.parameter import Parameter, flatten
 
 __all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "parameter_list"]
@@ -106,7 +106,7 @@ def _assign(dst, src) -> None:
 class _Group:
     """Parameters of one device and dtype, re-homed into flat buffers, with flat state."""
 
-    __slots__ = ("params", "data", "grad", "data_views", "grad_views", "state")
+    __slots__ = ("params", "data", "grad", "data_views", "grad_views", "state", "lp", "lp_kw")
 
     def __init__(self, params: list[Parameter], state_init: dict[str, float]):
         self.params = params
@@ -114,6 +114,20 @@ class _Group:
         self.data_views = [p.data for p in params]
         self.grad_views = [p.grad for p in params]
         self.reset_state(state_init)
+        self.lp = None  # flat low-precision copy of data (mixed precision), when in use
+        self.lp_kw = {}  # {"data_lp": lp} while the update writes it, else {}
+
+    def bind_lowp(self, dtype):
+        """The flat low-precision copy of ``data`` in ``dtype`` (allocated on first use),
+        each parameter's ``_lp`` a view of it, as its ``data`` is of ``data``."""
+        lp = self.lp
+        if lp is None or lp.dtype != dtype:
+            lp = self.lp = get_array_module(self.data).empty(self.data.shape, dtype=dtype)
+            offset = 0
+            for p, data in zip(self.params, self.data_views):
+                p._lp, p._lp_for = lp[offset:offset + data.size].reshape(data.shape), None
+                offset += data.size
+        return lp
 
     def reset_state(self, state_init: dict[str, float]) -> None:
         xp = get_array_module(self.data)
@@ -155,6 +169,17 @@ class Optimizer:
     """
 
     _trainer = None  # the thread whose fit() steps this optimizer (backprop.concurrency)
+    #: True for the built-in optimizers, whose ``_update`` passes ``**group.lp_kw`` to its
+    #: kernel (mixed precision: the low-precision weight copy written in the same pass);
+    #: a subclass with an ``_update`` of its own leaves it False, and the copies are cast
+    #: again after its steps.
+    _writes_lowp = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # a subclass's own update may not write the low-precision copies, unless it says so
+        if "_update" in cls.__dict__ and "_writes_lowp" not in cls.__dict__:
+            cls._writes_lowp = False
 
     def __init__(self, params, **defaults):
         self.params = parameter_list(params)
@@ -202,8 +227,22 @@ class Optimizer:
         self._ensure_in_place()
         self.step_count += 1
         lr = self.hyper["lr"]
+        request = _MODE.autocast
         for group in self._groups:
-            self._update(group, lr, self.step_count)
+            policy = None
+            if request is not None and self._writes_lowp and group.data.dtype == np.float32:
+                policy = request.policy(group.data)
+            if policy is None:
+                group.lp_kw = {}
+                self._update(group, lr, self.step_count)
+                for p in group.params:  # written without their low-precision copies
+                    p._lp_for = None
+            else:  # the update also writes the weights' low-precision copy, same pass
+                group.lp_kw = {"data_lp": group.bind_lowp(policy.lp_dtype)}
+                self._update(group, lr, self.step_count)
+                generation = request.generation
+                for p in group.params:
+                    p._lp_for = (p.data, generation)
         return loss
 
     def _ensure_in_place(self) -> None:
@@ -348,6 +387,8 @@ class SGD(Optimizer):
         θ = θ − lr · d
     """
 
+    _writes_lowp = True
+
     def __init__(self, params, lr, momentum=0.0, dampening=0.0, nesterov=False,
                  weight_decay=0.0):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
@@ -372,7 +413,8 @@ class SGD(Optimizer):
     def _update(self, group, lr, step):
         h = self.hyper
         K.sgd_step(group.data, group.grad, group.state.get("momentum_buffer"), lr,
-                   h["momentum"], h["dampening"], h["nesterov"], h["weight_decay"], step == 1)
+                   h["momentum"], h["dampening"], h["nesterov"], h["weight_decay"], step == 1,
+                   **group.lp_kw)
 
 
 class RMSprop(Optimizer):
@@ -384,6 +426,8 @@ class RMSprop(Optimizer):
         a = sqrt(v) + eps                      (eps outside the square root)
         b = μ b + d / a ;  θ = θ − lr · b      (momentum μ > 0)   or   θ = θ − lr · d / a
     """
+
+    _writes_lowp = True
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False):
@@ -411,7 +455,7 @@ class RMSprop(Optimizer):
         h, s = self.hyper, group.state
         K.rmsprop_step(group.data, group.grad, s["square_avg"], s.get("momentum_buffer"),
                        s.get("grad_avg"), lr, h["alpha"], h["eps"], h["weight_decay"],
-                       h["momentum"], h["centered"])
+                       h["momentum"], h["centered"], **group.lp_kw)
 
 
 class Adam(Optimizer):
@@ -426,6 +470,7 @@ class Adam(Optimizer):
     """
 
     _decoupled = False
+    _writes_lowp = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False):
@@ -454,7 +499,7 @@ class Adam(Optimizer):
         beta1, beta2 = h["betas"]
         K.adam_step(group.data, group.grad, s["exp_avg"], s["exp_avg_sq"],
                     s.get("max_exp_avg_sq"), lr, beta1, beta2, h["eps"], h["weight_decay"],
-                    self._decoupled, step)
+                    self._decoupled, step, **group.lp_kw)
 
 
 class AdamW(Adam):
@@ -479,6 +524,8 @@ class Adagrad(Optimizer):
         θ = θ − lr / (1 + (t − 1) η) · d / (sqrt(s) + eps)      (lr_decay η)
     """
 
+    _writes_lowp = True
+
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
                  initial_accumulator_value=0.0):
         super().__init__(params, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
@@ -499,4 +546,4 @@ class Adagrad(Optimizer):
     def _update(self, group, lr, step):
         h = self.hyper
         K.adagrad_step(group.data, group.grad, group.state["sum"], lr, h["lr_decay"], h["eps"],
-                       h["weight_decay"], step)
+                       h["weight_decay"], step, **group.lp_kw)

@@ -17,7 +17,7 @@ from backprop.backend import get_array_module
 class Parameter:
     """A trainable tensor: ``data``, ``grad`` (same shape and dtype) and ``name``."""
 
-    __slots__ = ("data", "_grad", "_stale", "name", "_trainer")
+    __slots__ = ("data", "_grad", "_stale", "name", "_trainer", "_lp", "_lp_for")
 
     def __init__(self, data, name: str = ""):
         self.data = data
@@ -25,6 +25,10 @@ class Parameter:
         self._stale = True
         self.name = name
         self._trainer = None  # the thread whose fit() trains it (backprop.concurrency)
+        # mixed precision (backprop.precision): the low-precision copy of ``data`` and
+        # ``(data, generation)`` it was made from (None: stale); derived, never saved
+        self._lp = None
+        self._lp_for = None
 
     def __getstate__(self):
         return {"data": self.data, "_grad": self._grad, "_stale": self._stale,
@@ -34,6 +38,13 @@ class Parameter:
         for k, v in state.items():
             setattr(self, k, v)
         self._trainer = None
+        self._lp = self._lp_for = None
+
+    def mark_changed(self) -> None:
+        """Say that ``data`` was written in place outside the optimizer (as
+        ``load_state_dict`` does): its low-precision copy (mixed precision) is cast again
+        at its next use."""
+        self._lp_for = None
 
     @property
     def shape(self):

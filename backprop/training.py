@@ -50,7 +50,10 @@ import numpy as np
 
 from backprop import blas, checks
 from backprop.clip import clip_grad_norm, clip_grad_value
+from backprop.loss_scaling import GradScaler
 from backprop.losses import paired_output
+from backprop.precision import PrecisionRequest, autocast
+from backprop.precision import resolve as resolve_precision
 from backprop import data as bpdata
 from backprop import metrics as bpmetrics
 from backprop.backend import get_array_module, get_device, use_device
@@ -272,7 +275,8 @@ def fit(model, X, y=None, *, loss, optimizer="adam", lr=None, epochs: int = 1, b
         shuffle: bool = True, validation_data=None, validation_split: float = 0.0,
         metrics="auto", callbacks=None, seed: int | None = None, verbose: int = 1,
         initial_epoch: int = 0, scheduler=None, drop_last: bool = False,
-        clip_grad_norm: float | None = None, clip_grad_value: float | None = None) -> History:
+        clip_grad_norm: float | None = None, clip_grad_value: float | None = None,
+        precision: str | None = None) -> History:
     """Train ``model`` on ``(X, y)`` for epochs ``initial_epoch .. epochs-1``.
 
     ``X`` is an array (``y`` its targets) or a data source that does not need to fit in
@@ -310,6 +314,14 @@ def fit(model, X, y=None, *, loss, optimizer="adam", lr=None, epochs: int = 1, b
       L2 norm is at most ``clip_grad_norm`` (:mod:`backprop.clip`, PyTorch's
       ``clip_grad_value_``/``clip_grad_norm_``). With ``clip_grad_norm`` each step's norm
       before clipping is in the batch logs as ``grad_norm``.
+    - ``precision``: ``"float32"`` (the model's own dtype throughout), ``"bf16-mixed"`` or
+      ``"fp16-mixed"`` (float32 master weights, low-precision matrix products where they
+      pay: :mod:`backprop.precision`), or a :class:`~backprop.precision.PrecisionRequest`
+      (its thresholds, emulation); None reads ``$BACKPROP_PRECISION`` (default
+      float32). A mixed precision that cannot run fast here warns once and trains in
+      float32; ``history.params["precision"]`` says what ran. ``fp16-mixed`` scales the loss
+      dynamically (:class:`backprop.loss_scaling.GradScaler`: a step whose gradients
+      overflow is skipped, and ``loss_scale`` is in the batch and epoch logs).
 
     Returns a :class:`~backprop.callbacks.History`. Raises :class:`backprop.data.DataError`
     for unusable data before any step, and :class:`NonFiniteLossError` when the loss turns
@@ -377,6 +389,7 @@ def fit(model, X, y=None, *, loss, optimizer="adam", lr=None, epochs: int = 1, b
             X, y = X[:n_all - n_val], y[:n_all - n_val]
         if seed is None:
             seed = int(np.random.default_rng().integers(2**63))
+        request = _precision_request(model, precision)
 
         device, _ = _placement(model)
         # on the CPU, no more BLAS threads than the model's matrix products pay for (blas.py)
@@ -405,11 +418,30 @@ def fit(model, X, y=None, *, loss, optimizer="adam", lr=None, epochs: int = 1, b
                 optimizer = make_optimizer(optimizer, params, lr=lr)
                 trainer = _Trainer(model, loss, optimizer, metric_objs, val_metrics, Xd, yd,
                                    val, batch_size, shuffle, drop_last, seed, setup.group,
-                                   source=source, kind=kind, clip=clip)
+                                   source=source, kind=kind, clip=clip, precision=request)
                 if fitted_names is None and names is not None:  # every check passed
                     model.feature_names_in_ = list(names)
-                with setup.training():
+                with setup.training(), autocast(request, enabled=request is not None):
                     return trainer.run(epochs, initial_epoch, callbacks, scheduler, verbose)
+
+
+def _precision_request(model, precision):
+    """The :class:`~backprop.precision.PrecisionRequest` ``fit`` trains under, or None for
+    the model's own dtype (also where a mixed precision falls back to float32 here)."""
+    name = resolve_precision(precision)  # also checks a PrecisionRequest's name
+    if name == "float32":
+        return None
+    params = model.parameters()
+    if not params:
+        return None
+    dtype = params[0].data.dtype
+    if dtype != np.float32:
+        raise ValueError(f"precision={name!r} needs a float32 model (float32 master weights, "
+                         f"low-precision products); this model's parameters are {dtype}: "
+                         "build it with dtype='float32' (or BACKPROP_DTYPE=float32), or train "
+                         "with precision='float32'")
+    request = precision if isinstance(precision, PrecisionRequest) else PrecisionRequest(name)
+    return request if request.policy(params[0].data) is not None else None
 
 
 class _DistributedSetup:
@@ -524,7 +556,7 @@ class _Trainer:
 
     def __init__(self, model, loss, optimizer, metrics, val_metrics, X, y, val, batch_size,
                  shuffle, drop_last, seed, group=None, source=None, kind="any",
-                 clip=(None, None)):
+                 clip=(None, None), precision=None):
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.metrics, self.val_metrics = metrics, val_metrics
         self.X, self.y, self.source, self.kind = X, y, source, kind
@@ -532,6 +564,9 @@ class _Trainer:
         self.batch_size = B = batch_size if self.n is None else min(batch_size, self.n)
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.clip_value, self.clip_norm = clip
+        self.precision = precision  # a PrecisionRequest, or None (the model's dtype)
+        self.scaler = GradScaler() if precision is not None and \
+            precision.name == "fp16-mixed" else None
         if self.n is None:
             self.steps = self.samples = None
         else:
@@ -679,7 +714,12 @@ class _Trainer:
         for r in self.regularizers:
             L = L + r.penalty(self.params)
         self.guard.watch(L)
-        model.backward(loss.backward(), need_input_grad=False, **self.from_logits)
+        delta = loss.backward()
+        if self.scaler is not None:
+            self.scaler.scale(delta)
+        model.backward(delta, need_input_grad=False, **self.from_logits)
+        if self.scaler is not None:  # before the regularizers add their (unscaled) part
+            self.scaler.unscale_(self.optimizer)
         for r in self.regularizers:
             r.add_grad(self.params)
         return self.guard.value(), L * rows
@@ -698,6 +738,8 @@ class _Trainer:
             delta = loss.backward()
             if n != rows:  # ∂(n/rows · L_r): this rank's part of the batch's mean loss
                 delta *= n / rows
+            if self.scaler is not None:
+                self.scaler.scale(delta)
             dp.backward_and_reduce(delta, self.paired is not None)
         else:  # no rows here: as if the forward pass ran, so that ranks stay in step
             for layer in self.dropouts:
@@ -706,6 +748,8 @@ class _Trainer:
             pending = dp.start_loss(0.0)
             dp.backward_and_reduce(None)
         value = dp.finish_loss(pending, rows)
+        if self.scaler is not None:  # the summed gradients: every rank finds the same
+            self.scaler.unscale_(self.optimizer)
         for r in self.regularizers:  # once, after the sum: they depend on θ alone
             value += float(r.penalty(self.params))
             r.add_grad(self.params)
@@ -756,7 +800,12 @@ class _Trainer:
                     "--clip-grad-norm on the command line), or check the inputs (add "
                     "callbacks.TerminateOnNaN() to stop cleanly instead of raising)")
             self._clip(batch_logs)
-            optimizer.step()
+            if self.scaler is None:
+                optimizer.step()
+            else:  # skipped when a gradient overflowed float16 (the scale then shrinks)
+                self.scaler.step(optimizer)
+                self.scaler.update()
+                batch_logs["loss_scale"] = self.scaler.get_scale()
             self._loss_sum += weighted
             self._seen += rows
             cbs.on_batch_end(step, batch_logs)
@@ -804,9 +853,14 @@ class _Trainer:
         if self.val is not None:
             keys += ["val_loss", *(f"val_{m.name}" for m in self.val_metrics)]
         keys += ["lr", "time", "samples_per_s"]
+        if self.scaler is not None:
+            keys.append("loss_scale")
+        precision = "float32" if self.precision is None else self.precision.name
+        if precision == "float32" and self.params:
+            precision = str(self.params[0].data.dtype)
         params = {"epochs": epochs, "initial_epoch": initial_epoch, "steps": self.steps,
                   "samples": self.samples, "batch_size": self.batch_size, "verbose": verbose,
-                  "seed": self.seed, "log_keys": keys}
+                  "seed": self.seed, "log_keys": keys, "precision": precision}
         cbs = CallbackList(chain, model, optimizer, scheduler, params)
         if dp is None:
             cbs.on_train_begin()  # callbacks check what they need here, before any change
@@ -826,6 +880,8 @@ class _Trainer:
         try:
             for epoch in range(initial_epoch, epochs):
                 cbs.on_epoch_begin(epoch)
+                if self.precision is not None:  # callbacks may have loaded weights
+                    self.precision.refresh()
                 lr = float(optimizer.lr)
                 start = time.perf_counter()
                 finished = self._train_epoch(epoch, cbs)
@@ -841,6 +897,8 @@ class _Trainer:
                 logs["lr"] = lr
                 logs["time"] = time.perf_counter() - start
                 logs["samples_per_s"] = self._seen / train_time if train_time > 0 else math.inf
+                if self.scaler is not None:
+                    logs["loss_scale"] = self.scaler.get_scale()
                 cbs.on_epoch_end(epoch, logs)
                 if dp is not None:  # every rank stops when rank 0 does
                     model.stop_training = dp.decide(model.stop_training)

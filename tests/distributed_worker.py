@@ -122,6 +122,8 @@ def train(args) -> None:
         kwargs["lr"] = 0.01
     if args.clip_grad_norm:
         kwargs["clip_grad_norm"] = args.clip_grad_norm
+    if args.precision:
+        kwargs["precision"] = args.precision
     if args.config == "mlp":
         kwargs["validation_data"] = (X[:11], y[:11])
     if args.config in ("syncbn", "batchnorm"):
@@ -135,7 +137,7 @@ def train(args) -> None:
                                        for k, v in history.history.items()
                                        if k not in ("time", "samples_per_s")})
     steps = history.params["steps"] * len(history.epoch)
-    report(g, size=g.size, spread_between_ranks=spread, epochs=history.epoch,
+    report(g, size=g.size, precision=history.params["precision"], spread_between_ranks=spread, epochs=history.epoch,
            nonblocking_per_step=started[0] / steps if g.size > 1 else None,
            params_seed=history.params.get("seed") if hasattr(history, "params") else None)
 
@@ -216,6 +218,7 @@ def main() -> None:
     t.add_argument("--resume")
     t.add_argument("--source", help="a directory: train from .npy files written there")
     t.add_argument("--clip-grad-norm", type=float, default=None)
+    t.add_argument("--precision", default=None)
     f = sub.add_parser("fault")
     f.add_argument("kind", choices=["callback", "kill", "bad-data", "bad-argument",
                                     "bad-checkpoint"])

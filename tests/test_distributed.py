@@ -266,6 +266,23 @@ def test_a_loss_paired_with_the_softmax_output_on_2_ranks_in_buckets(tmp_path):
 
 
 @needs_mpi
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
+def test_mixed_precision_on_2_ranks_in_buckets_follows_one_process(tmp_path, precision):
+    """Every product in low precision (emulated: any CPU): the ranks stay equal (fp16's
+    loss-scale decisions included) and end near the one-process run (the float32 sums of
+    ∂W run over each rank's rows, then across ranks: a different order, not other
+    operands)."""
+    env = {"BACKPROP_LOWP_EMULATE": "1", "BACKPROP_LOWP_MIN_MACS": "0",
+           "BACKPROP_LOWP_MIN_INNER": "1"}
+    _, alone = train(tmp_path, 0, "mp-1", env=env, dtype="float32", precision=precision)
+    res, state = train(tmp_path, 2, "mp-2", dtype="float32", precision=precision,
+                       env={**env, "BACKPROP_BUCKET_MB": str(512 / 2**20)})
+    assert res["precision"] == precision
+    assert res["spread_between_ranks"] == 0.0
+    assert_same(state, alone, tol=2e-3)
+
+
+@needs_mpi
 def test_gradient_clipping_on_3_ranks_clips_the_global_gradient(tmp_path):
     _, alone = train(tmp_path, 0, "clip-1", clip_grad_norm=0.05)
     res, ranks = train(tmp_path, 3, "clip-3", clip_grad_norm=0.05)
