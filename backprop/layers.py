@@ -377,8 +377,12 @@ class Dense(Layer):
         request = _MODE.autocast
         if request is not None:  # mixed precision (backprop.precision)
             policy = self._lowp_policy(request)
-            if policy is not None:
+            if policy is not None and getattr(x, "ndim", 0) == 2 and \
+                    self.lowp_products(x.shape[0], policy) != (False, False, False):
                 return self.forward_lowp(x, None, policy, request, False)[0]
+        return self._forward_f32(x)
+
+    def _forward_f32(self, x):
         W, act = self.W.data, self.activation.kernel
         check_input(x, self, self.in_features, W)
         z = self._buffer("z", (x.shape[0], self.out_features), W)
@@ -439,12 +443,19 @@ class Dense(Layer):
         W = self.W.data
         return request.policy(W) if W.dtype == np.float32 else None
 
+    def lowp_products(self, rows: int, policy) -> tuple[bool, bool, bool]:
+        """Which of the three products of a pass of ``rows`` rows run in low precision
+        under ``policy``: ``(forward, ∂W, ∂X)``."""
+        out_f, in_f = self.W.data.shape
+        return (policy.lowp(rows, out_f, in_f), policy.lowp(out_f, in_f, rows),
+                policy.lowp(rows, in_f, out_f))
+
     def takes_lowp_input(self, rows: int, policy) -> bool:
         """True when a mixed-precision forward pass of ``rows`` rows reads the input's
         low-precision copy (its forward product or its ``∂W`` runs in low precision): the
         layer before then writes that copy in its epilogue."""
-        out_f, in_f = self.W.data.shape
-        return policy.lowp(rows, out_f, in_f) or policy.lowp(out_f, in_f, rows)
+        fwd, dw, _ = self.lowp_products(rows, policy)
+        return fwd or dw
 
     def forward_lowp(self, x, x_lp, policy, request, emit: bool):
         """The forward pass in mixed precision: returns ``(A, A_lp)``.
@@ -457,10 +468,8 @@ class Dense(Layer):
         W, act = self.W.data, self.activation.kernel
         check_input(x, self, self.in_features, W)
         n = x.shape[0]
-        out_f, in_f = W.shape
-        fwd = policy.lowp(n, out_f, in_f)
-        dw = policy.lowp(out_f, in_f, n)
-        dx = policy.lowp(n, in_f, out_f)
+        out_f = W.shape[0]
+        fwd, dw, dx = self.lowp_products(n, policy)
         lp = policy.lp_dtype
         if (fwd or dw) and x_lp is None:
             x_lp = policy.convert(x, self._buffer("x_lp", x.shape, W, lp))

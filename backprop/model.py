@@ -134,21 +134,50 @@ class Sequential(Layer):
     def _forward_lowp(self, x, request):
         """``forward`` in mixed precision (:mod:`backprop.precision`): a Dense layer
         followed by a Dense layer that reads its input in low precision writes that copy in
-        its epilogue and hands it over, so the conversion costs no pass of its own."""
-        layers = self.layers
-        last = len(layers) - 1
-        rows = x.shape[0] if getattr(x, "ndim", 0) else 0
+        its epilogue and hands it over, so the conversion costs no pass of its own. A Dense
+        layer none of whose products pays in low precision runs its float32 pass."""
+        ctx = self._ctx
+        plans = getattr(ctx, "_lowp_plans", None)
+        if plans is None:
+            plans = ctx._lowp_plans = {}
+        key = (x.shape[0], request)
+        plan = plans.get(key)
+        if plan is None:
+            plan = self._plan_lowp(x.shape[0], request)
+            if len(plans) >= 8:
+                plans.clear()
+            plans[key] = plan
         x_lp = None
-        for i, layer in enumerate(layers):
+        for route, layer, policy, emit in plan:
+            if route == 2:
+                x, x_lp = layer.forward_lowp(x, x_lp, policy, request, emit)
+            elif route == 1:
+                x, x_lp = layer._forward_f32(x), None
+            else:
+                x, x_lp = layer.forward(x), None
+        return x
+
+    def _plan_lowp(self, rows: int, request) -> list:
+        """Per layer ``(route, layer, policy, emit)``: route 2 runs ``forward_lowp`` (and
+        ``emit``: writes the low-precision output the next layer reads), 1 a Dense
+        layer's float32 pass, 0 the layer's own ``forward``."""
+        layers = self.layers
+        routes = []
+        for layer in layers:
             policy = layer._lowp_policy(request) if isinstance(layer, Dense) else None
             if policy is None:
-                x, x_lp = layer.forward(x), None
-                continue
-            after = layers[i + 1] if i < last else None
-            emit = isinstance(after, Dense) and after._lowp_policy(request) is policy and \
-                after.takes_lowp_input(rows, policy)
-            x, x_lp = layer.forward_lowp(x, x_lp, policy, request, emit)
-        return x
+                routes.append((0, layer, None))
+            elif layer.lowp_products(rows, policy) == (False, False, False):
+                routes.append((1, layer, None))
+            else:
+                routes.append((2, layer, policy))
+        plan = []
+        for i, (route, layer, policy) in enumerate(routes):
+            after = routes[i + 1] if i + 1 < len(routes) else None
+            emit = route == 2 and after is not None and after[0] == 2 and \
+                after[2] is policy and after[1].takes_lowp_input(rows, policy)
+            plan.append((route, layer, policy, emit))
+        return plan
 
     def __call__(self, x):
         """``forward`` on any array-like (:meth:`~backprop.layers.Layer.prepare_input`),

@@ -230,13 +230,15 @@ class Optimizer:
         request = _MODE.autocast
         for group in self._groups:
             policy = None
-            if request is not None and self._writes_lowp and group.data.dtype == np.float32:
-                policy = request.policy(group.data)
+            if request is not None and self._writes_lowp and group.data.dtype == np.float32 \
+                    and (group.lp is not None or any(p._lp is not None for p in group.params)):
+                policy = request.policy(group.data)  # (a product reads a copy: keep them)
             if policy is None:
                 group.lp_kw = {}
                 self._update(group, lr, self.step_count)
                 for p in group.params:  # written without their low-precision copies
-                    p._lp_for = None
+                    if p._lp_for is not None:
+                        p._lp_for = None
             else:  # the update also writes the weights' low-precision copy, same pass
                 group.lp_kw = {"data_lp": group.bind_lowp(policy.lp_dtype)}
                 self._update(group, lr, self.step_count)

@@ -85,10 +85,12 @@ _ALIASES = {
     "16-mixed": "fp16-mixed",
 }
 
-MIN_MACS = 1 << 20
+MIN_MACS = 1 << 21
 """Default of :attr:`Policy.min_macs` on the CPU: a product with fewer multiply-adds runs
-in float32 (MKL's call overhead is 2-3 µs; below about 2²⁰ multiply-adds the bf16 product
-and its conversions cost more than the float32 one saves, docs/bf16.md)."""
+in float32. MKL's call overhead is 2-3 µs, and whole training steps decided the value
+(``benchmarks/mixed_precision.py``): the digits MLP's 2²⁰-multiply-add products, faster
+alone in bf16, made its step slower than float32's with their conversions; mnist's
+(8-26 M) pay."""
 
 MIN_INNER = 32
 """Default of :attr:`Policy.min_inner` on the CPU: a product whose inner (summed) dimension
