@@ -19,8 +19,11 @@ store, in the same pass. For every CPU backend (the reference and numba_cpu), bo
 Inputs hold the values where conversions go wrong: NaNs with payloads (signalling, negative),
 ±inf, float32 values that round to inf (3.4e38 in bfloat16, 65520 in float16), float32
 subnormals, exact ties of both formats, and both formats' subnormal ranges. Shapes are odd
-(1×1, 7×13, 257×129), and numba_cpu runs each case serially and through its parallel loops
-(and once at a size above its parallel threshold). Invalid copies are refused before any work.
+(1×1, 7×13, 257×129). numba_cpu runs every activation and every optimizer variant through
+its serial loops, every argument pattern with one activation, and its parallel loops with
+that activation and two variants of each optimizer (and once at a size above its parallel
+threshold): compiling the whole grid twice would take minutes. Invalid copies are refused
+before any work.
 """
 from __future__ import annotations
 
@@ -114,14 +117,34 @@ def assert_copy(label, lp, source) -> None:
 
 
 RUNS = ["reference", "numba_cpu-serial", "numba_cpu-parallel"]
-PARALLEL_ACTIVATIONS = ("identity", "relu", "gelu_erf", "softplus")  # the same loop for each
+# numba_cpu compiles one specialisation per activation, format and argument pattern (bias or
+# None, in place or not, db or None), each taking seconds, serial and parallel apart. The
+# copy's store is the same statement after the float32 store in every one: numba_cpu runs
+# every activation in one pattern, and every pattern with VARIANT_ACTIVATION; its parallel
+# loops (the same statements under prange) with VARIANT_ACTIVATION alone. The reference
+# runs the whole grid.
+VARIANT_ACTIVATION = "relu"
+FORWARD_VARIANTS = [(bias, layout) for bias in (False, True)
+                    for layout in ("separate", "in_place")]
+BACKWARD_VARIANTS = [(db, layout) for db in ("no_db", "db", "db_accumulate")
+                     for layout in ("separate", "in_place")]
 
 
-def epilogue_runs():
-    """(run, activation) pairs: every activation on the reference and numba_cpu's serial
-    loops, a few through the parallel loops."""
-    return [(run, act) for run in RUNS for act in R.ACTIVATIONS
-            if not run.endswith("parallel") or act in PARALLEL_ACTIVATIONS]
+def epilogue_params(variants, default):
+    """pytest params ``(run, act, fmt, *variant)``: the reference on the whole grid,
+    numba_cpu as described above."""
+    out = []
+    for run in RUNS:
+        for act in R.ACTIVATIONS:
+            if run.endswith("parallel") and act != VARIANT_ACTIVATION:
+                continue
+            chosen = variants if run == "reference" or act == VARIANT_ACTIVATION \
+                else [default]
+            for fmt in FORMATS:
+                for variant in chosen:
+                    out.append(pytest.param(run, act, fmt, *variant,
+                                            id="-".join([run, act, fmt, *map(str, variant)])))
+    return out
 
 
 def backend_of(run: str, monkeypatch) -> str:
@@ -162,10 +185,8 @@ def forward_case(backend, act, fmt, bias, layout, shape, seed):
     assert_copy(label, lp, out2)
 
 
-@pytest.mark.parametrize("layout", ["separate", "in_place"])
-@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("run, act", epilogue_runs())
+@pytest.mark.parametrize("run, act, fmt, bias, layout",
+                         epilogue_params(FORWARD_VARIANTS, (True, "separate")))
 def test_forward_epilogue_writes_the_copy_of_what_it_stores(run, act, fmt, bias, layout,
                                                             monkeypatch):
     backend = backend_of(run, monkeypatch)
@@ -200,10 +221,8 @@ def backward_case(backend, act, fmt, db_mode, layout, shape, seed):
     assert_copy(label, lp, delta2)
 
 
-@pytest.mark.parametrize("layout", ["separate", "in_place"])
-@pytest.mark.parametrize("db_mode", ["no_db", "db", "db_accumulate"])
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("run, act", epilogue_runs())
+@pytest.mark.parametrize("run, act, fmt, db_mode, layout",
+                         epilogue_params(BACKWARD_VARIANTS, ("db", "separate")))
 def test_backward_epilogue_writes_the_copy_of_what_it_stores(run, act, fmt, db_mode, layout,
                                                              monkeypatch):
     backend = backend_of(run, monkeypatch)
@@ -322,8 +341,18 @@ OPTIMIZER_CASES = {
         ("weight_decay_lr_decay", lambda rng, s: _adagrad(rng, s, 0.01, 0.1)),
     ],
 }
-OPTIMIZER_PARAMS = [pytest.param(op, build, id=f"{op}-{name}")
-                    for op, cases in OPTIMIZER_CASES.items() for name, build in cases]
+def optimizer_params():
+    """``(run, fmt, op, build)``: every case on the reference and numba_cpu's serial loop;
+    the parallel loop (the same statements under prange, compiled apart) with each op's
+    first and last case."""
+    out = []
+    for run in RUNS:
+        for fmt in FORMATS:
+            for op, cases in OPTIMIZER_CASES.items():
+                chosen = [cases[0], cases[-1]] if run.endswith("parallel") else cases
+                for name, build in dict(chosen).items():
+                    out.append(pytest.param(run, fmt, op, build, id=f"{run}-{fmt}-{op}-{name}"))
+    return out
 
 
 def test_every_optimizer_op_has_cases():
@@ -348,9 +377,7 @@ def optimizer_case(backend, op, build, fmt, shape, seed, dispatch=False):
     assert_copy(label, lp, args2[0])
 
 
-@pytest.mark.parametrize("op, build", OPTIMIZER_PARAMS)
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("run", RUNS)
+@pytest.mark.parametrize("run, fmt, op, build", optimizer_params())
 def test_optimizer_writes_the_copy_of_the_updated_weights(run, fmt, op, build, monkeypatch):
     backend = backend_of(run, monkeypatch)
     for k, shape in enumerate(FLAT_SHAPES):

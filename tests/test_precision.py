@@ -96,7 +96,7 @@ def _cuda_reason():
 def _runs():
     """(device, emulate): the CPU emulated and on MKL (where bf16 is fast here), the GPU
     emulated and on cuBLAS (where a GPU is)."""
-    out = [pytest.param("cpu", *p.values, id=f"cpu-{p.id}") for p in _gemms()]
+    out = [pytest.param("cpu", *p.values, id=f"cpu-{p.id}", marks=p.marks) for p in _gemms()]
     reason = _cuda_reason()
     for emulate, id_ in ((True, "emulated"), (None, "cublas")):
         out.append(pytest.param("cuda", emulate, id=f"cuda-{id_}", marks=pytest.mark.skipif(
