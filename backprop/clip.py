@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from backprop.backend import get_array_module
 from backprop.optim import parameter_list
 
@@ -32,12 +34,23 @@ def _gradients(params) -> list:
     grads = [p.grad for p in parameter_list(params)]
     if not grads:
         return grads
-    base = grads[0].base
+    base, dtype = grads[0].base, grads[0].dtype
     if base is None or base.ndim != 1 or not base.flags.c_contiguous:
         return grads
-    if all(g.base is base for g in grads) and sum(g.size for g in grads) == base.size:
-        return [base]
-    return grads
+    # one run of consecutive gradients in one buffer (the optimizer's flat buffer, which
+    # may itself be an aligned view of a larger allocation: backend.empty_aligned)
+    start = end = _address(grads[0])
+    for g in grads:
+        if g.base is not base or g.dtype != dtype or not g.flags.c_contiguous or \
+                _address(g) != end:
+            return grads
+        end += g.nbytes
+    first = start - _address(base)
+    return [base.view(np.uint8)[first:first + end - start].view(dtype)]
+
+
+def _address(a) -> int:
+    return a.ctypes.data if isinstance(a, np.ndarray) else a.data.ptr
 
 
 def _norm_type(norm_type) -> float:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
-from backprop.backend import get_array_module
+from backprop.backend import empty_aligned, get_array_module
 
 __all__ = ["ConcurrentTrainingError", "PerThread", "WithPerThread", "inference_mode",
            "targets_validated", "exclusive_training"]
@@ -81,7 +81,7 @@ class WithPerThread:
         if buf is None:
             if len(cache) >= _BUFFERS_KEPT:
                 cache.pop(next(iter(cache)))
-            buf = cache[key] = get_array_module(like).empty(shape, dtype=dtype)
+            buf = cache[key] = empty_aligned(get_array_module(like), shape, dtype)
         return buf
 
     def __getstate__(self):

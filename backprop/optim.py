@@ -32,7 +32,7 @@ import numpy as np
 
 from backprop import checks
 from backprop import kernels as K
-from backprop.backend import asarray, get_array_module, to_numpy
+from backprop.backend import asarray, empty_aligned, get_array_module, to_numpy
 from backprop.concurrency import _MODE, ConcurrentTrainingError
 from backprop.parameter import Parameter, flatten
 
@@ -122,7 +122,7 @@ class _Group:
         each parameter's ``_lp`` a view of it, as its ``data`` is of ``data``."""
         lp = self.lp
         if lp is None or lp.dtype != dtype:
-            lp = self.lp = get_array_module(self.data).empty(self.data.shape, dtype=dtype)
+            lp = self.lp = empty_aligned(get_array_module(self.data), self.data.shape, dtype)
             offset = 0
             for p, data in zip(self.params, self.data_views):
                 p._lp, p._lp_for = lp[offset:offset + data.size].reshape(data.shape), None

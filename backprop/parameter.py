@@ -11,7 +11,7 @@ Layers therefore read ``param.data`` on every call and never keep the array itse
 """
 from __future__ import annotations
 
-from backprop.backend import get_array_module
+from backprop.backend import empty_aligned, get_array_module
 
 
 class Parameter:
@@ -126,8 +126,9 @@ def flatten(params):
                 f"but {params[0].name!r} is {dtype} on "
                 f"{xp.__name__}: all parameters of one optimizer must share dtype and device")
     total = sum(p.size for p in params)
-    flat_data = xp.empty(total, dtype=dtype)
-    flat_grad = xp.zeros(total, dtype=dtype)
+    # aligned: the first parameter's gradient is a product's output (docs/bf16.md)
+    flat_data = empty_aligned(xp, total, dtype)
+    flat_grad = empty_aligned(xp, total, dtype, zero=True)
     offset = 0
     for p in params:
         n = p.size

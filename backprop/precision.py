@@ -334,9 +334,21 @@ def _env_threshold(variable: str, default: int) -> int:
     return value
 
 
+_FAST: dict = {}
+
+
 def _fast_gemm(fmt: str, device: str):
     """``(gemm, None)`` where ``fmt`` products run fast on ``device``, else
-    ``(None, reason)``."""
+    ``(None, reason)``; probed once per process (the probe reads /proc/cpuinfo and loads
+    MKL: tens of microseconds that every autocast region would otherwise pay)."""
+    key = (fmt, device)
+    found = _FAST.get(key)
+    if found is None:
+        found = _FAST[key] = _probe_fast_gemm(fmt, device)
+    return found
+
+
+def _probe_fast_gemm(fmt: str, device: str):
     if device == "cpu":
         if fmt == "float16":
             return None, ("float16 products are not wired to a CPU library (fp16-mixed is "
@@ -399,8 +411,10 @@ def lowp_copy(param, policy, request):
     lp = param._lp
     if lp is None or lp.shape != data.shape or lp.dtype != policy.lp_dtype or \
             type(lp) is not type(data):
-        lp = param._lp = (np if type(data) is np.ndarray else _cupy()).empty(
-            data.shape, dtype=policy.lp_dtype)
+        from backprop.backend import empty_aligned
+
+        lp = param._lp = empty_aligned(np if type(data) is np.ndarray else _cupy(),
+                                       data.shape, policy.lp_dtype)
     policy.convert(data, lp)
     param._lp_for = (data, request.generation)
     return lp

@@ -394,8 +394,9 @@ def fit(model, X, y=None, *, loss, optimizer="adam", lr=None, epochs: int = 1, b
         device, _ = _placement(model)
         # on the CPU, no more BLAS threads than the model's matrix products pay for (blas.py)
         rows_per_rank = -(-batch_size // setup.world)
-        threads = blas.threads_for(blas.largest_product(model, rows_per_rank)) \
-            if device == "cpu" else contextlib.nullcontext()
+        largest = blas.largest_product(model, rows_per_rank) if request is None else \
+            blas.SINGLE_THREADED_MACS + 1  # mixed precision: see Sequential._blas_cap
+        threads = blas.threads_for(largest) if device == "cpu" else contextlib.nullcontext()
         with use_device(device), targets_validated():
             if source is None:
                 Xd, yd = _prepare(model, X, y, kind, "training data")

@@ -409,7 +409,8 @@ def test_replaced_data_is_reflattened_with_its_state(xp, kernel_backend):
     got += run(opt, params, STEPS - 2, start=2)
     np.testing.assert_allclose(got, want, rtol=1e-10)
     flat = opt._groups[0].data
-    assert all(p.data.base is flat for p in params), "parameters must live in the flat buffer"
+    assert all(xp.shares_memory(p.data, flat) for p in params), \
+        "parameters must live in the flat buffer"
 
 
 def test_dtype_change_carries_state_and_keeps_float32(xp):
@@ -548,7 +549,8 @@ def test_clip_subset_of_a_flat_buffer_touches_only_the_subset(xp):
     params = make_params(xp, np.float64)
     optim.SGD(params, lr=0.1)
     g = set_grads(params, xp)
-    assert len(clip._gradients(params[:2])) == 2
+    merged = clip._gradients(params[:2])  # consecutive: one view of exactly their memory
+    assert len(merged) == 1 and merged[0].size == 16
     total = np.linalg.norm(g[:16])
     assert clip.clip_grad_norm(params[:2], 0.5) == pytest.approx(total)
     np.testing.assert_allclose(flat_grads(params)[:16], g[:16] * 0.5 / (total + 1e-6))
