@@ -25,6 +25,7 @@ a GPU.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -217,22 +218,32 @@ def build(raw_modules=(), elementwise=()) -> ctypes.CDLL:
         return _LIBRARIES[key]
     path = _cache_dir() / f"kernels-{key[:16]}.so"
     if not path.exists():
-        work = Path(tempfile.mkdtemp(prefix="kernels-", dir=path.parent))
-        (work / "kernels.cpp").write_text(code)
-        built = work / "kernels.so"
-        result = subprocess.run([cxx, *FLAGS, f"-I{HEADER.parent}", "kernels.cpp", "-o",
-                                 built.name], cwd=work, capture_output=True, text=True)
-        if result.returncode:
-            raise RuntimeError(f"{cxx} could not compile the kernels for the host "
-                               f"({work / 'kernels.cpp'}):\n{result.stderr[-4000:]}")
-        os.replace(built, path)  # atomic: parallel test workers may build it at once
-        shutil.rmtree(work)
+        # test workers start at once: one compiles, the others wait for its library
+        # instead of compiling the same source beside it
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not path.exists():
+                _compile(code, cxx, path)
     # PyDLL keeps the GIL during a call: the emulator's state (__shared__ arrays as statics,
     # the scheduler, the error message) is process-global, so launches from two Python
     # threads must not overlap
     lib = _LIBRARIES[key] = ctypes.PyDLL(str(path))
     lib.cuda_host_error.restype = ctypes.c_char_p
     return lib
+
+
+def _compile(code: str, cxx: str, path: Path) -> None:
+    """Compile ``code`` into the shared library ``path`` (atomically)."""
+    work = Path(tempfile.mkdtemp(prefix="kernels-", dir=path.parent))
+    (work / "kernels.cpp").write_text(code)
+    built = work / "kernels.so"
+    result = subprocess.run([cxx, *FLAGS, f"-I{HEADER.parent}", "kernels.cpp", "-o",
+                             built.name], cwd=work, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"{cxx} could not compile the kernels for the host "
+                           f"({work / 'kernels.cpp'}):\n{result.stderr[-4000:]}")
+    os.replace(built, path)  # atomic: a reader never sees a partial library
+    shutil.rmtree(work)
 
 
 @functools.cache

@@ -21,8 +21,9 @@ Inputs hold the values where conversions go wrong: NaNs with payloads (signallin
 subnormals, exact ties of both formats, and both formats' subnormal ranges. Shapes are odd
 (1×1, 7×13, 257×129). numba_cpu runs every activation and every optimizer variant through
 its serial loops, every argument pattern with one activation, and its parallel loops with
-that activation and two variants of each optimizer (and once at a size above its parallel
-threshold): compiling the whole grid twice would take minutes. Invalid copies are refused
+that activation (the backward epilogue only with δ apart from dA) and two variants of each
+optimizer, and once at a size above its parallel threshold (the backward epilogue in
+place): compiling the whole grid twice would take minutes. Invalid copies are refused
 before any work.
 """
 from __future__ import annotations
@@ -128,11 +129,17 @@ FORWARD_VARIANTS = [(bias, layout) for bias in (False, True)
                     for layout in ("separate", "in_place")]
 BACKWARD_VARIANTS = [(db, layout) for db in ("no_db", "db", "db_accumulate")
                      for layout in ("separate", "in_place")]
+# The backward's parallel loops, the slowest specialisations to compile, without δ in place
+# (a specialisation of its own: delta_arg None): the serial loops run that layout with
+# every db pattern, and test_numba_cpu_epilogues_above_the_parallel_threshold runs the
+# parallel loops in place, with db.
+PARALLEL_BACKWARD_VARIANTS = [v for v in BACKWARD_VARIANTS if v[1] == "separate"]
 
 
-def epilogue_params(variants, default):
+def epilogue_params(variants, default, parallel_variants=None):
     """pytest params ``(run, act, fmt, *variant)``: the reference on the whole grid,
-    numba_cpu as described above."""
+    numba_cpu as described above; its parallel loops on ``parallel_variants`` (by default
+    ``variants``)."""
     out = []
     for run in RUNS:
         for act in R.ACTIVATIONS:
@@ -140,6 +147,8 @@ def epilogue_params(variants, default):
                 continue
             chosen = variants if run == "reference" or act == VARIANT_ACTIVATION \
                 else [default]
+            if run.endswith("parallel") and parallel_variants is not None:
+                chosen = parallel_variants
             for fmt in FORMATS:
                 for variant in chosen:
                     out.append(pytest.param(run, act, fmt, *variant,
@@ -222,7 +231,8 @@ def backward_case(backend, act, fmt, db_mode, layout, shape, seed):
 
 
 @pytest.mark.parametrize("run, act, fmt, db_mode, layout",
-                         epilogue_params(BACKWARD_VARIANTS, ("db", "separate")))
+                         epilogue_params(BACKWARD_VARIANTS, ("db", "separate"),
+                                         PARALLEL_BACKWARD_VARIANTS))
 def test_backward_epilogue_writes_the_copy_of_what_it_stores(run, act, fmt, db_mode, layout,
                                                              monkeypatch):
     backend = backend_of(run, monkeypatch)
@@ -238,6 +248,8 @@ def test_numba_cpu_epilogues_above_the_parallel_threshold(fmt):
     shape = (1031, 517)
     assert shape[0] * shape[1] >= numba_cpu.PARALLEL_MIN_ELEMENTS
     forward_case("numba_cpu", "relu", fmt, True, "separate", shape, seed=7)
+    # in place: the one run of the backward's parallel loops in that layout (see
+    # PARALLEL_BACKWARD_VARIANTS)
     backward_case("numba_cpu", "relu", fmt, "db", "in_place", shape, seed=8)
 
 
