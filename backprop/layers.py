@@ -415,15 +415,8 @@ class Dense(Layer):
             return self._backward_lowp(saved, grad, need_input_grad, from_logits)
         x, z, a = saved
         W = self.W.data
-        xp, act = get_array_module(W), self.activation.kernel
-        if from_logits:
-            act = "identity"
-        elif act == "softmax":
-            act = "identity"
-            K.softmax_backward(grad, a, grad)
-        elif act not in K.ACTIVATIONS:
-            act = "identity"
-            grad = self.activation.backward(grad)
+        xp = get_array_module(W)
+        grad, act = self._through_row_activation(grad, a, from_logits)
         db, accumulate_b = (None, False) if self.b is None else self.b.grad_for_write()
         delta = K.bias_act_backward(grad, a, z, act, self.activation.alpha, grad, db, accumulate_b)
         if self.backward_observer is not None:
@@ -436,6 +429,20 @@ class Dense(Layer):
         if not need_input_grad:
             return None
         return xp.matmul(delta, W, out=self._buffer("dx", x.shape, W))
+
+    def _through_row_activation(self, grad, a, from_logits):
+        """``(grad, act)`` for the backward epilogue: a row activation (softmax, a layer's
+        own) is differentiated here first and the epilogue applies the identity; with
+        ``from_logits`` ``grad`` is already ``∂L/∂Z``."""
+        act = self.activation.kernel
+        if from_logits:
+            return grad, "identity"
+        if act == "softmax":
+            K.softmax_backward(grad, a, grad)
+            return grad, "identity"
+        if act not in K.ACTIVATIONS:
+            return self.activation.backward(grad), "identity"
+        return grad, act
 
     # -- mixed precision (backprop.precision) ------------------------------------------
     def _lowp_policy(self, request):
@@ -518,15 +525,8 @@ class Dense(Layer):
     def _backward_lowp(self, saved, grad, need_input_grad, from_logits):
         x, z, a, (x_lp, dw, dx, policy, request) = saved
         W = self.W.data
-        xp, act = get_array_module(W), self.activation.kernel
-        if from_logits:
-            act = "identity"
-        elif act == "softmax":
-            act = "identity"
-            K.softmax_backward(grad, a, grad)
-        elif act not in K.ACTIVATIONS:
-            act = "identity"
-            grad = self.activation.backward(grad)
+        xp = get_array_module(W)
+        grad, act = self._through_row_activation(grad, a, from_logits)
         dx = dx and need_input_grad
         delta_lp = self._buffer("delta_lp", grad.shape, W, policy.lp_dtype) \
             if dw or dx else None
