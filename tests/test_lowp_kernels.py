@@ -19,10 +19,10 @@ store, in the same pass. For every CPU backend (the reference and numba_cpu), bo
 Inputs hold the values where conversions go wrong: NaNs with payloads (signalling, negative),
 ±inf, float32 values that round to inf (3.4e38 in bfloat16, 65520 in float16), float32
 subnormals, exact ties of both formats, and both formats' subnormal ranges. Shapes are odd
-(1×1, 7×13, 257×129). numba_cpu runs every activation (in bfloat16; one in both formats) and every
-optimizer variant through its serial loops, every argument pattern with one activation, and its parallel loops with
-that activation (the backward epilogue only with δ apart from dA) and two variants of each
-optimizer, and once at a size above its parallel threshold (the backward epilogue in
+(1×1, 7×13, 257×129). numba_cpu runs every activation (in bfloat16; one in both formats)
+and every optimizer variant through its serial loops, every argument pattern with one
+activation, and its parallel loops with that activation (the backward epilogue only with
+δ apart from dA) and two variants of each optimizer, and once at a size above its parallel threshold (the backward epilogue in
 place): compiling the whole grid twice would take minutes. Invalid copies are refused
 before any work.
 """
