@@ -47,7 +47,7 @@ echo "== 3/4 the documentation site (build/docs/html) =="
 
 echo "== 4/4 benchmarks, smoke mode =="
 if [ -d benchmarks ] && ls benchmarks/test_*.py >/dev/null 2>&1; then
-  $P benchmarks -q --benchmark-disable
+  $P benchmarks -q --benchmark-disable $XDIST
 else
   echo "no benchmarks yet"
 fi

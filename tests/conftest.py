@@ -71,7 +71,8 @@ def pytest_generate_tests(metafunc):
     selected backend: the ``cpu_kernels`` fixture routes every kernel call on NumPy arrays
     to it, so layers, losses, optimizers and ``fit`` drive that backend as a run on it
     would (its buffers, aliases, accumulation flags and workspaces)."""
-    if metafunc.definition.get_closest_marker("backends") is None:
+    if (metafunc.definition.get_closest_marker("backends") is None
+            or metafunc.definition.get_closest_marker("one_backend") is not None):
         return
     chosen = metafunc.config.getoption("--backend") or list(DEFAULT_BACKENDS)
     metafunc.parametrize("cpu_kernels", chosen, indirect=True, scope="function")

@@ -52,6 +52,6 @@ def test_two_spirals(device, xp):
     x, y = xp.asarray(x_host, dtype=np.float32), xp.asarray(y_host)
     model = Sequential([Dense(2, 32, activation="tanh"), Dense(32, 32, activation="tanh"),
                         Dense(32, 2)])
-    final = train(model, SoftmaxCrossEntropyLoss(), x, y, steps=600, lr=0.03)
+    final = train(model, SoftmaxCrossEntropyLoss(), x, y, steps=200, lr=0.03)
     accuracy = (bp.to_numpy(model(x)).argmax(axis=1) == y_host).mean()
     assert accuracy >= 0.99, (accuracy, final)

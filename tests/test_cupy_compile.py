@@ -57,6 +57,7 @@ if _reason:
 from cupy._core import _carray, _kernel, _scalar, core  # noqa: E402
 from cupy.cuda import compiler  # noqa: E402
 
+import nvrtc_bundle  # noqa: E402
 from backprop import kernels as K  # noqa: E402
 from backprop.kernels import cupy_kernels as ck  # noqa: E402
 from backprop.kernels import reference  # noqa: E402
@@ -116,15 +117,65 @@ def _elementwise_cases():
             if dtype == np.float32 or not name.endswith(("_bf16", "_f16"))]
 
 
-@pytest.mark.parametrize("name, dtype", _elementwise_cases())
-def test_elementwise_kernel_compiles(name, dtype):
-    spec = ck.ELEMENTWISE[name]
+def _source_and_options(name, dtype):
     kernel = ck.elementwise_kernel(name)
-    source = elementwise_source(kernel, spec.scalars, dtype)
+    source = elementwise_source(kernel, ck.ELEMENTWISE[name].scalars, dtype)
+    return source, tuple(kernel.kwargs.get("options", ()))
+
+
+@pytest.fixture(scope="module")
+def elementwise_bundles():
+    """Per dtype, every elementwise kernel compiled in a few NVRTC programs
+    (tests/nvrtc_bundle.py: one per set of headers, each kernel in its own namespace)."""
+    def bundles(dtype):
+        names = [n for n, d in (p.values for p in _elementwise_cases()) if d == dtype]
+        return nvrtc_bundle.Bundles(
+            lambda: {n: _source_and_options(n, dtype) for n in names},
+            lambda source, options, key: nvrtc_compile(source, options, cupy_headers=True)[0])
+    return {dtype: bundles(dtype) for dtype in DTYPES}
+
+
+@pytest.mark.parametrize("name, dtype", _elementwise_cases())
+def test_elementwise_kernel_compiles(elementwise_bundles, name, dtype):
+    source, _ = _source_and_options(name, dtype)
     assert f"typedef {CTYPES[dtype]} T;" in source
     assert "CIndexer<1, 1> _ind" in source  # the argument kinds were understood
-    cubin, _ = nvrtc_compile(source, kernel.kwargs.get("options", ()), cupy_headers=True)
+    cubin = elementwise_bundles[dtype].compiled(name, source)
     assert name.encode() in cubin
+
+
+def test_a_bundle_compiles_each_kernel_as_it_would_alone():
+    """Two kernels of one program keep their own typedefs (float and double ``T``) and
+    helpers of one name; a kernel that uses a header it does not include is not rescued by
+    another kernel's include (groups are by headers, so it is compiled alone and fails)."""
+    sources = {
+        "k_float": ("typedef float T; __device__ T h(T x) { return x; }\n"
+                    'extern "C" __global__ void k_float(T* p) { p[0] = h(p[0]); }', ()),
+        "k_double": ("typedef double T; __device__ T h(T x) { return 2 * x; }\n"
+                     'extern "C" __global__ void k_double(T* p) { p[0] = h(p[0]); }', ()),
+        "k_half": ("#include <cuda_fp16.h>\n"
+                   'extern "C" __global__ void k_half(__half* p) { p[0] = __float2half_rn(1.f); }',
+                   ()),
+        "k_no_include": ('extern "C" __global__ void k_no_include(unsigned short* p) '
+                         "{ p[0] = __half_as_ushort(__float2half_rn(1.f)); }", ()),
+    }
+    programs = []
+
+    def compile(source, options, key):
+        programs.append(source)
+        return nvrtc_compile(source, options, cupy_headers=False)[0]
+
+    good = {n: sources[n] for n in ("k_float", "k_double", "k_half")}
+    bundles = nvrtc_bundle.Bundles(lambda: good, compile)
+    for name in good:
+        assert name.encode() in bundles.compiled(name, sources[name][0])
+    assert len(programs) == 2  # float and double in one program, the fp16 one in another
+    assert "k_float" in programs[0] and "k_double" in programs[0]
+    mixed = {n: sources[n] for n in ("k_half", "k_no_include")}
+    bundles = nvrtc_bundle.Bundles(lambda: mixed, compile)
+    assert b"k_half" in bundles.compiled("k_half", sources["k_half"][0])
+    with pytest.raises(compiler.CompileException, match="__float2half_rn"):
+        bundles.compiled("k_no_include", sources["k_no_include"][0])
 
 
 @pytest.mark.parametrize("name", sorted(ck.RAW_MODULES))

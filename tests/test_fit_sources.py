@@ -132,6 +132,7 @@ def test_a_path_to_a_directory_of_shards_is_a_source(files):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.one_backend
 def test_training_from_a_file_keeps_the_resident_set_bounded(tmp_path):
     """One epoch over a 195 MiB float32 file grows the peak resident set by a few MiB."""
     rows, features = 400_000, 128

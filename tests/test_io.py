@@ -597,6 +597,7 @@ def test_concurrent_saves_to_one_path_leave_one_complete_checkpoint(tmp_path):
     assert os.listdir(tmp_path) == ["m.npz"]
 
 
+@pytest.mark.one_backend
 def test_concurrent_saves_from_two_processes(tmp_path):
     script = ("import sys, numpy as np\n"
               "from backprop import io\n"

@@ -654,20 +654,36 @@ def _check_ptx(name: str, ptx: str) -> None:
         assert not re.search(r"cvt\.rn\.f16\.f32", ptx), f"{name}: a float16 conversion"
 
 
-@pytest.mark.parametrize("name", LOWP_ELEMENTWISE)
-def test_cupy_elementwise_variant_compiles(nvrtc, name):
+def _elementwise_source(name):
     from test_cupy_compile import elementwise_source
 
-    spec = CK.ELEMENTWISE[name]
     kernel = CK.elementwise_kernel(name)
-    source = elementwise_source(kernel, spec.scalars, np.float32)
+    source = elementwise_source(kernel, CK.ELEMENTWISE[name].scalars, np.float32)
+    return source, tuple(kernel.kwargs.get("options", ()))
+
+
+@pytest.fixture(scope="module")
+def lowp_bundles(nvrtc):
+    """The variants compiled in a few NVRTC programs per architecture and output
+    (tests/nvrtc_bundle.py: one per set of headers, each kernel in its own namespace)."""
+    import nvrtc_bundle
+
+    return nvrtc_bundle.Bundles(
+        lambda: {n: _elementwise_source(n) for n in LOWP_ELEMENTWISE},
+        lambda source, options, key: nvrtc(source, options, *key, cupy_headers=True)[0])
+
+
+@pytest.mark.parametrize("name", LOWP_ELEMENTWISE)
+def test_cupy_elementwise_variant_compiles(lowp_bundles, name):
+    import nvrtc_bundle
+
+    source, _ = _elementwise_source(name)
     assert "typedef float T;" in source and "CArray<unsigned short" in source
-    options = kernel.kwargs.get("options", ())
     for arch in ARCHS:
-        cubin, _ = nvrtc(source, options, arch, "cubin", cupy_headers=True)
+        cubin = lowp_bundles.compiled(name, source, (arch, "cubin"))
         assert name.encode() in cubin, arch
-    ptx, _ = nvrtc(source, options, ARCHS[0], "ptx", cupy_headers=True)
-    _check_ptx(name, ptx)
+    ptx = lowp_bundles.compiled(name, source, (ARCHS[0], "ptx"))
+    _check_ptx(name, nvrtc_bundle.ptx_of_entry(ptx, name))
 
 
 @pytest.mark.parametrize("name", LOWP_MODULES)

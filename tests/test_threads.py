@@ -42,9 +42,31 @@ def cpu(kernels_for_both_devices):
         yield
 
 
-def _model(seed):
-    return Sequential([Dense(FEATURES, WIDE, activation="relu", rng=seed), BatchNorm1d(WIDE),
-                       Dropout(0.2, seed=seed), Dense(WIDE, 10, rng=seed + 1)])
+def _model(seed, wide=WIDE):
+    return Sequential([Dense(FEATURES, wide, activation="relu", rng=seed), BatchNorm1d(wide),
+                       Dropout(0.2, seed=seed), Dense(wide, 10, rng=seed + 1)])
+
+
+class _Work:
+    """How much each race test does. The full sizes make the numba_cpu kernels take their
+    parallel path (which releases the GIL) and give the threads time to interleave; the host
+    runs of the other backends (reference, cupy_on_host: NumPy and serial C++ on the CPU,
+    which the conftest routes every kernel call to) exercise the same library code (per-
+    thread buffers, workspaces, flags) and are many times slower per element, so they run
+    an eighth of the width and fewer rounds."""
+
+    def __init__(self, full: bool):
+        self.wide, self.batch, self.rows = (WIDE, BATCH, ROWS) if full else (128, 256, 1024)
+        self.rounds = 1 if full else 0.2  # a fraction of each test's own repeat count
+        self.shapes = ((BATCH, WIDE), (1536, 700)) if full else ((256, 128), (192, 90))
+
+    def repeats(self, n: int) -> int:
+        return max(2, int(n * self.rounds))
+
+
+@pytest.fixture
+def work(cpu_kernels):
+    return _Work(full=cpu_kernels == "default")
 
 
 @pytest.fixture(scope="module")
@@ -81,21 +103,21 @@ def test_the_shapes_take_the_parallel_path_of_the_numba_cpu_kernels(cpu):
     assert BATCH * WIDE >= numba_cpu.PARALLEL_MIN_ELEMENTS
 
 
-def test_two_models_trained_in_two_threads_equal_each_trained_alone(device, data):
-    X, y = data
+def test_two_models_trained_in_two_threads_equal_each_trained_alone(device, data, work):
+    X, y = (a[:work.rows] for a in data)
     shared = L2(1e-4)  # one regularizer object serving both models: its scratch is per thread
 
     def train(model, seed):
         model.add_regularizer(shared)
-        model.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=2, batch_size=BATCH,
+        model.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=2, batch_size=work.batch,
                   seed=seed, verbose=0)
 
     alone = []
     for seed in (1, 2):
-        model = _model(seed)
+        model = _model(seed, work.wide)
         train(model, seed)
         alone.append(model.state_dict())
-    together = [_model(1), _model(2)]
+    together = [_model(1, work.wide), _model(2, work.wide)]
     _run_in_threads([lambda: train(together[0], 1), lambda: train(together[1], 2)])
     for model, expected in zip(together, alone):
         state = model.state_dict()  # NumPy copies, from either device
@@ -103,12 +125,12 @@ def test_two_models_trained_in_two_threads_equal_each_trained_alone(device, data
             np.testing.assert_array_equal(state[name], expected[name], err_msg=name)
 
 
-def test_kernels_called_from_two_threads_give_the_single_thread_results(cpu):
+def test_kernels_called_from_two_threads_give_the_single_thread_results(cpu, work):
     """The ops that keep partial sums in scratch memory (bias gradient, BatchNorm), called
     at once from two threads on different shapes."""
     rng = np.random.default_rng(3)
     cases = []
-    for n, m in ((BATCH, WIDE), (1536, 700)):
+    for n, m in work.shapes:
         da = rng.normal(size=(n, m)).astype(np.float32)
         z = rng.normal(size=(n, m)).astype(np.float32)
         cases.append((da, z))
@@ -127,12 +149,12 @@ def test_kernels_called_from_two_threads_give_the_single_thread_results(cpu):
         return delta, db, out, dx, dgamma, dbeta
 
     expected = [run(*case) for case in cases]
-    for _ in range(3):
+    for _ in range(work.repeats(3)):
         got = [None, None]
 
         def worker(i):
             def fn():
-                for _ in range(4):
+                for _ in range(work.repeats(4)):
                     got[i] = run(*cases[i])
                     for a, b in zip(got[i], expected[i]):
                         np.testing.assert_array_equal(a, b)
@@ -140,9 +162,9 @@ def test_kernels_called_from_two_threads_give_the_single_thread_results(cpu):
         _run_in_threads([worker(0), worker(1)])
 
 
-def test_predict_and_evaluate_from_eight_threads_on_one_model(device, data):
+def test_predict_and_evaluate_from_eight_threads_on_one_model(device, data, work):
     X, y = data
-    model = _model(5)
+    model = _model(5, work.wide)
     model.fit(X[:512], y[:512], loss="cross_entropy", epochs=1, batch_size=64, seed=0,
               verbose=0)
     model.train()  # predict must be eval-mode even while the model's flag says training
@@ -156,7 +178,7 @@ def test_predict_and_evaluate_from_eight_threads_on_one_model(device, data):
 
     def worker(i):
         def fn():
-            for _ in range(10):
+            for _ in range(work.repeats(10)):
                 out = bp.to_numpy(model.predict(parts[i], batch_size=64))
                 if not np.array_equal(out, expected[i]):
                     mismatches.append(("predict", i))
@@ -187,7 +209,7 @@ def test_model_call_from_threads_returns_each_callers_output(cpu):
     assert bad == []
 
 
-def test_one_loss_object_computes_each_threads_gradient(cpu):
+def test_one_loss_object_computes_each_threads_gradient(cpu, work):
     rng = np.random.default_rng(2)
     loss = SoftmaxCrossEntropyLoss()
     logits = [rng.normal(size=(64, 5)).astype(np.float32) for _ in range(4)]
@@ -200,7 +222,7 @@ def test_one_loss_object_computes_each_threads_gradient(cpu):
 
     def worker(i):
         def fn():
-            for _ in range(200):
+            for _ in range(work.repeats(200)):
                 value = float(loss.forward(logits[i], labels[i]))
                 if value != expected[i][0] or not np.array_equal(loss.backward(), expected[i][1]):
                     bad.append(i)
@@ -335,6 +357,7 @@ def test_models_copy_and_pickle_with_their_per_thread_state_left_behind(device, 
         clone.fit(X[:256], y[:256], loss="cross_entropy", epochs=1, batch_size=64, verbose=0)
 
 
+@pytest.mark.one_backend
 def test_parallel_kernels_from_two_threads_under_the_workqueue_layer(cpu, cpu_kernels):
     """Numba's workqueue layer aborts the process when two threads launch parallel kernels
     at once; numba_cpu serialises its parallel launches under it."""
