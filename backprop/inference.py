@@ -2,8 +2,9 @@
 Numba calls, without the per-layer overheads of ``Sequential.forward``.
 
 ``model.predict(X)`` and ``model(x)`` use a plan, when one applies, for a C-contiguous NumPy
-batch of at most :data:`MAX_ROWS` rows of the model's dtype and feature count, with the
-model in eval mode (``model(x)``) or under :func:`~backprop.concurrency.inference_mode`
+batch of at most :data:`MAX_ROWS` rows (more for a stack of Dense layers:
+:data:`DENSE_MAX_ROWS`, :data:`SMALL_WEIGHT_BYTES`) of the model's dtype and feature count,
+with the model in eval mode (``model(x)``) or under :func:`~backprop.concurrency.inference_mode`
 (``predict``). Anything else takes the normal path.
 
 What a plan computes, layer by layer (the same math as the layers' eval-mode forward)::
@@ -38,9 +39,18 @@ no transposed copy is kept. The product has two forms:
   reductions, which in the dot form cost as much as the products when the features are
   few. The output is transposed back at the end.
 
-The products run on the calling thread: at the batch sizes a plan takes, waking a second
-thread costs about as much as it saves (far more on a loaded machine), and two threads
-predicting at once each run on their own core. Kernels are compiled per activation, form
+Threads of one call. A batch runs on the calling thread, unless it holds at least two
+vectors of rows and at least :data:`PARALLEL_MIN_MACS` multiply-adds, Numba runs more than
+one thread and the model is a stack of Dense layers: then the batch is cut into one chunk
+of rows per thread (each a whole number of vectors) and a parallel driver runs the whole
+lanes program on each chunk, transposition, every layer and the transposition back, in a
+single parallel region (one wake-up of the worker threads per call, not one per layer; each
+core keeps its chunk's activations in its own cache). Below the threshold, waking a second
+thread costs more than it saves. The driver is generated per stack of activations (its
+Python source is written once under the user's cache directory, so that Numba's disk cache
+keeps its machine code between processes, ``_driver_for``). Under Numba's workqueue
+threading layer, which aborts on parallel launches from two threads at once, the drivers
+take turns as numba_cpu's parallel kernels do. Kernels are compiled per activation, form
 and dtype on first use and cached on disk.
 
 Precision: every operation runs in the model's dtype, as in the normal path, but the dot
@@ -85,12 +95,29 @@ from backprop.kernels import activations as _activations
 from backprop.kernels import inline, vecmath
 from backprop.kernels.activations import RECORDS, Math
 
-__all__ = ["MAX_ROWS", "plan_for", "run", "clear"]
+__all__ = ["MAX_ROWS", "DENSE_MAX_ROWS", "SMALL_WEIGHT_BYTES", "CHUNK_ROWS", "PARALLEL_MIN_MACS",
+           "plan_for", "run", "clear"]
 
 MAX_ROWS = 64
-"""Batches of at most this many rows run through a plan; larger ones take the normal path,
-whose multithreaded BLAS products win from there on for models of a few hundred thousand
-multiply-adds per row (a smaller model's plan stays faster up to a few hundred rows)."""
+"""Batches of at most this many rows run through any plan. A stack of Dense layers also
+takes up to :data:`DENSE_MAX_ROWS` rows, and any number when its weights fit in
+:data:`SMALL_WEIGHT_BYTES` (in chunks of rows, on every thread); other batches take the
+normal path, whose multithreaded BLAS products win there."""
+
+DENSE_MAX_ROWS = 128
+"""Rows up to which a stack of Dense layers of any size runs through its plan. Beyond, a
+model whose weights do not stay in cache (the mnist MLP's 1 MiB) is faster on the normal
+path: each chunk of rows reads every weight again, where BLAS blocks its products for the
+caches (benchmarks/inference_paths.py)."""
+
+SMALL_WEIGHT_BYTES = 256 << 10
+"""A stack of Dense layers whose weights take at most this many bytes runs through its plan
+at any batch size: its weights stay in each core's L2 cache while the chunks of rows stream
+through, and the plan stays ahead of the normal path at every size measured (the digits
+MLP; benchmarks/inference_paths.py)."""
+
+CHUNK_ROWS = 64
+"""The chunked driver's rows per chunk, at most: a chunk's activations stay in L2."""
 
 _FLAGS = dict(fastmath={"reassoc", "contract", "nsz"}, error_model="numpy", nogil=True,
               cache=True)
@@ -99,6 +126,13 @@ inf propagate as in NumPy, and comparisons with NaN stay false (the finiteness f
 count values failing ``|v| <= max``: an integer sum, which no float flag can fold away)."""
 
 _THREAD_BUFFERS_KEPT = 8  # batch sizes whose buffers a thread keeps per plan
+
+PARALLEL_MIN_MACS = 1 << 21
+"""A batch whose product sizes add up to fewer multiply-adds runs on one thread: waking the
+second thread of a parallel region costs tens of microseconds in Numba's driver (argument
+unpacking, the scheduler), the time of about this much work on one core
+(benchmarks/inference_paths.py). A chunk holds at least two vectors of rows (the widest
+tile), so two threads start at 64 float32 rows."""
 
 
 class _Stale(Exception):
@@ -585,6 +619,119 @@ def _kernel(table, make, *key):
     return kernel
 
 
+_DRIVERS: dict = {}
+_DRIVERS_LOCK = threading.Lock()
+
+
+def _kernel_name(act: str, row: int) -> str:
+    return "dense_" + "".join(c if c.isalnum() else "_" for c in act) + f"_{row}"
+
+
+def _driver_source(spec) -> str:
+    """The parallel driver of a stack of Dense layers, ``spec`` = ``((activation, row op),
+    ...)``: for each chunk ``c`` of ``chunk`` rows (in parallel), ``B0[c] = x[rows]ᵀ``,
+    ``B{i+1}[c] = layer i (B{i}[c])`` in the lanes form, ``out[rows] = B{L}[c]ᵀ``; whether
+    each chunk of ``x`` is finite goes to ``flags[c]`` (an array, not a reduction: a
+    reduction costs the parallel region an allocation per call)."""
+    layers = len(spec)
+    buffers = ", ".join(f"B{i}" for i in range(layers + 1))
+    params = ", ".join(f"W{i}, b{i}, a{i}" for i in range(layers))
+    # the kernels by their names (dense_<activation>_<row op>): the text alone must say
+    # which machine code the file stands for, since Numba's disk cache finds a driver's
+    # compiled code by its file and bytecode, not by the functions its globals hold
+    lines = [f"# the parallel inference driver of the Dense stack {spec!r}",
+             f"def plan_driver(x, out, chunk, flags, {buffers}, {params}):",
+             "    n = x.shape[0]",
+             "    for c in prange((n + chunk - 1) // chunk):",
+             "        r0 = c * chunk",
+             "        r1 = min(n, r0 + chunk)",
+             "        m = r1 - r0",
+             "        flags[c] = to_lanes(x[r0:r1], B0[c])"]
+    lines += [f"        {_kernel_name(act, row)}(B{i}[c], m, W{i}, b{i}, a{i}, B{i + 1}[c])"
+              for i, (act, row) in enumerate(spec)]
+    lines += [f"        from_lanes(B{layers}[c], out[r0:r1])", ""]
+    return "\n".join(lines)
+
+
+def _driver_dir() -> Path | None:
+    """Where the drivers' sources are written: ``$XDG_CACHE_HOME/backprop/inference``
+    (``~/.cache``), as cuda_host keeps its libraries; None where it cannot be created."""
+    import os
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = base / "backprop" / "inference"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK) else None
+
+
+def _driver_file(source: str) -> str:
+    """The path of a file holding ``source`` (written once, atomically: a rewrite would
+    change its modification time, which Numba's disk cache takes as an edit), or a
+    pseudo-path where no cache directory can be written (the driver is then compiled
+    without a disk cache)."""
+    import os
+    import tempfile
+
+    digest = hashlib.sha256("\0".join([
+        source, _DEPENDS, hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+        numba.__version__]).encode()).hexdigest()[:24]
+    folder = _driver_dir()
+    if folder is None:
+        return f"<backprop plan driver {digest}>"
+    path = folder / f"plan_driver_{digest}.py"
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(source)
+            os.replace(tmp, path)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)
+            return f"<backprop plan driver {digest}>"
+    return str(path)
+
+
+def _driver_for(spec):
+    """The parallel driver of ``spec`` (built once per process; compiled on first call)."""
+    with _DRIVERS_LOCK:
+        driver = _DRIVERS.get(spec)
+        if driver is None:
+            source = _driver_source(spec)
+            filename = _driver_file(source)
+            # __name__: Numba's disk cache re-imports a function's module when it loads the
+            # machine code (to rebuild its environment); the driver's is this module
+            scope = {"__name__": __name__, "prange": numba.prange, "to_lanes": _to_lanes,
+                     "from_lanes": _from_lanes}
+            for act, row in spec:
+                scope[_kernel_name(act, row)] = _kernel(_DENSE, _dense_kernel, act, row, _LANES)
+            exec(compile(source, filename, "exec"), scope)  # noqa: S102 (our own source)
+            fn = scope["plan_driver"]
+            cached = not filename.startswith("<")
+            driver = njit(parallel=True, **{**_FLAGS, "cache": cached})(fn)
+            if cached and hasattr(driver, "py_func"):
+                driver._cache = _Cache(driver.py_func)
+            _DRIVERS[spec] = driver
+    return driver
+
+
+def _parallel_launch(driver, *args) -> None:
+    """Run ``driver``; under Numba's workqueue layer one parallel launch at a time (as
+    numba_cpu's kernels: that layer aborts the process on two at once)."""
+    from backprop.kernels import numba_cpu
+
+    state = numba_cpu._PARALLEL
+    if state["serialize"] is False:
+        driver(*args)
+        return
+    with state["lock"]:
+        driver(*args)
+        if state["serialize"] is None:
+            state["serialize"] = numba_cpu._threading_layer() == "workqueue"
+
+
 # ---------------------------------------------------------------------------------------
 # Plans
 class _Local(threading.local):
@@ -750,20 +897,30 @@ class Plan(_State):
         steps = [step for step in self._steps if not step[0].startswith("guard")]
         self.row = _Program(steps, self._widths, last, lanes=False)
         self.lanes = None
+        self.dense = None  # for the parallel driver: ((layer, own activation, act), ...)
         if all(step[0] == "dense" for step in steps):
             self.lanes = _Program(steps, self._widths, last, lanes=True)
+            self.dense = tuple((layer, own, act) for _, layer, own, act, *_ in steps)
+            self.spec = tuple((name, row) for _, _, _, _, name, row, _, _ in steps)
+            self.widths = [steps[0][1].in_features] + [st[1].out_features for st in steps]
+            self.macs_per_row = sum(st[1].in_features * st[1].out_features for st in steps)
+            self.weight_bytes = self.macs_per_row * np.dtype(self.dtype).itemsize
         self.lanes_from = 16 if self.dtype == np.float32 else 8  # rows: one vector of lanes
         del self._steps, self._widths
 
     # -- running ---------------------------------------------------------------------------
     def __call__(self, x, check: bool):
         """``(output, finite)``: the output for ``x`` (C-contiguous, ``(n, in_features)``, the
-        plan's dtype, ``n`` ≤ :data:`MAX_ROWS`) as a fresh array. ``finite`` is True when
+        plan's dtype, ``n`` rows that :meth:`takes`) as a fresh array. ``finite`` is True when
         ``x`` is surely finite; when False (only computed with ``check``), ``x`` may hold
         NaN or inf, or the weights do (or the products overflowed)."""
         for guard in self.guards:
             guard()
         n = x.shape[0]
+        if self.dense is not None and n >= 4 * self.lanes_from:
+            threads = numba.get_num_threads()
+            if n > MAX_ROWS or (threads > 1 and n * self.macs_per_row >= PARALLEL_MIN_MACS):
+                return self._chunked(x, n, threads)
         program = self.lanes if n >= self.lanes_from and self.lanes is not None else self.row
         hidden = self._local.buffers.get(n)
         if hidden is None:
@@ -779,6 +936,39 @@ class Plan(_State):
             for op in program.ops:
                 op(regs, n)
         return out, finite
+
+    def takes(self, n: int) -> bool:
+        """Whether a batch of ``n`` rows runs through this plan (see :data:`MAX_ROWS`)."""
+        return 0 < n <= MAX_ROWS or (self.dense is not None and (
+            n <= DENSE_MAX_ROWS or self.weight_bytes <= SMALL_WEIGHT_BYTES))
+
+    def _chunked(self, x, n, threads):
+        """``(output, finite)`` of the lanes program run by the parallel driver on chunks of
+        rows: at least one per thread, of equal size (a whole number of vectors of lanes;
+        the caller sees to at least two per chunk where it can, the widest tile's) and at
+        most :data:`CHUNK_ROWS` rows."""
+        lanes = self.lanes_from
+        chunk = -(-n // max(threads, 1))
+        chunk = min(-(-chunk // lanes) * lanes, CHUNK_ROWS)
+        chunks = -(-n // chunk)
+        key = ("parallel", n, chunk)
+        buffers = self._local.buffers.get(key)
+        if buffers is None:
+            if len(self._local.buffers) >= _THREAD_BUFFERS_KEPT:
+                self._local.buffers.pop(next(iter(self._local.buffers)))
+            buffers = self._local.buffers[key] = (
+                np.empty(chunks, np.bool_),
+                [np.empty((chunks, w, chunk), self.dtype) for w in self.widths])
+        flags, hidden = buffers
+        params = []
+        for layer, own, act in self.dense:
+            if layer.activation is not own:
+                raise _Stale
+            b = layer.b
+            params += (layer.W.data, None if b is None else b.data, act.alpha)
+        out = np.empty((n, self.out_width), self.dtype)
+        _parallel_launch(_driver_for(self.spec), x, out, chunk, flags, *hidden, *params)
+        return out, bool(flags.all())
 
     def _allocate(self, n, program):
         """This thread's intermediate arrays for batches of ``n`` rows (the oldest batch
@@ -933,8 +1123,8 @@ _NUMBA_CHOICES = ("auto", "numba")  # kernel choices under which the CPU runs Nu
 def run(model, x, check: bool = False, eval_mode: bool = False):
     """``model``'s eval-mode output for the NumPy batch ``x`` through its plan, as a fresh
     array, or None where no plan applies (the caller then takes the normal path): ``x`` not
-    a C-contiguous 2-D array of the model's dtype with its feature count and 1 to
-    :data:`MAX_ROWS` rows, a model on the GPU or with a layer no plan covers, a layer in
+    a C-contiguous 2-D array of the model's dtype with its feature count and a number of rows
+    the plan takes (``Plan.takes``, :data:`MAX_ROWS`), a model on the GPU or with a layer no plan covers, a layer in
     training mode whose forward depends on it (Dropout, BatchNorm1d) outside
     :func:`~backprop.concurrency.inference_mode`, or kernels other than Numba's selected.
 
@@ -945,7 +1135,7 @@ def run(model, x, check: bool = False, eval_mode: bool = False):
     if plan is None or not plan.usable(model):
         plan = _build(model)
     if (not plan.ok or x.ndim != 2 or x.dtype != plan.dtype
-            or x.shape[1] != plan.in_features or not 0 < x.shape[0] <= MAX_ROWS
+            or x.shape[1] != plan.in_features or not plan.takes(x.shape[0])
             or not x.flags.c_contiguous or K.get_choice() not in _NUMBA_CHOICES):
         return None
     if plan.sensitive and not (eval_mode or _MODE.eval) and any(
@@ -955,7 +1145,8 @@ def run(model, x, check: bool = False, eval_mode: bool = False):
         out, finite = plan(x, check)
     except _Stale:
         plan = _build(model)
-        if not plan.ok or x.dtype != plan.dtype or x.shape[1] != plan.in_features:
+        if (not plan.ok or x.dtype != plan.dtype or x.shape[1] != plan.in_features
+                or not plan.takes(x.shape[0])):
             return None
         out, finite = plan(x, check)
     if check and not finite and not bool(np.isfinite(x).all()):

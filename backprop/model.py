@@ -182,9 +182,9 @@ class Sequential(Layer):
     def __call__(self, x):
         """``forward`` on any array-like (:meth:`~backprop.layers.Layer.prepare_input`),
         returned as a fresh array. In eval mode (``model.eval()`` or inside
-        :func:`~backprop.concurrency.inference_mode`) a NumPy batch of at most
-        ``backprop.inference.MAX_ROWS`` rows runs through the model's compiled inference
-        plan (:mod:`backprop.inference`) when one covers its layers: the same outputs up to
+        :func:`~backprop.concurrency.inference_mode`) a NumPy batch runs through the model's
+        compiled inference plan (:mod:`backprop.inference`) when one covers its layers and
+        the batch's size (``backprop.inference.MAX_ROWS``): the same outputs up to
         rounding, without saving tensors for ``backward`` (call ``forward`` for a pass to
         differentiate). Thread-safe, as ``predict``."""
         if self._training and not _MODE.eval:

@@ -1005,10 +1005,11 @@ def predict(model, X, batch_size: int | None = None):
 
     ``batch_size``: rows per forward pass; None (the default) takes all of ``X`` in one pass
     when the pass's intermediate outputs fit in ``PREDICT_MEMORY`` bytes, else as many
-    rows per pass as fit. On the CPU a pass of at most ``backprop.inference.MAX_ROWS`` rows
-    runs through the model's compiled inference plan when one covers its layers
-    (:mod:`backprop.inference`; the same outputs up to rounding). A C-contiguous NumPy ``X``
-    of the model's dtype and feature count with that few rows goes straight to the plan:
+    rows per pass as fit. On the CPU a pass runs through the model's compiled inference plan
+    when one covers its layers and the pass's rows (``backprop.inference.MAX_ROWS``; a
+    small stack of Dense layers at any size) (:mod:`backprop.inference`; the same outputs up
+    to rounding). A C-contiguous NumPy ``X`` of the model's dtype and feature count that a
+    plan takes goes straight to it:
     no conversion, no copy, and the finiteness check rides on the first layer's kernel.
 
     Thread-safe, as :func:`evaluate`."""

@@ -100,11 +100,133 @@ def test_every_batch_size_up_to_max_rows_and_beyond(dtype):
         expected = forward(model, x)
         got = model.predict(x)
         assert got.shape == (n, 6)
-        if n > R:  # the normal path: forward itself
-            np.testing.assert_array_equal(got, expected)
-        else:
-            assert_close(got, expected, dtype)
-            assert_close(model(x), expected, dtype)
+        assert_close(got, expected, dtype)
+        assert_close(model(x), expected, dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Stacks of Dense layers: larger batches in chunks of rows, on every thread
+def count_launches(monkeypatch):
+    """The chunk sizes of the parallel driver's launches, one entry per launch."""
+    chunks = []
+    launch = inference._parallel_launch
+
+    def counted(driver, x, out, chunk, *rest):
+        chunks.append(chunk)
+        return launch(driver, x, out, chunk, *rest)
+
+    monkeypatch.setattr(inference, "_parallel_launch", counted)
+    return chunks
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_a_small_dense_stack_takes_any_batch_in_chunks(dtype, monkeypatch):
+    chunks = count_launches(monkeypatch)
+    model = mlp("relu", dtype, width=33, out=6)
+    assert inference.plan_for(model).weight_bytes <= inference.SMALL_WEIGHT_BYTES
+    for n in (R + 1, 100, 1000):
+        x = data(n, 7, dtype, seed=n)
+        predicted, called = uses_plan(model, x)
+        np.testing.assert_array_equal(predicted, called)
+        assert_close(predicted, forward(model, x), dtype)
+    assert len(chunks) == 6 and max(chunks) <= inference.CHUNK_ROWS
+    lanes = 16 if dtype == np.float32 else 8
+    assert all(c % lanes == 0 for c in chunks)
+
+
+def test_a_large_dense_stack_takes_the_plan_up_to_dense_max_rows(monkeypatch):
+    model = Sequential([Dense(600, 120, rng=0), Dense(120, 10, rng=1)]).eval()
+    plan = inference.plan_for(model)
+    assert plan.weight_bytes > inference.SMALL_WEIGHT_BYTES
+    D = inference.DENSE_MAX_ROWS
+    assert plan.takes(D) and not plan.takes(D + 1)
+    x = data(D + 1, 600, np.float32)
+    assert inference.run(model, x) is None  # the normal path
+    assert_close(inference.run(model, x[:D]), forward(model, x[:D]), np.float32)
+    other = Sequential([BatchNorm1d(7), Dense(7, 2, rng=0)]).eval()  # not a Dense stack
+    plan = inference.plan_for(other)
+    assert plan.takes(R) and not plan.takes(R + 1)
+
+
+def test_the_threads_split_a_batch_only_above_the_work_threshold(monkeypatch):
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba runs one thread here (NUMBA_NUM_THREADS=1)")
+    chunks = count_launches(monkeypatch)
+    model = mlp("relu", np.float32, width=33, out=6)
+    x = data(R, 7, np.float32)
+    expected = forward(model, x)
+    previous = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        assert_close(model.predict(x), expected, np.float32)  # below: one thread
+        assert chunks == []
+        monkeypatch.setattr(inference, "PARALLEL_MIN_MACS", 0)
+        assert_close(model.predict(x), expected, np.float32)
+        assert chunks == [R // 2]  # one chunk per thread
+        numba.set_num_threads(1)
+        assert_close(model.predict(x), expected, np.float32)
+        assert chunks == [R // 2]  # one thread: the calling thread's program
+    finally:
+        numba.set_num_threads(previous)
+
+
+def test_non_finite_input_in_any_chunk_raises_data_error():
+    model = mlp("relu", np.float32, width=33, out=6)
+    x = data(1000, 7, np.float32)
+    x[777, 3] = np.nan
+    with pytest.raises(DataError, match="NaN or inf.*row 777"):
+        model.predict(x)
+
+
+def test_stacks_of_one_depth_and_other_activations_get_their_own_drivers(tmp_path,
+                                                                         monkeypatch):
+    """Drivers of stacks of one depth differ only in the kernels they call: each must be
+    its own file and disk-cache entry (one driver loaded in place of the other computed
+    the wrong activations)."""
+    monkeypatch.setattr(inference, "_driver_dir", lambda: tmp_path)
+    monkeypatch.setattr(inference, "_DRIVERS", {})
+    x = data(300, 7, np.float32)
+    for name in ("relu", "tanh", "sigmoid"):
+        model = mlp(name, np.float32, width=33, out=6)
+        assert_close(model.predict(x), forward(model, x), np.float32)
+    assert len(list(tmp_path.glob("plan_driver_*.py"))) == 3
+    inference._DRIVERS.clear()  # as a new process: the machine code from the disk cache
+    for name in ("sigmoid", "tanh", "relu"):
+        model = mlp(name, np.float32, width=33, out=6)
+        assert_close(model.predict(x), forward(model, x), np.float32)
+
+
+def test_the_driver_runs_without_a_cache_directory(monkeypatch):
+    monkeypatch.setattr(inference, "_driver_dir", lambda: None)
+    monkeypatch.setattr(inference, "_DRIVERS", {})
+    model = mlp("relu", np.float32, width=33, out=6)
+    x = data(200, 7, np.float32)
+    assert_close(model.predict(x), forward(model, x), np.float32)
+
+
+def test_a_second_process_loads_the_driver_from_the_disk_cache(tmp_path):
+    """The driver's source is a file under the cache directory, so that Numba's disk cache
+    keeps its machine code; loading it in a new process must work (it re-imports the
+    function's module)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, backprop as bp\n"
+            "m = bp.Sequential([bp.Dense(7, 9, activation='tanh', rng=0), bp.Dense(9, 2, rng=1)])\n"
+            "x = np.random.default_rng(0).normal(size=(300, 7)).astype(np.float32)\n"
+            "print(float(abs(m.predict(x) - m.eval().forward(x)).max()))\n")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert float(out.stdout) < 1e-5
+    sources = list((tmp_path / "backprop" / "inference").glob("plan_driver_*.py"))
+    assert len(sources) == 1
+    assert list((tmp_path / "backprop" / "inference" / "__pycache__").glob("*.nbi"))
 
 
 def test_batch_size_passes_go_through_the_plan():
@@ -314,7 +436,7 @@ def test_unplannable_models_take_the_normal_path():
 
 
 def test_default_batch_is_one_pass():
-    model = mlp("relu", np.float32)
+    model = mlp("relu", np.float32, width=300)  # weights too large for a plan at 4096 rows
     X = data(4096, 7, np.float32)
     calls = []
     original = model.forward
@@ -333,6 +455,7 @@ def test_default_batch_is_one_pass():
 def test_two_threads_predict_at_once():
     model = mlp("gelu", np.float32, width=64)
     inputs = [data(1 + 7 * i, 7, np.float32, seed=i) for i in range(6)]
+    inputs += [data(300, 7, np.float32, seed=6)]  # in chunks, on every thread
     expected = [model.predict(x) for x in inputs]
     barrier, bad, errors = threading.Barrier(2), [], []
 
