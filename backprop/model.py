@@ -208,13 +208,16 @@ class Sequential(Layer):
         small products run faster on fewer threads); the token for ``blas.release``."""
         if not self._widest or type(batch) is not np.ndarray:
             return None
+        largest = batch.shape[0] * self._widest
+        if largest <= blas.SINGLE_THREADED_MACS:
+            return None  # OpenBLAS runs these products on one thread by itself
         request = _MODE.autocast
         if request is not None and request.policy(batch) is not None:
             # mixed precision: the large products run on MKL; the float32 ones left are
             # small, and a second OpenBLAS thread spinning after them took the core from
             # MKL's and Numba's threads for the rest of the step
             return blas.acquire(blas.SINGLE_THREADED_MACS + 1)
-        return blas.acquire(batch.shape[0] * self._widest)
+        return blas.acquire(largest)
 
     def backward(self, grad, need_input_grad=False, from_logits=False):
         """Backward through every layer, last first, adding into each parameter's ``.grad``.

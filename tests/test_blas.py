@@ -113,3 +113,33 @@ def test_a_pass_outside_fit_caps_itself_and_restores_the_count(rows, width, capp
     finally:
         blas.release(token)
     assert _openblas_threads() == before
+
+
+@pytest.mark.parametrize("rows, width, capped", [(4, 16, False), (256, 2048, True)],
+                         ids=["one-thread-anyway", "large"])
+@use_device("cpu")
+def test_a_mixed_precision_pass_caps_only_what_openblas_would_thread(rows, width, capped,
+                                                                    monkeypatch):
+    """Under autocast the float32 products left to OpenBLAS run on one thread (a second one,
+    spinning, took the core from MKL's); a pass whose products OpenBLAS runs on one thread
+    by itself leaves the count alone, without a call (two set_num_threads calls per pass
+    cost a tiny model's step a fifth of its time)."""
+    import backprop as bp
+
+    monkeypatch.setenv("BACKPROP_LOWP_EMULATE", "1")
+    before = _openblas_threads()
+    if before < 2:
+        pytest.skip(f"OpenBLAS runs {before} thread here: nothing to cap")
+    probe = _RecordThreads()
+    model = Sequential([Dense(width, width, activation="relu"), probe, Dense(width, 2)])
+    x = np.random.default_rng(0).standard_normal((rows, width)).astype(np.float32)
+    calls = []
+    acquire = blas.acquire
+    monkeypatch.setattr(blas, "acquire", lambda largest: calls.append(largest) or
+                        acquire(largest))
+    with bp.autocast("bfloat16", emulate=True):
+        model.backward(model.forward(x).copy())
+    inside = 1 if capped else before
+    assert probe.seen == [("forward", inside), ("backward", inside)]
+    assert (calls != []) == capped
+    assert _openblas_threads() == before
