@@ -89,6 +89,18 @@ class _RecordThreads(Layer):
         return grad
 
 
+def _probed_model(rows, width):
+    """``(OpenBLAS's threads now, the probe, a model with the probe between two Dense
+    layers, a batch)``; skipped where OpenBLAS runs one thread (nothing to cap)."""
+    before = _openblas_threads()
+    if before < 2:
+        pytest.skip(f"OpenBLAS runs {before} thread here: nothing to cap")
+    probe = _RecordThreads()
+    model = Sequential([Dense(width, width, activation="relu"), probe, Dense(width, 2)])
+    x = np.random.default_rng(0).standard_normal((rows, width)).astype(np.float32)
+    return before, probe, model, x
+
+
 @pytest.mark.parametrize("rows, width, capped", [(64, 128, True), (4, 16, False),
                                                  (256, 2048, False)],
                          ids=["digits-size", "one-thread-anyway", "large"])
@@ -97,12 +109,7 @@ def test_a_pass_outside_fit_caps_itself_and_restores_the_count(rows, width, capp
     """A hand-written loop's forward and backward run under the cap fit would set, and the
     caller's own code before and after runs on the threads it had; products OpenBLAS runs
     on one thread anyway, and large ones, leave the count alone."""
-    before = _openblas_threads()
-    if before < 2:
-        pytest.skip(f"OpenBLAS runs {before} thread here: nothing to cap")
-    probe = _RecordThreads()
-    model = Sequential([Dense(width, width, activation="relu"), probe, Dense(width, 2)])
-    x = np.random.default_rng(0).standard_normal((rows, width)).astype(np.float32)
+    before, probe, model, x = _probed_model(rows, width)
     model.backward(model.forward(x).copy())
     inside = 1 if capped else before
     assert probe.seen == [("forward", inside), ("backward", inside)]
@@ -127,12 +134,7 @@ def test_a_mixed_precision_pass_caps_only_what_openblas_would_thread(rows, width
     import backprop as bp
 
     monkeypatch.setenv("BACKPROP_LOWP_EMULATE", "1")
-    before = _openblas_threads()
-    if before < 2:
-        pytest.skip(f"OpenBLAS runs {before} thread here: nothing to cap")
-    probe = _RecordThreads()
-    model = Sequential([Dense(width, width, activation="relu"), probe, Dense(width, 2)])
-    x = np.random.default_rng(0).standard_normal((rows, width)).astype(np.float32)
+    before, probe, model, x = _probed_model(rows, width)
     calls = []
     acquire = blas.acquire
     monkeypatch.setattr(blas, "acquire", lambda largest: calls.append(largest) or
