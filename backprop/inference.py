@@ -80,6 +80,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import tempfile
 import threading
 from pathlib import Path
 
@@ -656,8 +658,6 @@ def _driver_source(spec) -> str:
 def _driver_dir() -> Path | None:
     """Where the drivers' sources are written: ``$XDG_CACHE_HOME/backprop/inference``
     (``~/.cache``), as cuda_host keeps its libraries; None where it cannot be created."""
-    import os
-
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     folder = base / "backprop" / "inference"
     try:
@@ -672,9 +672,6 @@ def _driver_file(source: str) -> str:
     change its modification time, which Numba's disk cache takes as an edit), or a
     pseudo-path where no cache directory can be written (the driver is then compiled
     without a disk cache)."""
-    import os
-    import tempfile
-
     digest = hashlib.sha256("\0".join([
         source, _DEPENDS, hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
         numba.__version__]).encode()).hexdigest()[:24]
@@ -718,18 +715,11 @@ def _driver_for(spec):
 
 
 def _parallel_launch(driver, *args) -> None:
-    """Run ``driver``; under Numba's workqueue layer one parallel launch at a time (as
-    numba_cpu's kernels: that layer aborts the process on two at once)."""
+    """Run ``driver`` as numba_cpu runs its parallel kernels (under Numba's workqueue layer,
+    which aborts the process on two launches at once, one at a time)."""
     from backprop.kernels import numba_cpu
 
-    state = numba_cpu._PARALLEL
-    if state["serialize"] is False:
-        driver(*args)
-        return
-    with state["lock"]:
-        driver(*args)
-        if state["serialize"] is None:
-            state["serialize"] = numba_cpu._threading_layer() == "workqueue"
+    numba_cpu.run_parallel(driver, *args)
 
 
 # ---------------------------------------------------------------------------------------

@@ -637,11 +637,17 @@ def run_worker(section: str, framework: str, specs, threads: int, max_time: floa
            "--wait-policy", wait_policy]
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
+    return worker_rows(cmd, f"the {section} worker of {framework}", framework, threads,
+                       wait_policy)
+
+
+def worker_rows(cmd, label: str, framework: str, threads: int, wait_policy: str) -> list[dict]:
+    """Run a worker process (``cmd``) under :func:`worker_env`; its last stdout line is a JSON
+    list of rows, returned tagged with the framework and the wait policy."""
     proc = subprocess.run(cmd, env=worker_env(threads, wait_policy), capture_output=True,
                           text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"the {section} worker of {framework} failed "
-                           f"(exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{label} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     return [dict(r, framework=framework, omp_wait_policy=wait_policy) for r in rows]
 

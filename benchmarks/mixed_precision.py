@@ -53,7 +53,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -63,7 +62,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from frameworks import (LR, Spec, backprop_model, batch_data, init_params,  # noqa: E402
-                        torch_model, worker_env)
+                        torch_model, worker_rows)
+from frameworks_report import _ms  # noqa: E402
 
 DEFAULT_OUT = HERE / "results" / "intel-xeon-2c-2026-12-05"
 MODELS = ("tiny", "digits", "mnist", "wide")
@@ -301,13 +301,7 @@ def run_worker(framework: str, specs, threads: int, max_time: float, check_steps
            "--spec", json.dumps([s.as_json() for s in specs])]
     if variants:
         cmd += ["--variants", ",".join(variants)]
-    proc = subprocess.run(cmd, env=worker_env(threads, wait_policy), capture_output=True,
-                          text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the {framework} worker failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-4000:]}")
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    return [dict(r, framework=framework, omp_wait_policy=wait_policy) for r in rows]
+    return worker_rows(cmd, f"the {framework} worker", framework, threads, wait_policy)
 
 
 def worker_groups(frameworks, threads: int, smoke: bool) -> list[tuple]:
@@ -428,13 +422,6 @@ def sanity(runs: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------
 # Markdown
-def _ms(seconds) -> str:
-    if seconds is None:
-        return "–"
-    ms = seconds * 1e3
-    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
-
-
 def _x(value) -> str:
     return "–" if value is None else f"{value:.2f}×"
 

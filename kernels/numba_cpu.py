@@ -135,13 +135,20 @@ class _Loops:
         """Run on ``args``; ``work`` (elements touched) picks serial or parallel."""
         if work < PARALLEL_MIN_ELEMENTS:
             return self.serial(*args)
-        if _PARALLEL["serialize"] is False:
-            return self.parallel(*args)
-        with _PARALLEL["lock"]:
-            result = self.parallel(*args)
-            if _PARALLEL["serialize"] is None:  # the layer is known after the first launch
-                _PARALLEL["serialize"] = _threading_layer() == "workqueue"
-        return result
+        return run_parallel(self.parallel, *args)
+
+
+def run_parallel(fn, *args):
+    """``fn(*args)`` for a Numba function compiled with ``parallel=True``: at once from any
+    number of threads under the OpenMP and TBB layers, one launch at a time under workqueue
+    (see :data:`_PARALLEL`)."""
+    if _PARALLEL["serialize"] is False:
+        return fn(*args)
+    with _PARALLEL["lock"]:
+        result = fn(*args)
+        if _PARALLEL["serialize"] is None:  # the layer is known after the first launch
+            _PARALLEL["serialize"] = _threading_layer() == "workqueue"
+    return result
 
 
 def _threading_layer() -> str | None:
