@@ -13,7 +13,9 @@ hand-written training loop, ``predict``) caps itself the same way for its own du
 the default everywhere and nothing changes for the caller's own NumPy code in between. The cap is set through threadpoolctl, which finds the OpenBLAS that NumPy loaded,
 and only where that OpenBLAS runs its own pthreads pool (an OpenMP build shares its
 thread-count setting with every OpenMP user of the thread, Numba's kernels among them; MKL
-and other BLAS libraries are left alone).
+and other BLAS libraries are left alone). The first time it finds that OpenBLAS, it also
+moves OpenBLAS's parallel jobs onto the threads of the fused kernels
+(:mod:`backprop.blas_pool`), so that products and kernels share one pool.
 
 The thread count of OpenBLAS is one setting for the whole process, while ``fit`` may run in
 several threads at once: the caps of the ``fit`` calls in progress are kept in one
@@ -60,6 +62,10 @@ def _openblas():
             _state["openblas"] = _find_openblas()
         except Exception:  # threadpoolctl's inspection failed: leave BLAS as it is
             _state["openblas"] = None
+        if _state["openblas"] is not None:
+            from backprop import blas_pool
+
+            blas_pool.install()  # OpenBLAS's jobs on the kernels' threads, where it can
     return _state["openblas"]
 
 

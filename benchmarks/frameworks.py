@@ -69,6 +69,9 @@ PROFILE_FRAMEWORKS = ("backprop", "jax")
 SECTIONS = ("train", "inference", "memory", "profile")
 REQUIRES = {"torch": ("torch",), "jax": ("jax", "optax"), "onnxruntime": ("onnxruntime", "onnx")}
 WAIT_POLICIES = {"torch": ("default", "active")}  # every other framework: ("default",)
+# the OpenMP settings importing backprop makes (backprop.kernels.OMP_VARIABLES, copied so that
+# a worker can clear them before it imports anything; tests/test_bench_tools.py compares them)
+OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 FLOOR_MODELS = ("mnist", "wide")
 INFERENCE_MODELS = ("digits", "mnist")
 LATENCY_BATCHES = (1, 32)
@@ -407,7 +410,8 @@ def onnx_session(params, threads: int):
 def _setup_worker(framework: str, threads: int, wait_policy: str | None) -> None:
     """Before the framework is imported: its thread settings."""
     if framework.startswith("torch"):  # PyTorch's OpenMP reads the policy at import
-        os.environ.pop("OMP_WAIT_POLICY", None)
+        for var in OMP_VARIABLES:
+            os.environ.pop(var, None)
         if wait_policy not in (None, "default"):
             os.environ["OMP_WAIT_POLICY"] = wait_policy
     if framework == "jax" and hasattr(os, "sched_setaffinity"):
@@ -616,13 +620,15 @@ def worker_main(args) -> int:
 # ---------------------------------------------------------------------------------------
 # The driver
 def worker_env(threads: int, wait_policy: str | None) -> dict:
-    """This environment with ``threads`` threads for every pool, and ``OMP_WAIT_POLICY``
-    unset (the framework's default) or ``wait_policy``."""
+    """This environment with ``threads`` threads for every pool, and the OpenMP settings
+    backprop makes (:data:`OMP_VARIABLES`) unset (each framework's default; a backprop
+    worker sets its own at import) or ``OMP_WAIT_POLICY=wait_policy``."""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                 "NUMBA_NUM_THREADS"):
         env[var] = str(threads)
-    env.pop("OMP_WAIT_POLICY", None)
+    for var in OMP_VARIABLES:
+        env.pop(var, None)
     if wait_policy not in (None, "default"):
         env["OMP_WAIT_POLICY"] = wait_policy
     env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(HERE), env.get("PYTHONPATH"))))

@@ -61,7 +61,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from frameworks import (LR, Spec, backprop_model, batch_data, init_params,  # noqa: E402
+from frameworks import (LR, OMP_VARIABLES, Spec, backprop_model, batch_data, init_params,  # noqa: E402
                         torch_model, worker_rows)
 from frameworks_report import _ms  # noqa: E402
 
@@ -273,7 +273,8 @@ def _torch_info() -> dict:
 def worker_main(args) -> int:
     framework = args.worker
     if framework == "torch":  # PyTorch's OpenMP reads the policy when torch is imported
-        os.environ.pop("OMP_WAIT_POLICY", None)
+        for var in OMP_VARIABLES:
+            os.environ.pop(var, None)
         if args.wait_policy != "default":
             os.environ["OMP_WAIT_POLICY"] = args.wait_policy
         import torch

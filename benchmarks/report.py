@@ -35,7 +35,8 @@ import numpy as np
 STATS = ("median", "min", "mean")
 PLAIN_STORES = "numba_plain_stores"  # the copy with ordinary stores (benchmarks/test_bench_copy.py)
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
-              "NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY")
+              "NUMBA_THREADING_LAYER", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
+              "BACKPROP_BLAS_POOL")
 
 
 # ---------------------------------------------------------------------------------------

@@ -139,10 +139,12 @@ def test_torch_compare_smoke(tmp_path):
     assert all(r["threads"] == 1 and r["median"] > 0 for r in data["results"])
     rows = {r["framework"]: r for r in data["results"]}
     # PyTorch runs under its own default policy and under "active" (the best counts), never
-    # under the "passive" that importing backprop sets for Numba
+    # under the OpenMP settings that importing backprop makes for Numba
     assert set(rows["torch"]["median_by_wait_policy"]) == {"default", "active"}
     assert rows["torch"]["omp_wait_policy_seen"] == rows["torch"]["omp_wait_policy"]
-    assert rows["backprop"]["omp_wait_policy_seen"].lower() == "passive"
+    assert set(rows["torch"]["omp_settings_seen"]) <= {"OMP_WAIT_POLICY"}
+    assert rows["backprop"]["omp_settings_seen"] == {"GOMP_SPINCOUNT": "30000",
+                                                     "KMP_BLOCKTIME": "0"}
 
 
 @pytest.mark.parametrize("op", ["bias_act_backward", "softmax_forward", "batchnorm_backward"])
@@ -193,3 +195,15 @@ def test_inference_paths_smoke(tmp_path):
     assert "plan, one thread" in by[("mnist", 64)]
     md = (tmp_path / "inference_paths.md").read_text()
     assert md.startswith("# Inference paths") and "| mnist | 1,050 KiB | 200 |  |  |" in md
+
+
+def test_workers_clear_every_openmp_setting_backprop_makes():
+    """The benchmark scripts clear backprop's OpenMP settings before PyTorch imports:
+    their copies of the list must be backprop's."""
+    import frameworks
+    import torch_compare
+
+    from backprop import kernels
+
+    assert frameworks.OMP_VARIABLES == kernels.OMP_VARIABLES
+    assert torch_compare.OMP_VARIABLES == kernels.OMP_VARIABLES

@@ -37,6 +37,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 FRAMEWORKS = ("torch", "backprop")
 WAIT_POLICIES = {"torch": ("default", "active"), "backprop": ("default",)}  # see the docstring
+OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")  # as frameworks.py
+
+
+def _omp_settings() -> dict:
+    """The OpenMP variables of :data:`OMP_VARIABLES` set in this process."""
+    return {v: os.environ[v] for v in OMP_VARIABLES if v in os.environ}
 
 
 def time_step(step, sync, max_time: float, min_rounds: int = 5, warmup: int = 3) -> dict:
@@ -66,6 +72,7 @@ def torch_worker(device: str, threads: int, mlps, max_time: float) -> list[dict]
 
     torch.set_num_threads(threads)
     seen = os.environ.get("OMP_WAIT_POLICY", "default")  # what torch's OpenMP read at import
+    settings = _omp_settings()
     if device == "cuda" and not torch.cuda.is_available():
         return [{"skipped": "torch.cuda.is_available() is False"}]
     dev = torch.device(device)
@@ -90,7 +97,7 @@ def torch_worker(device: str, threads: int, mlps, max_time: float) -> list[dict]
 
         results.append(dict(time_step(step, sync, max_time), model=mlp.name,
                             threads=torch.get_num_threads(), version=torch.__version__,
-                            omp_wait_policy_seen=seen))
+                            omp_wait_policy_seen=seen, omp_settings_seen=settings))
     return results
 
 
@@ -109,7 +116,8 @@ def backprop_worker(device: str, threads: int, mlps, max_time: float) -> list[di
             timing = time_step(step, synced(device, lambda: None), max_time)
         results.append(dict(timing, model=mlp.name, threads=_numba_threads(),
                             kernels=K.backend_name(device), version=backprop.__version__,
-                            omp_wait_policy_seen=os.environ.get("OMP_WAIT_POLICY", "default")))
+                            omp_wait_policy_seen=os.environ.get("OMP_WAIT_POLICY", "default"),
+                            omp_settings_seen=_omp_settings()))
     return results
 
 
@@ -128,7 +136,8 @@ def run_worker(framework: str, device: str, threads: int, models: list[str], max
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                 "NUMBA_NUM_THREADS"):
         env[var] = str(threads)
-    env.pop("OMP_WAIT_POLICY", None)
+    for var in OMP_VARIABLES:
+        env.pop(var, None)
     if wait_policy != "default":
         env["OMP_WAIT_POLICY"] = wait_policy
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", framework,
@@ -175,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.worker:
         if args.worker == "torch":  # PyTorch's OpenMP reads the policy when torch is imported
-            os.environ.pop("OMP_WAIT_POLICY", None)
+            for var in OMP_VARIABLES:
+                os.environ.pop(var, None)
             if wait_policy is not None:
                 os.environ["OMP_WAIT_POLICY"] = wait_policy
         mlps = [MLPS[m].smoke() if args.smoke else MLPS[m] for m in models]

@@ -38,12 +38,26 @@ import importlib
 import importlib.util
 import os
 
-# Numba's OpenMP workers would otherwise spin after every parallel loop and fight OpenBLAS's
-# threads for the cores, and each small kernel after a GEMM would wait for one (docs/design.md
-# has the figure). The
-# OpenMP runtime reads this once, at the first parallel launch of any Numba function in the
-# process (not only ours), so it is set when backprop is imported, before any can run.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# How long Numba's OpenMP workers spin after a parallel loop before they sleep. The OpenMP
+# runtime reads this once, at the first parallel launch of any Numba function in the process
+# (not only ours), so it is set when backprop is imported, before any can run, and only where
+# the user set none of these variables. With OpenBLAS's jobs on the same threads
+# (backprop.blas_pool, the default) a short spin (GNU OpenMP's GOMP_SPINCOUNT: about half a
+# millisecond here) hands each product and kernel of a step to a thread that is still awake,
+# and nothing else spins. With OpenBLAS keeping its own pool (BACKPROP_BLAS_POOL=openblas) the
+# workers sleep at once (PASSIVE), since spinning they fought OpenBLAS's threads for the cores
+# (docs/design.md has the figures). Intel's OpenMP (MKL's, in the bf16 extra) sleeps at once
+# in both cases (KMP_BLOCKTIME=0, what PASSIVE meant for it before).
+OMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+"""The OpenMP settings backprop may set at import (benchmarks clear them for other
+frameworks' processes, which should run under their own defaults)."""
+
+if not any(v in os.environ for v in OMP_VARIABLES):
+    if os.environ.get("BACKPROP_BLAS_POOL", "numba").strip().lower() == "openblas":
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    else:
+        os.environ["GOMP_SPINCOUNT"] = "30000"
+        os.environ["KMP_BLOCKTIME"] = "0"
 
 import numpy as np  # noqa: E402
 

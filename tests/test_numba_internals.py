@@ -27,6 +27,10 @@ MODULE_ATTRIBUTES = [
     ("numba.extending", "intrinsic", "kernels/vecmath.py, kernels/numba_cpu.py",
      "LLVM IR of vecmath and the dropout hash"),
     ("numba.extending", "type_callable", "kernels/inline.py", "typing of the inlined calls"),
+    ("numba.core.cgutils", "get_or_insert_function", "backprop/blas_pool.py",
+     "declaring the OpenBLAS/OpenMP functions the BLAS callback calls by name"),
+    ("numba.np.ufunc.parallel", "_load_threading_functions", "backprop/blas_pool.py",
+     "registers get_num_threads/set_num_threads, which the callback calls by name"),
 ]
 
 # methods of the CPU target context that the lowering code calls
@@ -82,6 +86,25 @@ def test_dispatchers_and_compile_results_have_what_the_backend_reads():
     assert not missing, (f"numba {numba.__version__}: missing {missing} (compile results' "
                          "library/fndesc/signature: kernels/inline.py; a dispatcher's _cache "
                          "and py_func: kernels/numba_cpu.py)")
+
+
+def test_the_threading_layer_registers_the_functions_the_blas_callback_calls():
+    """backprop/blas_pool.py's callback calls the C functions ``get_num_threads`` and
+    ``set_num_threads`` of Numba's threading layer by the names Numba registers them under,
+    and finds ``omp_in_parallel`` through the OpenMP layer's extension module."""
+    source = inspect.getsource(importlib.import_module("numba.np.ufunc.parallel")
+                               ._load_threading_functions)
+    for name in ("get_num_threads", "set_num_threads"):
+        assert f"add_symbol('{name}'" in source or f'add_symbol("{name}"' in source, (
+            f"numba {numba.__version__} no longer registers {name!r}: port "
+            "backprop/blas_pool.py's _team_size")
+    try:
+        from numba.np.ufunc import omppool
+    except ImportError:
+        pytest.skip("Numba's OpenMP layer is not available here (the shared BLAS pool needs it)")
+    import ctypes
+
+    assert ctypes.CDLL(omppool.__file__).omp_in_parallel is not None
 
 
 def test_the_cuda_simulator_array_type_is_importable():
