@@ -386,6 +386,10 @@ def install() -> bool:
             _state["status"] = f"not installed: {type(exc).__name__}: {exc}"
             return False
         setter(address)
+        from backprop.kernels import numba_cpu
+
+        # the workers that ran a product are awake: smaller kernels pay for two threads
+        numba_cpu.PARALLEL_MIN_ELEMENTS = numba_cpu.PARALLEL_MIN_ELEMENTS_SHARED_POOL
         _state.update(installed=setter, status="installed: OpenBLAS's parallel jobs run on "
                       f"Numba's OpenMP threads (at most {_POOL_THREADS} at once)")
         return True
@@ -399,6 +403,9 @@ def uninstall() -> None:
         if setter:
             _SHARED[3] = 0  # a handed-over call in flight puts back no callback
             setter(None)
+            from backprop.kernels import numba_cpu
+
+            numba_cpu.PARALLEL_MIN_ELEMENTS = numba_cpu.PARALLEL_MIN_ELEMENTS_OWN_POOLS
             _state["status"] = "uninstalled"
         _state["installed"] = None
 

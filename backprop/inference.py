@@ -40,9 +40,9 @@ no transposed copy is kept. The product has two forms:
   few. The output is transposed back at the end.
 
 Threads of one call. A batch runs on the calling thread, unless it holds at least two
-vectors of rows and at least :data:`PARALLEL_MIN_MACS` multiply-adds, Numba runs more than
-one thread and the model is a stack of Dense layers: then the batch is cut into one chunk
-of rows per thread (each a whole number of vectors) and a parallel driver runs the whole
+vectors of rows (:data:`PARALLEL_MIN_VECTORS`) and at least :data:`PARALLEL_MIN_MACS`
+multiply-adds, Numba runs more than one thread and the model is a stack of Dense layers:
+then the batch is cut into one chunk of rows per thread (each a whole number of vectors) and a parallel driver runs the whole
 lanes program on each chunk, transposition, every layer and the transposition back, in a
 single parallel region (one wake-up of the worker threads per call, not one per layer; each
 core keeps its chunk's activations in its own cache). Below the threshold, waking a second
@@ -97,8 +97,8 @@ from backprop.kernels import activations as _activations
 from backprop.kernels import inline, vecmath
 from backprop.kernels.activations import RECORDS, Math
 
-__all__ = ["MAX_ROWS", "DENSE_MAX_ROWS", "SMALL_WEIGHT_BYTES", "CHUNK_ROWS", "PARALLEL_MIN_MACS",
-           "plan_for", "run", "clear"]
+__all__ = ["MAX_ROWS", "DENSE_MAX_ROWS", "SMALL_WEIGHT_BYTES", "CHUNK_ROWS",
+           "PARALLEL_MIN_VECTORS", "PARALLEL_MIN_MACS", "plan_for", "run", "clear"]
 
 MAX_ROWS = 64
 """Batches of at most this many rows run through any plan. A stack of Dense layers also
@@ -129,12 +129,18 @@ count values failing ``|v| <= max``: an integer sum, which no float flag can fol
 
 _THREAD_BUFFERS_KEPT = 8  # batch sizes whose buffers a thread keeps per plan
 
+PARALLEL_MIN_VECTORS = 2
+"""A batch of fewer vectors of lanes (16 float32 rows, 8 float64) runs on one thread, so two
+threads start at 32 float32 rows, one vector each. With Numba's workers awake (calls back to
+back; they spin briefly after each, see ``backprop.kernels``) two 16-row chunks of the
+784-256-256-10 MLP took 0.74× the time of one 32-row call; after 3 ms idle, when the second
+thread must be woken, 1.06× (docs/design.md)."""
+
 PARALLEL_MIN_MACS = 1 << 21
 """A batch whose product sizes add up to fewer multiply-adds runs on one thread: waking the
 second thread of a parallel region costs tens of microseconds in Numba's driver (argument
 unpacking, the scheduler), the time of about this much work on one core
-(benchmarks/inference_paths.py). A chunk holds at least two vectors of rows (the widest
-tile), so two threads start at 64 float32 rows."""
+(benchmarks/inference_paths.py)."""
 
 
 class _Stale(Exception):
@@ -907,7 +913,7 @@ class Plan(_State):
         for guard in self.guards:
             guard()
         n = x.shape[0]
-        if self.dense is not None and n >= 4 * self.lanes_from:
+        if self.dense is not None and n >= PARALLEL_MIN_VECTORS * self.lanes_from:
             threads = numba.get_num_threads()
             if n > MAX_ROWS or (threads > 1 and n * self.macs_per_row >= PARALLEL_MIN_MACS):
                 return self._chunked(x, n, threads)
@@ -934,9 +940,8 @@ class Plan(_State):
 
     def _chunked(self, x, n, threads):
         """``(output, finite)`` of the lanes program run by the parallel driver on chunks of
-        rows: at least one per thread, of equal size (a whole number of vectors of lanes;
-        the caller sees to at least two per chunk where it can, the widest tile's) and at
-        most :data:`CHUNK_ROWS` rows."""
+        rows: at least one per thread, of equal size (a whole number of vectors of lanes)
+        and at most :data:`CHUNK_ROWS` rows."""
         lanes = self.lanes_from
         chunk = -(-n // max(threads, 1))
         chunk = min(-(-chunk // lanes) * lanes, CHUNK_ROWS)

@@ -101,7 +101,14 @@ _ROWS_PER_CHUNK = 8  # ... and at least this many rows in each (a function of N 
 _ROW_GROUP = 4  # a chunk adds its rows to its partial sums four at a time (written out): the
 # partial row (float64, often larger than L1) is loaded and stored once per group, not per
 # row
-PARALLEL_MIN_ELEMENTS = 1 << 19  # smaller calls run on the calling thread (see _Loops)
+PARALLEL_MIN_ELEMENTS_OWN_POOLS = 1 << 19
+"""Serial below this many elements while OpenBLAS keeps its own threads (see _Loops)."""
+PARALLEL_MIN_ELEMENTS_SHARED_POOL = 1 << 17
+"""Serial below this many elements once OpenBLAS's jobs run on Numba's threads
+(:mod:`backprop.blas_pool` sets it when it installs): the workers that ran the last product
+are awake, and two threads win from here (docs/design.md)."""
+PARALLEL_MIN_ELEMENTS = PARALLEL_MIN_ELEMENTS_OWN_POOLS  # smaller calls run serially (_Loops)
+_PIPELINE_MIN_ELEMENTS = 1 << 19  # softmax rows pipelined in chunks from here (_pipeline)
 _DEPENDENCIES = hashlib.sha256(b"".join(  # see _KernelCache
     Path(module.__file__).read_bytes()
     for module in (inline, vecmath, reference, activations, optimizers, lowp))).hexdigest()
@@ -114,7 +121,9 @@ class _Loops:
     OpenBLAS's threads still spin), far more than a small batch takes on one core, so a call
     with fewer than :data:`PARALLEL_MIN_ELEMENTS` elements of work runs serially. The
     threshold is where two threads began to win on a 2-core AVX-512 VM, measured on the
-    lightest and the heaviest activation (docs/design.md). Both
+    lightest and the heaviest activation and on Adam (docs/design.md):
+    :data:`PARALLEL_MIN_ELEMENTS_OWN_POOLS` while OpenBLAS has its own threads,
+    :data:`PARALLEL_MIN_ELEMENTS_SHARED_POOL` once they are Numba's. Both
     versions execute the same loops in the same order (sums are cut into the same fixed
     chunks), so the choice never changes a result. The serial copy of the function gets its
     own qualified name: Numba's on-disk cache keys entries by name and bytecode, not by the
@@ -644,7 +653,7 @@ _SOFTMAX = {pipelined: _softmax_kernel(pipelined) for pipelined in (False, True)
 def _pipeline(x):
     """``(chunks, pipelined)`` for a softmax kernel over ``x``: a large call is pipelined in
     the fixed chunks of :func:`_row_chunks`; a small one takes its rows one by one."""
-    if x.size >= PARALLEL_MIN_ELEMENTS:
+    if x.size >= _PIPELINE_MIN_ELEMENTS:
         return _row_chunks(x.shape[0]), True
     return x.shape[0], False
 

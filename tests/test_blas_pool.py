@@ -61,10 +61,16 @@ def test_products_run_on_the_pool_and_give_the_same_bits():
                  (rng.standard_normal((300, 500)), rng.standard_normal((500, 400))),
                  (rng.standard_normal((800, 64)).astype(np.float32).T,
                   rng.standard_normal((800, 600)).astype(np.float32))]
+        from backprop.kernels import numba_cpu
+
         calls = blas_pool.pool_calls()
         shared = [a @ b for a, b in cases]
         out["pool_calls"] = blas_pool.pool_calls() - calls
+        out["threshold_shared"] = numba_cpu.PARALLEL_MIN_ELEMENTS == \
+            numba_cpu.PARALLEL_MIN_ELEMENTS_SHARED_POOL
         blas_pool.uninstall()
+        out["threshold_own"] = numba_cpu.PARALLEL_MIN_ELEMENTS == \
+            numba_cpu.PARALLEL_MIN_ELEMENTS_OWN_POOLS
         own = [a @ b for a, b in cases]
         out["same_bits"] = all(np.array_equal(s, o) for s, o in zip(shared, own))
         out["close_to_float64"] = all(
@@ -75,6 +81,7 @@ def test_products_run_on_the_pool_and_give_the_same_bits():
     """)
     _skip_unless_installed(result)
     assert result["pool_calls"] >= 3
+    assert result["threshold_shared"] and result["threshold_own"]
     assert result["same_bits"] and result["close_to_float64"]
     assert result["reinstalled"]
 

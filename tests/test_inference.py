@@ -168,6 +168,15 @@ def test_the_threads_split_a_batch_only_above_the_work_threshold(monkeypatch):
         numba.set_num_threads(1)
         assert_close(model.predict(x), expected, np.float32)
         assert chunks == [R // 2]  # one thread: the calling thread's program
+        numba.set_num_threads(2)
+        for dtype, lanes in ((np.float32, 16), (np.float64, 8)):
+            model = mlp("relu", dtype, width=33, out=6)
+            for n in (lanes, inference.PARALLEL_MIN_VECTORS * lanes):
+                chunks.clear()
+                x = data(n, 7, dtype, seed=n)
+                assert_close(model.predict(x), forward(model, x), dtype)
+                # one vector of lanes per thread at the smallest split, never less
+                assert chunks == ([] if n == lanes else [n // 2])
     finally:
         numba.set_num_threads(previous)
 

@@ -918,8 +918,9 @@ def test_numba_cpu_serial_and_parallel_kernels_agree_bit_for_bit(monkeypatch):
     logits = rng.standard_normal((300, 77)).astype(np.float32) * 5
     labels = rng.integers(0, 77, 300)
     results = []
-    for threshold in (0, 1 << 62):  # all parallel, then all serial
+    for threshold in (0, 1 << 62):  # all parallel (softmax pipelined), then all serial
         monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_ELEMENTS", threshold)
+        monkeypatch.setattr(numba_cpu, "_PIPELINE_MIN_ELEMENTS", threshold)
         delta, db = np.empty_like(da), np.empty(77, np.float32)
         numba_cpu.bias_act_backward(da, a, None, "sigmoid", 0.0, delta, db)
         out = numba_cpu.bias_act_forward(da.copy(), db, np.empty_like(da), "gelu_tanh")
@@ -947,7 +948,7 @@ def test_numba_cpu_pipelined_softmax_matches_rows_in_order(monkeypatch, shape):
         labels[n // 2] = c  # invalid: a NaN row, and the pipeline must go on past it
     results = []
     for threshold in (0, 1 << 62):  # pipelined, then in order
-        monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_ELEMENTS", threshold)
+        monkeypatch.setattr(numba_cpu, "_PIPELINE_MIN_ELEMENTS", threshold)
         y, in_place = np.empty_like(logits), logits.copy()
         numba_cpu.softmax_forward(logits, y)
         numba_cpu.softmax_forward(in_place, in_place)
