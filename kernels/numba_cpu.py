@@ -217,8 +217,12 @@ def _fail(op: str, name: str, expected: str, a) -> None:
 
 def _array(op: str, name: str, a, dtype, shape, out: bool = False) -> None:
     """``a`` is a C-contiguous ``dtype`` ndarray of ``shape`` (writeable when ``out``)."""
-    if (type(a) is not np.ndarray or a.dtype != dtype or a.shape != shape
-            or not a.flags.c_contiguous or (out and not a.flags.writeable)):
+    if type(a) is not np.ndarray or a.dtype != dtype or a.shape != shape:
+        ok = False
+    else:
+        flags = a.flags  # one flags object for both tests (each access builds one)
+        ok = flags.c_contiguous and (flags.writeable or not out)
+    if not ok:
         expected = f"a C-contiguous {'writeable ' if out else ''}{dtype} array of shape {shape}"
         _fail(op, name, expected, a)
 
@@ -253,6 +257,8 @@ def _separate(op: str, out_name: str, out, src_name: str, src):
     the kernel then writes through ``src``); partial overlap is refused."""
     if out is src:
         return None
+    if out.flags.owndata and src.flags.owndata:
+        return out  # two arrays that each allocated their memory: apart (and a cheaper test)
     if not np.may_share_memory(out, src):
         return out
     if out.ctypes.data == src.ctypes.data:  # a second view of the same C-ordered buffer
