@@ -168,14 +168,19 @@ def _count(typingctx, index):
     return types.void(types.intp), codegen
 
 
-def _shared_slot(builder, index):
-    array = ir.ArrayType(_I64, len(_SHARED))
+def _external_global(builder, name, type_):
+    """An LLVM declaration of the registered data symbol ``name`` in the current module."""
     module = builder.module
     try:
-        slot = module.get_global(_SYM_SHARED)
+        return module.get_global(name)
     except KeyError:
-        slot = ir.GlobalVariable(module, array, _SYM_SHARED)
-        slot.linkage = "external"
+        var = ir.GlobalVariable(module, type_, name)
+        var.linkage = "external"
+        return var
+
+
+def _shared_slot(builder, index):
+    slot = _external_global(builder, _SYM_SHARED, ir.ArrayType(_I64, len(_SHARED)))
     return builder.gep(slot, [_I32(0), index])
 
 
@@ -203,12 +208,7 @@ def _release(typingctx, slot):
 def _openblas_threads(typingctx):
     """OpenBLAS's ``blas_num_threads``: its own workers are numbered below it."""
     def codegen(context, builder, signature, args):
-        module = builder.module
-        try:
-            var = module.get_global(_SYM_NUM_THREADS)
-        except KeyError:
-            var = ir.GlobalVariable(module, _I32, _SYM_NUM_THREADS)
-            var.linkage = "external"
+        var = _external_global(builder, _SYM_NUM_THREADS, _I32)
         return builder.sext(builder.load_atomic(var, "monotonic", 4), _I64)
     return types.int64(), codegen
 

@@ -42,6 +42,9 @@ _PRELUDE = """
         model.forward(x)
         model.backward(np.ones((256, 10), np.float32))
         return blas_pool.active()
+
+    active = installed_by_training()
+    out = {"active": active, "status": blas_pool.status()}
 """
 
 
@@ -52,8 +55,6 @@ def _skip_unless_installed(result):
 
 def test_products_run_on_the_pool_and_give_the_same_bits():
     result = _run(_PRELUDE + """
-    active = installed_by_training()
-    out = {"active": active, "status": blas_pool.status()}
     if active:
         rng = np.random.default_rng(1)
         cases = [(rng.standard_normal((256, 700)).astype(np.float32),
@@ -91,8 +92,6 @@ def test_more_jobs_than_numba_threads_go_to_openblas_workers():
     all get a thread of the pool, so OpenBLAS's own workers run them."""
     result = _run(_PRELUDE + """
     from threadpoolctl import threadpool_limits
-    active = installed_by_training()
-    out = {"active": active, "status": blas_pool.status()}
     if active:
         rng = np.random.default_rng(2)
         a = rng.standard_normal((512, 512)).astype(np.float32)
@@ -114,8 +113,6 @@ def test_more_jobs_than_numba_threads_go_to_openblas_workers():
 
 def test_calling_thread_keeps_its_numba_thread_count_and_threads_share_the_pool():
     result = _run(_PRELUDE + """
-    active = installed_by_training()
-    out = {"active": active, "status": blas_pool.status()}
     if active:
         rng = np.random.default_rng(3)
         pairs = []  # products of several shapes, every other one with a transposed operand
@@ -153,8 +150,6 @@ def test_the_nesting_guard_sees_a_parallel_region():
     """Inside a parallel region a nested one runs serially, so the callback must not use
     the pool there: its test, ``omp_in_parallel``, read inside and outside a region."""
     result = _run(_PRELUDE + """
-    active = installed_by_training()
-    out = {"active": active, "status": blas_pool.status()}
     if active:
         from backprop.blas_pool import _in_parallel
 
@@ -182,8 +177,6 @@ def test_the_nesting_guard_sees_a_parallel_region():
 def test_a_forked_child_gets_openblas_workers_back():
     result = _run(_PRELUDE + """
     import multiprocessing as mp
-    active = installed_by_training()
-    out = {"active": active, "status": blas_pool.status()}
     if active:
         rng = np.random.default_rng(4)
         a = rng.standard_normal((400, 400)).astype(np.float32)
@@ -211,10 +204,8 @@ def test_a_forked_child_gets_openblas_workers_back():
 def test_opt_out_keeps_openblas_pool_and_sleeping_openmp_threads():
     result = _run(_PRELUDE + """
     import os
-    installed_by_training()
-    print(json.dumps({"active": blas_pool.active(), "status": blas_pool.status(),
-                      "policy": os.environ.get("OMP_WAIT_POLICY"),
-                      "spin": os.environ.get("GOMP_SPINCOUNT")}))
+    out.update(policy=os.environ.get("OMP_WAIT_POLICY"), spin=os.environ.get("GOMP_SPINCOUNT"))
+    print(json.dumps(out))
     """, BACKPROP_BLAS_POOL="openblas")
     assert not result["active"]
     assert "BACKPROP_BLAS_POOL=openblas" in result["status"]
