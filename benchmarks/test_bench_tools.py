@@ -207,3 +207,26 @@ def test_workers_clear_every_openmp_setting_backprop_makes():
 
     assert frameworks.OMP_VARIABLES == kernels.OMP_VARIABLES
     assert torch_compare.OMP_VARIABLES == kernels.OMP_VARIABLES
+
+
+def test_paired_slices_smoke(tmp_path):
+    """paired_slices.py end to end with backprop's two variants (no other framework needed):
+    every round has a slice of each, and the ratios come from the same rounds."""
+    proc = subprocess.run([sys.executable, str(HERE / "paired_slices.py"), "--smoke",
+                           "--frameworks", "backprop-loop,backprop-fit", "--models", "tiny",
+                           "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "paired_slices.json").read_text())
+    (result,) = data["results"]
+    assert result["model"] == "tiny"
+    assert {fw: len(ms) for fw, ms in result["slices_ms"].items()} == \
+        {"backprop-loop": 2, "backprop-fit": 2}
+    assert all(t > 0 for ms in result["slices_ms"].values() for t in ms)
+    ratio = result["ratios"]["backprop-fit"]
+    per_round = [f / b for f, b in zip(result["slices_ms"]["backprop-fit"],
+                                       result["slices_ms"]["backprop-loop"])]
+    assert ratio["rounds"] == 2 and min(per_round) <= ratio["median"] <= max(per_round)
+    md = (tmp_path / "paired_slices.md").read_text()
+    assert md.startswith("# Training step: ratios from interleaved time slices")
+    assert "| tiny |" in md
