@@ -271,8 +271,8 @@ def _load_mkl() -> dict:
         return info
     c_int = ctypes.c_int
     # Before any other MKL call: 32-bit integers (the argtypes below), and MKL's threads on
-    # GNU OpenMP, the runtime Numba's OpenMP layer already uses (with the PASSIVE wait
-    # policy backprop.kernels sets), instead of a second pool, Intel OpenMP's (where a small
+    # GNU OpenMP, the runtime Numba's OpenMP layer already uses (with the wait policy
+    # backprop.kernels sets), instead of a second pool, Intel OpenMP's (where a small
     # two-thread product cost 38 µs against 4 µs: docs/bf16.md). MKL_THREADING_LAYER in the
     # environment wins; without libgomp MKL would abort the process, so it keeps its
     # default then.

@@ -42,7 +42,7 @@ fewer than the usable ones), the subprocesses alternate ``R`` times in reversed 
 other repeat, and each variant's result is its best median (see ``torch_compare.py``: on a
 shared machine whose speed drifts, a slow spell then hits one repeat, not one framework).
 PyTorch runs under its default OpenMP wait policy and under ``active`` and keeps the faster;
-backprop's processes run under the ``passive`` policy that backprop sets. A framework that is
+backprop's processes run under the OpenMP settings that backprop makes at import. A framework that is
 not installed is skipped with a message. The 1-minute load average is recorded before and
 after each section and at the start of each worker. This file is a script, not collected by
 pytest; ``test_bench_tools.py`` runs it in ``--smoke`` mode.

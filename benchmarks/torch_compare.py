@@ -15,8 +15,8 @@ fixed float32 batch (same data), relu hidden layers; the data needs no gradient.
 
 OpenMP's wait policy decides how fast a small step is: PyTorch's workers under its default
 took 1.0 ms for the tiny step on a 2-core VM and 0.27 ms with ``OMP_WAIT_POLICY=active``,
-while backprop's Numba workers must not spin (they would fight OpenBLAS's; backprop sets
-``passive`` itself). So each framework runs under each policy of :data:`WAIT_POLICIES`, the
+while backprop makes its own OpenMP settings at import (``backprop.kernels.OMP_VARIABLES``).
+So each framework runs under each policy of :data:`WAIT_POLICIES`, the
 variable unset meaning the framework's own default, and its best counts: PyTorch is
 compared at its fastest setting tried, not at backprop's. Rows record the policy.
 PyTorch is never a dependency of backprop: without it this script says so and exits 0.
