@@ -92,6 +92,8 @@ def _find_openblas():
 
 
 def _threads(openblas) -> int:
+    if len(openblas) == 1:  # the usual case, without a generator (this is per pass)
+        return openblas[0][0]()
     return min(get() for get, _ in openblas)
 
 
@@ -139,7 +141,7 @@ def acquire(largest: int) -> int | None:
     every thread). Thread-safe."""
     if largest <= SINGLE_THREADED_MACS:
         return None
-    openblas = _openblas()
+    openblas = _state["openblas"] if "openblas" in _state else _openblas()
     if openblas is None:
         return None
     wanted = max(1, largest // MACS_PER_THREAD)
@@ -162,7 +164,7 @@ def release(token: int | None) -> None:
     remaining caps allow, or to the original count when none is left."""
     if token is None:
         return
-    openblas = _openblas()
+    openblas = _state["openblas"]  # set by the acquire that returned the token
     with _lock:
         _active.remove(token)
         _apply(openblas)
