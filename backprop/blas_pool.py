@@ -35,9 +35,10 @@ When it is installed. By :mod:`backprop.blas` the first time a forward or backwa
 Numba's (``numba_cpu``) on its OpenMP threading layer (TBB's tasks do not promise that
 all jobs run at once, and the workqueue layer allows one launch at a time); ``OMP_DYNAMIC``
 is not set to true (an OpenMP runtime may then give a team fewer threads than asked for);
-the OpenBLAS that NumPy loaded runs its own pthreads pool and has the callback; and its
-thread count is no more than Numba's. Only that one library is redirected (a SciPy wheel's
-OpenBLAS, which Numba's own ``np.dot`` calls, keeps its workers). A child made by
+the OpenBLAS that NumPy loaded runs its own pthreads pool and has the callback; its
+thread count is no more than Numba's; and its ``MAX_THREADS`` leaves room for job numbers
+above its own threads (see ``_callback``). Only that one library is redirected (a SciPy
+wheel's OpenBLAS, which Numba's own ``np.dot`` calls, keeps its workers). A child made by
 ``fork`` gets OpenBLAS's own workers back at once (an OpenMP runtime's threads do not
 survive a fork).
 
@@ -372,6 +373,10 @@ def install() -> bool:
             if threads > _POOL_THREADS:
                 _state["status"] = (f"not installed: OpenBLAS has {threads} threads, Numba "
                                     f"{_POOL_THREADS}")
+                return False
+            if threads + _POOL_THREADS > max_threads:  # no block of job numbers would fit
+                _state["status"] = (f"not installed: OpenBLAS's MAX_THREADS={max_threads} "
+                                    f"leaves no job numbers above its {threads} threads")
                 return False
             llvm.add_symbol(_SYM_EXEC, ctypes.cast(dynlib.exec_blas, ctypes.c_void_p).value)
             llvm.add_symbol(_SYM_SET, ctypes.cast(setter, ctypes.c_void_p).value)

@@ -441,16 +441,21 @@ def framework_info(framework: str) -> dict:
     return {}
 
 
+def training_case(framework: str, spec: Spec) -> dict:
+    """The training step of one of :data:`TRAIN_FRAMEWORKS` on ``spec`` (``step``,
+    ``sync``, ``make_floor``, ``context``, ``floor_library``)."""
+    if framework.startswith("backprop"):
+        return backprop_training(spec, framework.split("-", 1)[1])
+    if framework == "torch":
+        return torch_training(spec)
+    return jax_training(spec)
+
+
 def train_worker(framework: str, specs: list[Spec], max_time: float, threads: int,
                  floor_models=FLOOR_MODELS) -> list[dict]:
     results = []
     for spec in specs:
-        if framework.startswith("backprop"):
-            case = backprop_training(spec, framework.split("-", 1)[1])
-        elif framework == "torch":
-            case = torch_training(spec)
-        else:
-            case = jax_training(spec)
+        case = training_case(framework, spec)
         step, sync = case["step"], case["sync"]
 
         def synced_step():

@@ -39,9 +39,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from frameworks import (TRAIN_FRAMEWORKS, Spec, _setup_worker, backprop_training,  # noqa: E402
-                        framework_info, jax_training, missing_modules, torch_training,
-                        worker_env)
+from frameworks import (TRAIN_FRAMEWORKS, Spec, _setup_worker, framework_info,  # noqa: E402
+                        missing_modules, training_case, worker_env)
 
 BASELINE = "backprop-loop"
 DROP = 2  # steps dropped at the start of each slice: the first after SIGCONT are cold
@@ -51,12 +50,7 @@ DROP = 2  # steps dropped at the start of each slice: the first after SIGCONT ar
 # The worker: build the step, warm it, then run slices on request
 def serve(framework: str, spec: Spec, threads: int, wait_policy: str) -> int:
     _setup_worker(framework, threads, wait_policy)
-    if framework.startswith("backprop"):
-        case = backprop_training(spec, framework.split("-", 1)[1])
-    elif framework == "torch":
-        case = torch_training(spec)
-    else:
-        case = jax_training(spec)
+    case = training_case(framework, spec)
     step, sync = case["step"], case["sync"]
     with case["context"]:
         for _ in range(5):
