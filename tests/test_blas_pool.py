@@ -23,6 +23,9 @@ def _run(code: str, **env) -> dict:
     from backprop.kernels import OMP_VARIABLES
 
     base = {k: v for k, v in os.environ.items() if k not in OMP_VARIABLES}
+    # two threads in both pools on any machine: OpenBLAS splits the products below in two
+    # (on one core it would not), and no more than Numba has (else nothing is installed)
+    base.update(NUMBA_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2", OMP_NUM_THREADS="2")
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=TIMEOUT, env={**base, **env})
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -105,7 +108,7 @@ def test_more_jobs_than_numba_threads_go_to_openblas_workers():
                                                                           rtol=1e-5))
         out["still_active"] = blas_pool.active()
     print(json.dumps(out))
-    """, NUMBA_NUM_THREADS="2")
+    """)
     _skip_unless_installed(result)
     assert result["delegated"] >= 1
     assert result["equal"] and result["still_active"]
@@ -167,7 +170,7 @@ def test_the_nesting_guard_sees_a_parallel_region():
         out["outside"] = int(outside())
         out["inside"] = flags.tolist()
     print(json.dumps(out))
-    """, NUMBA_NUM_THREADS="2")
+    """)
     _skip_unless_installed(result)
     assert result["outside"] == 0
     assert all(f != 0 for f in result["inside"])
