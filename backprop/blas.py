@@ -27,7 +27,8 @@ from __future__ import annotations
 import contextlib
 import threading
 
-__all__ = ["MACS_PER_THREAD", "largest_product", "threads_for", "acquire", "release"]
+__all__ = ["MACS_PER_THREAD", "largest_product", "threads_for", "acquire", "release",
+           "openblas_function"]
 
 MACS_PER_THREAD = 1_500_000
 """Multiply-adds of the largest product per BLAS thread that ``fit`` lets OpenBLAS use."""
@@ -69,9 +70,19 @@ def _openblas():
     return _state["openblas"]
 
 
-def _find_openblas():
-    import itertools
+def openblas_function(dynlib, name: str):
+    """The ctypes function ``name`` (``openblas_...``) of an OpenBLAS library under the
+    symbol its build exports: plain, or SciPy's wheels' ``scipy_`` prefix with a ``64_`` /
+    ``_64`` suffix for 64-bit integers; None if it has none of them."""
+    for prefix in ("", "scipy_"):
+        for suffix in ("", "64_", "_64"):
+            function = getattr(dynlib, f"{prefix}{name}{suffix}", None)
+            if function is not None:
+                return function
+    return None
 
+
+def _find_openblas():
     from threadpoolctl import ThreadpoolController
 
     libraries = ThreadpoolController().select(internal_api="openblas").lib_controllers
@@ -80,14 +91,11 @@ def _find_openblas():
         return None
     functions = []
     for lib in libraries:
-        for prefix, suffix in itertools.product(("", "scipy_"), ("", "64_", "_64")):
-            get = getattr(lib.dynlib, f"{prefix}openblas_get_num_threads{suffix}", None)
-            put = getattr(lib.dynlib, f"{prefix}openblas_set_num_threads{suffix}", None)
-            if get is not None and put is not None:
-                functions.append((get, put))
-                break
-        else:
+        get = openblas_function(lib.dynlib, "openblas_get_num_threads")
+        put = openblas_function(lib.dynlib, "openblas_set_num_threads")
+        if get is None or put is None:
             return None
+        functions.append((get, put))
     return functions
 
 

@@ -61,6 +61,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from backprop.blas import openblas_function  # (blas imports this module only when it runs)
+
 __all__ = ["install", "uninstall", "active", "status", "pool_calls", "delegated_calls"]
 
 ENV = "BACKPROP_BLAS_POOL"
@@ -271,8 +273,9 @@ def _compile():
 
 
 def _numpy_openblas():
-    """``(dynlib, setter, threads)`` of the pthreads OpenBLAS that NumPy loaded, or a string
-    saying why there is none to redirect."""
+    """``(dynlib, setter, threads, max_threads)`` of the pthreads OpenBLAS that NumPy loaded
+    (its callback setter, thread count and build's ``MAX_THREADS``), or a string saying why
+    there is none to redirect."""
     from threadpoolctl import ThreadpoolController
 
     libs = ThreadpoolController().select(internal_api="openblas").lib_controllers
@@ -286,24 +289,11 @@ def _numpy_openblas():
     lib = ours[0]
     if getattr(lib, "threading_layer", None) != "pthreads":
         return f"OpenBLAS runs on {getattr(lib, 'threading_layer', '?')}, not its own pthreads"
-    setter = None
-    for prefix in ("", "scipy_"):
-        for suffix in ("", "64_", "_64"):
-            setter = getattr(lib.dynlib, f"{prefix}openblas_set_threads_callback_function"
-                                         f"{suffix}", None)
-            if setter is not None:
-                break
-        if setter is not None:
-            break
+    setter = openblas_function(lib.dynlib, "openblas_set_threads_callback_function")
     if setter is None or getattr(lib.dynlib, "exec_blas", None) is None:
         return f"OpenBLAS {lib.version} has no threads callback (0.3.27 and later have it)"
     setter.argtypes, setter.restype = [ctypes.c_void_p], None
-    config = None
-    for name in ("openblas_get_config", "scipy_openblas_get_config64_",
-                 "scipy_openblas_get_config"):
-        config = getattr(lib.dynlib, name, None)
-        if config is not None:
-            break
+    config = openblas_function(lib.dynlib, "openblas_get_config")
     if config is None:
         return "OpenBLAS does not say its MAX_THREADS (no openblas_get_config)"
     config.restype = ctypes.c_char_p
@@ -319,11 +309,15 @@ def _omp_in_parallel_address():
     return ctypes.cast(ctypes.CDLL(omppool.__file__).omp_in_parallel, ctypes.c_void_p).value
 
 
+def _opted_out() -> bool:
+    """``BACKPROP_BLAS_POOL=openblas`` (also read, before this module can be imported, by
+    ``backprop.kernels`` to choose the OpenMP wait policy)."""
+    return os.environ.get(ENV, "numba").strip().lower() == "openblas"
+
+
 def _why_not() -> str | None:
-    """None where the pool can be shared, else the reason it cannot (the layer must have
-    started: :func:`install` starts it)."""
-    if os.environ.get(ENV, "numba").strip().lower() == "openblas":
-        return f"{ENV}=openblas"
+    """None where Numba's side allows a shared pool, else the reason it does not (the layer
+    must have started: :func:`install` starts it)."""
     from backprop import kernels as K
 
     if K.backend_name("cpu") != "numba_cpu":
@@ -360,8 +354,7 @@ def install() -> bool:
             return _state["installed"] is not False
         _state["installed"] = False
         try:
-            reason = f"{ENV}=openblas" \
-                if os.environ.get(ENV, "").strip().lower() == "openblas" else None
+            reason = f"{ENV}=openblas" if _opted_out() else None
             if reason is None:
                 _start_layer()
                 reason = _why_not()

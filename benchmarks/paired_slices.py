@@ -127,14 +127,6 @@ class Worker:
                 self.proc.kill()
 
 
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def measure(spec: Spec, frameworks: list[str], rounds: int, seconds: float, threads: int,
             wait_policy: str) -> dict:
     """Slices of every framework on ``spec``, ``rounds`` rounds; per-round ratios."""
@@ -159,8 +151,8 @@ def measure(spec: Spec, frameworks: list[str], rounds: int, seconds: float, thre
         if base is None or fw == BASELINE:
             continue
         per_round = [t / b for t, b in zip(ts, base)]
-        out["ratios"][fw] = {"median": statistics.median(per_round),
-                             "q25": quantile(per_round, 0.25), "q75": quantile(per_round, 0.75),
+        q25, _, q75 = statistics.quantiles(per_round, n=4, method="inclusive")
+        out["ratios"][fw] = {"median": statistics.median(per_round), "q25": q25, "q75": q75,
                              "faster_rounds": sum(q > 1.0 for q in per_round),
                              "rounds": len(per_round)}
     return out
@@ -173,8 +165,7 @@ def write(out_dir: Path, results: list[dict], args, frameworks: list[str]) -> Pa
         {"results": results, "rounds": args.rounds, "slice": args.slice,
          "threads": args.threads, "load_after": load}, indent=1))
     others = [fw for fw in frameworks if fw != BASELINE]
-    cmd = "python benchmarks/paired_slices.py " + " ".join(
-        a for a in sys.argv[1:] if a != "--smoke") + (" --smoke" if args.smoke else "")
+    cmd = "python benchmarks/paired_slices.py " + " ".join(sys.argv[1:])
     lines = ["# Training step: ratios from interleaved time slices", "",
              "Command:", "", f"    {cmd}", "",
              f"{args.rounds} rounds; each round resumes every framework's stopped worker "
@@ -246,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown models {unknown}; choose from {sorted(mlps)}")
     if args.smoke:
         args.rounds, args.slice = 2, 0.05
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (the spread needs two per-round ratios)")
     results = []
     for name in models:
         mlp = mlps[name].smoke() if args.smoke else mlps[name]
