@@ -24,7 +24,7 @@ from backprop.backend import get_array_module, get_dtype
 __all__ = [
     "xor", "two_moons", "spirals", "regression", "load_digits", "load_csv", "CSVData",
     "Standardizer", "standardize", "train_val_test_split", "validate", "DataError",
-    "csv_columns", "as_array", "feature_names", "check_feature_names",
+    "csv_columns", "as_array", "feature_names", "check_feature_names", "all_finite",
 ]
 
 
@@ -596,7 +596,7 @@ def validate(X, y=None, *, n_features: int | None = None, target: str = "any",
         raise DataError(f"{name}: X has {X.shape[1]} features per sample but the model's first "
                         f"layer expects {n_features}; select the right columns or rebuild "
                         "the model")
-    if X.dtype.kind == "f" and not bool(xp.isfinite(X).all()):
+    if X.dtype.kind == "f" and not all_finite(X):
         bad = _first_bad_row(X)
         raise DataError(f"{name}: X contains NaN or inf (first at row {bad}); clean or impute "
                         "the data before training")
@@ -619,6 +619,31 @@ def validate(X, y=None, *, n_features: int | None = None, target: str = "any",
     elif target != "any":
         raise ValueError(f"target={target!r}: expected 'labels', 'binary', 'values' or 'any'")
     return X, y
+
+
+PRODUCT_CHECK_MIN_VALUES = 1 << 16
+"""NumPy float32/float64 matrices of at least this many values are checked for NaN/inf by
+:func:`all_finite`'s row sums on BLAS rather than by ``isfinite`` (benchmarks/README.md,
+"Checking inputs")."""
+
+
+def all_finite(X) -> bool:
+    """Whether every value of the float array ``X`` is finite (no NaN, no ±inf).
+
+    A C- or Fortran-ordered 2-D NumPy float32/float64 array of at least
+    :data:`PRODUCT_CHECK_MIN_VALUES` values is checked through its row sums ``X @ 1``, one
+    multithreaded BLAS pass that writes ``n`` values where ``isfinite(X).all()`` writes a
+    boolean per value: IEEE arithmetic keeps NaN and ±inf non-finite through every product
+    with 1 and every sum, so finite row sums prove every value finite. A non-finite sum
+    (a NaN or inf, or finite values whose sum overflows) is settled by ``isfinite``, so the
+    answer is exact either way. Other arrays (CuPy, other dtypes, views with gaps): ``isfinite``.
+    Thread-safe (it writes only fresh arrays)."""
+    if (type(X) is np.ndarray and X.ndim == 2 and X.size >= PRODUCT_CHECK_MIN_VALUES
+            and X.dtype in (np.float32, np.float64)
+            and (X.flags.c_contiguous or X.flags.f_contiguous)):
+        if np.isfinite(X @ np.ones(X.shape[1], X.dtype)).all():
+            return True
+    return bool(get_array_module(X).isfinite(X).all())
 
 
 def _first_bad_row(a) -> int:

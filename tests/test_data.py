@@ -231,3 +231,37 @@ def test_validate_on_device(xp):
         data.validate(X, y, target="labels", n_outputs=2)
     Xo, yo = data.validate(X, y % 2, target="labels", n_outputs=2)
     assert type(Xo) is type(X) and type(yo) is type(y)  # checked where they live
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_all_finite_row_sums_agree_with_isfinite(dtype, order):
+    """The BLAS row-sum check (large matrices) against ``isfinite`` on NaN and ±inf at every
+    kind of position (first, last, a lone one in a long row, the tail of a row that vector
+    lanes would split), on finite values whose row sums overflow, and on the small and
+    strided arrays that take ``isfinite`` directly."""
+    rng = np.random.default_rng(3)
+    n, k = 300, 257  # 257: a tail beyond any vector width
+    assert n * k >= data.PRODUCT_CHECK_MIN_VALUES
+    X = np.asarray(rng.standard_normal((n, k)), dtype=dtype, order=order)
+    assert data.all_finite(X)
+    positions = [(0, 0), (n - 1, k - 1), (n // 2, k - 1), (n - 1, 0), (17, 128)]
+    positions += [tuple(p) for p in rng.integers(0, [n, k], size=(20, 2))]
+    for bad in (np.nan, np.inf, -np.inf):
+        for i, j in positions:
+            Y = X.copy(order=order)
+            Y[i, j] = bad
+            assert not data.all_finite(Y), (bad, i, j)
+    both = X.copy(order=order)
+    both[5, 7], both[5, 9] = np.inf, -np.inf  # inf - inf: the sum is NaN, still caught
+    assert not data.all_finite(both)
+    huge = np.full((n, k), np.finfo(dtype).max / 4, dtype=dtype, order=order)
+    assert np.isinf(huge @ np.ones(k, dtype)).all() and data.all_finite(huge)
+    strided = X[:, ::2]
+    assert data.all_finite(strided)
+    Y = X.copy(order=order)
+    Y[3, 4] = np.nan
+    assert not data.all_finite(Y[:, ::2]) and data.all_finite(Y[:, 1::2])
+    small = X[:4].copy()
+    small[1, 2] = np.nan
+    assert not data.all_finite(small)
