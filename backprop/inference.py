@@ -418,20 +418,17 @@ def _tiles(xT, W, outT):
 
 @_jit
 def _to_lanes(x, xT):
-    """``xT[:, :n] = xᵀ``, the padding lanes zero; returns whether ``x`` is all finite."""
+    """``xT[:, :n] = xᵀ``, the padding lanes zero. Whether ``x`` is finite is told by the
+    first Dense kernel, which reads ``xT`` next, at no cost of its own: a count here would
+    keep this copy from vectorising."""
     n, k_in = x.shape
     p = xT.shape[1]
-    top = _largest(x)
-    bad = 0
     zero = _cast(0.0, x)
     for k in range(k_in):
         for i in range(n):
-            v = x[i, k]
-            bad += 0 if abs(v) <= top else 1
-            xT[k, i] = v
+            xT[k, i] = x[i, k]
         for i in range(n, p):
             xT[k, i] = zero
-    return bad == 0
 
 
 @_jit
@@ -654,9 +651,10 @@ def _driver_source(spec) -> str:
              "        r0 = c * chunk",
              "        r1 = min(n, r0 + chunk)",
              "        m = r1 - r0",
-             "        flags[c] = to_lanes(x[r0:r1], B0[c])"]
-    lines += [f"        {_kernel_name(act, row)}(B{i}[c], m, W{i}, b{i}, a{i}, B{i + 1}[c])"
-              for i, (act, row) in enumerate(spec)]
+             "        to_lanes(x[r0:r1], B0[c])"]
+    # the first layer's kernel says whether the chunk of x is finite (see _dense_kernel)
+    lines += [f"        {'flags[c] = ' if i == 0 else ''}{_kernel_name(act, row)}"
+              f"(B{i}[c], m, W{i}, b{i}, a{i}, B{i + 1}[c])" for i, (act, row) in enumerate(spec)]
     lines += [f"        from_lanes(B{layers}[c], out[r0:r1])", ""]
     return "\n".join(lines)
 
@@ -924,6 +922,8 @@ class Plan(_State):
         out = np.empty((n, self.out_width), self.dtype)
         regs = [x, *hidden, out]
         if program.flags_input:
+            for op in program.before:
+                op(regs, n)
             finite = program.head(regs, n)
             for op in program.rest:
                 op(regs, n)
@@ -1018,11 +1018,12 @@ class _Program:
                 ops.append(_add_op(number[a], number[b], number[dst]))
         if lanes:
             ops.append(_untranspose_op(number[last], len(hidden) + 1))
-        # the first op's result says whether x is finite when it reads x: the transposing
-        # pass, or a Dense kernel (whose output rows are non-finite wherever x's are)
+        # the first Dense kernel's result says whether x is finite when it reads x, or its
+        # transposed copy (its output rows are non-finite wherever x's are): ``head``
         self.flags_input = lanes or (steps[0][0] == "dense" and steps[0][-2] == 0)
         self.ops, self.hidden = ops, hidden
-        self.head, self.rest = ops[0], ops[1:]
+        first = 1 if lanes else 0  # the lanes program transposes x first
+        self.before, self.head, self.rest = ops[:first], ops[first], ops[first + 1:]
 
 
 def _sync_forward():

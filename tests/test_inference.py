@@ -189,6 +189,29 @@ def test_non_finite_input_in_any_chunk_raises_data_error():
         model.predict(x)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_non_finite_input_raises_on_every_path(dtype, monkeypatch):
+    """The first Dense kernel's flags are the plans' only NaN/inf check (the transposing
+    pass does not count): a bad value anywhere must still fail, in the row program (few
+    rows), the lanes program (one and more vectors of rows, padding lanes after the last
+    row) and the parallel driver (any chunk), also where the feature's weights are all
+    zero (inf · 0 is NaN, NaN · 0 is NaN)."""
+    model = mlp("relu", dtype, width=33, out=6)
+    zeroed = mlp("relu", dtype, width=33, out=6)
+    zeroed.layers[0].W.data[:, 6] = 0.0
+    monkeypatch.setattr(inference, "PARALLEL_MIN_MACS", 0)  # the driver from two vectors on
+    for n in (1, 5, 16, 20, 32, 64, 200):
+        for bad in (np.nan, np.inf, -np.inf):
+            for row, col in ((0, 0), (n - 1, 6), (n // 2, 3)):
+                for net in (model, zeroed):
+                    x = data(n, 7, dtype, seed=n)
+                    x[row, col] = bad
+                    with pytest.raises(DataError, match=f"NaN or inf.*row {row}"):
+                        net.predict(x)
+                    x[row, col] = 0.0
+                    assert np.isfinite(net.predict(x)).all()
+
+
 def test_stacks_of_one_depth_and_other_activations_get_their_own_drivers(tmp_path,
                                                                          monkeypatch):
     """Drivers of stacks of one depth differ only in the kernels they call: each must be
