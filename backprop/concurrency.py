@@ -54,6 +54,7 @@ class PerThread(threading.local):
     def __init__(self, owner: str = "layer"):
         # threading.local runs __init__ again, with these arguments, in each new thread
         self.buffers = {}
+        self.runs = {}  # prepared kernel calls (backprop.kernels.prepare), by call site
         self._owner = owner
 
     def __getattr__(self, name):

@@ -353,6 +353,12 @@ class Dense(Layer):
     softmax kernels follow. ``activation`` is a name (``"relu"``, ``"gelu"``...), an
     activation object or None; ``init`` an initialiser name or callable (default: He for
     ReLU-like activations, Xavier otherwise); ``rng`` an int seed or a Generator.
+
+    The epilogues' argument checks run when their arrays change: each thread keeps its
+    prepared kernel calls (:func:`backprop.kernels.prepare`) and reruns one while ``Z``,
+    ``A``, ``b`` and ``∂b`` are the objects it was prepared with and ``dA`` is too, with the
+    same shape (on a small batch the checks cost more than the kernel). A new array, a
+    reshaped ``dA`` or another kernel backend is checked again.
     """
 
     def __init__(self, in_features, out_features, activation=None, init=None, bias=True,
@@ -395,7 +401,16 @@ class Dense(Layer):
             a = self.activation.forward(K.bias_act_forward(z, b, z, "identity", 0.0))
         else:
             a = self._buffer("a", z.shape, W) if act in K.NEEDS_Z else z
-            K.bias_act_forward(z, b, a, act, self.activation.alpha)
+            alpha = self.activation.alpha
+            runs = self._ctx.runs
+            run = runs.get("forward")
+            # z and a are this thread's buffers and b a parameter's array: while they are the
+            # objects of the last call, the epilogue runs unchecked (backprop.kernels.prepare)
+            if (run is None or run[2] is not z or run[3] is not b or run[4] is not a
+                    or run[5] != act or run[6] != alpha or not K.current(run[0])):
+                run = runs["forward"] = (*K.prepare("bias_act_forward", z, b, a, act, alpha),
+                                         z, b, a, act, alpha)
+            run[1]()
         self._ctx.saved = x, z, a  # one per-thread access: each costs a dict switch
         return a
 
@@ -418,7 +433,19 @@ class Dense(Layer):
         xp = get_array_module(W)
         grad, act = self._through_row_activation(grad, a, from_logits)
         db, accumulate_b = (None, False) if self.b is None else self.b.grad_for_write()
-        delta = K.bias_act_backward(grad, a, z, act, self.activation.alpha, grad, db, accumulate_b)
+        alpha = self.activation.alpha
+        runs = self._ctx.runs
+        run = runs.get("backward")
+        # as in forward; grad is the caller's array, so its shape is compared as well (the
+        # same object may have been reshaped in place since)
+        if (run is None or run[2] is not grad or run[3] is not a or run[4] is not z
+                or run[5] is not db or run[6] != accumulate_b or run[7] != act
+                or run[8] != alpha or grad.shape != run[9] or not K.current(run[0])):
+            run = runs["backward"] = (
+                *K.prepare("bias_act_backward", grad, a, z, act, alpha, grad, db, accumulate_b),
+                grad, a, z, db, accumulate_b, act, alpha, grad.shape)
+        run[1]()
+        delta = grad
         if self.backward_observer is not None:
             self.backward_observer(self, delta)
         dW, accumulate_w = self.W.grad_for_write()

@@ -258,9 +258,20 @@ class SoftmaxCrossEntropyLoss(Loss):
                              f"target shape {tuple(target.shape)}")
         labels = self._class_labels(target, c)
         s = self._scale(n)
-        grad = self._ctx.grad = self._buffer("grad", pred.shape, pred)
+        ctx = self._ctx
+        grad = ctx.grad = self._buffer("grad", pred.shape, pred)
         rows = self._buffer("rows", (n,), pred)
-        K.softmax_xent(pred, labels, self.label_smoothing, s, grad, rows)
+        smoothing = self.label_smoothing
+        run = ctx.runs.get("forward")
+        # grad and rows are this thread's buffers; pred and labels are the caller's, so
+        # their shapes are compared too (the same object may have been reshaped in place)
+        if (run is None or run[2] is not pred or run[3] is not labels or run[4] is not grad
+                or run[5] is not rows or run[6] != smoothing or run[7] != s
+                or pred.shape != run[8] or labels.shape != run[9] or not K.current(run[0])):
+            run = ctx.runs["forward"] = (
+                *K.prepare("softmax_xent", pred, labels, smoothing, s, grad, rows),
+                pred, labels, grad, rows, smoothing, s, pred.shape, labels.shape)
+        run[1]()
         return xp.asarray(rows.sum() * s)
 
     def _forward_probabilities(self, xp, z, y):

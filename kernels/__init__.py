@@ -34,6 +34,7 @@ first array argument, so a model on the CPU and one on the GPU can live side by 
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -201,6 +202,35 @@ def _dispatcher(op: str):
     dispatch.__name__ = op
     dispatch.__doc__ = getattr(reference, op).__doc__
     return dispatch
+
+
+def prepare(op: str, *args, **kwargs):
+    """``(token, run)``: ``run()`` performs ``op(*args, **kwargs)`` again, on the same
+    arguments, with their checks done once, here (the backend's ``prepare`` where it has one:
+    numba_cpu's Dense epilogues and softmax cross-entropy, whose checks cost more than
+    their kernels on small batches; elsewhere ``run`` is the op itself). ``run()`` returns
+    nothing.
+
+    The contract that makes skipping the checks safe is the caller's: run only while
+    :func:`current` (``token``) holds (the backend selection has not changed) and while
+    each array argument is the same object with the same shape as when prepared; a layer
+    checks the identity of its arguments (and the shape of those it does not own) before
+    every run. The prepared arguments may include the calling thread's scratch arrays
+    (numba_cpu), so a run belongs to the thread that prepared it."""
+    kind = "cpu" if type(args[0]) is np.ndarray else "cuda"
+    table = _state["tables"].get(kind) or _table(kind)
+    implementation_ = table[op]
+    bind = getattr(implementation_, "prepare", None)
+    run = functools.partial(implementation_, *args, **kwargs) if bind is None else \
+        bind(*args, **kwargs)
+    return (kind, table), run
+
+
+def current(token) -> bool:
+    """Whether a run of :func:`prepare` that returned ``token`` still runs the backend that
+    its arrays' device uses (:func:`set_backend`, or a new table of ops for the device, makes
+    every earlier run stale)."""
+    return _state["tables"].get(token[0]) is token[1]
 
 
 bias_act_forward = _dispatcher("bias_act_forward")

@@ -339,6 +339,8 @@ def bias_act_forward(z, b, out, act: str, alpha: float = 0.0, out_lp=None):
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
     alpha = float(alpha)
+    reference.check_shape("bias_act_forward", z.shape, out=out)
+    reference.check_shape("bias_act_forward", z.shape[-1:], b=b)
     suffix, lowp = "", ()
     if out_lp is not None:
         suffix, bits = _lowp_bits("bias_act_forward", "out_lp", out_lp, out, z, b)
@@ -368,6 +370,9 @@ def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumul
         which = "z (the pre-activation)" if act in NEEDS_Z else "a (the activation output)"
         raise ValueError(f"bias_act_backward({act!r}) needs {which}, got None")
     n, m = da.shape
+    reference.check_shape("bias_act_backward", da.shape, **{"a" if s is a else "z": s},
+                   delta_out=delta_out)
+    reference.check_shape("bias_act_backward", (m,), db_out=db_out)
     _require_c_contiguous(da=da, **{"a" if s is a else "z": s}, delta_out=delta_out)
     if delta_lp is not None:
         suffix, bits = _lowp_bits("bias_act_backward", "delta_lp", delta_lp, delta_out, da, a,

@@ -515,10 +515,26 @@ _FORWARD: dict = {}
 _BACKWARD: dict = {}
 
 
+def _prepared(checked_call):
+    """The ``prepare`` of an op (see ``backprop.kernels.prepare``): ``checked_call`` checks
+    the op's arguments and returns ``(kernel, arguments)``; the prepared run is the kernel
+    call alone, on those arguments."""
+    def prepare(*args, **kwargs):
+        kernel, arguments = checked_call(*args, **kwargs)
+        return functools.partial(kernel, *arguments)
+    return prepare
+
+
 def bias_act_forward(z, b, out, act: str, alpha: float = 0.0, out_lp=None):
     """``out ← σ(z + b)`` (and ``z ← z + b`` for NEEDS_Z activations with a bias), and
     ``out_lp ← lowp(out)`` when given; see :func:`reference.bias_act_forward`. One pass over
     rows in parallel."""
+    kernel, arguments = _bias_act_forward_call(z, b, out, act, alpha, out_lp)
+    kernel(*arguments)
+    return out
+
+
+def _bias_act_forward_call(z, b, out, act, alpha=0.0, out_lp=None):
     op = "bias_act_forward"
     dtype = _batch(op, "z", z)
     if b is not None:
@@ -530,10 +546,9 @@ def bias_act_forward(z, b, out, act: str, alpha: float = 0.0, out_lp=None):
         kernel = _FORWARD[act] = _forward_kernel(act)
     separate = _separate(op, "out", out, "z", z)
     if out_lp is None:
-        kernel(z.size, z, b, separate, float(alpha))
-    else:
-        kernel(z.size, z, b, separate, float(alpha), _lowp_arg(op, "out_lp", out_lp, out, z, b))
-    return out
+        return kernel, (z.size, z, b, separate, float(alpha))
+    return kernel, (z.size, z, b, separate, float(alpha),
+                    _lowp_arg(op, "out_lp", out_lp, out, z, b))
 
 
 def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumulate=False,
@@ -541,6 +556,14 @@ def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumul
     """``δ = dA ⊙ σ'`` and ``db (+)= Σ_rows δ``, and ``delta_lp ← lowp(δ)`` when given; see
     :func:`reference.bias_act_backward`. ``db`` is summed in float64 per column, threads
     owning blocks of columns."""
+    kernel, arguments = _bias_act_backward_call(da, a, z, act, alpha, delta_out, db_out,
+                                                accumulate, delta_lp)
+    kernel(*arguments)
+    return delta_out
+
+
+def _bias_act_backward_call(da, a, z, act, alpha, delta_out, db_out=None, accumulate=False,
+                            delta_lp=None):
     op = "bias_act_backward"
     dtype = _batch(op, "da", da)
     kernel = _BACKWARD.get(act)
@@ -556,12 +579,12 @@ def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumul
     lp = _lowp_arg(op, "delta_lp", delta_lp, delta_out, da, source, db_out)
     partial = None if db_out is None else \
         _scratch(((_row_chunks(da.shape[0]), da.shape[1]), np.float64))[0]
-    if lp is None:
-        kernel(da.size, da, source, float(alpha), separate, db_out, bool(accumulate), partial)
-    else:
-        kernel(da.size, da, source, float(alpha), separate, db_out, bool(accumulate), partial,
-               lp)
-    return delta_out
+    arguments = (da.size, da, source, float(alpha), separate, db_out, bool(accumulate), partial)
+    return kernel, arguments if lp is None else arguments + (lp,)
+
+
+bias_act_forward.prepare = _prepared(_bias_act_forward_call)
+bias_act_backward.prepare = _prepared(_bias_act_backward_call)
 
 
 # ---------------------------------------------------------------------------------------
@@ -749,6 +772,12 @@ def softmax_xent(logits, labels, smoothing: float, scale: float, grad_out, loss_
     """Softmax cross-entropy, loss and gradient in one pass per row; see
     :func:`reference.softmax_xent`. A label outside ``[0, C)`` (which the caller must
     reject first) yields a NaN row instead of an out-of-bounds read."""
+    kernel, arguments = _softmax_xent_call(logits, labels, smoothing, scale, grad_out, loss_out)
+    kernel(*arguments)
+    return loss_out
+
+
+def _softmax_xent_call(logits, labels, smoothing, scale, grad_out, loss_out):
     op = "softmax_xent"
     dtype = _batch(op, "logits", logits)
     n = logits.shape[0]
@@ -758,9 +787,13 @@ def softmax_xent(logits, labels, smoothing: float, scale: float, grad_out, loss_
     _array(op, "grad_out", grad_out, dtype, logits.shape, out=True)
     _array(op, "loss_out", loss_out, dtype, (n,), out=True)
     chunks, pipelined = _pipeline(logits)
-    _SOFTMAX_XENT[pipelined](logits.size, logits, labels, float(smoothing), float(scale), chunks,
-                             _separate(op, "grad_out", grad_out, "logits", logits), loss_out)
-    return loss_out
+    return _SOFTMAX_XENT[pipelined], (logits.size, logits, labels, float(smoothing),
+                                      float(scale), chunks,
+                                      _separate(op, "grad_out", grad_out, "logits", logits),
+                                      loss_out)
+
+
+softmax_xent.prepare = _prepared(_softmax_xent_call)
 
 
 # ---------------------------------------------------------------------------------------

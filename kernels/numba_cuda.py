@@ -46,6 +46,7 @@ import numba
 import numpy as np
 from numba import cuda
 
+from . import reference
 from .activations import RECORDS, Math
 from .lowp import bf16_bits, lowp_kind
 from .optimizers import RECORDS as OPTIMIZERS
@@ -473,6 +474,8 @@ def bias_act_forward(z, b, out, act: str, alpha: float = 0.0, out_lp=None):
     :func:`reference.bias_act_forward`."""
     lowp = None if out_lp is None else _lowp_format("bias_act_forward", "out_lp", out_lp,
                                                     out, z, b)
+    reference.check_shape("bias_act_forward", z.shape, out=out)
+    reference.check_shape("bias_act_forward", z.shape[-1:], b=b)
     kernel = _bias_act_forward_kernel(act, z.dtype, lowp)
     if z.size == 0:
         return out
@@ -492,6 +495,8 @@ def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumul
     kernel = _bias_act_backward_kernel(act, da.dtype, lowp)
     src = _needed_input(act, a, z)
     n, m = da.shape
+    reference.check_shape("bias_act_backward", da.shape, source=src, delta_out=delta_out)
+    reference.check_shape("bias_act_backward", (m,), db_out=db_out)
     if m == 0:
         return delta_out
     chunk_rows = max(MIN_CHUNK_ROWS, -(-n // MAX_CHUNKS))

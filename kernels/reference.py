@@ -77,6 +77,16 @@ def _math(xp) -> Math:
     return _MATHS[xp]
 
 
+def check_shape(op: str, shape, **arrays) -> None:
+    """Each of ``arrays`` (None aside) has ``shape``, or a ``ValueError`` naming it: the GPU
+    backends' kernels index every operand by the shape of the first, so a smaller one would be
+    read or written past its end (NumPy's broadcasting catches a mismatch here)."""
+    for name, a in arrays.items():
+        if a is not None and tuple(a.shape) != tuple(shape):
+            raise ValueError(f"{op}: {name} must have shape {tuple(shape)}, got "
+                             f"{tuple(a.shape)}")
+
+
 def check_lowp(op: str, name: str, out_lp, source, *others) -> None:
     """``out_lp`` may receive the low-precision copy of the float32 array ``source``
     (:func:`lowp.check_lowp`: type, float32 source, dtype, shape, C-contiguity, writeable,

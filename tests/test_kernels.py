@@ -633,6 +633,73 @@ def test_matches_reference(backend, op, build, dtype, request, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
+# Prepared calls (K.prepare): the op's work without its checks, for the layers' hot path
+PREPARED_OPS = ["bias_act_forward", "bias_act_backward", "softmax_xent", "softmax_forward",
+                "adam_step"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("op", PREPARED_OPS)
+@pytest.mark.parametrize("choice", ["numba", "reference"])
+def test_a_prepared_run_writes_what_the_op_writes(choice, op, dtype, monkeypatch):
+    """Run twice (a prepared run is reused), on fresh copies of the inputs each time, it
+    writes bit for bit what the op writes, with the backends that prepare their calls
+    (numba_cpu's Dense epilogues and softmax cross-entropy) and those that do not."""
+    from conftest import kernel_arguments
+
+    if choice == "numba":
+        skip_unless_available("numba_cpu")
+    monkeypatch.setitem(K._state, "choice", choice)
+    monkeypatch.setitem(K._state, "tables", {})
+    act = "relu" if op.startswith("bias_act") else None
+    args = kernel_arguments(op, dtype, act, n=37, m=19)
+    if op == "bias_act_forward":
+        args = (args[0], args[1], args[2], args[3], 0.0)
+    arrays = [i for i, a in enumerate(args) if isinstance(a, np.ndarray)]
+
+    def fresh():
+        return [a.copy() if i in arrays else a for i, a in enumerate(args)]
+
+    want = fresh()
+    getattr(K, op)(*want)
+    got = fresh()
+    token, run = K.prepare(op, *got)
+    assert K.current(token)
+    for _ in range(2):
+        for i in arrays:  # the same objects, their inputs restored
+            got[i][...] = args[i]
+        run()
+    for i in arrays:
+        assert np.array_equal(got[i], want[i], equal_nan=True), f"{op}: argument {i} differs"
+
+
+def test_a_prepared_run_goes_stale_with_the_backend(monkeypatch):
+    skip_unless_available("numba_cpu")
+    monkeypatch.setitem(K._state, "choice", "numba")
+    monkeypatch.setitem(K._state, "tables", {})
+    z = np.ones((4, 3), np.float32)
+    token, _ = K.prepare("bias_act_forward", z, None, z, "relu", 0.0)
+    assert K.current(token)
+    K.set_backend("reference")
+    try:
+        assert not K.current(token)
+        token, _ = K.prepare("bias_act_forward", z, None, z, "relu", 0.0)
+        assert K.current(token)
+        monkeypatch.setitem(K._state["tables"], "cpu", dict(K._state["tables"]["cpu"]))
+        assert not K.current(token)  # a new table of ops for the device (as tests route)
+    finally:
+        K.set_backend("numba")
+
+
+def test_prepare_checks_as_the_op_does():
+    skip_unless_available("numba_cpu")
+    z = np.ones((4, 3), np.float32)
+    with pytest.raises(ValueError, match="shape"):
+        K.implementation("numba_cpu", "bias_act_forward").prepare(
+            z, np.ones(4, np.float32), z, "relu", 0.0)
+
+
+# ---------------------------------------------------------------------------------------
 # Contract checks that are not numbers
 @pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
 def test_unknown_activation_is_rejected(backend):

@@ -408,3 +408,75 @@ def test_default_init_and_seeding():
         init.as_generator("seed")
     with pytest.raises(ValueError, match="unknown initialiser"):
         Dense(2, 2, init="orthogonal")
+
+
+# ---------------------------------------------------------------------------------------
+# The prepared kernel calls of Dense and SoftmaxCrossEntropyLoss (K.prepare): the checks
+# are skipped only while every argument is the object checked before
+def _dense_step(layer, loss, x, y):
+    layer.zero_grad()
+    out = layer.forward(x)
+    value = loss.forward(out, y)
+    layer.backward(loss.backward(), need_input_grad=False)
+    return value, out.copy(), layer.W.grad.copy(), layer.b.grad.copy()
+
+
+def test_dense_fast_path_rechecks_a_replaced_or_reshaped_array():
+    rng = np.random.default_rng(0)
+    layer = Dense(6, 4, activation="relu", rng=0)
+    loss = bp.losses.SoftmaxCrossEntropyLoss()
+    x = rng.standard_normal((5, 6)).astype(np.float32)
+    y = np.array([0, 1, 2, 3, 0])
+    first = _dense_step(layer, loss, x, y)
+    again = _dense_step(layer, loss, x, y)  # the prepared runs: the same results
+    for a, b in zip(first, again):
+        assert np.array_equal(a, b)
+    good = layer.b.data
+    layer.b.data = np.zeros(5, np.float32)  # a new bias of the wrong size: checked again
+    with pytest.raises(ValueError):
+        layer.forward(x)
+    layer.b.data = good
+    out = layer.forward(x)
+    loss.forward(out, y)
+    grad = loss.backward()
+    layer.backward(grad)
+    grad.shape = (4, 5)  # the same object, reshaped in place: not run unchecked
+    with pytest.raises(ValueError, match="shape"):
+        layer.backward(grad)
+    out = layer.forward(x)
+    y.shape = (5, 1)  # the labels, reshaped in place
+    with pytest.raises(ValueError, match="shape"):
+        loss.forward(out, y)
+    y.shape = (5,)
+    out.shape = (4, 5)  # the logits, reshaped in place
+    with pytest.raises(ValueError):
+        loss.forward(out, y)
+
+
+def test_dense_fast_path_follows_a_change_of_backend(monkeypatch):
+    from backprop import kernels as K
+    from backprop.kernels import reference
+
+    rng = np.random.default_rng(1)
+    layer = Dense(6, 4, activation="tanh", rng=0, dtype="float64")
+    loss = bp.losses.SoftmaxCrossEntropyLoss()
+    x = rng.standard_normal((5, 6))
+    y = np.array([0, 1, 2, 3, 0])
+    calls = []
+    for op in ("bias_act_forward", "bias_act_backward", "softmax_xent"):
+        def counted(*args, _op=getattr(reference, op), _name=op, **kwargs):
+            calls.append(_name)
+            return _op(*args, **kwargs)
+        monkeypatch.setattr(reference, op, counted)
+    choice = K.get_choice()
+    first = _dense_step(layer, loss, x, y)
+    _dense_step(layer, loss, x, y)
+    seen = len(calls)  # 0 where numba_cpu runs them
+    K.set_backend("reference")
+    try:
+        ref = _dense_step(layer, loss, x, y)
+    finally:
+        K.set_backend(choice)
+    assert calls[seen:] == ["bias_act_forward", "softmax_xent", "bias_act_backward"]
+    for a, b in zip(first, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
