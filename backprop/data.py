@@ -25,6 +25,7 @@ __all__ = [
     "xor", "two_moons", "spirals", "regression", "load_digits", "load_csv", "CSVData",
     "Standardizer", "standardize", "train_val_test_split", "validate", "DataError",
     "csv_columns", "as_array", "feature_names", "check_feature_names", "all_finite",
+    "PRODUCT_CHECK_MIN_VALUES",
 ]
 
 
