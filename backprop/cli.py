@@ -1715,9 +1715,23 @@ def _runtime_report() -> dict:
         "cuda_available": status["available"], "cuda_reason": status["reason"],
         "cuda_devices": status["names"], "numba": backend._version_of("numba"),
         "numba_cuda": backend._version_of("numba_cuda"), "numpy": np.__version__,
-        "kernel_backends": backends, "mixed_precision": _mixed_precision_report(problems),
-        "problems": problems,
+        "kernel_backends": backends, "gemm": _gemm_report(problems),
+        "mixed_precision": _mixed_precision_report(problems), "problems": problems,
     }
+
+
+def _gemm_report(problems) -> str | None:
+    """What runs the Dense layers' large products (backprop.gemm, BACKPROP_GEMM)."""
+    from backprop import gemm
+
+    try:
+        name = gemm.backend()
+    except (ValueError, RuntimeError) as exc:
+        problems.append(f"{_one_line(exc)}: fix or unset BACKPROP_GEMM")
+        return None
+    if name == "mkl":
+        return f"mkl (products of at least {gemm.MKL_MIN_MACS} multiply-adds)"
+    return "numpy (NumPy's BLAS)"
 
 
 def _mixed_precision_report(problems) -> dict:

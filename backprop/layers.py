@@ -25,6 +25,7 @@ import numbers
 
 import numpy as np
 
+from backprop import gemm
 from backprop import init as initializers
 from backprop import kernels as K
 from backprop.backend import asarray, get_array_module, get_dtype, to_numpy
@@ -392,7 +393,8 @@ class Dense(Layer):
         W, act = self.W.data, self.activation.kernel
         check_input(x, self, self.in_features, W)
         z = self._buffer("z", (x.shape[0], self.out_features), W)
-        get_array_module(W).matmul(x, W.T, out=z)
+        if not gemm.product(x, W, z, False, True):
+            get_array_module(W).matmul(x, W.T, out=z)
         b = None if self.b is None else self.b.data
         if act == "softmax":  # out of place: Z stays, as the logits a paired loss reads
             a = K.softmax_forward(K.bias_act_forward(z, b, z, "identity", 0.0),
@@ -449,13 +451,18 @@ class Dense(Layer):
         if self.backward_observer is not None:
             self.backward_observer(self, delta)
         dW, accumulate_w = self.W.grad_for_write()
-        if accumulate_w:
+        if gemm.product(delta, x, dW, True, False, accumulate_w):
+            pass
+        elif accumulate_w:
             dW += xp.matmul(delta.T, x, out=self._buffer("dW", W.shape, W))
         else:
             xp.matmul(delta.T, x, out=dW)
         if not need_input_grad:
             return None
-        return xp.matmul(delta, W, out=self._buffer("dx", x.shape, W))
+        dx = self._buffer("dx", x.shape, W)
+        if not gemm.product(delta, W, dx, False, False):
+            xp.matmul(delta, W, out=dx)
+        return dx
 
     def _through_row_activation(self, grad, a, from_logits):
         """``(grad, act)`` for the backward epilogue: a row activation (softmax, a layer's

@@ -213,8 +213,11 @@ def backprop_training(spec: Spec, variant: str) -> dict:
             return value
 
         context = contextlib.nullcontext()
+    from backprop import gemm
+
     return {"step": step, "sync": _nothing, "make_floor": lambda: MatmulFloor(mlp, np),
-            "context": context, "floor_library": "numpy/openblas"}
+            "context": context,
+            "floor_library": "mkl" if gemm.backend() == "mkl" else "numpy/openblas"}
 
 
 def _backprop_info() -> dict:
@@ -223,8 +226,10 @@ def _backprop_info() -> dict:
     import backprop
     from backprop import kernels as K
 
+    from backprop import gemm
+
     return {"version": backprop.__version__, "kernels": K.backend_name("cpu"),
-            "numba_threads": numba.get_num_threads()}
+            "numba_threads": numba.get_num_threads(), "gemm": gemm.backend()}
 
 
 # ---------------------------------------------------------------------------------------

@@ -485,7 +485,9 @@ def mlp_data(mlp: MLP, xp, seed: int = 0):
 @dataclass
 class MatmulFloor:
     """The matrix products of one training step alone, into preallocated ``out=`` buffers:
-    forward ``Z = X Wᵀ``, backward ``∂W = δᵀX`` and ``∂X = δW`` (not for the first layer)."""
+    forward ``Z = X Wᵀ``, backward ``∂W = δᵀX`` and ``∂X = δW`` (not for the first layer),
+    each on the library the Dense layers use for it (``backprop.gemm``: MKL for the large
+    ones where installed, else NumPy's BLAS)."""
 
     mlp: MLP
     xp: object
@@ -504,12 +506,16 @@ class MatmulFloor:
                 "dx": arr((n, fan_in)) if i > 0 else None})
 
     def __call__(self) -> None:
+        from backprop.gemm import product  # the library the layers' products run on
+
         matmul = self.xp.matmul
         for b in self.buffers:
-            matmul(b["x"], b["w"].T, out=b["z"])
+            if not product(b["x"], b["w"], b["z"], False, True):
+                matmul(b["x"], b["w"].T, out=b["z"])
         for b in reversed(self.buffers):
-            matmul(b["delta"].T, b["x"], out=b["dw"])
-            if b["dx"] is not None:
+            if not product(b["delta"], b["x"], b["dw"], True, False):
+                matmul(b["delta"].T, b["x"], out=b["dw"])
+            if b["dx"] is not None and not product(b["delta"], b["w"], b["dx"], False, False):
                 matmul(b["delta"], b["w"], out=b["dx"])
 
 

@@ -1,0 +1,145 @@
+"""backprop.gemm: the Dense layers' large products on MKL where it is installed."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import backprop as bp
+from backprop import bf16, gemm
+
+
+def mkl_or_skip():
+    info = bf16._mkl()
+    if info.get("lib") is None:
+        pytest.skip(f"MKL cannot be used here: {info['error']}")
+
+
+@pytest.fixture
+def backend_restored():
+    yield
+    gemm._STATE.clear()  # the next product resolves BACKPROP_GEMM again
+
+
+@pytest.fixture
+def small_threshold(monkeypatch, backend_restored):
+    mkl_or_skip()
+    monkeypatch.setattr(gemm, "MKL_MIN_MACS", 1)
+    assert gemm.set_backend("mkl") == "mkl"
+
+
+FORMS = [(False, True), (True, False), (False, False), (True, True)]
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 2e-5), (np.float64, 1e-12)])
+@pytest.mark.parametrize("trans_a, trans_b", FORMS)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_product_matches_numpy(small_threshold, dtype, rtol, trans_a, trans_b, accumulate):
+    rng = np.random.default_rng(7)
+    for m, k, n in [(1, 1, 1), (3, 5, 2), (37, 19, 11), (128, 257, 64)]:
+        a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+        b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+        start = rng.standard_normal((m, n)).astype(dtype)
+        out = start.copy()
+        want = (a.T if trans_a else a) @ (b.T if trans_b else b)
+        if accumulate:
+            want = want + start
+        assert gemm.product(a, b, out, trans_a, trans_b, accumulate)
+        scale = np.abs(a).max() * np.abs(b).max() * k + np.abs(start).max()
+        np.testing.assert_allclose(out, want, rtol=0, atol=rtol * scale)
+
+
+def test_product_declines_what_it_cannot_run(small_threshold, monkeypatch):
+    a = np.ones((8, 6), np.float32)
+    b = np.ones((6, 4), np.float32)
+    out = np.zeros((8, 4), np.float32)
+    sentinel = out.copy()
+    declined = [
+        (a[:, ::2], np.ones((3, 4), np.float32), out),         # a strided view
+        (a, b.astype(np.float64), out),                         # mixed dtypes
+        (a.astype(np.float16), b.astype(np.float16), out.astype(np.float16)),
+        (a, b, np.zeros((8, 5), np.float32)),                   # shapes that disagree
+        (a, b, out[:, ::1].T.copy().T),                         # out not C-contiguous
+        (a.tolist(), b, out),                                   # not an ndarray
+    ]
+    for x, y, o in declined:
+        before = o.copy() if isinstance(o, np.ndarray) else None
+        assert not gemm.product(x, y, o, False, False)
+        assert before is None or np.array_equal(o, before)
+    square = np.ones((6, 6), np.float32)
+    assert not gemm.product(square, square, square, False, False)  # out is an input
+    readonly = out.copy()
+    readonly.flags.writeable = False
+    assert not gemm.product(a, b, readonly, False, False)
+    monkeypatch.setattr(gemm, "MKL_MIN_MACS", 8 * 6 * 4 + 1)
+    assert not gemm.product(a, b, out, False, False)  # below the threshold
+    assert np.array_equal(out, sentinel)
+    gemm.set_backend("numpy")
+    monkeypatch.setattr(gemm, "MKL_MIN_MACS", 1)
+    assert not gemm.product(a, b, out, False, False)
+
+
+def test_backend_selection(monkeypatch, backend_restored):
+    with pytest.raises(ValueError, match="gemm backend must be one of"):
+        gemm.set_backend("openblas")
+    monkeypatch.setenv("BACKPROP_GEMM", "blis")
+    gemm._STATE.clear()
+    with pytest.raises(ValueError, match="BACKPROP_GEMM must be one of"):
+        gemm.backend()
+    monkeypatch.setenv("BACKPROP_GEMM", "numpy")
+    gemm._STATE.clear()
+    assert gemm.backend() == "numpy"
+    missing = {"lib": None, "gemm": None, "error": "MKL is not installed (test)"}
+    monkeypatch.setattr(bf16, "_mkl", lambda: missing)
+    assert gemm.set_backend("auto") == "numpy"  # auto falls back quietly
+    with pytest.raises(RuntimeError, match="BACKPROP_GEMM=mkl: MKL is not installed"):
+        gemm.set_backend("mkl")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_training_step_on_mkl_matches_numpy(small_threshold, dtype):
+    """Forward, backward (with ∂W accumulated over two passes, MKL's beta = 1) and Adam,
+    on MKL and on NumPy's BLAS: the same up to rounding."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((50, 20)).astype(dtype)
+    y = rng.integers(0, 5, 50)
+    results = {}
+    for name in ("mkl", "numpy"):
+        gemm.set_backend(name)
+        model = bp.Sequential([bp.Dense(20, 30, activation="relu", rng=1, dtype=dtype),
+                               bp.Dense(30, 5, rng=2, dtype=dtype)])
+        loss = bp.losses.SoftmaxCrossEntropyLoss()
+        opt = bp.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(3):
+            opt.zero_grad()
+            for half in (slice(0, 25), slice(25, 50)):  # gradients accumulate
+                loss.forward(model.forward(x[half]), y[half])
+                model.backward(loss.backward())
+            opt.step()
+        results[name] = [p.data.copy() for p in model.parameters()]
+    tol = 1e-4 if dtype == np.float32 else 1e-10
+    for got, want in zip(results["mkl"], results["numpy"]):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
+def test_products_from_several_threads(small_threshold):
+    rng = np.random.default_rng(5)
+    pairs = [(rng.standard_normal((64, 96)).astype(np.float32),
+              rng.standard_normal((96, 48)).astype(np.float32)) for _ in range(4)]
+    wrong = []
+
+    def work(a, b):
+        out = np.empty((64, 48), np.float32)
+        want = a @ b
+        for _ in range(50):
+            gemm.product(a, b, out, False, False)
+            if not np.allclose(out, want, rtol=1e-5, atol=1e-4):
+                wrong.append(1)
+
+    threads = [threading.Thread(target=work, args=pair) for pair in pairs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
