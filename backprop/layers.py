@@ -393,7 +393,8 @@ class Dense(Layer):
         W, act = self.W.data, self.activation.kernel
         check_input(x, self, self.in_features, W)
         z = self._buffer("z", (x.shape[0], self.out_features), W)
-        if not gemm.product(x, W, z, False, True):
+        # (the size test first: gemm.product's own checks cost a small product too much)
+        if not (x.shape[0] * W.size >= gemm.MKL_MIN_MACS and gemm.product(x, W, z, False, True)):
             get_array_module(W).matmul(x, W.T, out=z)
         b = None if self.b is None else self.b.data
         if act == "softmax":  # out of place: Z stays, as the logits a paired loss reads
@@ -451,7 +452,8 @@ class Dense(Layer):
         if self.backward_observer is not None:
             self.backward_observer(self, delta)
         dW, accumulate_w = self.W.grad_for_write()
-        if gemm.product(delta, x, dW, True, False, accumulate_w):
+        large = x.shape[0] * W.size >= gemm.MKL_MIN_MACS  # all three products' size
+        if large and gemm.product(delta, x, dW, True, False, accumulate_w):
             pass
         elif accumulate_w:
             dW += xp.matmul(delta.T, x, out=self._buffer("dW", W.shape, W))
@@ -460,7 +462,7 @@ class Dense(Layer):
         if not need_input_grad:
             return None
         dx = self._buffer("dx", x.shape, W)
-        if not gemm.product(delta, W, dx, False, False):
+        if not (large and gemm.product(delta, W, dx, False, False)):
             xp.matmul(delta, W, out=dx)
         return dx
 
