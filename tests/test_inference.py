@@ -509,3 +509,24 @@ def test_two_threads_predict_at_once():
     for t in threads:
         t.join()
     assert errors == [] and bad == []
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tiles_of_every_shape_give_the_same_bits(dtype):
+    """``_tiles`` against NumPy for every row count from 1 to 40 (tiles of 16, 8 and 4 rows
+    and single rows) and 1–3 vectors of lanes (pairs and a single vector); and each lane's
+    result is bit for bit the one the lane gets in another tiling (the same sum over k)."""
+    lanes = 16 if dtype == np.float32 else 8
+    rng = np.random.default_rng(11)
+    k = 37
+    for m in range(1, 41):
+        W = rng.standard_normal((m, k)).astype(dtype)
+        xT = rng.standard_normal((k, 3 * lanes)).astype(dtype)
+        whole = np.empty((m, 3 * lanes), dtype)
+        inference._tiles(xT, W, whole)
+        np.testing.assert_allclose(whole, W.astype(np.float64) @ xT, rtol=1e-5, atol=1e-4)
+        for first in range(3):  # each vector of lanes alone: a single vector, other tiles
+            part = np.empty((m, lanes), dtype)
+            inference._tiles(np.ascontiguousarray(xT[:, first * lanes:(first + 1) * lanes]),
+                             W, part)
+            assert np.array_equal(part, whole[:, first * lanes:(first + 1) * lanes]), (m, first)
