@@ -59,7 +59,10 @@ def _load() -> dict:
     lib, c_int, p = mkl["lib"], ctypes.c_int, ctypes.c_void_p
     functions = {}
     for name, scalar in (("sgemm", ctypes.c_float), ("dgemm", ctypes.c_double)):
-        fn = getattr(lib, f"cblas_{name}")
+        fn = getattr(lib, f"cblas_{name}", None)
+        if fn is None:
+            return {"sgemm": None, "dgemm": None,
+                    "error": f"{mkl['path']} has no cblas_{name}"}
         fn.argtypes = [c_int] * 6 + [scalar, p, c_int, p, c_int, scalar, p, c_int]
         fn.restype = None
         functions[name] = fn

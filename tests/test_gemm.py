@@ -90,6 +90,14 @@ def test_backend_selection(monkeypatch, backend_restored):
     monkeypatch.setenv("BACKPROP_GEMM", "numpy")
     gemm._STATE.clear()
     assert gemm.backend() == "numpy"
+    class NoGemm:  # a library without cblas_sgemm
+        pass
+
+    partial = {"lib": NoGemm(), "path": "/opt/libmkl_rt.so", "error": None}
+    monkeypatch.setattr(bf16, "_mkl", lambda: partial)
+    assert gemm.set_backend("auto") == "numpy"
+    with pytest.raises(RuntimeError, match="has no cblas_sgemm"):
+        gemm.set_backend("mkl")
     missing = {"lib": None, "gemm": None, "error": "MKL is not installed (test)"}
     monkeypatch.setattr(bf16, "_mkl", lambda: missing)
     assert gemm.set_backend("auto") == "numpy"  # auto falls back quietly
