@@ -247,3 +247,12 @@ def test_gemm_backends_smoke(tmp_path):
         assert r["ms"]["numpy"] > 0 and r["ms"]["mkl"] > 0
         assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
     assert "| b1024 | 1024 |" in (tmp_path / "gemm_backends.md").read_text()
+
+
+def test_denormal_states_smoke():
+    proc = subprocess.run([sys.executable, str(HERE / "denormal_states.py"), "--steps", "20",
+                           "--rounds", "2", "--calls", "3"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "denormal values: exp_avg" in proc.stdout and "ratio" in proc.stdout
+    assert "jax.jit flushes denormals to zero:" in proc.stdout
