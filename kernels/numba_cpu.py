@@ -851,7 +851,13 @@ def _formula(name: str, scalar):
     in the kernels' fixed form (:func:`optimizers.slotted`); Numba specialises it on which
     slots are None, pruning the branches of the states not kept."""
     record = OPTIMIZERS[name]
-    m = UpdateMath(K=scalar, where=_select, sqrt=np.sqrt, maximum=_maximum)
+    tiny, zero = scalar(np.finfo(scalar).tiny), scalar(0.0)
+
+    @njit(inline="always", **_STRICT)
+    def flush(x):
+        return zero if abs(x) < tiny else x
+
+    m = UpdateMath(K=scalar, where=_select, sqrt=np.sqrt, maximum=_maximum, flush=flush)
     return njit(**_STRICT)(slotted(njit(**_STRICT)(record.update(m)), len(record.states)))
 
 

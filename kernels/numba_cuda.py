@@ -689,7 +689,13 @@ def _optimizer_kernel(name: str, kept: tuple, dtype, lowp=None):
     record = OPTIMIZERS[name]
     t = _checked_dtype(dtype).type
     device = cuda.jit(device=True, inline="always")
-    m = UpdateMath(K=t, where=_select, sqrt=math.sqrt, maximum=_maximum)
+    tiny, zero = t(np.finfo(t).tiny), t(0.0)
+
+    @device
+    def flush(x):
+        return zero if abs(x) < tiny else x
+
+    m = UpdateMath(K=t, where=_select, sqrt=math.sqrt, maximum=_maximum, flush=flush)
     update = device(slotted(device(record.update(m)), len(record.states)))
     (load0, store0), (load1, store1), (load2, store2) = (
         (_element, _store) if k else (_not_kept, _discard) for k in kept)

@@ -69,12 +69,14 @@ __all__ = ["UpdateMath", "OptimizerDef", "RECORDS", "SLOTS", "SYMBOLIC", "slotte
 class UpdateMath:
     """A target's primitives for the update formulas: ``K(v)`` is the constant ``v`` in the
     target's type, ``where(c, a, b)`` selects, ``maximum(a, b)`` propagates NaN (as
-    ``np.maximum``)."""
+    ``np.maximum``), ``flush(x)`` is ``x`` with a denormal value replaced by 0 (``|x|``
+    below the smallest normal number of the target's type; NaN and ±inf stay)."""
 
     K: Callable
     where: Callable
     sqrt: Callable
     maximum: Callable
+    flush: Callable
 
 
 @dataclass(frozen=True)
@@ -109,49 +111,49 @@ class OptimizerDef:
 # ---------------------------------------------------------------------------------------
 # The formulas (PyTorch's; reference.py states them for whole arrays)
 def _sgd(m):
-    zero, where = m.K(0.0), m.where
+    zero, where, flush = m.K(0.0), m.where, m.flush
 
     def sgd(p, g, buf, c):
         lr, momentum, dampened, weight_decay, nesterov, first_step = c
         d = where(weight_decay != zero, g + weight_decay * p, g)  # λ = 0 leaves g as it is
         if buf is None:
             return p - lr * d, None
-        buf = where(first_step, d, momentum * buf + dampened * d)
+        buf = flush(where(first_step, d, momentum * buf + dampened * d))
         return p - lr * where(nesterov, d + momentum * buf, buf), buf
     return sgd
 
 
 def _rmsprop(m):
-    zero, where, sqrt = m.K(0.0), m.where, m.sqrt
+    zero, where, sqrt, flush = m.K(0.0), m.where, m.sqrt, m.flush
 
     def rmsprop(p, g, square_avg, grad_avg, buf, c):
         lr, alpha, one_minus_alpha, eps, weight_decay, momentum = c
         d = where(weight_decay != zero, g + weight_decay * p, g)
-        square_avg = alpha * square_avg + one_minus_alpha * d * d
+        square_avg = flush(alpha * square_avg + one_minus_alpha * d * d)
         variance = square_avg
         if grad_avg is not None:  # centered
-            grad_avg = grad_avg + one_minus_alpha * (d - grad_avg)
+            grad_avg = flush(grad_avg + one_minus_alpha * (d - grad_avg))
             variance = square_avg - grad_avg * grad_avg
         step = d / (sqrt(variance) + eps)  # eps outside the sqrt
         if buf is not None:
-            buf = momentum * buf + step
+            buf = flush(momentum * buf + step)
             step = buf
         return p - lr * step, square_avg, grad_avg, buf
     return rmsprop
 
 
 def _adam(m):
-    zero, where, sqrt, maximum = m.K(0.0), m.where, m.sqrt, m.maximum
+    zero, where, sqrt, maximum, flush = m.K(0.0), m.where, m.sqrt, m.maximum, m.flush
 
     def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, c):
         decay, l2, one_minus_beta1, beta2, one_minus_beta2, step_size, inv_bias2_sqrt, eps = c
         p = p * decay  # AdamW: decay = 1 - lr λ (else 1)
         d = where(l2 != zero, g + l2 * p, g)  # Adam: l2 = λ (else 0)
-        exp_avg = exp_avg + one_minus_beta1 * (d - exp_avg)
-        exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * d * d
+        exp_avg = flush(exp_avg + one_minus_beta1 * (d - exp_avg))
+        exp_avg_sq = flush(beta2 * exp_avg_sq + one_minus_beta2 * d * d)
         second = exp_avg_sq
         if max_exp_avg_sq is not None:  # amsgrad
-            max_exp_avg_sq = maximum(max_exp_avg_sq, exp_avg_sq)
+            max_exp_avg_sq = flush(maximum(max_exp_avg_sq, exp_avg_sq))
             second = max_exp_avg_sq
         # eps after the bias-corrected sqrt; step_size = lr / (1 - β1ᵗ). The correction
         # multiplies by 1 / sqrt(1 - β2ᵗ) where the reference divides by sqrt(1 - β2ᵗ): one
@@ -275,8 +277,13 @@ def _maximum(a, b):  # b wins where it is larger or NaN (np.maximum's NaN propag
     return _Sym("?", (_Sym("||", (b > a, b != b), True), b, a))
 
 
+def _flush(x):  # T's smallest normal number, for float and double alike
+    tiny = _leaf("T(sizeof(T) == 4 ? 1.1754943508222875e-38 : 2.2250738585072014e-308)")
+    return _Sym("?", (_call("fabs")(x) < tiny, _const(0.0), x))
+
+
 SYMBOLIC = UpdateMath(K=_const, where=lambda c, a, b: _Sym("?", (c, a, b)),
-                      sqrt=_call("sqrt"), maximum=_maximum)
+                      sqrt=_call("sqrt"), maximum=_maximum, flush=_flush)
 
 
 def cuda_update(record: OptimizerDef, present) -> str:

@@ -237,6 +237,20 @@ def _check_data_lp(op, data_lp, p, *states):
         check_lowp(op, "data_lp", data_lp, p, *states)
 
 
+def flush_denormals(a) -> None:
+    """Set the denormal values of the float array ``a`` to 0, in place (``|a|`` below the
+    smallest normal number of its dtype; NaN and ±inf stay). The optimizers' states pass
+    through it after each update: a state that decays geometrically (a unit that never
+    fires, its gradient 0) would otherwise settle on a denormal value, where 0.9 times it
+    rounds back to it, and every later update's arithmetic on it would take the processor's
+    slow path (Adam 1.3–2× slower on the digits MLP: ``benchmarks/denormal_states.py``).
+    XLA flushes every denormal; PyTorch keeps them: the weights come out the same either way
+    (an update from a denormal state is far below a weight's ulp), the states differ only
+    in that range."""
+    tiny = _xp(a).finfo(a.dtype).tiny
+    _xp(a).copyto(a, 0, where=_xp(a).abs(a) < tiny)
+
+
 def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step,
              data_lp=None):
     """SGD (PyTorch semantics), in place on ``p`` and ``buf``::
@@ -244,6 +258,7 @@ def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_s
         d = g + λ p
         buf = d                             (first step)
         buf = μ buf + (1 - τ) d             (later steps)
+        buf = flush(buf)                    (denormals to 0: flush_denormals)
         d = d + μ buf   if nesterov  else  d = buf        (when μ ≠ 0)
         p = p - lr d
 
@@ -259,6 +274,7 @@ def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_s
         else:
             buf *= momentum
             buf += (1.0 - dampening) * d
+        flush_denormals(buf)
         if nesterov:
             d = d + momentum * buf
         else:
@@ -275,6 +291,7 @@ def rmsprop_step(p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay, 
         d = g + λ p
         s = α s + (1 - α) d²
         ḡ = ḡ + (1 - α)(d - ḡ)                   (centered only; v = s - ḡ²)
+        (s, ḡ and buf below are flushed after their update: flush_denormals)
         avg = sqrt(v) + eps                      (eps outside the sqrt)
         buf = μ buf + d / avg ;  p = p - lr buf  (momentum)   or   p = p - lr d / avg
 
@@ -287,14 +304,17 @@ def rmsprop_step(p, g, square_avg, buf, grad_avg, lr, alpha, eps, weight_decay, 
     d = g + weight_decay * p if weight_decay else g
     square_avg *= alpha
     square_avg += (1.0 - alpha) * d * d
+    flush_denormals(square_avg)
     if centered:
         grad_avg += (1.0 - alpha) * (d - grad_avg)
+        flush_denormals(grad_avg)
         avg = xp.sqrt(square_avg - grad_avg * grad_avg) + eps
     else:
         avg = xp.sqrt(square_avg) + eps
     if momentum:
         buf *= momentum
         buf += d / avg
+        flush_denormals(buf)
         p -= lr * buf
     else:
         p -= lr * (d / avg)
@@ -310,6 +330,7 @@ def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, 
         m = m + (1 - β1)(d - m)
         v = β2 v + (1 - β2) d²
         v̂ = max(v̂, v)                   (amsgrad, when ``vmax`` is given)
+        (m, v and v̂ are flushed after their update: flush_denormals)
         p = p - (lr / (1 - β1ᵗ)) · m / (sqrt(v or v̂) / sqrt(1 - β2ᵗ) + eps)
 
     ``data_lp``: None, or a ``uint16`` (bfloat16 bits) or ``float16`` array of a float32 ``p``'s
@@ -324,10 +345,13 @@ def adam_step(p, g, m, v, vmax, lr, beta1, beta2, eps, weight_decay, decoupled, 
         else:
             d = g + weight_decay * p
     m += (1.0 - beta1) * (d - m)
+    flush_denormals(m)
     v *= beta2
     v += (1.0 - beta2) * d * d
+    flush_denormals(v)
     if vmax is not None:
         xp.maximum(vmax, v, out=vmax)
+        flush_denormals(vmax)
         second = vmax
     else:
         second = v

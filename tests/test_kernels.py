@@ -633,6 +633,52 @@ def test_matches_reference(backend, op, build, dtype, request, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------
+# Denormal optimizer states are flushed to 0 (reference.flush_denormals)
+FLUSH_CASES = [  # op, the arguments after p and g (states first), the states' names
+    ("adam_step", lambda s: (s[0], s[1], s[2], 1e-3, 0.9, 0.999, 1e-8, 0.0, False, 7),
+     ("m", "v", "vmax")),
+    ("rmsprop_step", lambda s: (s[0], s[1], s[2], 1e-2, 0.99, 1e-8, 0.0, 0.9, True),
+     ("square_avg", "buf", "grad_avg")),
+    ("sgd_step", lambda s: (s[0], 0.1, 0.9, 0.0, True, 0.0, False), ("buf",)),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("op, arguments, names", FLUSH_CASES, ids=[c[0] for c in FLUSH_CASES])
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS + [CUPY_ON_HOST])
+def test_optimizer_states_keep_no_denormal_value(backend, op, arguments, names, dtype,
+                                                 monkeypatch):
+    """Where a parameter's gradient is 0, its states decay; a decayed state that would be
+    denormal is stored as 0, by every backend and the reference alike, and the weights are
+    what they would be without the flush. Normal states, zeros, NaN and ±inf are kept."""
+    if backend != "reference":
+        skip_unless_available(backend)
+    fn = getattr(R, op) if backend == "reference" else \
+        backend_implementation(backend, op, monkeypatch)
+    xp = np if backend == "reference" else array_module(backend)
+    tiny = np.finfo(dtype).tiny
+    denormal = np.array([tiny / 2, -tiny / 4, tiny * 2 ** -20, tiny * 1.1, -tiny * 3,
+                         0.0, 1.0, np.inf], dtype)
+    n = len(denormal)
+    p = np.linspace(0.5, 1.5, n).astype(dtype)
+    g = np.zeros(n, dtype)  # units that never fire
+    states = [denormal.copy() for _ in names]
+    if op == "rmsprop_step":  # square_avg - grad_avg² must stay >= 0 (centered)
+        states[0] = np.abs(states[0])
+        states[2] = np.zeros(n, dtype)
+    if op == "adam_step":  # second moments are >= 0
+        states[1], states[2] = np.abs(states[1]), np.abs(states[2])
+    arrays = [xp.asarray(a) for a in (p, g, *states)]
+    fn(arrays[0], arrays[1], *arguments(arrays[2:]))
+    got = [np.asarray(a.get() if hasattr(a, "get") else a) for a in arrays]
+    for name, a in zip(names, got[2:]):
+        finite = np.isfinite(a)
+        small = finite & (a != 0) & (np.abs(a) < tiny)
+        assert not small.any(), f"{backend} {op}: {name} keeps denormal values {a[small]}"
+    assert np.array_equal(got[0][:5], p[:5]), f"{backend} {op}: the weights moved"
+
+
+# ---------------------------------------------------------------------------------------
 # Prepared calls (K.prepare): the op's work without its checks, for the layers' hot path
 PREPARED_OPS = ["bias_act_forward", "bias_act_backward", "softmax_xent", "softmax_forward",
                 "adam_step"]

@@ -22,8 +22,10 @@ from backprop.kernels import optimizers as O
 from backprop.kernels import reference as R
 
 ACCELERATED = ("numba_cpu", "numba_cuda", "cupy")
-NUMPY = {dtype: O.UpdateMath(K=np.dtype(dtype).type, where=np.where, sqrt=np.sqrt,
-                             maximum=np.maximum) for dtype in (np.float32, np.float64)}
+NUMPY = {dtype: O.UpdateMath(
+    K=np.dtype(dtype).type, where=np.where, sqrt=np.sqrt, maximum=np.maximum,
+    flush=lambda x, tiny=np.finfo(dtype).tiny: np.where(np.abs(x) < tiny, 0, x).astype(x.dtype))
+    for dtype in (np.float32, np.float64)}
 
 
 def test_every_record_is_an_op_on_every_backend_with_the_reference_signature():
