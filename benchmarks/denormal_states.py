@@ -6,11 +6,14 @@ Runs ``--steps`` steps of the hand-written Adam loop of ``frameworks.py`` (the b
 fixed batch; some units never fire, so their gradients are zero and their Adam states decay
 geometrically into the denormal range, where every arithmetic operation on them takes a
 microcode assist, and stay there: 0.9 times the smallest denormal rounds back to it, and
-``m + 0.1 (0 - m)`` adds a product that rounds to zero), counts the denormal values in the flat Adam states, then times the Adam
-kernel (numba_cpu, one call on the flat buffers) on copies of those states against copies
-with the denormals set to zero, alternated in one process. Also reports whether ``jax.jit``
-flushes denormals to zero on this CPU (XLA sets flush-to-zero; NumPy, PyTorch and backprop
-keep IEEE denormals), when JAX is installed.
+``m + 0.1 (0 - m)`` adds a product that rounds to zero), counts the denormal values in the
+flat Adam states (none since the optimizers store such values as 0:
+``reference.flush_denormals``), then times the Adam kernel (numba_cpu, one call on the flat
+buffers) on copies of those states against copies with the denormals set to zero,
+alternated in one process (the states are restored before every call, so a denormal value
+is read by every timed call). Also reports whether ``jax.jit`` flushes denormals to zero on
+this CPU (XLA sets flush-to-zero; NumPy and PyTorch keep IEEE denormals), when JAX is
+installed.
 """
 from __future__ import annotations
 
