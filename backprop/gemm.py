@@ -49,8 +49,9 @@ def _requested() -> str:
 
 
 def _load() -> dict:
-    """``{"sgemm", "dgemm", "error"}``: MKL's gemm functions with their argument types, or
-    None each and why not."""
+    """``{"sgemm", "dgemm", "error", "max_threads", "set_threads"}``: MKL's gemm functions
+    with their argument types and its thread controls (:mod:`backprop.bf16`'s), or None
+    each and why not."""
     from backprop import bf16
 
     mkl = bf16._mkl()
@@ -66,7 +67,8 @@ def _load() -> dict:
         fn.argtypes = [c_int] * 6 + [scalar, p, c_int, p, c_int, scalar, p, c_int]
         fn.restype = None
         functions[name] = fn
-    return {**functions, "error": None}
+    return {**functions, "error": None, "max_threads": mkl["max_threads"],
+            "set_threads": mkl["set_threads"]}
 
 
 def _resolve() -> str:
@@ -109,8 +111,7 @@ def product(a, b, out, trans_a: bool, trans_b: bool, accumulate: bool = False) -
     arrays of one dtype, C-contiguous, ``out`` writeable and apart from both inputs, shapes
     that agree, at least :data:`MKL_MIN_MACS` multiply-adds. Returns True when MKL ran it;
     False, having done nothing, otherwise (the caller then runs its NumPy product)."""
-    use = _STATE.get("backend") or _resolve()
-    if use != "mkl" or type(a) is not np.ndarray or type(b) is not np.ndarray \
+    if backend() != "mkl" or type(a) is not np.ndarray or type(b) is not np.ndarray \
             or type(out) is not np.ndarray:
         return False
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
@@ -128,9 +129,9 @@ def product(a, b, out, trans_a: bool, trans_b: bool, accumulate: bool = False) -
     from backprop.blas import MACS_PER_THREAD
 
     mkl = _STATE["mkl"]
-    threads = max(1, min(m * n * k // MACS_PER_THREAD, bf16._mkl()["max_threads"]))
-    if getattr(bf16._LOCAL, "threads", None) != threads:
-        bf16._mkl()["set_threads"](threads)
+    threads = max(1, min(m * n * k // MACS_PER_THREAD, mkl["max_threads"]))
+    if getattr(bf16._LOCAL, "threads", None) != threads:  # (the count bf16 also tracks)
+        mkl["set_threads"](threads)
         bf16._LOCAL.threads = threads
     gemm = mkl["sgemm"] if dtype == np.float32 else mkl["dgemm"]
     gemm(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,

@@ -453,12 +453,11 @@ class Dense(Layer):
             self.backward_observer(self, delta)
         dW, accumulate_w = self.W.grad_for_write()
         large = x.shape[0] * W.size >= gemm.MKL_MIN_MACS  # all three products' size
-        if large and gemm.product(delta, x, dW, True, False, accumulate_w):
-            pass
-        elif accumulate_w:
-            dW += xp.matmul(delta.T, x, out=self._buffer("dW", W.shape, W))
-        else:
-            xp.matmul(delta.T, x, out=dW)
+        if not (large and gemm.product(delta, x, dW, True, False, accumulate_w)):
+            if accumulate_w:
+                dW += xp.matmul(delta.T, x, out=self._buffer("dW", W.shape, W))
+            else:
+                xp.matmul(delta.T, x, out=dW)
         if not need_input_grad:
             return None
         dx = self._buffer("dx", x.shape, W)

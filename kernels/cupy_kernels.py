@@ -370,10 +370,10 @@ def bias_act_backward(da, a, z, act: str, alpha, delta_out, db_out=None, accumul
         which = "z (the pre-activation)" if act in NEEDS_Z else "a (the activation output)"
         raise ValueError(f"bias_act_backward({act!r}) needs {which}, got None")
     n, m = da.shape
-    reference.check_shape("bias_act_backward", da.shape, **{"a" if s is a else "z": s},
-                   delta_out=delta_out)
+    source = {"a" if s is a else "z": s}
+    reference.check_shape("bias_act_backward", da.shape, **source, delta_out=delta_out)
     reference.check_shape("bias_act_backward", (m,), db_out=db_out)
-    _require_c_contiguous(da=da, **{"a" if s is a else "z": s}, delta_out=delta_out)
+    _require_c_contiguous(da=da, **source, delta_out=delta_out)
     if delta_lp is not None:
         suffix, bits = _lowp_bits("bias_act_backward", "delta_lp", delta_lp, delta_out, da, a,
                                   z, db_out)

@@ -247,8 +247,8 @@ def flush_denormals(a) -> None:
     XLA flushes every denormal; PyTorch keeps them: the weights come out the same either way
     (an update from a denormal state is far below a weight's ulp), the states differ only
     in that range."""
-    tiny = _xp(a).finfo(a.dtype).tiny
-    _xp(a).copyto(a, 0, where=_xp(a).abs(a) < tiny)
+    xp = _xp(a)
+    xp.copyto(a, 0, where=xp.abs(a) < xp.finfo(a.dtype).tiny)
 
 
 def sgd_step(p, g, buf, lr, momentum, dampening, nesterov, weight_decay, first_step,
