@@ -1721,7 +1721,7 @@ def _runtime_report() -> dict:
 
 
 def _gemm_report(problems) -> str | None:
-    """What runs the Dense layers' large products (backprop.gemm, BACKPROP_GEMM)."""
+    """What runs the Dense layers' matrix products (backprop.gemm, BACKPROP_GEMM)."""
     from backprop import gemm
 
     try:
@@ -1730,7 +1730,7 @@ def _gemm_report(problems) -> str | None:
         problems.append(f"{_one_line(exc)}: fix or unset BACKPROP_GEMM")
         return None
     if name == "mkl":
-        return f"mkl (products of at least {gemm.MKL_MIN_MACS} multiply-adds)"
+        return "mkl (float32/float64 products, through its cblas_?gemm)"
     return "numpy (NumPy's BLAS)"
 
 

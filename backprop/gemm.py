@@ -3,21 +3,32 @@
 A Dense layer runs three products per training step: ``Z = X Wᵀ`` (forward),
 ``∂W (+)= δᵀ X`` and ``∂X = δ W`` (backward). NumPy runs them on the BLAS it was built with
 (OpenBLAS in the PyPI wheels). Where the ``mkl`` wheel is installed (the ``backprop[mkl]``
-extra; ``[bf16]`` installs it too), a product of at least :data:`MKL_MIN_MACS`
-multiply-adds runs on MKL's ``cblas_sgemm``/``cblas_dgemm`` instead, on the GNU OpenMP
-threads that backprop's kernels use (MKL is loaded as :mod:`backprop.bf16` loads it): on the
-2-core AVX-512 VM MKL ran the products of the 784-256-256-10 MLP at batch 128 1.2–1.7× as
-fast as OpenBLAS (``benchmarks/README.md``, "Matrix products on MKL"). Smaller products stay
-on NumPy, where MKL's fixed cost per call (a few microseconds through ctypes) costs more
-than it saves. ``∂W`` accumulated into an existing gradient uses MKL's ``beta = 1``.
+extra; ``[bf16]`` installs it too), they run on MKL's ``cblas_sgemm``/``cblas_dgemm``
+instead, on the GNU OpenMP threads that backprop's kernels use (MKL is loaded as
+:mod:`backprop.bf16` loads it). ``∂W`` accumulated into an existing gradient uses MKL's
+``beta = 1``.
+
+Which products. Those OpenBLAS would split over its threads (more than
+``blas.SINGLE_THREADED_MACS`` = 2¹⁸ multiply-adds, :data:`MKL_MIN_MACS` and up); the smaller
+ones OpenBLAS runs on one thread, where it was as fast as MKL or faster (MKL's call still
+costs a fraction of a microsecond more). So a model whose products run on MKL needs no
+OpenBLAS thread cap (``Sequential`` takes none, see :func:`runs`). MKL is called from
+compiled code (a Numba function that checks the operands and calls ``cblas_?gemm`` by its
+registered symbol): a call costs about what NumPy's own does, not the microseconds of a
+ctypes call. On the 2-core AVX-512 VM MKL ran the ``X Wᵀ`` products 1.5–2× as fast as
+OpenBLAS from 2¹⁸ multiply-adds (OpenBLAS's form for it is slow on small shapes), the
+others 1.1–1.9× from 2²⁰, within 0.86–1.13× between (``benchmarks/README.md``, "Matrix
+products on MKL").
 
 Selection, read once per process (or :func:`set_backend`): ``BACKPROP_GEMM`` = ``auto``
 (MKL where installed, else NumPy) | ``numpy`` | ``mkl`` (an error where MKL cannot load).
-Results differ from NumPy's in rounding only (another summation order).
+Results differ from NumPy's in rounding only (another summation order). Under
+``NUMBA_DISABLE_JIT=1`` there is no compiled caller: ``auto`` means NumPy.
 
-Thread-safe: MKL's gemm may be called from several threads at once; the MKL thread count
-is set per calling thread (``MKL_Set_Num_Threads_Local``), each product asking for one
-thread per ``blas.MACS_PER_THREAD`` multiply-adds, as the OpenBLAS cap does.
+Thread-safe: MKL's gemm may be called from several threads at once (the compiled caller
+releases the GIL); each product sets the calling thread's MKL thread count
+(``MKL_Set_Num_Threads_Local``) to one thread per ``blas.MACS_PER_THREAD`` multiply-adds,
+as the OpenBLAS cap does, and puts the count it found back afterwards.
 """
 from __future__ import annotations
 
@@ -25,20 +36,33 @@ import ctypes
 import os
 import threading
 
+import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-__all__ = ["BACKENDS", "MKL_MIN_MACS", "backend", "set_backend", "product"]
+from backprop import blas
+
+__all__ = ["BACKENDS", "MKL_MIN_MACS", "backend", "set_backend", "runs", "product"]
 
 BACKENDS = ("auto", "numpy", "mkl")
 
-MKL_MIN_MACS = 1 << 22
-"""Products with fewer multiply-adds stay on NumPy: around 2²⁰–2²¹ (one thread each) MKL
-and OpenBLAS took turns being faster, product by product; from 2²² (two threads) MKL was
-faster or even on every product measured."""
+MKL_MIN_MACS = blas.SINGLE_THREADED_MACS + 1
+"""The least multiply-adds of a product run on MKL: the smaller ones stay on NumPy's BLAS,
+which runs them on one thread by itself."""
 
 _STATE: dict = {}
 _LOCK = threading.Lock()
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+
+# The names under which MKL's functions are registered with LLVM's symbol table before the
+# caller is compiled or loaded from Numba's disk cache: the machine code calls them by name,
+# so a cached copy links to this process's MKL.
+_SYM_SGEMM = "backprop_mkl_cblas_sgemm"
+_SYM_DGEMM = "backprop_mkl_cblas_dgemm"
+_SYM_THREADS = "backprop_mkl_set_num_threads_local"
+_INT_MAX = 2**31 - 1  # MKL's LP64 interface: 32-bit sizes
 
 
 def _requested() -> str:
@@ -49,26 +73,26 @@ def _requested() -> str:
 
 
 def _load() -> dict:
-    """``{"sgemm", "dgemm", "error", "max_threads", "set_threads"}``: MKL's gemm functions
-    with their argument types and its thread controls (:mod:`backprop.bf16`'s), or None
-    each and why not."""
+    """``{"run", "max_threads", "error"}``: the compiled caller of MKL's gemm (see
+    :func:`_caller`) and MKL's thread count, or None and why not."""
     from backprop import bf16
 
+    if numba.config.DISABLE_JIT:
+        return {"run": None, "error": "NUMBA_DISABLE_JIT=1: no compiled caller for MKL"}
     mkl = bf16._mkl()
     if mkl.get("lib") is None:
-        return {"sgemm": None, "dgemm": None, "error": mkl["error"]}
-    lib, c_int, p = mkl["lib"], ctypes.c_int, ctypes.c_void_p
-    functions = {}
-    for name, scalar in (("sgemm", ctypes.c_float), ("dgemm", ctypes.c_double)):
-        fn = getattr(lib, f"cblas_{name}", None)
-        if fn is None:
-            return {"sgemm": None, "dgemm": None,
-                    "error": f"{mkl['path']} has no cblas_{name}"}
-        fn.argtypes = [c_int] * 6 + [scalar, p, c_int, p, c_int, scalar, p, c_int]
-        fn.restype = None
-        functions[name] = fn
-    return {**functions, "error": None, "max_threads": mkl["max_threads"],
-            "set_threads": mkl["set_threads"]}
+        return {"run": None, "error": mkl["error"]}
+    lib = mkl["lib"]
+    for name in ("sgemm", "dgemm"):
+        if getattr(lib, f"cblas_{name}", None) is None:
+            return {"run": None, "error": f"{mkl['path']} has no cblas_{name}"}
+    from llvmlite import binding as llvm  # (binding: loaded when MKL is)
+
+    address = lambda fn: ctypes.cast(fn, ctypes.c_void_p).value  # noqa: E731
+    llvm.add_symbol(_SYM_SGEMM, address(lib.cblas_sgemm))
+    llvm.add_symbol(_SYM_DGEMM, address(lib.cblas_dgemm))
+    llvm.add_symbol(_SYM_THREADS, address(lib.MKL_Set_Num_Threads_Local))
+    return {"run": _caller(), "max_threads": mkl["max_threads"], "error": None}
 
 
 def _resolve() -> str:
@@ -80,7 +104,7 @@ def _resolve() -> str:
             if wanted != "numpy":
                 mkl = _load()
                 if mkl["error"] is None:
-                    _STATE["mkl"] = mkl
+                    _STATE["run"], _STATE["max_threads"] = mkl["run"], mkl["max_threads"]
                     name = "mkl"
                 elif wanted == "mkl":
                     raise RuntimeError(f"BACKPROP_GEMM=mkl: {mkl['error']}")
@@ -89,7 +113,7 @@ def _resolve() -> str:
 
 
 def backend() -> str:
-    """``"mkl"`` or ``"numpy"``: what runs the Dense layers' large products."""
+    """``"mkl"`` or ``"numpy"``: what runs the Dense layers' products."""
     return _STATE.get("backend") or _resolve()
 
 
@@ -105,36 +129,113 @@ def set_backend(name: str) -> str:
     return _resolve()
 
 
+def runs(dtype) -> bool:
+    """Whether the Dense layers' products of ``dtype`` that OpenBLAS would thread run on MKL
+    (all of them where the operands are C-contiguous, as the layers' own buffers are)."""
+    if "backend" not in _STATE:
+        backend()
+    return _STATE.get("run") is not None and (dtype == np.float32 or dtype == np.float64)
+
+
 def product(a, b, out, trans_a: bool, trans_b: bool, accumulate: bool = False) -> bool:
     """``out = op(a) op(b)`` (``out +=`` with ``accumulate``) on MKL, ``op`` transposing
-    where asked, when MKL is the backend and the product qualifies: NumPy float32/float64
-    arrays of one dtype, C-contiguous, ``out`` writeable and apart from both inputs, shapes
-    that agree, at least :data:`MKL_MIN_MACS` multiply-adds. Returns True when MKL ran it;
-    False, having done nothing, otherwise (the caller then runs its NumPy product)."""
-    if backend() != "mkl" or type(a) is not np.ndarray or type(b) is not np.ndarray \
-            or type(out) is not np.ndarray:
+    where asked, when MKL is the backend and the product qualifies: at least
+    :data:`MKL_MIN_MACS` multiply-adds, two-dimensional NumPy float32/float64 arrays of
+    one dtype, native byte order, C-contiguous, ``out`` writeable and apart from both
+    inputs, shapes that agree. Returns True
+    when MKL ran it; False, having done nothing, otherwise (the caller then runs its NumPy
+    product)."""
+    run = _STATE.get("run")
+    if run is None:
+        if _STATE.get("backend") == "numpy" or backend() != "mkl":
+            return False
+        run = _STATE["run"]
+    if type(a) is not np.ndarray or type(b) is not np.ndarray or type(out) is not np.ndarray \
+            or out.ndim != 2 or a.size * out.shape[1] < MKL_MIN_MACS:  # (a.size: m·k)
         return False
-    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
-    kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
-    if k != kb or out.shape != (m, n) or m * n * k < MKL_MIN_MACS:
+    try:
+        return run(a, b, out, trans_a, trans_b, accumulate, blas.MACS_PER_THREAD,
+                   _STATE["max_threads"])
+    except TypeError:  # no compiled signature: another dtype, layout, rank, a read-only out
         return False
-    dtype = out.dtype
-    if dtype not in (np.float32, np.float64) or a.dtype != dtype or b.dtype != dtype:
-        return False
-    if not (a.flags.c_contiguous and b.flags.c_contiguous and out.flags.c_contiguous
-            and out.flags.writeable) or np.may_share_memory(out, a) \
-            or np.may_share_memory(out, b):
-        return False
-    from backprop import bf16
-    from backprop.blas import MACS_PER_THREAD
 
-    mkl = _STATE["mkl"]
-    threads = max(1, min(m * n * k // MACS_PER_THREAD, mkl["max_threads"]))
-    if getattr(bf16._LOCAL, "threads", None) != threads:  # (the count bf16 also tracks)
-        mkl["set_threads"](threads)
-        bf16._LOCAL.threads = threads
-    gemm = mkl["sgemm"] if dtype == np.float32 else mkl["dgemm"]
-    gemm(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,
-         m, n, k, 1.0, a.ctypes.data, a.shape[1], b.ctypes.data, b.shape[1],
-         1.0 if accumulate else 0.0, out.ctypes.data, n)
+
+def _caller():
+    """Compile (or load from Numba's cache) :func:`_run` with one signature per dtype and
+    read-only-ness of the inputs (C-contiguous, two-dimensional; anything else is a
+    TypeError, which :func:`product` turns into False)."""
+    signatures = []
+    for dtype in (types.float32, types.float64):
+        out = types.Array(dtype, 2, "C")
+        for readonly_a in (False, True):
+            for readonly_b in (False, True):
+                signatures.append(types.boolean(
+                    types.Array(dtype, 2, "C", readonly=readonly_a),
+                    types.Array(dtype, 2, "C", readonly=readonly_b), out, types.boolean,
+                    types.boolean, types.boolean, types.int64, types.int64))
+    return numba.njit(signatures, nogil=True, cache=True)(_run)
+
+
+_I32 = ir.IntType(32)
+_PTR = ir.IntType(8).as_pointer()
+
+
+@intrinsic
+def _cblas_gemm(typingctx, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc):
+    """``cblas_?gemm(RowMajor, ...)`` with ``alpha = 1``, called by its registered symbol;
+    ``beta``'s type picks ``sgemm`` (float32) or ``dgemm``; ``a``, ``b``, ``c`` are
+    integer addresses."""
+    single = beta == types.float32
+
+    def codegen(context, builder, signature, args):
+        real = ir.FloatType() if single else ir.DoubleType()
+        fnty = ir.FunctionType(ir.VoidType(), [_I32] * 6 + [real, _PTR, _I32, _PTR, _I32,
+                                                            real, _PTR, _I32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty,
+                                            _SYM_SGEMM if single else _SYM_DGEMM)
+        ta, tb, m_, n_, k_, pa, lda_, pb, ldb_, beta_, pc, ldc_ = args
+        builder.call(fn, [_I32(101), ta, tb, m_, n_, k_, ir.Constant(real, 1.0),
+                          builder.inttoptr(pa, _PTR), lda_, builder.inttoptr(pb, _PTR), ldb_,
+                          beta_, builder.inttoptr(pc, _PTR), ldc_])
+        return context.get_dummy_value()
+
+    i = types.int32
+    return types.void(i, i, i, i, i, types.intp, i, types.intp, i, beta, types.intp,
+                      i), codegen
+
+
+@intrinsic
+def _set_threads_local(typingctx, count):
+    """``MKL_Set_Num_Threads_Local(count)``: returns the calling thread's count before."""
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_I32]),
+                                            _SYM_THREADS)
+        return builder.call(fn, args)
+    return types.int32(types.int32), codegen
+
+
+def _run(a, b, out, trans_a, trans_b, accumulate, macs_per_thread, max_threads):
+    """:func:`product` once the operands' types qualify (compiled by :func:`_caller`): the
+    shapes agree and none is empty, ``out`` overlaps neither input; then MKL runs it with
+    one thread per ``macs_per_thread`` multiply-adds (at most ``max_threads``), the
+    calling thread's MKL count restored after."""
+    m, k = (a.shape[1], a.shape[0]) if trans_a else (a.shape[0], a.shape[1])
+    kb, n = (b.shape[1], b.shape[0]) if trans_b else (b.shape[0], b.shape[1])
+    if k != kb or out.shape[0] != m or out.shape[1] != n or m == 0 or n == 0 or k == 0:
+        return False
+    if max(m, n, k) > _INT_MAX:
+        return False
+    # out must not overlap an input (BLAS reads them while it writes)
+    start, end = out.ctypes.data, out.ctypes.data + out.size * out.itemsize
+    if a.ctypes.data < end and start < a.ctypes.data + a.size * a.itemsize:
+        return False
+    if b.ctypes.data < end and start < b.ctypes.data + b.size * b.itemsize:
+        return False
+    threads = max(1, min(m * n * k // macs_per_thread, max_threads))
+    before = _set_threads_local(np.int32(threads))
+    _cblas_gemm(np.int32(112 if trans_a else 111), np.int32(112 if trans_b else 111),
+                np.int32(m), np.int32(n), np.int32(k), a.ctypes.data, np.int32(a.shape[1]),
+                b.ctypes.data, np.int32(b.shape[1]), out.dtype.type(1.0 if accumulate else 0.0),
+                out.ctypes.data, np.int32(n))
+    _set_threads_local(before)
     return True

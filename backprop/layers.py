@@ -521,7 +521,7 @@ class Dense(Layer):
 
             self._product("fwd", policy, x_lp, lowp_copy(self.W, policy, request), z,
                           False, True, 0.0)
-        else:
+        elif not gemm.product(x, W, z, False, True):
             get_array_module(W).matmul(x, W.T, out=z)
         b = None if self.b is None else self.b.data
         a_lp = self._buffer("a_lp", z.shape, W, lp) if emit else None
@@ -574,6 +574,8 @@ class Dense(Layer):
         if dw:
             self._product("dW", policy, delta_lp, x_lp, dW, True, False,
                           1.0 if accumulate_w else 0.0)
+        elif gemm.product(delta, x, dW, True, False, accumulate_w):
+            pass
         elif accumulate_w:
             dW += xp.matmul(delta.T, x, out=self._buffer("dW", W.shape, W))
         else:
@@ -587,7 +589,9 @@ class Dense(Layer):
             self._product("dX", policy, delta_lp, lowp_copy(self.W, policy, request), dx_out,
                           False, False, 0.0)
             return dx_out
-        return xp.matmul(delta, W, out=dx_out)
+        if not gemm.product(delta, W, dx_out, False, False):
+            xp.matmul(delta, W, out=dx_out)
+        return dx_out
 
     def output_shape(self, input_shape):
         return (input_shape[0], self.out_features)

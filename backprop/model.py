@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from backprop import blas
+from backprop import blas, gemm
 from backprop.concurrency import _MODE
 from backprop.layers import Dense, Layer, check_input, from_config
 
@@ -211,6 +211,8 @@ class Sequential(Layer):
         largest = batch.shape[0] * self._widest
         if largest <= blas.SINGLE_THREADED_MACS:
             return None  # OpenBLAS runs these products on one thread by itself
+        if gemm.runs(batch.dtype):
+            return None  # MKL runs the Dense layers' products: OpenBLAS has none to run
         request = _MODE.autocast
         if request is not None and request.policy(batch) is not None:
             # mixed precision: the large products run on MKL; the float32 ones left are

@@ -247,6 +247,10 @@ def test_gemm_backends_smoke(tmp_path):
         assert r["ms"]["numpy"] > 0 and r["ms"]["mkl"] > 0
         assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
     assert "| b1024 | 1024 |" in (tmp_path / "gemm_backends.md").read_text()
+    products = json.loads((tmp_path / "gemm_backends.json").read_text())["products"]
+    assert [(p["shape"], p["form"]) for p in products] == [
+        (shape, form) for shape in ("32×64×32", "32×32×10") for form in ("X·Wᵀ", "δᵀ·X", "δ·W")]
+    assert all(p["us"]["numpy"] > 0 and p["us"]["mkl"] > 0 for p in products)
 
 
 def test_denormal_states_smoke():

@@ -6,12 +6,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backprop import blas
+from backprop import blas, gemm
 from backprop import callbacks as C
 from backprop import training
 from backprop.backend import use_device
 from backprop.layers import BatchNorm1d, Dense, Dropout, Layer, Residual
 from backprop.model import Sequential
+
+
+@pytest.fixture(autouse=True)
+def products_on_openblas():
+    """The Dense layers' products on NumPy's OpenBLAS, which the cap concerns, even where
+    MKL is installed (where MKL runs them, a pass takes no cap: test_mkl_products_...)."""
+    before = gemm.backend()
+    gemm.set_backend("numpy")
+    yield
+    gemm.set_backend(before)
 
 
 def _openblas_threads() -> int:
@@ -145,3 +155,25 @@ def test_a_mixed_precision_pass_caps_only_what_openblas_would_thread(rows, width
     assert probe.seen == [("forward", inside), ("backward", inside)]
     assert (calls != []) == capped
     assert _openblas_threads() == before
+
+
+@use_device("cpu")
+def test_a_pass_whose_products_run_on_mkl_takes_no_cap(monkeypatch):
+    """Where MKL runs every Dense product (backprop.gemm), OpenBLAS has none to run: a pass
+    leaves its thread count alone, without a call."""
+    from backprop import bf16
+
+    if bf16._mkl().get("lib") is None:
+        pytest.skip(f"MKL cannot be used here: {bf16._mkl()['error']}")
+    before, probe, model, x = _probed_model(64, 128)
+    gemm.set_backend("mkl")
+    calls = []
+    acquire = blas.acquire
+    monkeypatch.setattr(blas, "acquire", lambda largest: calls.append(largest) or
+                        acquire(largest))
+    model.backward(model.forward(x).copy())
+    assert probe.seen == [("forward", before), ("backward", before)]
+    assert calls == []
+    gemm.set_backend("numpy")
+    model.backward(model.forward(x).copy())  # the same pass on OpenBLAS: capped
+    assert probe.seen[2:] == [("forward", 1), ("backward", 1)] and len(calls) == 2

@@ -24,8 +24,10 @@ def _run(code: str, **env) -> dict:
 
     base = {k: v for k, v in os.environ.items() if k not in OMP_VARIABLES}
     # two threads in both pools on any machine: OpenBLAS splits the products below in two
-    # (on one core it would not), and no more than Numba has (else nothing is installed)
-    base.update(NUMBA_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2", OMP_NUM_THREADS="2")
+    # (on one core it would not), and no more than Numba has (else nothing is installed);
+    # the Dense layers' products on OpenBLAS even where MKL is installed (backprop.gemm)
+    base.update(NUMBA_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2", OMP_NUM_THREADS="2",
+                BACKPROP_GEMM="numpy")
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=TIMEOUT, env={**base, **env})
     assert proc.returncode == 0, proc.stderr[-4000:]
