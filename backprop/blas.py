@@ -28,7 +28,7 @@ import contextlib
 import threading
 
 __all__ = ["MACS_PER_THREAD", "largest_product", "threads_for", "acquire", "release",
-           "openblas_function"]
+           "share_pool", "openblas_function"]
 
 MACS_PER_THREAD = 1_500_000
 """Multiply-adds of the largest product per BLAS thread that ``fit`` lets OpenBLAS use."""
@@ -80,6 +80,13 @@ def openblas_function(dynlib, name: str):
             if function is not None:
                 return function
     return None
+
+
+def share_pool() -> None:
+    """Move OpenBLAS's parallel jobs onto the fused kernels' threads
+    (:mod:`backprop.blas_pool`) where it can, as the first cap does; for a process whose
+    products OpenBLAS does not run (:mod:`backprop.gemm` on MKL), so takes no cap."""
+    _openblas()
 
 
 def _find_openblas():

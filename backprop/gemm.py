@@ -109,7 +109,14 @@ def _resolve() -> str:
                 elif wanted == "mkl":
                     raise RuntimeError(f"BACKPROP_GEMM=mkl: {mkl['error']}")
             _STATE["backend"] = name
-        return _STATE["backend"]
+        name = _STATE["backend"]
+    if name == "mkl":
+        # The passes then take no OpenBLAS cap, whose first call would have moved OpenBLAS's
+        # parallel jobs onto the kernels' threads (backprop.blas_pool): do that here, or the
+        # products OpenBLAS still runs (predict's NaN check, the caller's own) leave its
+        # workers spinning against MKL's threads for the products that follow.
+        blas.share_pool()
+    return name
 
 
 def backend() -> str:

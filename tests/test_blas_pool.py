@@ -215,3 +215,18 @@ def test_opt_out_keeps_openblas_pool_and_sleeping_openmp_threads():
     assert not result["active"]
     assert "BACKPROP_BLAS_POOL=openblas" in result["status"]
     assert result["policy"] == "PASSIVE" and result["spin"] is None
+
+
+def test_installed_where_mkl_runs_the_products():
+    """With the Dense products on MKL (backprop.gemm) no pass takes an OpenBLAS cap; the pool
+    is installed all the same, so that OpenBLAS's own products (predict's NaN check, the
+    caller's) do not leave its workers spinning against MKL's and the kernels' threads."""
+    result = _run(_PRELUDE + """
+    from backprop import gemm
+    out["gemm"] = gemm.backend()
+    print(json.dumps(out))
+    """, BACKPROP_GEMM="auto")
+    if result["gemm"] != "mkl":
+        pytest.skip("MKL is not installed here: the products run on OpenBLAS")
+    assert result["status"] != "not tried"  # (where it cannot be installed it says why)
+    _skip_unless_installed(result)
