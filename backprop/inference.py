@@ -50,8 +50,12 @@ thread costs more than it saves. The driver is generated per stack of activation
 Python source is written once under the user's cache directory, so that Numba's disk cache
 keeps its machine code between processes, ``_driver_for``). Under Numba's workqueue
 threading layer, which aborts on parallel launches from two threads at once, the drivers
-take turns as numba_cpu's parallel kernels do. Kernels are compiled per activation, form
-and dtype on first use and cached on disk.
+take turns as numba_cpu's parallel kernels do. A batch that runs on the calling thread
+still splits each Dense layer of at least :data:`SPLIT_MIN_MACS` multiply-adds (and no row
+op) by its output features over the threads, each on its block of weight rows (a product of
+a few rows is bound by reading the weights): one parallel region for that layer, whose
+outputs are those of one thread bit for bit (``_run_split``). Kernels are compiled per
+activation, form and dtype on first use and cached on disk.
 
 Precision: every operation runs in the model's dtype, as in the normal path, but the dot
 products are summed in another order (vectorised partial sums, fused multiply-adds), so the
@@ -98,7 +102,8 @@ from backprop.kernels import inline, vecmath
 from backprop.kernels.activations import RECORDS, Math
 
 __all__ = ["MAX_ROWS", "DENSE_MAX_ROWS", "SMALL_WEIGHT_BYTES", "CHUNK_ROWS",
-           "PARALLEL_MIN_VECTORS", "PARALLEL_MIN_MACS", "plan_for", "run", "clear"]
+           "PARALLEL_MIN_VECTORS", "PARALLEL_MIN_MACS", "SPLIT_MIN_MACS", "plan_for", "run",
+           "clear"]
 
 MAX_ROWS = 64
 """Batches of at most this many rows run through any plan. A stack of Dense layers also
@@ -140,7 +145,18 @@ PARALLEL_MIN_MACS = 1 << 21
 """A batch whose product sizes add up to fewer multiply-adds runs on one thread: waking the
 second thread of a parallel region costs tens of microseconds in Numba's driver (argument
 unpacking, the scheduler), the time of about this much work on one core
-(benchmarks/inference_paths.py)."""
+(benchmarks/inference_paths.py). Such a batch may still split a large layer over the
+threads (:data:`SPLIT_MIN_MACS`)."""
+
+
+SPLIT_MIN_MACS = 1 << 20
+"""A Dense layer of a batch that runs on the calling thread (fewer rows than
+:data:`PARALLEL_MIN_VECTORS` vectors of lanes, or less work than
+:data:`PARALLEL_MIN_MACS`) whose product has at least this many multiply-adds runs split
+over Numba's threads by its output features, each thread on its block of the weight rows:
+one parallel region for that layer, the other layers on the calling thread (the 784×256
+layer of the mnist MLP from 2 rows on; below, the region's start cost as much as the
+second thread saved, docs/design.md)."""
 
 
 class _Stale(Exception):
@@ -712,21 +728,65 @@ def _driver_for(spec):
     with _DRIVERS_LOCK:
         driver = _DRIVERS.get(spec)
         if driver is None:
-            source = _driver_source(spec)
-            filename = _driver_file(source)
-            # __name__: Numba's disk cache re-imports a function's module when it loads the
-            # machine code (to rebuild its environment); the driver's is this module
-            scope = {"__name__": __name__, "prange": numba.prange, "to_lanes": _to_lanes,
-                     "from_lanes": _from_lanes}
-            for act, row in spec:
-                scope[_kernel_name(act, row)] = _kernel(_DENSE, _dense_kernel, act, row, _LANES)
-            exec(compile(source, filename, "exec"), scope)  # noqa: S102 (our own source)
-            fn = scope["plan_driver"]
-            cached = not filename.startswith("<")
-            driver = njit(parallel=True, **{**_FLAGS, "cache": cached})(fn)
-            if cached and hasattr(driver, "py_func"):
-                driver._cache = _Cache(driver.py_func)
-            _DRIVERS[spec] = driver
+            kernels = {_kernel_name(act, row): _kernel(_DENSE, _dense_kernel, act, row, _LANES)
+                       for act, row in spec}
+            driver = _DRIVERS[spec] = _compile_driver(_driver_source(spec), "plan_driver",
+                                                      kernels)
+    return driver
+
+
+def _split_source(act: str, bias: bool, lanes: bool) -> str:
+    """The split driver of one Dense layer (activation ``act``, no row op): thread ``t``
+    computes output features ``[t·w, (t+1)·w)`` from its block of weight rows, whether they
+    are finite into ``flags[t]``. In the lanes form (``out`` transposed) its block of ``out``
+    is a block of rows; in the row form each block goes to ``parts[t]``, and ``out``
+    gathers them after."""
+    b = "b[j0:j0 + width]" if bias else "None"
+    kernel = _kernel_name(act, 0) + ("_lanes" if lanes else "")
+    head = [f"# the split driver of a Dense layer, activation {act!r}, bias {bias}, "
+            f"{'lanes' if lanes else 'row'} form",
+            "def split_driver(x, n, W, b, alpha, parts, flags, out):",
+            "    width = W.shape[0] // flags.shape[0]",
+            "    for t in prange(flags.shape[0]):",
+            "        j0 = t * width"]
+    if lanes:
+        return "\n".join(head + [
+            f"        flags[t] = {kernel}(x, n, W[j0:j0 + width], {b}, alpha, "
+            "out[j0:j0 + width])", ""])
+    return "\n".join(head + [
+        f"        flags[t] = {kernel}(x, n, W[j0:j0 + width], {b}, alpha, parts[t])",
+        "    for t in range(flags.shape[0]):",
+        "        for i in range(out.shape[0]):",
+        "            for j in range(width):",
+        "                out[i, t * width + j] = parts[t, i, j]", ""])
+
+
+def _split_driver_for(act: str, bias: bool, lanes: bool):
+    """The split driver of a Dense layer (built once per process; compiled on first call)."""
+    key = ("split", act, bias, lanes)
+    with _DRIVERS_LOCK:
+        driver = _DRIVERS.get(key)
+        if driver is None:
+            kernels = {_kernel_name(act, 0) + ("_lanes" if lanes else ""): _kernel(
+                _DENSE, _dense_kernel, act, 0, _LANES if lanes else _ROW)}
+            driver = _DRIVERS[key] = _compile_driver(_split_source(act, bias, lanes),
+                                                     "split_driver", kernels)
+    return driver
+
+
+def _compile_driver(source: str, name: str, kernels: dict):
+    """The parallel function ``name`` defined by ``source`` (which calls ``kernels`` by
+    name), with Numba's disk cache where its source file could be written."""
+    filename = _driver_file(source)
+    # __name__: Numba's disk cache re-imports a function's module when it loads the machine
+    # code (to rebuild its environment); the driver's is this module
+    scope = {"__name__": __name__, "prange": numba.prange, "to_lanes": _to_lanes,
+             "from_lanes": _from_lanes, **kernels}
+    exec(compile(source, filename, "exec"), scope)  # noqa: S102 (our own source)
+    cached = not filename.startswith("<")
+    driver = njit(parallel=True, **{**_FLAGS, "cache": cached})(scope[name])
+    if cached and hasattr(driver, "py_func"):
+        driver._cache = _Cache(driver.py_func)
     return driver
 
 
@@ -1017,7 +1077,8 @@ class _Program:
             if kind == "dense":
                 _, layer, own, act, name, row, src, dst = step
                 kernel = _kernel(_DENSE, _dense_kernel, name, row, _LANES if lanes else _ROW)
-                ops.append(_dense_op(layer, own, act, kernel, number[src], number[dst]))
+                ops.append(_dense_op(layer, own, act, kernel, number[src], number[dst],
+                                     split=name if row == 0 else None, lanes=lanes))
             elif kind == "act":
                 _, layer, name, row, src, dst = step
                 ops.append(_act_op(layer, _kernel(_ELEMENTWISE, _act_kernel, name, row),
@@ -1056,14 +1117,48 @@ def _guard_op(kind, owner, snapshot):
     return op
 
 
-def _dense_op(layer, own, act, kernel, src, dst):
+def _dense_op(layer, own, act, kernel, src, dst, split=None, lanes=False):
+    """A Dense layer's kernel; ``split``: the activation's name where the layer may run
+    split over the threads (no row op; see :data:`SPLIT_MIN_MACS`), in the lanes form where
+    ``lanes``."""
+    local = threading.local()  # the split's per-thread blocks and driver
+
     def op(regs, n):
         if layer.activation is not own:
             raise _Stale
-        b = layer.b
-        return kernel(regs[src], n, layer.W.data, None if b is None else b.data, act.alpha,
-                      regs[dst])
+        b = None if layer.b is None else layer.b.data
+        W = layer.W.data
+        if split is not None and n * W.size >= SPLIT_MIN_MACS:
+            threads = numba.get_num_threads()
+            if threads > 1 and W.shape[0] % (4 * threads) == 0:  # whole 4-feature blocks
+                return _run_split(local, split, lanes, regs[src], n, W, b, act.alpha,
+                                  regs[dst], threads)
+        return kernel(regs[src], n, W, b, act.alpha, regs[dst])
     return op
+
+
+def _run_split(local, name, lanes, x, n, W, b, alpha, out, threads) -> bool:
+    """A Dense layer's kernel split over ``threads`` blocks of output features (each a
+    whole number of the row form's 4-feature blocks; the lanes form's tiles sum every
+    output in the same order whatever their shape), bit for bit the output of one thread;
+    whether ``x Wᵀ + b`` is finite."""
+    state = getattr(local, "split", None)
+    if (state is None or state[0] != n or state[1] != threads or state[2] != (b is None)
+            or state[3].dtype != W.dtype):
+        parts = (threads, 0, 0) if lanes else (threads, n, W.shape[0] // threads)
+        state = local.split = (n, threads, b is None, np.empty(parts, W.dtype),
+                               np.empty(threads, np.bool_),
+                               _split_driver_for(name, b is not None, lanes), _launcher())
+    _, _, _, parts, flags, driver, launch = state
+    launch(driver, x, n, W, b, alpha, parts, flags, out)
+    return bool(flags.all())
+
+
+def _launcher():
+    """numba_cpu's ``run_parallel`` (imported on first use)."""
+    from backprop.kernels import numba_cpu
+
+    return numba_cpu.run_parallel
 
 
 def _act_op(layer, kernel, src, dst):

@@ -1,12 +1,13 @@
 """backprop's inference paths side by side, in one process: for each MLP and batch size, the
 path ``predict`` takes (the compiled plan of ``backprop.inference``: on one thread, or the
-chunked parallel driver), the plan on the calling thread alone, and the normal path
+chunked parallel driver, or a large layer split over the threads), the plan on the calling
+thread alone (no chunks, no split), and the normal path
 (``Sequential.forward`` under ``inference_mode``: BLAS products and the fused epilogues).
 The variants alternate, ``--repeat`` rounds of ``--max-time`` seconds each; the best median
 of the rounds counts. Ratios within one run only (shared, noisy machines).
 
 This is the measurement behind the plan's size limits (``inference.DENSE_MAX_ROWS``,
-``SMALL_WEIGHT_BYTES``, ``PARALLEL_MIN_MACS``): where the plan stops being faster than the
+``SMALL_WEIGHT_BYTES``, ``PARALLEL_MIN_MACS``, ``SPLIT_MIN_MACS``): where the plan stops being faster than the
 normal path, predict hands the batch over.
 
     python benchmarks/inference_paths.py --out-dir benchmarks/results/<machine>
@@ -60,12 +61,12 @@ def variants(model, x):
         out["predict's plan"] = lambda: inference.run(model, x, eval_mode=True)
 
         def one_thread():
-            saved = inference.PARALLEL_MIN_MACS
-            inference.PARALLEL_MIN_MACS = 1 << 62
+            saved = inference.PARALLEL_MIN_MACS, inference.SPLIT_MIN_MACS
+            inference.PARALLEL_MIN_MACS = inference.SPLIT_MIN_MACS = 1 << 62
             try:
                 return inference.run(model, x, eval_mode=True)
             finally:
-                inference.PARALLEL_MIN_MACS = saved
+                inference.PARALLEL_MIN_MACS, inference.SPLIT_MIN_MACS = saved
 
         if len(x) <= inference.MAX_ROWS:  # beyond it the plan always runs in chunks
             out["plan, one thread"] = one_thread

@@ -530,3 +530,109 @@ def test_tiles_of_every_shape_give_the_same_bits(dtype):
             inference._tiles(np.ascontiguousarray(xT[:, first * lanes:(first + 1) * lanes]),
                              W, part)
             assert np.array_equal(part, whole[:, first * lanes:(first + 1) * lanes]), (m, first)
+
+
+def count_splits(monkeypatch):
+    """``(rows, threads, lanes)`` of each split Dense layer, one entry per split."""
+    splits = []
+    run_split = inference._run_split
+
+    def counted(local, name, lanes, x, n, W, b, alpha, out, threads):
+        splits.append((n, threads, lanes))
+        return run_split(local, name, lanes, x, n, W, b, alpha, out, threads)
+
+    monkeypatch.setattr(inference, "_run_split", counted)
+    return splits
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_a_layer_split_over_the_threads_gives_the_same_bits(dtype, activation, bias,
+                                                            monkeypatch):
+    """A Dense layer above SPLIT_MIN_MACS runs split over the threads by output features, in
+    the row form (fewer rows than a vector of lanes) and in the lanes form (one vector, on
+    the calling thread): the outputs are those of one thread, bit for bit, and a softmax
+    output layer (a row op) is never split."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba runs one thread here (NUMBA_NUM_THREADS=1)")
+    splits = count_splits(monkeypatch)
+    rng = np.random.default_rng(4)
+    model = Sequential([Dense(7, 48, activation=activation, rng=rng, dtype=dtype, bias=bias),
+                        Dense(48, 40, activation=activation, rng=rng, dtype=dtype, bias=bias),
+                        Dense(40, 24, activation="softmax", rng=rng, dtype=dtype)]).eval()
+    lanes = 16 if dtype == np.float32 else 8
+    previous = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        for n in (1, 3, lanes - 1, lanes, 2 * lanes - 1):
+            x = data(n, 7, dtype, seed=n)
+            monkeypatch.setattr(inference, "SPLIT_MIN_MACS", 1 << 62)
+            one_thread = model.predict(x)
+            assert splits == []
+            monkeypatch.setattr(inference, "SPLIT_MIN_MACS", 0)
+            split = model.predict(x)
+            # 48 and 40 features: two blocks of whole 4-feature blocks each; the softmax
+            # output layer stays whole
+            assert splits == [(n, 2, n >= lanes)] * 2
+            splits.clear()
+            np.testing.assert_array_equal(split, one_thread)
+            assert_close(split, forward(model, x), dtype)
+            monkeypatch.setattr(inference, "SPLIT_MIN_MACS", 48 * 40 * n)  # the second only
+            np.testing.assert_array_equal(model.predict(x), one_thread)
+            assert splits == [(n, 2, n >= lanes)]
+            splits.clear()
+        numba.set_num_threads(1)  # one thread: nothing to split
+        np.testing.assert_array_equal(model.predict(x), split)
+        assert splits == []
+    finally:
+        numba.set_num_threads(previous)
+
+
+def test_a_layer_whose_features_do_not_split_evenly_runs_whole(monkeypatch):
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba runs one thread here (NUMBA_NUM_THREADS=1)")
+    splits = count_splits(monkeypatch)
+    monkeypatch.setattr(inference, "SPLIT_MIN_MACS", 0)
+    model = mlp("relu", np.float32, width=36, out=6)  # 36 = 2 threads × 18: not 4-blocks
+    previous = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        x = data(3, 7, np.float32)
+        assert_close(model.predict(x), forward(model, x), np.float32)
+        assert splits == []
+    finally:
+        numba.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_non_finite_input_raises_through_a_split_layer(dtype, monkeypatch):
+    """The split's finiteness flags, one per block of features, decide as the whole
+    kernel's flag does: a NaN or inf in any row fails, in either form."""
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba runs one thread here (NUMBA_NUM_THREADS=1)")
+    splits = count_splits(monkeypatch)
+    monkeypatch.setattr(inference, "SPLIT_MIN_MACS", 0)
+    model = mlp("relu", dtype, width=32, out=6)
+    zeroed = mlp("relu", dtype, width=32, out=6)
+    zeroed.layers[0].W.data[:, 6] = 0.0
+    previous = numba.get_num_threads()
+    try:
+        numba.set_num_threads(2)
+        for n in (1, 5, 16 if dtype == np.float32 else 8):
+            for bad in (np.nan, np.inf, -np.inf):
+                for row, col in ((0, 0), (n - 1, 6)):
+                    for net in (model, zeroed):
+                        x = data(n, 7, dtype, seed=n)
+                        x[row, col] = bad
+                        with pytest.raises(DataError, match=f"NaN or inf.*row {row}"):
+                            net.predict(x)
+        assert splits
+    finally:
+        numba.set_num_threads(previous)
