@@ -104,7 +104,8 @@ def _resolve() -> str:
             if wanted != "numpy":
                 mkl = _load()
                 if mkl["error"] is None:
-                    _STATE["run"], _STATE["max_threads"] = mkl["run"], mkl["max_threads"]
+                    # one entry: a set_backend in another thread swaps it whole
+                    _STATE["call"] = (mkl["run"], mkl["max_threads"])
                     name = "mkl"
                 elif wanted == "mkl":
                     raise RuntimeError(f"BACKPROP_GEMM=mkl: {mkl['error']}")
@@ -141,7 +142,7 @@ def runs(dtype) -> bool:
     (all of them where the operands are C-contiguous, as the layers' own buffers are)."""
     if "backend" not in _STATE:
         backend()
-    return _STATE.get("run") is not None and (dtype == np.float32 or dtype == np.float64)
+    return _STATE.get("call") is not None and (dtype == np.float32 or dtype == np.float64)
 
 
 def product(a, b, out, trans_a: bool, trans_b: bool, accumulate: bool = False) -> bool:
@@ -152,17 +153,18 @@ def product(a, b, out, trans_a: bool, trans_b: bool, accumulate: bool = False) -
     inputs, shapes that agree. Returns True
     when MKL ran it; False, having done nothing, otherwise (the caller then runs its NumPy
     product)."""
-    run = _STATE.get("run")
-    if run is None:
+    call = _STATE.get("call")
+    if call is None:
         if _STATE.get("backend") == "numpy" or backend() != "mkl":
             return False
-        run = _STATE["run"]
+        call = _STATE.get("call")
+        if call is None:  # (a set_backend in another thread, just now)
+            return False
     if type(a) is not np.ndarray or type(b) is not np.ndarray or type(out) is not np.ndarray \
             or out.ndim != 2 or a.size * out.shape[1] < MKL_MIN_MACS:  # (a.size: m·k)
         return False
     try:
-        return run(a, b, out, trans_a, trans_b, accumulate, blas.MACS_PER_THREAD,
-                   _STATE["max_threads"])
+        return call[0](a, b, out, trans_a, trans_b, accumulate, blas.MACS_PER_THREAD, call[1])
     except TypeError:  # no compiled signature: another dtype, layout, rank, a read-only out
         return False
 

@@ -74,13 +74,13 @@ def test_numba_cpu_training_step_allocates_nothing_once_warm(dtype, monkeypatch)
         return run(self, work, *args)
 
     monkeypatch.setattr(numba_cpu._Loops, "__call__", counting)
-    products = gemm._STATE.get("run")  # the compiled MKL caller, where MKL runs the products
-    if products is not None:
+    call = gemm._STATE.get("call")  # the compiled MKL caller, where MKL runs the products
+    if call is not None:
         def counting_products(a, b, out, *rest):
             arguments[0] += 3
-            return products(a, b, out, *rest)
+            return call[0](a, b, out, *rest)
 
-        monkeypatch.setitem(gemm._STATE, "run", counting_products)
+        monkeypatch.setitem(gemm._STATE, "call", (counting_products, call[1]))
     _nrt_python.memsys_enable_stats()
     tracemalloc.start()
     try:
