@@ -485,7 +485,10 @@ def test_default_batch_is_one_pass():
     assert training._rows_per_pass(model, X) >= 4096
 
 
-def test_two_threads_predict_at_once():
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split-layers"])
+def test_two_threads_predict_at_once(split, monkeypatch):
+    if split:  # every layer that can be split is: per-thread blocks, drivers built at once
+        monkeypatch.setattr(inference, "SPLIT_MIN_MACS", 0)
     model = mlp("gelu", np.float32, width=64)
     inputs = [data(1 + 7 * i, 7, np.float32, seed=i) for i in range(6)]
     inputs += [data(300, 7, np.float32, seed=6)]  # in chunks, on every thread
