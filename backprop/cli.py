@@ -1730,7 +1730,8 @@ def _gemm_report(problems) -> str | None:
         problems.append(f"{_one_line(exc)}: fix or unset BACKPROP_GEMM")
         return None
     if name == "mkl":
-        return "mkl (float32/float64 products, through its cblas_?gemm)"
+        return (f"mkl (float32/float64 products of at least {gemm.MKL_MIN_MACS} "
+                "multiply-adds; smaller ones on NumPy's BLAS)")
     return "numpy (NumPy's BLAS)"
 
 
