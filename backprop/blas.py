@@ -39,6 +39,7 @@ SINGLE_THREADED_MACS = 2**18
 no larger."""
 
 _state: dict = {}
+_UNKNOWN = object()  # _state has no "openblas" entry yet
 _lock = threading.Lock()
 _active: list[int] = []  # the caps of the threads_for blocks in progress, in any thread
 _original: dict = {}  # the count OpenBLAS had before the first of them
@@ -156,21 +157,30 @@ def acquire(largest: int) -> int | None:
     every thread). Thread-safe."""
     if largest <= SINGLE_THREADED_MACS:
         return None
-    openblas = _state["openblas"] if "openblas" in _state else _openblas()
+    openblas = _state.get("openblas", _UNKNOWN)
+    if openblas is _UNKNOWN:
+        openblas = _openblas()
     if openblas is None:
         return None
-    wanted = max(1, largest // MACS_PER_THREAD)
-    active = _active
-    if active and wanted <= max(active, default=wanted):  # an active cap already covers it
+    wanted = largest // MACS_PER_THREAD or 1
+    if _active and wanted <= max(_active):  # an active cap already covers it
         return None
-    with _lock:
-        if not _active:
+    _lock.acquire()  # (not `with`: this runs twice per training step, and `with` costs more)
+    try:
+        if not _active:  # the usual case (a pass outside fit, one thread): set it directly
             original = _threads(openblas)
             if wanted >= original:
                 return None
-            _original["threads"] = _original["now"] = original
+            _original["threads"] = original
+            _active.append(wanted)
+            for _, put in openblas:
+                put(wanted)
+            _original["now"] = wanted
+            return wanted
         _active.append(wanted)
         _apply(openblas)
+    finally:
+        _lock.release()
     return wanted
 
 
@@ -180,6 +190,16 @@ def release(token: int | None) -> None:
     if token is None:
         return
     openblas = _state["openblas"]  # set by the acquire that returned the token
-    with _lock:
+    _lock.acquire()
+    try:
         _active.remove(token)
-        _apply(openblas)
+        if _active:
+            _apply(openblas)
+            return
+        original = _original["threads"]  # the usual case: the last cap ends
+        if _original["now"] != original:
+            for _, put in openblas:
+                put(original)
+            _original["now"] = original
+    finally:
+        _lock.release()
