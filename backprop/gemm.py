@@ -72,27 +72,27 @@ def _requested() -> str:
     return wanted
 
 
-def _load() -> dict:
-    """``{"run", "max_threads", "error"}``: the compiled caller of MKL's gemm (see
-    :func:`_caller`) and MKL's thread count, or None and why not."""
+def _load() -> tuple:
+    """``(call, error)``: ``call`` = (the compiled caller of MKL's gemm, :func:`_caller`;
+    MKL's thread count), or None and ``error`` saying why not."""
     from backprop import bf16
 
     if numba.config.DISABLE_JIT:
-        return {"run": None, "error": "NUMBA_DISABLE_JIT=1: no compiled caller for MKL"}
+        return None, "NUMBA_DISABLE_JIT=1: no compiled caller for MKL"
     mkl = bf16._mkl()
     if mkl.get("lib") is None:
-        return {"run": None, "error": mkl["error"]}
+        return None, mkl["error"]
     lib = mkl["lib"]
     for name in ("sgemm", "dgemm"):
         if getattr(lib, f"cblas_{name}", None) is None:
-            return {"run": None, "error": f"{mkl['path']} has no cblas_{name}"}
+            return None, f"{mkl['path']} has no cblas_{name}"
     from llvmlite import binding as llvm  # (binding: loaded when MKL is)
 
     address = lambda fn: ctypes.cast(fn, ctypes.c_void_p).value  # noqa: E731
     llvm.add_symbol(_SYM_SGEMM, address(lib.cblas_sgemm))
     llvm.add_symbol(_SYM_DGEMM, address(lib.cblas_dgemm))
     llvm.add_symbol(_SYM_THREADS, address(lib.MKL_Set_Num_Threads_Local))
-    return {"run": _caller(), "max_threads": mkl["max_threads"], "error": None}
+    return (_caller(), mkl["max_threads"]), None
 
 
 def _resolve() -> str:
@@ -102,13 +102,12 @@ def _resolve() -> str:
             wanted = _STATE.get("requested") or _requested()
             name = "numpy"
             if wanted != "numpy":
-                mkl = _load()
-                if mkl["error"] is None:
-                    # one entry: a set_backend in another thread swaps it whole
-                    _STATE["call"] = (mkl["run"], mkl["max_threads"])
+                call, error = _load()
+                if call is not None:
+                    _STATE["call"] = call  # one entry: a set_backend elsewhere swaps it whole
                     name = "mkl"
                 elif wanted == "mkl":
-                    raise RuntimeError(f"BACKPROP_GEMM=mkl: {mkl['error']}")
+                    raise RuntimeError(f"BACKPROP_GEMM=mkl: {error}")
             _STATE["backend"] = name
         name = _STATE["backend"]
     if name == "mkl":
@@ -140,9 +139,17 @@ def set_backend(name: str) -> str:
 def runs(dtype) -> bool:
     """Whether the Dense layers' products of ``dtype`` that OpenBLAS would thread run on MKL
     (all of them where the operands are C-contiguous, as the layers' own buffers are)."""
-    if "backend" not in _STATE:
+    return _call() is not None and (dtype == np.float32 or dtype == np.float64)
+
+
+def _call():
+    """The MKL caller and thread count, or None where NumPy runs the products (the backend
+    resolved first if it is not yet)."""
+    call = _STATE.get("call")
+    if call is None and "backend" not in _STATE:
         backend()
-    return _STATE.get("call") is not None and (dtype == np.float32 or dtype == np.float64)
+        call = _STATE.get("call")  # (None again if a set_backend elsewhere just cleared it)
+    return call
 
 
 def product(a, b, out, trans_a: bool, trans_b: bool, accumulate: bool = False) -> bool:
@@ -150,16 +157,11 @@ def product(a, b, out, trans_a: bool, trans_b: bool, accumulate: bool = False) -
     where asked, when MKL is the backend and the product qualifies: at least
     :data:`MKL_MIN_MACS` multiply-adds, two-dimensional NumPy float32/float64 arrays of
     one dtype, native byte order, C-contiguous, ``out`` writeable and apart from both
-    inputs, shapes that agree. Returns True
-    when MKL ran it; False, having done nothing, otherwise (the caller then runs its NumPy
-    product)."""
-    call = _STATE.get("call")
+    inputs, shapes that agree. Returns True when MKL ran it; False, having done nothing,
+    otherwise (the caller then runs its NumPy product)."""
+    call = _STATE.get("call") or _call()
     if call is None:
-        if _STATE.get("backend") == "numpy" or backend() != "mkl":
-            return False
-        call = _STATE.get("call")
-        if call is None:  # (a set_backend in another thread, just now)
-            return False
+        return False
     if type(a) is not np.ndarray or type(b) is not np.ndarray or type(out) is not np.ndarray \
             or out.ndim != 2 or a.size * out.shape[1] < MKL_MIN_MACS:  # (a.size: m·k)
         return False

@@ -725,24 +725,29 @@ def _driver_file(source: str) -> str:
 
 def _driver_for(spec):
     """The parallel driver of ``spec`` (built once per process; compiled on first call)."""
+    def build():
+        kernels = {_kernel_name(act, row): _kernel(_DENSE, _dense_kernel, act, row, _LANES)
+                   for act, row in spec}
+        return _compile_driver(_driver_source(spec), "plan_driver", kernels)
+    return _cached_driver(spec, build)
+
+
+def _cached_driver(key, build):
+    """``_DRIVERS[key]``, made by ``build()`` the first time (under the drivers' lock)."""
     with _DRIVERS_LOCK:
-        driver = _DRIVERS.get(spec)
+        driver = _DRIVERS.get(key)
         if driver is None:
-            kernels = {_kernel_name(act, row): _kernel(_DENSE, _dense_kernel, act, row, _LANES)
-                       for act, row in spec}
-            driver = _DRIVERS[spec] = _compile_driver(_driver_source(spec), "plan_driver",
-                                                      kernels)
+            driver = _DRIVERS[key] = build()
     return driver
 
 
-def _split_source(act: str, bias: bool, lanes: bool) -> str:
+def _split_source(act: str, kernel: str, bias: bool, lanes: bool) -> str:
     """The split driver of one Dense layer (activation ``act``, no row op): thread ``t``
     computes output features ``[t·w, (t+1)·w)`` from its block of weight rows, whether they
     are finite into ``flags[t]``. In the lanes form (``out`` transposed) its block of ``out``
     is a block of rows; in the row form each block goes to ``parts[t]``, and ``out``
-    gathers them after."""
+    gathers them after. ``kernel``: the name the layer's kernel has in the source."""
     b = "b[j0:j0 + width]" if bias else "None"
-    kernel = _kernel_name(act, 0) + ("_lanes" if lanes else "")
     head = [f"# the split driver of a Dense layer, activation {act!r}, bias {bias}, "
             f"{'lanes' if lanes else 'row'} form",
             "def split_driver(x, n, W, b, alpha, parts, flags, out):",
@@ -763,15 +768,14 @@ def _split_source(act: str, bias: bool, lanes: bool) -> str:
 
 def _split_driver_for(act: str, bias: bool, lanes: bool):
     """The split driver of a Dense layer (built once per process; compiled on first call)."""
-    key = ("split", act, bias, lanes)
-    with _DRIVERS_LOCK:
-        driver = _DRIVERS.get(key)
-        if driver is None:
-            kernels = {_kernel_name(act, 0) + ("_lanes" if lanes else ""): _kernel(
-                _DENSE, _dense_kernel, act, 0, _LANES if lanes else _ROW)}
-            driver = _DRIVERS[key] = _compile_driver(_split_source(act, bias, lanes),
-                                                     "split_driver", kernels)
-    return driver
+    def build():
+        # the row and lanes kernels under different names: the source text alone must say
+        # which machine code its cached driver stands for (see _driver_source)
+        name = _kernel_name(act, 0) + ("_lanes" if lanes else "")
+        kernel = _kernel(_DENSE, _dense_kernel, act, 0, _LANES if lanes else _ROW)
+        return _compile_driver(_split_source(act, name, bias, lanes), "split_driver",
+                               {name: kernel})
+    return _cached_driver(("split", act, bias, lanes), build)
 
 
 def _compile_driver(source: str, name: str, kernels: dict):
@@ -790,12 +794,17 @@ def _compile_driver(source: str, name: str, kernels: dict):
     return driver
 
 
+_RUN_PARALLEL: list = []  # numba_cpu.run_parallel, imported at the first launch
+
+
 def _parallel_launch(driver, *args) -> None:
     """Run ``driver`` as numba_cpu runs its parallel kernels (under Numba's workqueue layer,
     which aborts the process on two launches at once, one at a time)."""
-    from backprop.kernels import numba_cpu
+    if not _RUN_PARALLEL:
+        from backprop.kernels import numba_cpu
 
-    numba_cpu.run_parallel(driver, *args)
+        _RUN_PARALLEL.append(numba_cpu.run_parallel)
+    _RUN_PARALLEL[0](driver, *args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1148,17 +1157,10 @@ def _run_split(local, name, lanes, x, n, W, b, alpha, out, threads) -> bool:
         parts = (threads, 0, 0) if lanes else (threads, n, W.shape[0] // threads)
         state = local.split = (n, threads, b is None, np.empty(parts, W.dtype),
                                np.empty(threads, np.bool_),
-                               _split_driver_for(name, b is not None, lanes), _launcher())
-    _, _, _, parts, flags, driver, launch = state
-    launch(driver, x, n, W, b, alpha, parts, flags, out)
+                               _split_driver_for(name, b is not None, lanes))
+    _, _, _, parts, flags, driver = state
+    _parallel_launch(driver, x, n, W, b, alpha, parts, flags, out)
     return bool(flags.all())
-
-
-def _launcher():
-    """numba_cpu's ``run_parallel`` (imported on first use)."""
-    from backprop.kernels import numba_cpu
-
-    return numba_cpu.run_parallel
 
 
 def _act_op(layer, kernel, src, dst):

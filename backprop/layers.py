@@ -451,19 +451,26 @@ class Dense(Layer):
         delta = grad
         if self.backward_observer is not None:
             self.backward_observer(self, delta)
-        dW, accumulate_w = self.W.grad_for_write()
         large = x.shape[0] * W.size >= gemm.MKL_MIN_MACS  # all three products' size
-        if not (large and gemm.product(delta, x, dW, True, False, accumulate_w)):
-            if accumulate_w:
-                dW += xp.matmul(delta.T, x, out=self._buffer("dW", W.shape, W))
-            else:
-                xp.matmul(delta.T, x, out=dW)
+        self._weight_grad(delta, x, W, xp, large)
         if not need_input_grad:
             return None
         dx = self._buffer("dx", x.shape, W)
         if not (large and gemm.product(delta, W, dx, False, False)):
             xp.matmul(delta, W, out=dx)
         return dx
+
+    def _weight_grad(self, delta, x, W, xp, try_mkl: bool) -> None:
+        """``∂W (+)= δᵀ X`` in the working precision: on MKL where ``try_mkl`` and
+        :func:`backprop.gemm.product` runs it (``beta = 1`` to accumulate), else on ``xp``
+        (accumulated through this thread's buffer)."""
+        dW, accumulate = self.W.grad_for_write()
+        if try_mkl and gemm.product(delta, x, dW, True, False, accumulate):
+            return
+        if accumulate:
+            dW += xp.matmul(delta.T, x, out=self._buffer("dW", W.shape, W))
+        else:
+            xp.matmul(delta.T, x, out=dW)
 
     def _through_row_activation(self, grad, a, from_logits):
         """``(grad, act)`` for the backward epilogue: a row activation (softmax, a layer's
@@ -570,16 +577,12 @@ class Dense(Layer):
                                     accumulate_b, delta_lp=delta_lp)
         if self.backward_observer is not None:
             self.backward_observer(self, delta)
-        dW, accumulate_w = self.W.grad_for_write()
         if dw:
+            dW, accumulate_w = self.W.grad_for_write()
             self._product("dW", policy, delta_lp, x_lp, dW, True, False,
                           1.0 if accumulate_w else 0.0)
-        elif gemm.product(delta, x, dW, True, False, accumulate_w):
-            pass
-        elif accumulate_w:
-            dW += xp.matmul(delta.T, x, out=self._buffer("dW", W.shape, W))
         else:
-            xp.matmul(delta.T, x, out=dW)
+            self._weight_grad(delta, x, W, xp, True)
         if not need_input_grad:
             return None
         dx_out = self._buffer("dx", x.shape, W)

@@ -90,7 +90,7 @@ from . import activations, inline, lowp, optimizers, reference, vecmath
 from .inline import inlined, jit
 from .activations import RECORDS, Math
 from .optimizers import RECORDS as OPTIMIZERS
-from .optimizers import SLOTS, UpdateMath, entry_point, slotted
+from .optimizers import SLOTS, UpdateMath, entry_point, flush_function, slotted
 from .reference import ACTIVATIONS, GOLDEN32, NEEDS_Z
 
 _ROW_SUM_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -851,12 +851,7 @@ def _formula(name: str, scalar):
     in the kernels' fixed form (:func:`optimizers.slotted`); Numba specialises it on which
     slots are None, pruning the branches of the states not kept."""
     record = OPTIMIZERS[name]
-    tiny, zero = scalar(np.finfo(scalar).tiny), scalar(0.0)
-
-    @njit(inline="always", **_STRICT)
-    def flush(x):
-        return zero if abs(x) < tiny else x
-
+    flush = flush_function(scalar, njit(inline="always", **_STRICT))
     m = UpdateMath(K=scalar, where=_select, sqrt=np.sqrt, maximum=_maximum, flush=flush)
     return njit(**_STRICT)(slotted(njit(**_STRICT)(record.update(m)), len(record.states)))
 

@@ -50,7 +50,7 @@ from . import reference
 from .activations import RECORDS, Math
 from .lowp import bf16_bits, lowp_kind
 from .optimizers import RECORDS as OPTIMIZERS
-from .optimizers import SLOTS, UpdateMath, entry_point, slotted
+from .optimizers import SLOTS, UpdateMath, entry_point, flush_function, slotted
 from .reference import (ACTIVATIONS, GOLDEN32, INV_SQRT2, INV_SQRT_2PI, MASK32, NEEDS_Z,
                         check_lowp)
 
@@ -689,13 +689,8 @@ def _optimizer_kernel(name: str, kept: tuple, dtype, lowp=None):
     record = OPTIMIZERS[name]
     t = _checked_dtype(dtype).type
     device = cuda.jit(device=True, inline="always")
-    tiny, zero = t(np.finfo(t).tiny), t(0.0)
-
-    @device
-    def flush(x):
-        return zero if abs(x) < tiny else x
-
-    m = UpdateMath(K=t, where=_select, sqrt=math.sqrt, maximum=_maximum, flush=flush)
+    m = UpdateMath(K=t, where=_select, sqrt=math.sqrt, maximum=_maximum,
+                   flush=flush_function(t, device))
     update = device(slotted(device(record.update(m)), len(record.states)))
     (load0, store0), (load1, store1), (load2, store2) = (
         (_element, _store) if k else (_not_kept, _discard) for k in kept)

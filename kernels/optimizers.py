@@ -59,10 +59,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
+
 from .activations import _call, _const, _print_all, _Sym
 
 __all__ = ["UpdateMath", "OptimizerDef", "RECORDS", "SLOTS", "SYMBOLIC", "slotted",
-           "entry_point", "cuda_update"]
+           "entry_point", "cuda_update", "flush_function"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,18 @@ class UpdateMath:
     sqrt: Callable
     maximum: Callable
     flush: Callable
+
+
+def flush_function(scalar, compile: Callable) -> Callable:
+    """:attr:`UpdateMath.flush` for the NumPy float type ``scalar``, compiled by ``compile``
+    (a Numba CPU or CUDA device decorator): ``x``, or 0 where ``|x|`` is below the smallest
+    normal ``scalar`` (NaN fails the comparison and stays)."""
+    tiny, zero = scalar(np.finfo(scalar).tiny), scalar(0.0)
+
+    @compile
+    def flush(x):
+        return zero if abs(x) < tiny else x
+    return flush
 
 
 @dataclass(frozen=True)
