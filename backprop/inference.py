@@ -50,12 +50,20 @@ thread costs more than it saves. The driver is generated per stack of activation
 Python source is written once under the user's cache directory, so that Numba's disk cache
 keeps its machine code between processes, ``_driver_for``). Under Numba's workqueue
 threading layer, which aborts on parallel launches from two threads at once, the drivers
-take turns as numba_cpu's parallel kernels do. A batch that runs on the calling thread
-still splits each Dense layer of at least :data:`SPLIT_MIN_MACS` multiply-adds (and no row
-op) by its output features over the threads, each on its block of weight rows (a product of
-a few rows is bound by reading the weights): one parallel region for that layer, whose
-outputs are those of one thread bit for bit (``_run_split``). Kernels are compiled per
-activation, form and dtype on first use and cached on disk.
+take turns as numba_cpu's parallel kernels do.
+
+A smaller batch of a stack of Dense layers with large weights (:data:`PASS_MIN_BYTES`)
+still uses every thread: a product of a few rows is bound by reading the weights, so each
+large layer is split by its output features, each thread on its own block of weight rows
+(the same rows on every call, which then stay in that core's cache), and the whole pass runs
+in one parallel region whose threads wait for each other between layers on atomic
+counters (``_pass_source``, :mod:`backprop.kernels.atomics`). A thread first claims its own
+block of a layer, then any block no thread has claimed, so the pass completes however the
+threads are scheduled. Other plans (BatchNorm, residual blocks) split each Dense layer of
+at least :data:`SPLIT_MIN_MACS` multiply-adds (and no row op) the same way, in one parallel
+region per layer (``_run_split``). Split or not, every output is that of one thread, bit
+for bit. Kernels are compiled per activation, form and dtype on first use and cached on
+disk.
 
 Precision: every operation runs in the model's dtype, as in the normal path, but the dot
 products are summed in another order (vectorised partial sums, fused multiply-adds), so the
@@ -98,12 +106,12 @@ from numba.extending import intrinsic, overload
 from backprop import kernels as K
 from backprop.concurrency import _MODE
 from backprop.kernels import activations as _activations
-from backprop.kernels import inline, vecmath
+from backprop.kernels import atomics, inline, vecmath
 from backprop.kernels.activations import RECORDS, Math
 
 __all__ = ["MAX_ROWS", "DENSE_MAX_ROWS", "SMALL_WEIGHT_BYTES", "CHUNK_ROWS",
-           "PARALLEL_MIN_VECTORS", "PARALLEL_MIN_MACS", "SPLIT_MIN_MACS", "plan_for", "run",
-           "clear"]
+           "PARALLEL_MIN_VECTORS", "PARALLEL_MIN_MACS", "PASS_MIN_BYTES", "PASS_LAYER_MIN_BYTES",
+           "SPLIT_MIN_MACS", "plan_for", "run", "clear"]
 
 MAX_ROWS = 64
 """Batches of at most this many rows run through any plan. A stack of Dense layers also
@@ -149,14 +157,32 @@ unpacking, the scheduler), the time of about this much work on one core
 threads (:data:`SPLIT_MIN_MACS`)."""
 
 
+PASS_MIN_BYTES = 1 << 19
+"""A batch of a stack of Dense layers that runs on the calling thread (fewer rows than
+:data:`PARALLEL_MIN_VECTORS` vectors of lanes, or less work than :data:`PARALLEL_MIN_MACS`)
+runs as one parallel pass when Numba runs more than one thread and the layers it splits
+(:data:`PASS_LAYER_MIN_BYTES`) hold at least this many bytes of weights: every thread takes
+its block of the output features of each of those layers, and the threads wait for each other
+between layers inside the one parallel region (``_pass_source``). A product of a few rows is
+bound by reading the weights, which the threads then share, each reading its block of weight
+rows from its own core's cache. The region's start and each hand-over of activations between
+the cores cost a few microseconds, which only the reading of large weights repays: the mnist
+MLP's 1 MiB from one row on, never the digits MLP's 100 KiB (benchmarks/inference_paths.py)."""
+
+PASS_LAYER_MIN_BYTES = 1 << 16
+"""A layer of a parallel pass (:data:`PASS_MIN_BYTES`) whose weights take at least this many
+bytes, and that ends in no row op (softmax), is split into one block of output features per
+thread; any other layer runs as one block, on whichever thread reaches it first."""
+
 SPLIT_MIN_MACS = 1 << 20
 """A Dense layer of a batch that runs on the calling thread (fewer rows than
 :data:`PARALLEL_MIN_VECTORS` vectors of lanes, or less work than
-:data:`PARALLEL_MIN_MACS`) whose product has at least this many multiply-adds runs split
-over Numba's threads by its output features, each thread on its block of the weight rows:
-one parallel region for that layer, the other layers on the calling thread (the 784×256
-layer of the mnist MLP from 2 rows on; below, the region's start cost as much as the
-second thread saved, docs/design.md)."""
+:data:`PARALLEL_MIN_MACS`) and not in a parallel pass (:data:`PASS_MIN_BYTES`: a plan with
+layers other than Dense, or small weights) whose product has at least this many
+multiply-adds runs split over Numba's threads by its output features, each thread on its
+block of the weight rows: one parallel region for that layer, the other layers on the
+calling thread (the region's start costs about what a second thread saves on a product of
+a few rows of the 784×256 layer of the mnist MLP, docs/design.md)."""
 
 
 class _Stale(Exception):
@@ -171,7 +197,7 @@ class _Unsupported(Exception):
 # Kernels. Module-level functions (not closures over other functions), so that Numba's disk
 # cache finds them again in the next process; compiled on first use.
 _DEPENDS = hashlib.sha256(b"".join(
-    Path(m.__file__).read_bytes() for m in (inline, vecmath, _activations))).hexdigest()
+    Path(m.__file__).read_bytes() for m in (inline, vecmath, _activations, atomics))).hexdigest()
 
 
 class _Cache(FunctionCache):
@@ -640,6 +666,23 @@ def _all_finite(x):
     return bad == 0
 
 
+def _threads() -> int:
+    """``numba.get_num_threads()`` (the calling thread's count of Numba threads). Once
+    Numba's threads run, read straight from its threading layer: the public function takes
+    two locks first, which cost more than the rest of a small parallel pass's set-up."""
+    if getattr(_NUMBA_PARALLEL, "_is_initialized", False):
+        get = getattr(_NUMBA_PARALLEL, "_get_num_threads", None)
+        count = 0 if get is None else get()
+        if count > 0:
+            return count
+    return numba.get_num_threads()
+
+
+# Numba's threading layer module: its private accessor of the calling thread's count is set
+# once its threads run (where a Numba release lacks it, _threads takes the public function)
+_NUMBA_PARALLEL = numba.np.ufunc.parallel
+
+
 _DENSE: dict = {}
 _ELEMENTWISE: dict = {}
 _ROW_OPS = {"softmax": 1, "log_softmax": 2}
@@ -778,6 +821,88 @@ def _split_driver_for(act: str, bias: bool, lanes: bool):
     return _cached_driver(("split", act, bias, lanes), build)
 
 
+def _pass_source(spec, lanes: bool, splits) -> str:
+    """The parallel pass of a stack of Dense layers, ``spec`` = ``((activation, row op),
+    ...)``, on a batch of ``n`` rows in the row form (``lanes`` False: ``x`` and the hidden
+    ``B1 … B{L-1}`` are ``(n, ·)``) or the lanes form (``B0 = xᵀ``, ``B1 … BL`` transposed).
+
+    One iteration per thread (``flags.shape[0]`` of them). A layer that ``splits`` is cut
+    into blocks of ``widths[i]`` output features, any other is one block (its kernel called
+    on the whole arrays, as on one thread: a row op then sums in the same order).
+    ``counters[i·(T+1) + 1 + k]`` claims block ``k`` of layer ``i`` (the first thread to add
+    one to it computes it), ``counters[i·(T+1)]`` counts its blocks done, and every thread
+    waits for all of layer ``i`` before it starts on layer ``i + 1``. Thread ``t`` claims
+    its own block ``t`` first (the same weight rows on every call, so they stay in its
+    core's cache), then any block still unclaimed: the pass ends whichever threads run, even
+    if the iterations run one after the other on one thread (a thread only ever waits for
+    blocks that a running thread has claimed). The first layer's blocks say whether ``x`` is
+    finite (``flags``; see :func:`_dense_kernel`), and so does the result."""
+    layers = len(spec)
+    first = 0 if lanes else 1
+    buffers = ", ".join(f"B{i}" for i in range(first, layers + (1 if lanes else 0)))
+    params = ", ".join(f"W{i}, b{i}, a{i}" for i in range(layers))
+    lines = [f"# the parallel pass of the Dense stack {spec!r}, {'lanes' if lanes else 'row'} "
+             f"form, split layers {tuple(splits)!r}",
+             f"def pass_driver(x, n, widths, counters, flags, {buffers}{', ' if buffers else ''}"
+             f"out, {params}):",
+             "    threads = flags.shape[0]",
+             "    stride = threads + 1",
+             # a loop, not counters[:] = 0: Numba would make that a parallel region of its
+             # own, with a second start of the threads
+             "    for i in range(counters.shape[0]):",
+             "        counters[i] = 0"]
+    if lanes:
+        lines.append("    to_lanes(x, B0)")
+    lines.append("    for t in prange(threads):")
+    for i, ((act, row), split) in enumerate(zip(spec, splits)):
+        kernel = _kernel_name(act, row) + ("_lanes" if lanes else "")
+        last = i == layers - 1
+        src = f"B{i}" if lanes or i else "x"
+        dst = f"B{i + 1}" if lanes or not last else "out"
+        flag = "flags[0] = " if i == 0 else ""
+        if split:
+            lines += [f"        w = widths[{i}]",
+                      f"        m = W{i}.shape[0]",
+                      "        blocks = (m + w - 1) // w",
+                      "        for s in range(blocks):",
+                      "            k = (t + s) % blocks",
+                      f"            if fetch_add(counters, {i} * stride + 1 + k) == 0:",
+                      "                j0 = k * w",
+                      "                j1 = min(m, j0 + w)",
+                      f"                {flag.replace('[0]', '[k]')}{kernel}({src}, n, "
+                      f"W{i}[j0:j1], None if b{i} is None else b{i}[j0:j1], a{i}, "
+                      f"{dst}[{'' if lanes else ':, '}j0:j1])",
+                      f"                fetch_add(counters, {i} * stride)"]
+        else:
+            lines += ["        blocks = 1",
+                      f"        if fetch_add(counters, {i} * stride + 1) == 0:",
+                      f"            {flag}{kernel}({src}, n, W{i}, b{i}, a{i}, {dst})",
+                      f"            fetch_add(counters, {i} * stride)"]
+        if not last:
+            lines.append(f"        wait_until(counters, {i} * stride, blocks)")
+    lines += ["    finite = True",
+              "    for k in range((W0.shape[0] + widths[0] - 1) // widths[0]):",
+              "        finite = finite and flags[k]"]
+    if lanes:
+        lines.append(f"    from_lanes(B{layers}, out)")
+    lines += ["    return finite", ""]
+    return "\n".join(lines)
+
+
+def _pass_driver_for(spec, lanes: bool, splits):
+    """The parallel pass of ``spec`` in one form with those layers split (built once per
+    process; compiled on first call)."""
+    splits = tuple(bool(split) for split in splits)
+
+    def build():
+        kernels = {_kernel_name(act, row) + ("_lanes" if lanes else ""):
+                   _kernel(_DENSE, _dense_kernel, act, row, _LANES if lanes else _ROW)
+                   for act, row in spec}
+        kernels.update(fetch_add=atomics.fetch_add, wait_until=atomics.wait_until)
+        return _compile_driver(_pass_source(spec, lanes, splits), "pass_driver", kernels)
+    return _cached_driver(("pass", spec, lanes, splits), build)
+
+
 def _compile_driver(source: str, name: str, kernels: dict):
     """The parallel function ``name`` defined by ``source`` (which calls ``kernels`` by
     name), with Numba's disk cache where its source file could be written."""
@@ -797,14 +922,14 @@ def _compile_driver(source: str, name: str, kernels: dict):
 _RUN_PARALLEL: list = []  # numba_cpu.run_parallel, imported at the first launch
 
 
-def _parallel_launch(driver, *args) -> None:
-    """Run ``driver`` as numba_cpu runs its parallel kernels (under Numba's workqueue layer,
-    which aborts the process on two launches at once, one at a time)."""
+def _parallel_launch(driver, *args):
+    """``driver(*args)``, run as numba_cpu runs its parallel kernels (under Numba's workqueue
+    layer, which aborts the process on two launches at once, one at a time)."""
     if not _RUN_PARALLEL:
         from backprop.kernels import numba_cpu
 
         _RUN_PARALLEL.append(numba_cpu.run_parallel)
-    _RUN_PARALLEL[0](driver, *args)
+    return _RUN_PARALLEL[0](driver, *args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -980,6 +1105,7 @@ class Plan(_State):
             self.widths = [steps[0][1].in_features] + [st[1].out_features for st in steps]
             self.macs_per_row = sum(st[1].in_features * st[1].out_features for st in steps)
             self.weight_bytes = self.macs_per_row * np.dtype(self.dtype).itemsize
+            self._pass_cache = None  # see _pass_layout
         self.lanes_from = 16 if self.dtype == np.float32 else 8  # rows: one vector of lanes
         del self._steps, self._widths
 
@@ -992,15 +1118,22 @@ class Plan(_State):
         for guard in self.guards:
             guard()
         n = x.shape[0]
-        if self.dense is not None and n >= PARALLEL_MIN_VECTORS * self.lanes_from:
-            threads = numba.get_num_threads()
-            if n > MAX_ROWS or (threads > 1 and n * self.macs_per_row >= PARALLEL_MIN_MACS):
-                return self._chunked(x, n, threads)
+        threads, large = 1, False
+        if self.dense is not None:
+            chunks = n >= PARALLEL_MIN_VECTORS * self.lanes_from
+            large = self._pass_layout()[1] >= PASS_MIN_BYTES and atomics.AVAILABLE
+            if chunks or large:
+                threads = _threads()
+                if chunks and (n > MAX_ROWS or (
+                        threads > 1 and n * self.macs_per_row >= PARALLEL_MIN_MACS)):
+                    return self._chunked(x, n, threads)
         program = self.lanes if n >= self.lanes_from and self.lanes is not None else self.row
         hidden = self._local.buffers.get(n)
         if hidden is None:
             hidden = self._allocate(n, program)
         out = np.empty((n, self.out_width), self.dtype)
+        if large and threads > 1:
+            return out, self._pass(x, n, threads, program is self.lanes, hidden, out)
         regs = [x, *hidden, out]
         if program.flags_input:
             for op in program.before:
@@ -1045,6 +1178,57 @@ class Plan(_State):
         out = np.empty((n, self.out_width), self.dtype)
         _parallel_launch(_driver_for(self.spec), x, out, chunk, flags, *hidden, *params)
         return out, bool(flags.all())
+
+    def _pass(self, x, n, threads, lanes, hidden, out) -> bool:
+        """Whether ``x`` is finite, having run the parallel pass (:data:`PASS_MIN_BYTES`,
+        :func:`_pass_source`) of ``x`` into ``out`` through this thread's ``hidden``
+        buffers of the program in the ``lanes`` form or the row form."""
+        key = ("pass", threads, lanes, PASS_LAYER_MIN_BYTES)
+        state = self._local.buffers.get(key)
+        if state is None:
+            if len(self._local.buffers) >= _THREAD_BUFFERS_KEPT:
+                self._local.buffers.pop(next(iter(self._local.buffers)))
+            state = self._local.buffers[key] = (
+                self._pass_widths(threads, lanes),
+                np.zeros(len(self.dense) * (threads + 1), np.int64),
+                np.empty(threads, np.bool_),
+                _pass_driver_for(self.spec, lanes, self._pass_layout()[0]))
+        widths, counters, flags, driver = state
+        params = []
+        for layer, own, act in self.dense:
+            if layer.activation is not own:
+                raise _Stale
+            b = layer.b
+            params += (layer.W.data, None if b is None else b.data, act.alpha)
+        return _parallel_launch(driver, x, n, widths, counters, flags, *hidden, out, *params)
+
+    def _pass_widths(self, threads, lanes):
+        """Each layer's block width in a parallel pass on ``threads``: for a
+        layer it splits, one block per thread, of whole 4-feature blocks of the dot form (so
+        that every output is summed as on one thread, bit for bit) or whole 8-row tiles of
+        the lanes form; the whole layer for any other."""
+        quantum = 8 if lanes else 4
+        widths = []
+        for (layer, _, _), split in zip(self.dense, self._pass_layout()[0]):
+            m = layer.out_features
+            width = -(-m // threads)
+            width = -(-width // quantum) * quantum
+            widths.append(width if split and width < m else m)
+        return np.array(widths, np.int64)
+
+    def _pass_layout(self):
+        """``(splits, bytes)``: which layers a parallel pass splits over the threads (weights
+        of at least :data:`PASS_LAYER_MIN_BYTES`, no row op) and their bytes of weights
+        (:data:`PASS_MIN_BYTES`); worked out once per value of the threshold."""
+        layout = self._pass_cache
+        if layout is None or layout[0] != PASS_LAYER_MIN_BYTES:
+            size = np.dtype(self.dtype).itemsize
+            sizes = [layer.in_features * layer.out_features * size for layer, _, _ in self.dense]
+            splits = [row == 0 and b >= PASS_LAYER_MIN_BYTES
+                      for b, (_, row) in zip(sizes, self.spec)]
+            layout = self._pass_cache = (PASS_LAYER_MIN_BYTES, splits,
+                                         sum(b for b, split in zip(sizes, splits) if split))
+        return layout[1], layout[2]
 
     def _allocate(self, n, program):
         """This thread's intermediate arrays for batches of ``n`` rows (the oldest batch
@@ -1138,7 +1322,7 @@ def _dense_op(layer, own, act, kernel, src, dst, split=None, lanes=False):
         b = None if layer.b is None else layer.b.data
         W = layer.W.data
         if split is not None and n * W.size >= SPLIT_MIN_MACS:
-            threads = numba.get_num_threads()
+            threads = _threads()
             if threads > 1 and W.shape[0] % (4 * threads) == 0:  # whole 4-feature blocks
                 return _run_split(local, split, lanes, regs[src], n, W, b, act.alpha,
                                   regs[dst], threads)

@@ -1,14 +1,16 @@
 """backprop's inference paths side by side, in one process: for each MLP and batch size, the
 path ``predict`` takes (the compiled plan of ``backprop.inference``: on one thread, or the
-chunked parallel driver, or a large layer split over the threads), the plan on the calling
-thread alone (no chunks, no split), and the normal path
+chunked parallel driver, or the parallel pass of a stack with large weights, or a large layer
+split over the threads), the plan on the calling thread alone (no chunks, pass or split),
+the plan with the pass's layers split one parallel region each instead (where the pass
+runs), and the normal path
 (``Sequential.forward`` under ``inference_mode``: BLAS products and the fused epilogues).
 The variants alternate, ``--repeat`` rounds of ``--max-time`` seconds each; the best median
 of the rounds counts. Ratios within one run only (shared, noisy machines).
 
 This is the measurement behind the plan's size limits (``inference.DENSE_MAX_ROWS``,
-``SMALL_WEIGHT_BYTES``, ``PARALLEL_MIN_MACS``, ``SPLIT_MIN_MACS``): where the plan stops being faster than the
-normal path, predict hands the batch over.
+``SMALL_WEIGHT_BYTES``, ``PARALLEL_MIN_MACS``, ``PASS_MIN_BYTES``, ``SPLIT_MIN_MACS``): where
+the plan stops being faster than the normal path, predict hands the batch over.
 
     python benchmarks/inference_paths.py --out-dir benchmarks/results/<machine>
 """
@@ -60,16 +62,24 @@ def variants(model, x):
     if plan is not None and plan.takes(len(x)):
         out["predict's plan"] = lambda: inference.run(model, x, eval_mode=True)
 
-        def one_thread():
-            saved = inference.PARALLEL_MIN_MACS, inference.SPLIT_MIN_MACS
-            inference.PARALLEL_MIN_MACS = inference.SPLIT_MIN_MACS = 1 << 62
-            try:
-                return inference.run(model, x, eval_mode=True)
-            finally:
-                inference.PARALLEL_MIN_MACS, inference.SPLIT_MIN_MACS = saved
+        def without(*names):
+            def run():
+                saved = [getattr(inference, name) for name in names]
+                for name in names:
+                    setattr(inference, name, 1 << 62)
+                try:
+                    return inference.run(model, x, eval_mode=True)
+                finally:
+                    for name, value in zip(names, saved):
+                        setattr(inference, name, value)
+            return run
 
         if len(x) <= inference.MAX_ROWS:  # beyond it the plan always runs in chunks
-            out["plan, one thread"] = one_thread
+            out["plan, one thread"] = without("PARALLEL_MIN_MACS", "SPLIT_MIN_MACS",
+                                              "PASS_MIN_BYTES")
+        if (len(x) < inference.PARALLEL_MIN_VECTORS * plan.lanes_from
+                and plan._pass_layout()[1] >= inference.PASS_MIN_BYTES):
+            out["plan, layers split"] = without("PASS_MIN_BYTES")  # one region per layer
     return out
 
 
@@ -117,22 +127,27 @@ def report(rows, args) -> str:
         f"{args.repeat} alternating rounds of {args.max_time} s. *predict's plan*: "
         "`inference.run` as predict calls it (one thread below "
         f"`PARALLEL_MIN_MACS` = {inference.PARALLEL_MIN_MACS:,} multiply-adds or "
-        f"{inference.MAX_ROWS} rows, else the chunked driver on every thread); *plan, one "
-        "thread*: the same plan kept on the calling thread; *normal path*: "
+        f"{inference.MAX_ROWS} rows, else the chunked driver on every thread; below two "
+        "vectors of rows, the parallel pass where the weights of the layers it splits reach "
+        f"`PASS_MIN_BYTES` = {inference.PASS_MIN_BYTES:,}); *plan, one thread*: the same "
+        "plan kept on the calling thread; *layers split*: the pass's large layers split "
+        f"one parallel region each (`SPLIT_MIN_MACS` = {inference.SPLIT_MIN_MACS:,}) "
+        "instead; *normal path*: "
         "`Sequential.forward` under `inference_mode` (BLAS). A blank: predict does not take "
         f"the plan at that size (`DENSE_MAX_ROWS` = {inference.DENSE_MAX_ROWS}, "
         f"`SMALL_WEIGHT_BYTES` = {inference.SMALL_WEIGHT_BYTES:,}).", "",
-        "| model | weights | batch | predict's plan | plan, one thread | normal path | "
-        "normal / plan |", "|---|---:|---:|---:|---:|---:|---:|"]
+        "| model | weights | batch | predict's plan | plan, one thread | layers split | "
+        "normal path | normal / plan |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         us = r["us"]
         plan = us.get("predict's plan")
         one = us.get("plan, one thread")
+        split = us.get("plan, layers split")
         ratio = f"{us['normal path'] / plan:.2f}×" if plan else ""
         lines.append(
             f"| {r['model']} | {r['weight_bytes'] / 1024:,.0f} KiB | {r['batch']} | "
             f"{plan and f'{plan:,.1f}' or ''} | {one and f'{one:,.1f}' or ''} | "
-            f"{us['normal path']:,.1f} | {ratio} |")
+            f"{split and f'{split:,.1f}' or ''} | {us['normal path']:,.1f} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 

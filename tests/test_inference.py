@@ -485,10 +485,14 @@ def test_default_batch_is_one_pass():
     assert training._rows_per_pass(model, X) >= 4096
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["whole", "split-layers"])
+@pytest.mark.parametrize("split", ["whole", "split", "pass"],
+                         ids=["whole", "split-layers", "parallel-pass"])
 def test_two_threads_predict_at_once(split, monkeypatch):
-    if split:  # every layer that can be split is: per-thread blocks, drivers built at once
-        monkeypatch.setattr(inference, "SPLIT_MIN_MACS", 0)
+    if split == "split":  # every layer that can be split is: per-thread blocks, drivers
+        monkeypatch.setattr(inference, "SPLIT_MIN_MACS", 0)  # built at once
+    elif split == "pass":  # every small batch a parallel pass: per-thread counters
+        monkeypatch.setattr(inference, "PASS_MIN_BYTES", 0)
+        monkeypatch.setattr(inference, "PASS_LAYER_MIN_BYTES", 0)
     model = mlp("gelu", np.float32, width=64)
     inputs = [data(1 + 7 * i, 7, np.float32, seed=i) for i in range(6)]
     inputs += [data(300, 7, np.float32, seed=6)]  # in chunks, on every thread
@@ -639,3 +643,197 @@ def test_non_finite_input_raises_through_a_split_layer(dtype, monkeypatch):
         assert splits
     finally:
         numba.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------------------
+# The parallel pass of a stack of Dense layers (PASS_MIN_BYTES)
+def count_passes(monkeypatch):
+    """``(rows, threads, lanes)`` of each parallel pass."""
+    passes = []
+    run_pass = inference.Plan._pass
+
+    def counted(plan, x, n, threads, lanes, hidden, out):
+        passes.append((n, threads, lanes))
+        return run_pass(plan, x, n, threads, lanes, hidden, out)
+
+    monkeypatch.setattr(inference.Plan, "_pass", counted)
+    return passes
+
+
+def two_threads():
+    """Numba's thread count set to 2 for the block (skips where Numba runs one thread)."""
+    import contextlib
+
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba runs one thread here (NUMBA_NUM_THREADS=1)")
+
+    @contextlib.contextmanager
+    def scope():
+        previous = numba.get_num_threads()
+        numba.set_num_threads(2)
+        try:
+            yield
+        finally:
+            numba.set_num_threads(previous)
+    return scope()
+
+
+def every_layer_in_a_pass(monkeypatch):
+    monkeypatch.setattr(inference, "PASS_MIN_BYTES", 0)
+    monkeypatch.setattr(inference, "PASS_LAYER_MIN_BYTES", 0)
+
+
+def no_threads(monkeypatch):
+    monkeypatch.setattr(inference, "PASS_MIN_BYTES", 1 << 62)
+    monkeypatch.setattr(inference, "SPLIT_MIN_MACS", 1 << 62)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("row_op", ["softmax", None], ids=["softmax", "linear-output"])
+def test_a_parallel_pass_gives_the_bits_of_one_thread(dtype, activation, bias, row_op,
+                                                      monkeypatch):
+    """A stack of Dense layers split over two threads in one parallel region, in the row
+    form (fewer rows than a vector of lanes) and in the lanes form (up to two vectors, on
+    the calling thread's plan): outputs bit for bit those of one thread, and forward's up to
+    rounding. The widths leave uneven last blocks (21 = 12 + 9 features in the row form,
+    16 + 5 in the lanes form), and a linear output layer of 6 features splits too."""
+    passes = count_passes(monkeypatch)
+    rng = np.random.default_rng(5)
+    model = Sequential([Dense(9, 48, activation=activation, rng=rng, dtype=dtype, bias=bias),
+                        Dense(48, 21, activation=activation, rng=rng, dtype=dtype, bias=bias),
+                        Dense(21, 6, activation=row_op, rng=rng, dtype=dtype,
+                              bias=bias)]).eval()
+    lanes = 16 if dtype == np.float32 else 8
+    with two_threads():
+        for n in (1, 3, 4, lanes - 1, lanes, 2 * lanes - 1):
+            x = data(n, 9, dtype, seed=n)
+            no_threads(monkeypatch)
+            one_thread = model.predict(x)
+            assert passes == []
+            every_layer_in_a_pass(monkeypatch)
+            got = model.predict(x), model(x)
+            assert passes == [(n, 2, n >= lanes)] * 2
+            passes.clear()
+            for out in got:
+                np.testing.assert_array_equal(out, one_thread)
+            assert_close(got[0], forward(model, x), dtype)
+
+
+def test_which_layers_a_pass_splits(monkeypatch):
+    """One block per thread for a layer with enough bytes of weights, in whole 4-feature
+    blocks (row form) or 8-row tiles (lanes form); a row op or small weights: one block;
+    no pass where the split layers' weights fall short of PASS_MIN_BYTES."""
+    rng = np.random.default_rng(0)
+    model = Sequential([Dense(64, 100, activation="relu", rng=rng),   # 25 600 bytes
+                        Dense(100, 30, activation="relu", rng=rng),   # 12 000 bytes
+                        Dense(30, 20, activation="softmax", rng=rng)]).eval()
+    plan = inference.plan_for(model)
+    monkeypatch.setattr(inference, "PASS_LAYER_MIN_BYTES", 12_000)
+    assert plan._pass_layout() == ([True, True, False], 37_600)
+    assert plan._pass_widths(2, lanes=False).tolist() == [52, 16, 20]
+    assert plan._pass_widths(2, lanes=True).tolist() == [56, 16, 20]
+    assert plan._pass_widths(3, lanes=False).tolist() == [36, 12, 20]
+    assert plan._pass_widths(64, lanes=True).tolist() == [8, 8, 20]
+    monkeypatch.setattr(inference, "PASS_LAYER_MIN_BYTES", 20_000)
+    assert plan._pass_layout() == ([True, False, False], 25_600)
+    assert plan._pass_widths(2, lanes=False).tolist() == [52, 30, 20]
+    passes = count_passes(monkeypatch)
+    x = data(2, 64, np.float32)
+    with two_threads():
+        monkeypatch.setattr(inference, "PASS_MIN_BYTES", 25_601)
+        model.predict(x)
+        assert passes == []
+        monkeypatch.setattr(inference, "PASS_MIN_BYTES", 25_600)
+        model.predict(x)
+        assert passes == [(2, 2, False)]
+
+
+def test_the_mnist_mlp_takes_the_pass_by_default_and_the_digits_mlp_does_not(monkeypatch):
+    """The defaults: the 784-256-256-10 MLP's 1 MiB of weights runs its small batches as a
+    parallel pass (the 784×256 and 256×256 layers split), the 64-128-128-10 MLP's do not."""
+    passes = count_passes(monkeypatch)
+    rng = np.random.default_rng(0)
+
+    def net(sizes):
+        return Sequential([Dense(a, b, activation="relu" if i < len(sizes) - 2 else "softmax",
+                                 rng=rng) for i, (a, b) in enumerate(zip(sizes, sizes[1:]))]
+                          ).eval()
+
+    mnist, digits = net([784, 256, 256, 10]), net([64, 128, 128, 10])
+    assert inference.plan_for(mnist)._pass_layout()[0] == [True, True, False]
+    with two_threads():
+        for n in (1, 31):
+            digits.predict(data(n, 64, np.float32))
+            assert passes == []
+            x = data(n, 784, np.float32)
+            got = mnist.predict(x)
+            assert passes == [(n, 2, n >= 16)]
+            passes.clear()
+            assert_close(got, forward(mnist, x), np.float32)
+        mnist.predict(data(32, 784, np.float32))  # two vectors of rows: chunks, not a pass
+        assert passes == []
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        mnist.predict(data(1, 784, np.float32))
+        assert passes == []  # one thread: no pass
+    finally:
+        numba.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("lanes", [False, True], ids=["row", "lanes"])
+def test_a_pass_completes_when_one_thread_runs_every_iteration(lanes, monkeypatch):
+    """The pass's threads claim blocks, never wait for a block nobody took: with Numba
+    running one thread, the driver's two iterations run one after the other, the first
+    takes every block, and the result is the same (a pass with fixed owners would hang)."""
+    every_layer_in_a_pass(monkeypatch)
+    model = mlp("relu", np.float32, width=48, out=8)
+    n = 16 if lanes else 3
+    x = data(n, 7, np.float32)
+    plan = inference.plan_for(model)
+    with two_threads():
+        expected = model.predict(x)
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        program = plan.lanes if lanes else plan.row
+        hidden = plan._allocate(n, program)
+        out = np.empty((n, 8), np.float32)
+        assert plan._pass(x, n, 2, lanes, hidden, out) is True
+    finally:
+        numba.set_num_threads(previous)
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_non_finite_input_raises_through_a_pass(dtype, monkeypatch):
+    """The first layer's blocks tell whether x is finite, however it is split: a NaN or
+    inf in the first or the last row raises DataError naming it, in both forms, also where
+    a weight column is zero (0·inf is NaN) — and non-finite weights are not a data error."""
+    every_layer_in_a_pass(monkeypatch)
+    passes = count_passes(monkeypatch)
+    model = mlp("relu", dtype, width=32, out=6)
+    zeroed = mlp("relu", dtype, width=32, out=6)
+    zeroed.layers[0].W.data[:, 6] = 0.0
+    with two_threads():
+        for n in (1, 5, 16 if dtype == np.float32 else 8):
+            for bad in (np.nan, np.inf, -np.inf):
+                for row, col in ((0, 0), (n - 1, 6)):
+                    for net in (model, zeroed):
+                        x = data(n, 7, dtype, seed=n)
+                        x[row, col] = bad
+                        with pytest.raises(DataError, match=f"NaN or inf.*row {row}"):
+                            net.predict(x)
+        assert passes
+        broken = mlp("relu", dtype, width=32, out=6)
+        broken.layers[1].W.data[3, 5] = np.inf
+        out = broken.predict(data(3, 7, dtype))
+        assert not np.isfinite(out).all()
