@@ -919,7 +919,7 @@ def _compile_driver(source: str, name: str, kernels: dict):
     return driver
 
 
-_RUN_PARALLEL: list = []  # numba_cpu.run_parallel, imported at the first launch
+_RUN_PARALLEL: list = []  # numba_cpu's run_parallel and _PARALLEL, imported at the first launch
 
 
 def _parallel_launch(driver, *args):
@@ -928,7 +928,9 @@ def _parallel_launch(driver, *args):
     if not _RUN_PARALLEL:
         from backprop.kernels import numba_cpu
 
-        _RUN_PARALLEL.append(numba_cpu.run_parallel)
+        _RUN_PARALLEL.extend((numba_cpu.run_parallel, numba_cpu._PARALLEL))
+    if _RUN_PARALLEL[1]["serialize"] is False:  # the common case, without another call
+        return driver(*args)
     return _RUN_PARALLEL[0](driver, *args)
 
 
