@@ -49,7 +49,9 @@ def median_us(fn, max_time: float) -> float:
 
 
 def variants(model, x):
-    """``{name: callable}``; a plan variant only where the plan takes the batch."""
+    """``{name: (callable, settings)}``: ``settings`` the ``backprop.inference`` thresholds
+    that the variant turns off (set for the whole of its timed round, so that no call pays
+    for setting them); a plan variant only where the plan takes the batch."""
     import backprop as bp
     from backprop import inference
 
@@ -57,30 +59,34 @@ def variants(model, x):
         with bp.inference_mode():
             return model.forward(x)
 
-    out = {"normal path": normal}
+    out = {"normal path": (normal, ())}
     plan = inference.plan_for(model)
     if plan is not None and plan.takes(len(x)):
-        out["predict's plan"] = lambda: inference.run(model, x, eval_mode=True)
+        def run():
+            return inference.run(model, x, eval_mode=True)
 
-        def without(*names):
-            def run():
-                saved = [getattr(inference, name) for name in names]
-                for name in names:
-                    setattr(inference, name, 1 << 62)
-                try:
-                    return inference.run(model, x, eval_mode=True)
-                finally:
-                    for name, value in zip(names, saved):
-                        setattr(inference, name, value)
-            return run
-
+        out["predict's plan"] = (run, ())
         if len(x) <= inference.MAX_ROWS:  # beyond it the plan always runs in chunks
-            out["plan, one thread"] = without("PARALLEL_MIN_MACS", "SPLIT_MIN_MACS",
-                                              "PASS_MIN_BYTES")
+            out["plan, one thread"] = (run, ("PARALLEL_MIN_MACS", "SPLIT_MIN_MACS",
+                                             "PASS_MIN_BYTES"))
         if (len(x) < inference.PARALLEL_MIN_VECTORS * plan.lanes_from
                 and plan._pass_layout()[1] >= inference.PASS_MIN_BYTES):
-            out["plan, layers split"] = without("PASS_MIN_BYTES")  # one region per layer
+            out["plan, layers split"] = (run, ("PASS_MIN_BYTES",))  # a region per layer
     return out
+
+
+def turned_off(names, fn, *args):
+    """``fn(*args)`` with the thresholds ``names`` of ``backprop.inference`` out of reach."""
+    from backprop import inference
+
+    saved = [getattr(inference, name) for name in names]
+    for name in names:
+        setattr(inference, name, 1 << 62)
+    try:
+        return fn(*args)
+    finally:
+        for name, value in zip(names, saved):
+            setattr(inference, name, value)
 
 
 def measure(models, batches, max_time, repeat):
@@ -95,15 +101,15 @@ def measure(models, batches, max_time, repeat):
         for n in batches:
             x = rng.standard_normal((n, sizes[0])).astype(np.float32)
             cases = variants(model, x)
-            expected = cases["normal path"]().copy()
-            for label, fn in cases.items():
-                got = fn()
+            expected = cases["normal path"][0]().copy()
+            for label, (fn, off) in cases.items():
+                got = turned_off(off, fn)
                 scale = max(float(np.abs(expected).max()), 1.0)
                 assert np.abs(got - expected).max() <= 1e-4 * scale, (name, n, label)
             medians = {label: [] for label in cases}
             for _ in range(repeat):
-                for label, fn in cases.items():
-                    medians[label].append(median_us(fn, max_time))
+                for label, (fn, off) in cases.items():
+                    medians[label].append(turned_off(off, median_us, fn, max_time))
             best = {label: min(v) for label, v in medians.items()}
             rows.append({"model": name, "sizes": sizes, "batch": n,
                          "weight_bytes": plan.weight_bytes, "us": best, "rounds": medians})
