@@ -470,16 +470,92 @@ def _tiles(xT, W, outT):
                 outT[jj, lane] += w * xT[k, lane]
 
 
+def _make_transpose_block():
+    """An intrinsic ``block(x, xT, i, k)``: ``xT[k:k+L, i:i+L] = x[i:i+L, k:k+L]ᵀ`` for L
+    lanes (16 float32, 8 float64): L vector loads of rows of ``x``, the transposition in
+    registers (log₂ L rounds of two-vector shuffles, each swapping the off-diagonal blocks
+    of a size within every block of twice that size), L vector stores into rows of ``xT``.
+    The arrays are C-contiguous of one float dtype (checked when typed); the caller keeps
+    the indices in bounds."""
+    from llvmlite import ir
+
+    @intrinsic
+    def block(typingctx, x, xT, i, k):
+        if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
+                   for a in (x, xT)) or not (
+                x.dtype == xT.dtype and x.dtype in (types.float32, types.float64)):
+            return None
+        if not all(isinstance(v, types.Integer) for v in (i, k)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            xa, ta, iv, kv = args
+            xarr, tarr = (context.make_array(t)(context, builder, a)
+                          for t, a in zip(signature.args[:2], (xa, ta)))
+            single = signature.args[0].dtype == types.float32
+            lanes = 16 if single else 8
+            align = 4 if single else 8
+            vty = ir.VectorType(context.get_value_type(signature.args[0].dtype), lanes)
+            intp = context.get_value_type(types.intp)
+            iv = context.cast(builder, iv, signature.args[2], types.intp)
+            kv = context.cast(builder, kv, signature.args[3], types.intp)
+            k_in = builder.extract_value(xarr.shape, 1)
+            p = builder.extract_value(tarr.shape, 1)
+
+            def at(data, row, stride, col):
+                offset = builder.add(builder.mul(row, stride), col)
+                return builder.bitcast(builder.gep(data, [offset], inbounds=True),
+                                       vty.as_pointer())
+
+            rows = [builder.load(at(xarr.data, builder.add(iv, ir.Constant(intp, r)),
+                                    k_in, kv), align=align) for r in range(lanes)]
+            size = 1
+            while size < lanes:
+                mask = ir.VectorType(ir.IntType(32), lanes)
+                low = ir.Constant(mask, [lanes + c - size if c & size else c
+                                         for c in range(lanes)])
+                high = ir.Constant(mask, [lanes + c if c & size else c + size
+                                          for c in range(lanes)])
+                swapped = list(rows)
+                for r in range(lanes):
+                    if not r & size:
+                        a, b = rows[r], rows[r + size]
+                        swapped[r] = builder.shuffle_vector(a, b, low)
+                        swapped[r + size] = builder.shuffle_vector(a, b, high)
+                rows, size = swapped, 2 * size
+            for j in range(lanes):
+                builder.store(rows[j], at(tarr.data, builder.add(kv, ir.Constant(intp, j)),
+                                          p, iv), align=align)
+            return context.get_dummy_value()
+
+        return types.void(x, xT, i, k), codegen
+
+    return block
+
+
+_transpose_block = _make_transpose_block()
+
+
 @_jit
 def _to_lanes(x, xT):
-    """``xT[:, :n] = xᵀ``, the padding lanes zero. Whether ``x`` is finite is told by the
-    first Dense kernel, which reads ``xT`` next, at no cost of its own: a count here would
-    keep this copy from vectorising."""
+    """``xT[:, :n] = xᵀ``, the padding lanes zero: whole blocks of lanes × lanes values
+    transposed in registers (:func:`_make_transpose_block`), the rest one by one. Whether
+    ``x`` is finite is told by the first Dense kernel, which reads ``xT`` next, at no cost
+    of its own: a count here would slow this copy."""
     n, k_in = x.shape
     p = xT.shape[1]
+    lanes = _lanes(x)
     zero = _cast(0.0, x)
-    for k in range(k_in):
-        for i in range(n):
+    rows = n - n % lanes
+    cols = k_in - k_in % lanes
+    for k in range(0, cols, lanes):  # lanes rows of xT at a time, written whole in cache
+        for i in range(0, rows, lanes):
+            _transpose_block(x, xT, i, k)
+    for k in range(cols, k_in):  # the last features of the whole blocks of rows
+        for i in range(rows):
+            xT[k, i] = x[i, k]
+    for k in range(k_in):  # the last rows, and the padding lanes
+        for i in range(rows, n):
             xT[k, i] = x[i, k]
         for i in range(n, p):
             xT[k, i] = zero
