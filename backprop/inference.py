@@ -111,6 +111,7 @@ from backprop.kernels.activations import RECORDS, Math
 
 __all__ = ["MAX_ROWS", "DENSE_MAX_ROWS", "SMALL_WEIGHT_BYTES", "CHUNK_ROWS",
            "PARALLEL_MIN_VECTORS", "PARALLEL_MIN_MACS", "PASS_MIN_BYTES", "PASS_LAYER_MIN_BYTES",
+           "PASS_BYTES_PER_THREAD",
            "SPLIT_MIN_MACS", "plan_for", "run", "clear"]
 
 MAX_ROWS = 64
@@ -173,6 +174,12 @@ PASS_LAYER_MIN_BYTES = 1 << 16
 """A layer of a parallel pass (:data:`PASS_MIN_BYTES`) whose weights take at least this many
 bytes, and that ends in no row op (softmax), is split into one block of output features per
 thread; any other layer runs as one block, on whichever thread reaches it first."""
+
+PASS_BYTES_PER_THREAD = 1 << 18
+"""A parallel pass (:data:`PASS_MIN_BYTES`) runs on at most one thread per this many bytes of
+the weights it splits (and on at least two): the mnist MLP's 1 MiB on up to four threads. A
+block with less to read costs its thread's barriers more than it saves; Numba's other
+threads get no iteration of the pass and wait for its end."""
 
 SPLIT_MIN_MACS = 1 << 20
 """A Dense layer of a batch that runs on the calling thread (fewer rows than
@@ -1260,7 +1267,9 @@ class Plan(_State):
     def _pass(self, x, n, threads, lanes, hidden, out) -> bool:
         """Whether ``x`` is finite, having run the parallel pass (:data:`PASS_MIN_BYTES`,
         :func:`_pass_source`) of ``x`` into ``out`` through this thread's ``hidden``
-        buffers of the program in the ``lanes`` form or the row form."""
+        buffers of the program in the ``lanes`` form or the row form, on at most
+        ``threads`` (:data:`PASS_BYTES_PER_THREAD`)."""
+        threads = min(threads, max(2, self._pass_layout()[1] // PASS_BYTES_PER_THREAD))
         key = ("pass", threads, lanes, PASS_LAYER_MIN_BYTES)
         state = self._local.buffers.get(key)
         if state is None:

@@ -864,3 +864,23 @@ def test_non_finite_input_raises_through_a_pass(monkeypatch):
         broken.layers[1].W.data[3, 5] = np.inf
         out = broken.predict(data(3, 9, np.float32))
         assert not np.isfinite(out).all()
+
+
+def test_a_pass_takes_one_thread_per_share_of_the_weights(monkeypatch):
+    """At most one thread per PASS_BYTES_PER_THREAD of split weights (at least two), and
+    more iterations than Numba has threads still complete (a thread runs two)."""
+    every_layer_in_a_pass(monkeypatch)
+    model = pass_mlp(bias=False, row_op=None)
+    plan = inference.plan_for(model)
+    split = plan._pass_layout()[1]  # 9·48 + 48·21 + 21·6 weights, float32
+    assert split == 4 * (9 * 48 + 48 * 21 + 21 * 6)
+    x = data(3, 9, np.float32)
+    with two_threads():
+        expected = model.predict(x)
+        hidden = plan._allocate(3, plan.row)
+        for per_thread, team in ((split, 2), (split // 3, 3), (split // 8, 8), (1, 16)):
+            monkeypatch.setattr(inference, "PASS_BYTES_PER_THREAD", per_thread)
+            out = np.empty((3, 6), np.float32)
+            assert plan._pass(x, 3, 16, False, hidden, out) is True
+            np.testing.assert_array_equal(out, expected)
+            assert ("pass", team, False, 0) in plan._local.buffers
