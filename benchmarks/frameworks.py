@@ -480,6 +480,64 @@ def train_worker(framework: str, specs: list[Spec], max_time: float, threads: in
     return results
 
 
+def inference_variants(framework: str, spec: Spec, params, threads: int):
+    """``(variants, to_input, model)``: the framework's inference calls on ``spec``'s MLP
+    holding ``params``
+    (``{name: fn(x)}``, the first its comparison variant: backprop's ``predict``), the
+    conversion of a NumPy batch into what they take, and backprop's model (else None)."""
+    model = None
+    to_input = _same
+    if framework == "backprop":
+        model = backprop_model(spec, params)
+        model.eval()
+        variants = {"predict": lambda x: model.predict(x),
+                    "call": lambda x: model(x),
+                    "forward-eval": lambda x: model.forward(x)}
+    elif framework == "torch":
+        import torch
+
+        net = torch_model(params).eval()
+
+        def run(x):
+            with torch.inference_mode():
+                return net(x)
+
+        variants = {"inference_mode": run}
+        to_input = torch.from_numpy
+    elif framework == "onnxruntime":
+        session = onnx_session(params, threads)
+        variants = {"session.run": lambda x: session.run(["y"], {"x": x})[0]}
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        jparams = [(jnp.asarray(w), jnp.asarray(b)) for w, b in params]
+
+        @jax.jit
+        def forward(p, x):
+            h = x
+            for k, (w, b) in enumerate(p):
+                h = h @ w.T + b
+                if k < len(p) - 1:
+                    h = jax.nn.relu(h)
+            return h
+
+        variants = {"jit": lambda x: forward(jparams, x).block_until_ready()}
+        to_input = jnp.asarray
+    return variants, to_input, model
+
+
+def inference_batch(sizes, batch: int):
+    """The NumPy batch every framework predicts on (float32, seeded by its size)."""
+    import numpy as np
+
+    return np.random.default_rng(batch).standard_normal((batch, sizes[0]), dtype=np.float32)
+
+
+def _same(x):
+    return x
+
+
 def inference_worker(framework: str, specs: list[Spec], batches, max_time: float,
                      threads: int) -> list[dict]:
     import numpy as np
@@ -487,57 +545,17 @@ def inference_worker(framework: str, specs: list[Spec], batches, max_time: float
     results = []
     for spec in specs:
         params = init_params(spec.sizes)
-        variants = {}
-        if framework == "backprop":
-            import backprop as bp
-
-            model = backprop_model(spec, params)
-            variants = {"predict": lambda x: model.predict(x),
-                        "call": lambda x: model(x),
-                        "forward-eval": lambda x: model.forward(x)}
-            model.eval()
-        elif framework == "torch":
-            import torch
-
-            model = torch_model(params).eval()
-
-            def run(x):
-                with torch.inference_mode():
-                    return model(x)
-
-            variants = {"inference_mode": run}
-        elif framework == "onnxruntime":
-            session = onnx_session(params, threads)
-            variants = {"session.run": lambda x: session.run(["y"], {"x": x})[0]}
-        elif framework == "jax":
-            import jax
-            import jax.numpy as jnp
-
-            jparams = [(jnp.asarray(w), jnp.asarray(b)) for w, b in params]
-
-            @jax.jit
-            def forward(p, x):
-                h = x
-                for k, (w, b) in enumerate(p):
-                    h = h @ w.T + b
-                    if k < len(p) - 1:
-                        h = jax.nn.relu(h)
-                return h
-
-            variants = {"jit": lambda x: forward(jparams, x).block_until_ready()}
+        variants, to_input, model = inference_variants(framework, spec, params, threads)
         for batch in batches:
-            x_np = np.random.default_rng(batch).standard_normal((batch, spec.sizes[0]),
-                                                                dtype=np.float32)
-            x = x_np
-            if framework == "torch":
-                x = torch.from_numpy(x_np)
-            elif framework == "jax":
-                x = jnp.asarray(x_np)
+            x_np = inference_batch(spec.sizes, batch)
+            x = to_input(x_np)
             reference = _reference_forward(params, x_np)
             for name, fn in variants.items():
                 np.testing.assert_allclose(np.asarray(fn(x)), reference, rtol=1e-3, atol=1e-3)
                 timings = {name: time_step(lambda: fn(x), _nothing, max_time)}
                 if name == "forward-eval":  # the same under bp.inference_mode(), untrained flag
+                    import backprop as bp
+
                     model.train()
                     with bp.inference_mode():
                         timings["forward-inference_mode"] = time_step(lambda: fn(x), _nothing,

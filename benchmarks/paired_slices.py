@@ -1,8 +1,10 @@
-"""Training-step ratios between frameworks measured in interleaved time slices.
+"""Training-step (or inference) ratios between frameworks measured in interleaved time slices.
 
     python benchmarks/paired_slices.py --out-dir benchmarks/results/<machine>-<date>
         [--frameworks backprop-loop,backprop-fit,torch,jax] [--models tiny,digits,...]
         [--rounds 20] [--slice 0.25] [--threads N] [--smoke]
+    python benchmarks/paired_slices.py --inference --out-dir DIR
+        [--frameworks backprop,onnxruntime,torch,jax] [--models digits:1,mnist:32,...]
 
 Why. ``frameworks.py`` runs each framework in its own process for a second or more and
 alternates the processes; on a shared VM whose speed moves between regimes in steps of a few
@@ -22,6 +24,11 @@ backward, Adam; the same weights and data): ``backprop-loop``, ``backprop-fit``,
 (eager, under its default OpenMP wait policy or ``--torch-wait-policy``), ``jax`` (one
 ``jax.jit``). Ratios are ``framework / backprop-loop`` step times (>1×: backprop's hand-written
 loop is faster). Writes ``paired_slices.json`` and ``.md``. POSIX only (signals).
+
+``--inference``: each step is one inference call on a batch of ``model:rows`` (the calls of
+``frameworks.py``'s inference section: backprop's ``predict``, ONNX Runtime's
+``session.run``, PyTorch's forward under ``inference_mode``, a ``jax.jit`` forward); ratios
+are ``framework / backprop`` (``predict``). Writes ``paired_inference.json`` and ``.md``.
 """
 from __future__ import annotations
 
@@ -39,18 +46,23 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from frameworks import (TRAIN_FRAMEWORKS, Spec, _setup_worker, framework_info,  # noqa: E402
-                        missing_modules, training_case, worker_env)
+from frameworks import (INFERENCE_FRAMEWORKS, TRAIN_FRAMEWORKS, Spec,  # noqa: E402
+                        _setup_worker, framework_info, inference_batch, inference_variants,
+                        init_params, missing_modules, training_case, worker_env)
 
 BASELINE = "backprop-loop"
+INFERENCE_BASELINE = "backprop"  # predict
+INFERENCE_CASES = "digits:1,digits:32,mnist:1,mnist:32"
 DROP = 2  # steps dropped at the start of each slice: the first after SIGCONT are cold
 
 
 # ---------------------------------------------------------------------------------------
 # The worker: build the step, warm it, then run slices on request
-def serve(framework: str, spec: Spec, threads: int, wait_policy: str) -> int:
+def serve(framework: str, spec: Spec, threads: int, wait_policy: str,
+          inference: bool = False) -> int:
     _setup_worker(framework, threads, wait_policy)
-    case = training_case(framework, spec)
+    case = inference_case(framework, spec, threads) if inference else training_case(
+        framework, spec)
     step, sync = case["step"], case["sync"]
     with case["context"]:
         for _ in range(5):
@@ -73,6 +85,19 @@ def serve(framework: str, spec: Spec, threads: int, wait_policy: str) -> int:
     return 0
 
 
+def inference_case(framework: str, spec: Spec, threads: int) -> dict:
+    """One inference call of ``framework`` on a batch of ``spec.batch`` rows, as a step:
+    its comparison variant of ``frameworks.inference_variants`` (backprop's ``predict``)."""
+    import contextlib
+
+    variants, to_input, _ = inference_variants(framework, spec, init_params(spec.sizes),
+                                               threads)
+    call = next(iter(variants.values()))
+    x = to_input(inference_batch(spec.sizes, spec.batch))
+    return {"step": lambda: call(x), "sync": lambda: None,
+            "context": contextlib.nullcontext()}
+
+
 def _reply(obj) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -83,10 +108,11 @@ def _reply(obj) -> None:
 class Worker:
     """One framework's serving process, stopped except during its slices."""
 
-    def __init__(self, framework: str, spec: Spec, threads: int, wait_policy: str):
+    def __init__(self, framework: str, spec: Spec, threads: int, wait_policy: str,
+                 inference: bool = False):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", framework,
                "--spec", json.dumps(spec.as_json()), "--threads", str(threads),
-               "--torch-wait-policy", wait_policy]
+               "--torch-wait-policy", wait_policy] + (["--inference"] if inference else [])
         env = worker_env(threads, wait_policy if framework == "torch" else None)
         self.framework = framework
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE,
@@ -128,12 +154,13 @@ class Worker:
 
 
 def measure(spec: Spec, frameworks: list[str], rounds: int, seconds: float, threads: int,
-            wait_policy: str) -> dict:
-    """Slices of every framework on ``spec``, ``rounds`` rounds; per-round ratios."""
+            wait_policy: str, baseline: str = BASELINE, inference: bool = False) -> dict:
+    """Slices of every framework on ``spec``, ``rounds`` rounds; per-round ratios to
+    ``baseline``'s."""
     workers = []
     try:
         for fw in frameworks:
-            workers.append(Worker(fw, spec, threads, wait_policy))
+            workers.append(Worker(fw, spec, threads, wait_policy, inference))
         slices = {w.framework: [] for w in workers}
         for r in range(rounds):
             order = workers[r % len(workers):] + workers[:r % len(workers)]
@@ -146,9 +173,9 @@ def measure(spec: Spec, frameworks: list[str], rounds: int, seconds: float, thre
     out = {"model": spec.name, "sizes": list(spec.sizes), "batch": spec.batch,
            "slices_ms": {fw: [t * 1e3 for t in ts] for fw, ts in slices.items()},
            "info": infos, "ratios": {}}
-    base = slices.get(BASELINE)
+    base = slices.get(baseline)
     for fw, ts in slices.items():
-        if base is None or fw == BASELINE:
+        if base is None or fw == baseline:
             continue
         per_round = [t / b for t, b in zip(ts, base)]
         q25, _, q75 = statistics.quantiles(per_round, n=4, method="inclusive")
@@ -161,34 +188,41 @@ def measure(spec: Spec, frameworks: list[str], rounds: int, seconds: float, thre
 def write(out_dir: Path, results: list[dict], args, frameworks: list[str]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
-    (out_dir / "paired_slices.json").write_text(json.dumps(
+    stem = "paired_inference" if args.inference else "paired_slices"
+    baseline = INFERENCE_BASELINE if args.inference else BASELINE
+    (out_dir / f"{stem}.json").write_text(json.dumps(
         {"results": results, "rounds": args.rounds, "slice": args.slice,
-         "threads": args.threads, "load_after": load}, indent=1))
-    others = [fw for fw in frameworks if fw != BASELINE]
+         "threads": args.threads, "inference": args.inference, "load_after": load},
+        indent=1))
+    others = [fw for fw in frameworks if fw != baseline]
     cmd = "python benchmarks/paired_slices.py " + " ".join(sys.argv[1:])
-    lines = ["# Training step: ratios from interleaved time slices", "",
+    what, unit, short = (("Inference (`predict`, ONNX Runtime's `session.run`, PyTorch under "
+                          "`inference_mode`, one call)", "µs", "predict") if args.inference
+                         else ("Training step", "ms", "loop"))
+    lines = [f"# {what}: ratios from interleaved time slices", "",
              "Command:", "", f"    {cmd}", "",
              f"{args.rounds} rounds; each round resumes every framework's stopped worker "
-             f"process once, in a rotated order, for {args.slice} s of steps (the slice's "
-             f"median step, the first {DROP} dropped); {args.threads} threads everywhere. "
-             f"Ratio = framework's step time / `{BASELINE}`'s in the same round (>1×: "
-             f"backprop's hand-written loop is faster); median over rounds, interquartile "
-             f"range of the per-round ratios, and in how many rounds `{BASELINE}` was faster. "
+             f"process once, in a rotated order, for {args.slice} s of calls (the slice's "
+             f"median call, the first {DROP} dropped); {args.threads} threads everywhere. "
+             f"Ratio = framework's time / `{baseline}`'s in the same round (>1×: "
+             f"backprop is faster); median over rounds, interquartile "
+             f"range of the per-round ratios, and in how many rounds `{baseline}` was faster. "
              f"1-minute load average after the run: {load[0]:.2f}.", "",
-             "| model | batch | " + " | ".join(f"{fw} (ms)" for fw in frameworks) + " | " +
-             " | ".join(f"{fw} / loop" for fw in others) + " |",
+             "| model | batch | " + " | ".join(f"{fw} ({unit})" for fw in frameworks) + " | " +
+             " | ".join(f"{fw} / {short}" for fw in others) + " |",
              "|---|---:|" + "---:|" * len(frameworks) + "---|" * len(others)]
+    scale = 1e3 if args.inference else 1.0
     for res in results:
-        cells = [f"{statistics.median(res['slices_ms'][fw]):.4g}" for fw in frameworks]
+        cells = [f"{statistics.median(res['slices_ms'][fw]) * scale:.4g}" for fw in frameworks]
         for fw in others:
             r = res["ratios"].get(fw)
             cells.append("–" if r is None else
                          f"{r['median']:.2f}× ({r['q25']:.2f}–{r['q75']:.2f}; "
                          f"{r['faster_rounds']}/{r['rounds']})")
         lines.append(f"| {res['model']} | {res['batch']} | " + " | ".join(cells) + " |")
-    lines += ["", "Step times (ms) are the median of the slices' medians: they move with the "
+    lines += ["", f"Times ({unit}) are the median of the slices' medians: they move with the "
               "host's regime; the ratios, taken within rounds, are the comparison."]
-    path = out_dir / "paired_slices.md"
+    path = out_dir / f"{stem}.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -196,8 +230,15 @@ def write(out_dir: Path, results: list[dict], args, frameworks: list[str]) -> Pa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path)
-    parser.add_argument("--frameworks", default=",".join(TRAIN_FRAMEWORKS))
-    parser.add_argument("--models", default="tiny,digits,mnist,wide,b1024,b4096,b8192")
+    parser.add_argument("--frameworks", default=None,
+                        help=f"training: subset of {','.join(TRAIN_FRAMEWORKS)} (all); "
+                        f"--inference: subset of backprop,onnxruntime,torch,jax "
+                        "(backprop,onnxruntime,torch)")
+    parser.add_argument("--models", default=None,
+                        help="training: MLP names (tiny,digits,mnist,wide,b1024,b4096,b8192); "
+                        f"--inference: model:rows cases ({INFERENCE_CASES})")
+    parser.add_argument("--inference", action="store_true",
+                        help="one inference call per step instead of a training step")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--slice", type=float, default=0.25, help="seconds per slice")
     parser.add_argument("--threads", type=int,
@@ -211,18 +252,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.serve:
         return serve(args.serve, Spec.of(json.loads(args.spec)), args.threads,
-                     args.torch_wait_policy)
+                     args.torch_wait_policy, args.inference)
     if not hasattr(signal, "SIGSTOP"):
         print("paired_slices.py needs POSIX signals (SIGSTOP/SIGCONT)")
         return 0
     if args.out_dir is None:
         parser.error("--out-dir is required")
-    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
-    unknown = [f for f in frameworks if f not in TRAIN_FRAMEWORKS]
+    known = INFERENCE_FRAMEWORKS if args.inference else TRAIN_FRAMEWORKS
+    baseline = INFERENCE_BASELINE if args.inference else BASELINE
+    chosen = args.frameworks or ("backprop,onnxruntime,torch" if args.inference
+                                 else ",".join(TRAIN_FRAMEWORKS))
+    frameworks = [f.strip() for f in chosen.split(",") if f.strip()]
+    unknown = [f for f in frameworks if f not in known]
     if unknown:
-        parser.error(f"unknown frameworks {unknown}; choose from {TRAIN_FRAMEWORKS}")
-    if BASELINE not in frameworks:
-        frameworks.insert(0, BASELINE)
+        parser.error(f"unknown frameworks {unknown}; choose from {known}")
+    if baseline not in frameworks:
+        frameworks.insert(0, baseline)
     for fw in list(frameworks):
         missing = missing_modules(fw)
         if missing:
@@ -231,21 +276,32 @@ def main(argv: list[str] | None = None) -> int:
     from workloads import LARGE_BATCH_MLPS, MLPS  # imports backprop: the driver only
 
     mlps = {**MLPS, **LARGE_BATCH_MLPS}
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in mlps]
-    if unknown:
-        parser.error(f"unknown models {unknown}; choose from {sorted(mlps)}")
+    if args.inference:
+        cases = []
+        for case in (args.models or INFERENCE_CASES).split(","):
+            name, _, rows = case.strip().partition(":")
+            if name not in mlps or not rows.isdigit() or int(rows) < 1:
+                parser.error(f"bad inference case {case!r}: model:rows, a model of "
+                             f"{sorted(mlps)}")
+            cases.append((name, int(rows)))
+    else:
+        cases = [(m.strip(), None) for m in (args.models or
+                                             "tiny,digits,mnist,wide,b1024,b4096,b8192"
+                                             ).split(",") if m.strip()]
+        unknown = [m for m, _ in cases if m not in mlps]
+        if unknown:
+            parser.error(f"unknown models {unknown}; choose from {sorted(mlps)}")
     if args.smoke:
         args.rounds, args.slice = 2, 0.05
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the spread needs two per-round ratios)")
     results = []
-    for name in models:
+    for name, rows in cases:
         mlp = mlps[name].smoke() if args.smoke else mlps[name]
-        spec = Spec(mlp.name, tuple(mlp.sizes), mlp.batch)
+        spec = Spec(mlp.name, tuple(mlp.sizes), rows or mlp.batch)
         results.append(measure(spec, frameworks, args.rounds, args.slice, args.threads,
-                               args.torch_wait_policy))
-        print(f"paired_slices: {name} done", flush=True)
+                               args.torch_wait_policy, baseline, args.inference))
+        print(f"paired_slices: {name} ({spec.batch} rows) done", flush=True)
     print(f"paired_slices: wrote {write(args.out_dir, results, args, frameworks)}")
     return 0
 

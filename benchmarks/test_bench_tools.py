@@ -232,6 +232,28 @@ def test_paired_slices_smoke(tmp_path):
     assert "| tiny |" in md
 
 
+def test_paired_slices_inference_smoke(tmp_path):
+    """--inference: one predict call per step on model:rows cases, two rounds each; a bad
+    case is refused before any worker starts."""
+    proc = subprocess.run([sys.executable, str(HERE / "paired_slices.py"), "--smoke",
+                           "--inference", "--frameworks", "backprop",
+                           "--models", "digits:1,mnist:3", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "paired_inference.json").read_text())
+    assert data["inference"] is True
+    assert [(r["model"], r["batch"]) for r in data["results"]] == [("digits", 1), ("mnist", 3)]
+    assert all(len(r["slices_ms"]["backprop"]) == 2 and min(r["slices_ms"]["backprop"]) > 0
+               for r in data["results"])
+    md = (tmp_path / "paired_inference.md").read_text()
+    assert md.startswith("# Inference (`predict`")
+    assert "| mnist | 3 |" in md
+    bad = subprocess.run([sys.executable, str(HERE / "paired_slices.py"), "--inference",
+                          "--models", "mnist:0", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "bad inference case 'mnist:0'" in bad.stderr
+
+
 def test_gemm_backends_smoke(tmp_path):
     """gemm_backends.py end to end: both backends timed in every round where MKL loads (a
     message and exit 0 where it does not)."""
