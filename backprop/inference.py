@@ -753,17 +753,20 @@ def _threads() -> int:
     """``numba.get_num_threads()`` (the calling thread's count of Numba threads). Once
     Numba's threads run, read straight from its threading layer: the public function takes
     two locks first, which cost more than the rest of a small parallel pass's set-up."""
-    if getattr(_NUMBA_PARALLEL, "_is_initialized", False):
-        get = getattr(_NUMBA_PARALLEL, "_get_num_threads", None)
-        count = 0 if get is None else get()
+    get = _GET_THREADS[0]
+    if get is not None:
+        count = get()
         if count > 0:
             return count
+    elif getattr(_NUMBA_PARALLEL, "_is_initialized", False):
+        _GET_THREADS[0] = getattr(_NUMBA_PARALLEL, "_get_num_threads", None)
     return numba.get_num_threads()
 
 
 # Numba's threading layer module: its private accessor of the calling thread's count is set
 # once its threads run (where a Numba release lacks it, _threads takes the public function)
 _NUMBA_PARALLEL = numba.np.ufunc.parallel
+_GET_THREADS: list = [None]  # that accessor, once Numba's threads run
 
 
 _DENSE: dict = {}
@@ -1206,7 +1209,11 @@ class Plan(_State):
         threads, large = 1, False
         if self.dense is not None:
             chunks = n >= PARALLEL_MIN_VECTORS * self.lanes_from
-            large = self._pass_layout()[1] >= PASS_MIN_BYTES and atomics.AVAILABLE
+            layout = self._pass_cache
+            if layout is None or layout[0] != PASS_LAYER_MIN_BYTES or layout[4] != (
+                    PASS_BYTES_PER_THREAD):
+                layout = self._pass_layout()
+            large = layout[2] >= PASS_MIN_BYTES and atomics.AVAILABLE
             if chunks or large:
                 threads = _threads()
                 if chunks and (n > MAX_ROWS or (
@@ -1218,7 +1225,9 @@ class Plan(_State):
             hidden = self._allocate(n, program)
         out = np.empty((n, self.out_width), self.dtype)
         if large and threads > 1:
-            return out, self._pass(x, n, threads, program is self.lanes, hidden, out)
+            team = layout[3]  # the most threads the pass takes (PASS_BYTES_PER_THREAD)
+            return out, self._pass(x, n, team if threads > team else threads,
+                                   program is self.lanes, hidden, out)
         regs = [x, *hidden, out]
         if program.flags_input:
             for op in program.before:
@@ -1268,8 +1277,7 @@ class Plan(_State):
         """Whether ``x`` is finite, having run the parallel pass (:data:`PASS_MIN_BYTES`,
         :func:`_pass_source`) of ``x`` into ``out`` through this thread's ``hidden``
         buffers of the program in the ``lanes`` form or the row form, on at most
-        ``threads`` (:data:`PASS_BYTES_PER_THREAD`)."""
-        threads = min(threads, max(2, self._pass_layout()[1] // PASS_BYTES_PER_THREAD))
+        ``threads`` (its team: :data:`PASS_BYTES_PER_THREAD`, applied by the caller)."""
         key = ("pass", threads, lanes, PASS_LAYER_MIN_BYTES)
         state = self._local.buffers.get(key)
         if state is None:
@@ -1279,7 +1287,7 @@ class Plan(_State):
                 self._pass_widths(threads, lanes),
                 np.zeros(len(self.dense) * (threads + 1), np.int64),
                 np.empty(threads, np.bool_),
-                _pass_driver_for(self.spec, lanes, self._pass_layout()[0]))
+                _pass_driver_for(self.spec, lanes, self._pass_layout()[1]))
         widths, counters, flags, driver = state
         params = []
         for layer, own, act in self.dense:
@@ -1287,6 +1295,8 @@ class Plan(_State):
                 raise _Stale
             b = layer.b
             params += (layer.W.data, None if b is None else b.data, act.alpha)
+        if _RUN_PARALLEL and _RUN_PARALLEL[1]["serialize"] is False:  # as _parallel_launch
+            return driver(x, n, widths, counters, flags, *hidden, out, *params)
         return _parallel_launch(driver, x, n, widths, counters, flags, *hidden, out, *params)
 
     def _pass_widths(self, threads, lanes):
@@ -1296,7 +1306,7 @@ class Plan(_State):
         the lanes form; the whole layer for any other."""
         quantum = 8 if lanes else 4
         widths = []
-        for (layer, _, _), split in zip(self.dense, self._pass_layout()[0]):
+        for (layer, _, _), split in zip(self.dense, self._pass_layout()[1]):
             m = layer.out_features
             width = -(-m // threads)
             width = -(-width // quantum) * quantum
@@ -1304,18 +1314,23 @@ class Plan(_State):
         return np.array(widths, np.int64)
 
     def _pass_layout(self):
-        """``(splits, bytes)``: which layers a parallel pass splits over the threads (weights
-        of at least :data:`PASS_LAYER_MIN_BYTES`, no row op) and their bytes of weights
-        (:data:`PASS_MIN_BYTES`); worked out once per value of the threshold."""
+        """``(threshold, splits, bytes, team, per_thread)``: which layers a parallel pass
+        splits over the threads (weights of at least :data:`PASS_LAYER_MIN_BYTES`, the
+        threshold, no row op), their bytes of weights (:data:`PASS_MIN_BYTES`) and the most
+        threads the pass takes (:data:`PASS_BYTES_PER_THREAD`, ``per_thread``); worked out
+        once per value of the thresholds."""
         layout = self._pass_cache
-        if layout is None or layout[0] != PASS_LAYER_MIN_BYTES:
+        if (layout is None or layout[0] != PASS_LAYER_MIN_BYTES
+                or layout[4] != PASS_BYTES_PER_THREAD):
             size = np.dtype(self.dtype).itemsize
             sizes = [layer.in_features * layer.out_features * size for layer, _, _ in self.dense]
             splits = [row == 0 and b >= PASS_LAYER_MIN_BYTES
                       for b, (_, row) in zip(sizes, self.spec)]
-            layout = self._pass_cache = (PASS_LAYER_MIN_BYTES, splits,
-                                         sum(b for b, split in zip(sizes, splits) if split))
-        return layout[1], layout[2]
+            split = sum(b for b, s in zip(sizes, splits) if s)
+            layout = self._pass_cache = (PASS_LAYER_MIN_BYTES, splits, split,
+                                         max(2, split // PASS_BYTES_PER_THREAD),
+                                         PASS_BYTES_PER_THREAD)
+        return layout
 
     def _allocate(self, n, program):
         """This thread's intermediate arrays for batches of ``n`` rows (the oldest batch

@@ -323,9 +323,9 @@ class Sequential(Layer):
 
         return training.evaluate(self, *args, **kwargs)
 
-    def predict(self, *args, **kwargs):
+    def predict(self, X, batch_size=None):
         """Outputs for a data set, batch by batch: see :func:`backprop.training.predict`."""
-        return (_training or _training_module()).predict(self, *args, **kwargs)
+        return (_training or _training_module()).predict(self, X, batch_size)
 
     def save(self, path, *args, **kwargs):
         """Write a checkpoint: see :func:`backprop.io.save`."""

@@ -1017,7 +1017,7 @@ def predict(model, X, batch_size: int | None = None):
         batch_size = checks.integer("batch_size", batch_size, minimum=1)
     if type(X) is np.ndarray and X.ndim == 2 and (batch_size is None or
                                                   batch_size >= X.shape[0]):
-        out = (_plans or _inference()).run(model, X, check=True, eval_mode=True)
+        out = (_plans or _inference()).run(model, X, True, True)  # check, eval_mode
         if out is not None:
             return out
     device, _ = _placement(model)

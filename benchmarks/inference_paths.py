@@ -70,7 +70,7 @@ def variants(model, x):
             out["plan, one thread"] = (run, ("PARALLEL_MIN_MACS", "SPLIT_MIN_MACS",
                                              "PASS_MIN_BYTES"))
         if (len(x) < inference.PARALLEL_MIN_VECTORS * plan.lanes_from
-                and plan._pass_layout()[1] >= inference.PASS_MIN_BYTES):
+                and plan._pass_layout()[2] >= inference.PASS_MIN_BYTES):
             out["plan, layers split"] = (run, ("PASS_MIN_BYTES",))  # a region per layer
     return out
 
