@@ -141,7 +141,7 @@ _FLAGS = dict(fastmath={"reassoc", "contract", "nsz"}, error_model="numpy", nogi
 inf propagate as in NumPy, and comparisons with NaN stay false (the finiteness flags below
 count values failing ``|v| <= max``: an integer sum, which no float flag can fold away)."""
 
-_THREAD_BUFFERS_KEPT = 8  # batch sizes whose buffers a thread keeps per plan
+_THREAD_BUFFERS_KEPT = 8  # sets of buffers (batch sizes, drivers) a thread keeps per plan
 
 PARALLEL_MIN_VECTORS = 2
 """A batch of fewer vectors of lanes (16 float32 rows, 8 float64) runs on one thread, so two
@@ -1257,18 +1257,11 @@ class Plan(_State):
         key = ("parallel", n, chunk)
         buffers = self._local.buffers.get(key)
         if buffers is None:
-            if len(self._local.buffers) >= _THREAD_BUFFERS_KEPT:
-                self._local.buffers.pop(next(iter(self._local.buffers)))
-            buffers = self._local.buffers[key] = (
+            buffers = self._keep(key, (
                 np.empty(chunks, np.bool_),
-                [np.empty((chunks, w, chunk), self.dtype) for w in self.widths])
+                [np.empty((chunks, w, chunk), self.dtype) for w in self.widths]))
         flags, hidden = buffers
-        params = []
-        for layer, own, act in self.dense:
-            if layer.activation is not own:
-                raise _Stale
-            b = layer.b
-            params += (layer.W.data, None if b is None else b.data, act.alpha)
+        params = self._dense_params()
         out = np.empty((n, self.out_width), self.dtype)
         _parallel_launch(_driver_for(self.spec), x, out, chunk, flags, *hidden, *params)
         return out, bool(flags.all())
@@ -1281,20 +1274,13 @@ class Plan(_State):
         key = ("pass", threads, lanes, PASS_LAYER_MIN_BYTES)
         state = self._local.buffers.get(key)
         if state is None:
-            if len(self._local.buffers) >= _THREAD_BUFFERS_KEPT:
-                self._local.buffers.pop(next(iter(self._local.buffers)))
-            state = self._local.buffers[key] = (
+            state = self._keep(key, (
                 self._pass_widths(threads, lanes),
                 np.zeros(len(self.dense) * (threads + 1), np.int64),
                 np.empty(threads, np.bool_),
-                _pass_driver_for(self.spec, lanes, self._pass_layout()[1]))
+                _pass_driver_for(self.spec, lanes, self._pass_layout()[1])))
         widths, counters, flags, driver = state
-        params = []
-        for layer, own, act in self.dense:
-            if layer.activation is not own:
-                raise _Stale
-            b = layer.b
-            params += (layer.W.data, None if b is None else b.data, act.alpha)
+        params = self._dense_params()
         if _RUN_PARALLEL and _RUN_PARALLEL[1]["serialize"] is False:  # as _parallel_launch
             return driver(x, n, widths, counters, flags, *hidden, out, *params)
         return _parallel_launch(driver, x, n, widths, counters, flags, *hidden, out, *params)
@@ -1333,16 +1319,31 @@ class Plan(_State):
         return layout
 
     def _allocate(self, n, program):
-        """This thread's intermediate arrays for batches of ``n`` rows (the oldest batch
-        size's are dropped beyond a few)."""
-        buffers = self._local.buffers
-        if len(buffers) >= _THREAD_BUFFERS_KEPT:
-            buffers.pop(next(iter(buffers)))
+        """This thread's intermediate arrays for batches of ``n`` rows."""
         lanes = 16 if self.dtype == np.float32 else 8
         padded = -(-n // lanes) * lanes
-        hidden = buffers[n] = [np.empty((w, padded) if transposed else (n, w), self.dtype)
-                               for w, transposed in program.hidden]
-        return hidden
+        return self._keep(n, [np.empty((w, padded) if transposed else (n, w), self.dtype)
+                              for w, transposed in program.hidden])
+
+    def _keep(self, key, buffers):
+        """``buffers``, kept as this thread's under ``key`` (the oldest kept set dropped
+        beyond ``_THREAD_BUFFERS_KEPT``)."""
+        kept = self._local.buffers
+        if len(kept) >= _THREAD_BUFFERS_KEPT:
+            kept.pop(next(iter(kept)))
+        kept[key] = buffers
+        return buffers
+
+    def _dense_params(self) -> list:
+        """``[W, b, alpha, ...]`` of the stack of Dense layers as they are now (``b`` None
+        without bias); raises ``_Stale`` where a layer's activation object was replaced."""
+        params = []
+        for layer, own, act in self.dense:
+            if layer.activation is not own:
+                raise _Stale
+            b = layer.b
+            params += (layer.W.data, None if b is None else b.data, act.alpha)
+        return params
 
 
 class _Program:

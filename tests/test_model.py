@@ -180,7 +180,7 @@ def test_workflow_methods_delegate(monkeypatch):
     assert model.save("ckpt.npz", optimizer="opt", epoch=3) == "save"
     assert calls == [("fit", (model, "X", "y"), {"loss": "mse", "epochs": 2}),
                      ("evaluate", (model, "X", "y"), {}),
-                     ("predict", (model, "X"), {"batch_size": 8}),
+                     ("predict", (model, "X", 8), {}),  # positional: the fast call path
                      ("save", (model, "ckpt.npz"), {"optimizer": "opt", "epoch": 3})]
 
 
