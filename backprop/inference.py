@@ -749,6 +749,12 @@ def _all_finite(x):
     return bad == 0
 
 
+# Numba's threading layer module: its private accessor of the calling thread's count is set
+# once its threads run (where a Numba release lacks it, _threads takes the public function)
+_NUMBA_PARALLEL = numba.np.ufunc.parallel
+_GET_THREADS: list = [None]  # that accessor, once Numba's threads run
+
+
 def _threads() -> int:
     """``numba.get_num_threads()`` (the calling thread's count of Numba threads). Once
     Numba's threads run, read straight from its threading layer: the public function takes
@@ -761,12 +767,6 @@ def _threads() -> int:
     elif getattr(_NUMBA_PARALLEL, "_is_initialized", False):
         _GET_THREADS[0] = getattr(_NUMBA_PARALLEL, "_get_num_threads", None)
     return numba.get_num_threads()
-
-
-# Numba's threading layer module: its private accessor of the calling thread's count is set
-# once its threads run (where a Numba release lacks it, _threads takes the public function)
-_NUMBA_PARALLEL = numba.np.ufunc.parallel
-_GET_THREADS: list = [None]  # that accessor, once Numba's threads run
 
 
 _DENSE: dict = {}
@@ -1209,10 +1209,7 @@ class Plan(_State):
         threads, large = 1, False
         if self.dense is not None:
             chunks = n >= PARALLEL_MIN_VECTORS * self.lanes_from
-            layout = self._pass_cache
-            if layout is None or layout[0] != PASS_LAYER_MIN_BYTES or layout[4] != (
-                    PASS_BYTES_PER_THREAD):
-                layout = self._pass_layout()
+            layout = self._pass_layout()
             large = layout[2] >= PASS_MIN_BYTES and atomics.AVAILABLE
             if chunks or large:
                 threads = _threads()
@@ -1281,8 +1278,6 @@ class Plan(_State):
                 _pass_driver_for(self.spec, lanes, self._pass_layout()[1])))
         widths, counters, flags, driver = state
         params = self._dense_params()
-        if _RUN_PARALLEL and _RUN_PARALLEL[1]["serialize"] is False:  # as _parallel_launch
-            return driver(x, n, widths, counters, flags, *hidden, out, *params)
         return _parallel_launch(driver, x, n, widths, counters, flags, *hidden, out, *params)
 
     def _pass_widths(self, threads, lanes):

@@ -153,10 +153,16 @@ class Worker:
                 self.proc.kill()
 
 
+def baseline_of(inference: bool) -> str:
+    """The framework the ratios divide by: backprop's ``predict`` or its hand-written loop."""
+    return INFERENCE_BASELINE if inference else BASELINE
+
+
 def measure(spec: Spec, frameworks: list[str], rounds: int, seconds: float, threads: int,
-            wait_policy: str, baseline: str = BASELINE, inference: bool = False) -> dict:
-    """Slices of every framework on ``spec``, ``rounds`` rounds; per-round ratios to
-    ``baseline``'s."""
+            wait_policy: str, inference: bool = False) -> dict:
+    """Slices of every framework on ``spec``, ``rounds`` rounds; per-round ratios to the
+    baseline's (:func:`baseline_of`)."""
+    baseline = baseline_of(inference)
     workers = []
     try:
         for fw in frameworks:
@@ -189,7 +195,7 @@ def write(out_dir: Path, results: list[dict], args, frameworks: list[str]) -> Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
     stem = "paired_inference" if args.inference else "paired_slices"
-    baseline = INFERENCE_BASELINE if args.inference else BASELINE
+    baseline = baseline_of(args.inference)
     (out_dir / f"{stem}.json").write_text(json.dumps(
         {"results": results, "rounds": args.rounds, "slice": args.slice,
          "threads": args.threads, "inference": args.inference, "load_after": load},
@@ -259,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out_dir is None:
         parser.error("--out-dir is required")
     known = INFERENCE_FRAMEWORKS if args.inference else TRAIN_FRAMEWORKS
-    baseline = INFERENCE_BASELINE if args.inference else BASELINE
+    baseline = baseline_of(args.inference)
     chosen = args.frameworks or ("backprop,onnxruntime,torch" if args.inference
                                  else ",".join(TRAIN_FRAMEWORKS))
     frameworks = [f.strip() for f in chosen.split(",") if f.strip()]
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         mlp = mlps[name].smoke() if args.smoke else mlps[name]
         spec = Spec(mlp.name, tuple(mlp.sizes), rows or mlp.batch)
         results.append(measure(spec, frameworks, args.rounds, args.slice, args.threads,
-                               args.torch_wait_policy, baseline, args.inference))
+                               args.torch_wait_policy, args.inference))
         print(f"paired_slices: {name} ({spec.batch} rows) done", flush=True)
     print(f"paired_slices: wrote {write(args.out_dir, results, args, frameworks)}")
     return 0
