@@ -1730,8 +1730,13 @@ def _gemm_report(problems) -> str | None:
         problems.append(f"{_one_line(exc)}: fix or unset BACKPROP_GEMM")
         return None
     if name == "mkl":
-        return (f"mkl (float32/float64 products of at least {gemm.MKL_MIN_MACS} "
+        return (f"mkl (float32/float64 products of at least {gemm.MIN_MACS} "
                 "multiply-adds; smaller ones on NumPy's BLAS)")
+    if name == "numba":
+        return (f"numba (compiled tiles for float32/float64 products of {gemm.MIN_MACS} to "
+                f"{gemm.NUMBA_FORWARD_MAX_MACS} multiply-adds forward, "
+                f"{gemm.NUMBA_BACKWARD_MIN_MACS} to {gemm.NUMBA_MAX_MACS} backward, layers "
+                f"of at least {gemm.NUMBA_MIN_OUTPUTS} outputs; the rest on NumPy's BLAS)")
     return "numpy (NumPy's BLAS)"
 
 

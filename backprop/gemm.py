@@ -1,34 +1,48 @@
-"""Dense layers' float32/float64 matrix products on MKL, where MKL is installed.
+"""Dense layers' float32/float64 matrix products: on MKL where it is installed, else on
+backprop's own tiled kernels where they are faster than NumPy's BLAS.
 
 A Dense layer runs three products per training step: ``Z = X Wᵀ`` (forward),
 ``∂W (+)= δᵀ X`` and ``∂X = δ W`` (backward). NumPy runs them on the BLAS it was built with
-(OpenBLAS in the PyPI wheels). Where the ``mkl`` wheel is installed (the ``backprop[mkl]``
-extra; ``[bf16]`` installs it too), they run on MKL's ``cblas_sgemm``/``cblas_dgemm``
-instead, on the GNU OpenMP threads that backprop's kernels use (MKL is loaded as
-:mod:`backprop.bf16` loads it). ``∂W`` accumulated into an existing gradient uses MKL's
-``beta = 1``.
+(OpenBLAS in the PyPI wheels). This module may run them instead on
 
-Which products. Those OpenBLAS would split over its threads (more than
-``blas.SINGLE_THREADED_MACS`` = 2¹⁸ multiply-adds, :data:`MKL_MIN_MACS` and up); the smaller
-ones OpenBLAS runs on one thread, where it was as fast as MKL or faster (MKL's call still
-costs a fraction of a microsecond more). So a model whose products run on MKL needs no
-OpenBLAS thread cap (``Sequential`` takes none, see :func:`runs`). MKL is called from
-compiled code (a Numba function that checks the operands and calls ``cblas_?gemm`` by its
-registered symbol): a call costs about what NumPy's own does, not the microseconds of a
-ctypes call. On the 2-core AVX-512 VM MKL ran the ``X Wᵀ`` products 1.5–2× as fast as
-OpenBLAS from 2¹⁸ multiply-adds (OpenBLAS's form for it is slow on small shapes), the
-others 1.1–1.9× from 2²⁰, within 0.86–1.13× between (``benchmarks/README.md``, "Matrix
-products on MKL").
+- ``mkl``: MKL's ``cblas_sgemm``/``cblas_dgemm``, where the ``mkl`` wheel is installed (the
+  ``backprop[mkl]`` extra; ``[bf16]`` installs it too), on the GNU OpenMP threads that
+  backprop's kernels use (MKL is loaded as :mod:`backprop.bf16` loads it). ``∂W``
+  accumulated into an existing gradient uses MKL's ``beta = 1``. MKL is called from
+  compiled code (a Numba function that checks the operands and calls ``cblas_?gemm`` by
+  its registered symbol): a call costs about what NumPy's own does, not the microseconds
+  of a ctypes call. On the 2-core AVX-512 VM MKL ran the ``X Wᵀ`` products 1.5–2× as fast
+  as OpenBLAS from 2¹⁸ multiply-adds (OpenBLAS's form for it is slow on small shapes), the
+  others 1.1–1.9× from 2²⁰, within 0.86–1.13× between (``benchmarks/README.md``, "Matrix
+  products on MKL").
+- ``numba``: :mod:`backprop.kernels.matmul`, products tiled in vector registers on the
+  kernels' Numba threads (``Z = X Wᵀ`` through a transposed copy of the batch), for the
+  shapes of a small model's step where they beat OpenBLAS: the forward product up to
+  :data:`NUMBA_FORWARD_MAX_MACS` multiply-adds, ``∂W`` and ``∂X`` from
+  :data:`NUMBA_BACKWARD_MIN_MACS` to :data:`NUMBA_MAX_MACS`, all three only for a layer of
+  at least :data:`NUMBA_MIN_OUTPUTS` outputs. The other products stay on NumPy's BLAS,
+  whose packed, cache-blocked kernels win there (``benchmarks/README.md``, "Matrix
+  products in compiled tiles").
+
+Which products. At least :data:`MIN_MACS` multiply-adds: the ones OpenBLAS would split over
+its threads (more than ``blas.SINGLE_THREADED_MACS`` = 2¹⁸); the smaller ones OpenBLAS runs
+on one thread, where it was as fast as MKL or the tiles or faster (a call of either costs a
+fraction of a microsecond more). So a model whose products run on MKL needs no OpenBLAS
+thread cap (``Sequential`` takes none, see :func:`runs`).
 
 Selection, read once per process (or :func:`set_backend`): ``BACKPROP_GEMM`` = ``auto``
-(MKL where installed, else NumPy) | ``numpy`` | ``mkl`` (an error where MKL cannot load).
-Results differ from NumPy's in rounding only (another summation order). Under
-``NUMBA_DISABLE_JIT=1`` there is no compiled caller: ``auto`` means NumPy.
+(MKL where installed; else the tiles on a CPU with AVX-512, the only kind they were
+measured on; else NumPy) | ``numpy`` | ``mkl`` (an error where MKL cannot load) | ``numba``
+(the tiles on any CPU; an error under ``NUMBA_DISABLE_JIT=1``). Results differ from
+NumPy's in rounding only (another summation order). Under ``NUMBA_DISABLE_JIT=1`` there is
+no compiled code: ``auto`` means NumPy.
 
 Thread-safe: MKL's gemm may be called from several threads at once (the compiled caller
 releases the GIL); each product sets the calling thread's MKL thread count
 (``MKL_Set_Num_Threads_Local``) to one thread per ``blas.MACS_PER_THREAD`` multiply-adds,
-as the OpenBLAS cap does, and puts the count it found back afterwards.
+as the OpenBLAS cap does, and puts the count it found back afterwards. The tiles take as
+many Numba threads (at most the calling thread's ``numba.get_num_threads()``), release the
+GIL, and keep their scratch (the transposed batch) per calling thread.
 """
 from __future__ import annotations
 
@@ -44,14 +58,36 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from backprop import blas
+from backprop.kernels import matmul
 
-__all__ = ["BACKENDS", "MKL_MIN_MACS", "backend", "set_backend", "runs", "product"]
+__all__ = ["BACKENDS", "MIN_MACS", "NUMBA_MAX_MACS", "NUMBA_BACKWARD_MIN_MACS",
+           "NUMBA_FORWARD_MAX_MACS", "NUMBA_MIN_OUTPUTS", "backend", "set_backend", "runs",
+           "product"]
 
-BACKENDS = ("auto", "numpy", "mkl")
+BACKENDS = ("auto", "numpy", "mkl", "numba")
 
-MKL_MIN_MACS = blas.SINGLE_THREADED_MACS + 1
-"""The least multiply-adds of a product run on MKL: the smaller ones stay on NumPy's BLAS,
-which runs them on one thread by itself."""
+MIN_MACS = blas.SINGLE_THREADED_MACS + 1
+"""The least multiply-adds of a product run on MKL or the tiles: the smaller ones stay on
+NumPy's BLAS, which runs them on one thread by itself."""
+
+NUMBA_MAX_MACS = 1 << 24
+"""The most multiply-adds of a ``∂W`` or ``∂X`` product run on the tiles (``numba``)."""
+
+NUMBA_BACKWARD_MIN_MACS = 1 << 20
+"""The least multiply-adds of a ``∂W`` or ``∂X`` product run on the tiles: below, their
+short sums (a batch of 64 rows for ``∂W``) and few tiles lost to OpenBLAS."""
+
+NUMBA_FORWARD_MAX_MACS = 1 << 25
+"""The most multiply-adds of a forward product ``X Wᵀ`` run on the tiles (``numba``):
+OpenBLAS's kernel for this form is the slow one on small shapes, so the tiles keep it for
+longer."""
+
+NUMBA_MIN_OUTPUTS = 16
+"""The fewest outputs of a Dense layer whose products run on the tiles: with fewer, ``∂X``
+sums over too few terms, ``∂W`` has too few rows of tiles, and the forward product's
+transposition of the batch costs as much as the product."""
+
+_SCRATCH_KEEP = 8  # transposed-batch scratch pairs kept per thread (shapes of recent calls)
 
 _STATE: dict = {}
 _LOCK = threading.Lock()
@@ -95,37 +131,112 @@ def _load() -> tuple:
     return (_caller(), mkl["max_threads"]), None
 
 
+def _mkl_call(caller, max_threads):
+    """:func:`product`'s call for MKL: the compiled caller, or False where its signatures
+    refuse the operands' types."""
+    def call(a, b, out, trans_a, trans_b, accumulate, macs):
+        try:
+            return caller(a, b, out, trans_a, trans_b, accumulate, blas.MACS_PER_THREAD,
+                          max_threads)
+        except TypeError:  # no compiled signature: another dtype, layout, rank, a read-only out
+            return False
+    return call
+
+
+_LOCAL = threading.local()
+_NO_SCRATCH = {np.dtype(np.float32): np.empty((0, 0), np.float32),
+               np.dtype(np.float64): np.empty((0, 0), np.float64)}
+
+
+def _numba_call(a, b, out, trans_a, trans_b, accumulate, macs):
+    """:func:`product`'s call for the tiles (``numba``), within their windows."""
+    if trans_b:  # Z = X Wᵀ: b is W, its rows the outputs
+        if macs > NUMBA_FORWARD_MAX_MACS or b.shape[0] < NUMBA_MIN_OUTPUTS:
+            return False
+    elif not NUMBA_BACKWARD_MIN_MACS <= macs <= NUMBA_MAX_MACS or \
+            a.shape[1] < NUMBA_MIN_OUTPUTS:  # (a is δ: its columns are the outputs)
+        return False
+    parts = 1
+    if macs >= 2 * blas.MACS_PER_THREAD:
+        parts = min(macs // blas.MACS_PER_THREAD, matmul.threads())
+    if not trans_b:
+        empty = _NO_SCRATCH.get(out.dtype)
+        if empty is None:
+            return False
+        return matmul.run(a, b, out, trans_a, False, accumulate, empty, empty, parts)
+    # the forward product: this thread's transposed batch and output
+    kept = getattr(_LOCAL, "scratch", None)
+    if kept is None:
+        kept = _LOCAL.scratch = {}
+    key = (a.shape[0], a.shape[1], b.shape[0], parts, out.itemsize)
+    pair = kept.get(key)
+    if pair is None:
+        if out.dtype not in _NO_SCRATCH:
+            return False
+        if len(kept) >= _SCRATCH_KEEP:
+            del kept[next(iter(kept))]
+        shape_x, shape_z = matmul.forward_scratch(a.shape[0], a.shape[1], b.shape[0],
+                                                  out.dtype, parts)
+        pair = kept[key] = (np.empty(shape_x, out.dtype), np.empty(shape_z, out.dtype))
+    return matmul.run(a, b, out, trans_a, True, accumulate, pair[0], pair[1], parts)
+
+
+def _numba_error() -> str | None:
+    """Why the tiles cannot run here, or None."""
+    if numba.config.DISABLE_JIT:
+        return "NUMBA_DISABLE_JIT=1: no compiled code for the tiled products"
+    return None
+
+
+def _wide_vectors() -> bool:
+    """Whether the CPU has AVX-512 (the tiles' 512-bit vectors as one register each)."""
+    from llvmlite import binding as llvm
+
+    try:
+        return bool(llvm.get_host_cpu_features().get("avx512f"))
+    except RuntimeError:  # (LLVM cannot read this CPU's features)
+        return False
+
+
 def _resolve() -> str:
     """The backend in use, decided at the first product (or after set_backend)."""
     with _LOCK:
         if "backend" not in _STATE:
             wanted = _STATE.get("requested") or _requested()
             name = "numpy"
-            if wanted != "numpy":
+            if wanted in ("auto", "mkl"):
                 call, error = _load()
                 if call is not None:
-                    _STATE["call"] = call  # one entry: a set_backend elsewhere swaps it whole
+                    # one entry: a set_backend elsewhere swaps it whole
+                    _STATE["call"] = _mkl_call(*call)
                     name = "mkl"
                 elif wanted == "mkl":
                     raise RuntimeError(f"BACKPROP_GEMM=mkl: {error}")
+            if name == "numpy" and wanted in ("auto", "numba"):
+                error = _numba_error()
+                if error is None and (wanted == "numba" or _wide_vectors()):
+                    _STATE["call"] = _numba_call
+                    name = "numba"
+                elif wanted == "numba":
+                    raise RuntimeError(f"BACKPROP_GEMM=numba: {error}")
             _STATE["backend"] = name
         name = _STATE["backend"]
-    if name == "mkl":
-        # The passes then take no OpenBLAS cap, whose first call would have moved OpenBLAS's
-        # parallel jobs onto the kernels' threads (backprop.blas_pool): do that here, or the
-        # products OpenBLAS still runs (predict's NaN check, the caller's own) leave its
-        # workers spinning against MKL's threads for the products that follow.
+    if name != "numpy":
+        # The passes may then take no OpenBLAS cap, whose first call would have moved
+        # OpenBLAS's parallel jobs onto the kernels' threads (backprop.blas_pool): do that
+        # here, or the products OpenBLAS still runs (predict's NaN check, the caller's own)
+        # leave its workers spinning against these threads for the products that follow.
         blas.share_pool()
     return name
 
 
 def backend() -> str:
-    """``"mkl"`` or ``"numpy"``: what runs the Dense layers' products."""
+    """``"mkl"``, ``"numba"`` or ``"numpy"``: what runs the Dense layers' products."""
     return _STATE.get("backend") or _resolve()
 
 
 def set_backend(name: str) -> str:
-    """Choose the products' backend in code (``auto``, ``numpy`` or ``mkl``, as
+    """Choose the products' backend in code (``auto``, ``numpy``, ``mkl`` or ``numba``, as
     ``BACKPROP_GEMM``); returns the one in use."""
     name = str(name).strip().lower()
     if name not in BACKENDS:
@@ -138,13 +249,14 @@ def set_backend(name: str) -> str:
 
 def runs(dtype) -> bool:
     """Whether the Dense layers' products of ``dtype`` that OpenBLAS would thread run on MKL
-    (all of them where the operands are C-contiguous, as the layers' own buffers are)."""
-    return _call() is not None and (dtype == np.float32 or dtype == np.float64)
+    (all of them where the operands are C-contiguous, as the layers' own buffers are; the
+    tiles take only some, so OpenBLAS keeps the rest)."""
+    return backend() == "mkl" and (dtype == np.float32 or dtype == np.float64)
 
 
 def _call():
-    """The MKL caller and thread count, or None where NumPy runs the products (the backend
-    resolved first if it is not yet)."""
+    """The backend's call, or None where NumPy runs the products (the backend resolved
+    first if it is not yet)."""
     call = _STATE.get("call")
     if call is None and "backend" not in _STATE:
         backend()
@@ -153,22 +265,23 @@ def _call():
 
 
 def product(a, b, out, trans_a: bool, trans_b: bool, accumulate: bool = False) -> bool:
-    """``out = op(a) op(b)`` (``out +=`` with ``accumulate``) on MKL, ``op`` transposing
-    where asked, when MKL is the backend and the product qualifies: at least
-    :data:`MKL_MIN_MACS` multiply-adds, two-dimensional NumPy float32/float64 arrays of
-    one dtype, native byte order, C-contiguous, ``out`` writeable and apart from both
-    inputs, shapes that agree. Returns True when MKL ran it; False, having done nothing,
-    otherwise (the caller then runs its NumPy product)."""
+    """``out = op(a) op(b)`` (``out +=`` with ``accumulate``), ``op`` transposing where
+    asked, on MKL or the tiles when one is the backend and the product qualifies: at least
+    :data:`MIN_MACS` multiply-adds (for the tiles, within their windows; not both operands
+    transposed, and the forward form ``a bᵀ`` not accumulated), two-dimensional NumPy
+    float32/float64 arrays of one dtype, native byte order, C-contiguous, ``out`` writeable
+    and apart from both inputs, shapes that agree. Returns True when it ran; False, having
+    done nothing, otherwise (the caller then runs its NumPy product)."""
     call = _STATE.get("call") or _call()
     if call is None:
         return False
     if type(a) is not np.ndarray or type(b) is not np.ndarray or type(out) is not np.ndarray \
-            or out.ndim != 2 or a.size * out.shape[1] < MKL_MIN_MACS:  # (a.size: m·k)
+            or out.ndim != 2 or a.ndim != 2:
         return False
-    try:
-        return call[0](a, b, out, trans_a, trans_b, accumulate, blas.MACS_PER_THREAD, call[1])
-    except TypeError:  # no compiled signature: another dtype, layout, rank, a read-only out
+    macs = a.size * out.shape[1]  # (a.size: m·k)
+    if macs < MIN_MACS:
         return False
+    return call(a, b, out, trans_a, trans_b, accumulate, macs)
 
 
 def _caller():

@@ -35,9 +35,10 @@ no transposed copy is kept. The product has two forms:
 - lanes form, from one vector of rows on (when every layer is a Dense): the batch is
   transposed once, ``(features, P)`` with the rows along the vector lanes, and
   ``Zᵀ = W Xᵀ`` is computed in tiles of 8 weight rows × 2 vectors of rows held in
-  registers through the whole sum over the features (:func:`_make_tile`): no horizontal
-  reductions, which in the dot form cost as much as the products when the features are
-  few. The output is transposed back at the end.
+  registers through the whole sum over the features
+  (:func:`backprop.kernels.matmul.make_tile`): no horizontal reductions, which in the dot
+  form cost as much as the products when the features are few. The output is transposed
+  back at the end.
 
 Threads of one call. A batch runs on the calling thread, unless it holds at least two
 vectors of rows (:data:`PARALLEL_MIN_VECTORS`) and at least :data:`PARALLEL_MIN_MACS`
@@ -106,7 +107,7 @@ from numba.extending import intrinsic, overload
 from backprop import kernels as K
 from backprop.concurrency import _MODE
 from backprop.kernels import activations as _activations
-from backprop.kernels import atomics, inline, vecmath
+from backprop.kernels import atomics, inline, matmul, vecmath
 from backprop.kernels.activations import RECORDS, Math
 
 __all__ = ["MAX_ROWS", "DENSE_MAX_ROWS", "SMALL_WEIGHT_BYTES", "CHUNK_ROWS",
@@ -204,7 +205,8 @@ class _Unsupported(Exception):
 # Kernels. Module-level functions (not closures over other functions), so that Numba's disk
 # cache finds them again in the next process; compiled on first use.
 _DEPENDS = hashlib.sha256(b"".join(
-    Path(m.__file__).read_bytes() for m in (inline, vecmath, _activations, atomics))).hexdigest()
+    Path(m.__file__).read_bytes()
+    for m in (inline, vecmath, _activations, atomics, matmul))).hexdigest()
 
 
 class _Cache(FunctionCache):
@@ -341,90 +343,8 @@ def _gemm(x, W, b, out):
 # ``Zᵀ = W Xᵀ`` is a sum over k of a broadcast weight times a row of ``Xᵀ``: tiles of
 # ``Zᵀ`` stay in vector registers across the whole sum, with no horizontal reductions (the
 # dot form above pays one per output, which dominates when the features are few).
-def _lanes(like):
-    """Vector lanes of the dtype of the array ``like``: 16 float32 or 8 float64 (512 bits;
-    on narrower hardware LLVM splits each vector)."""
-    raise NotImplementedError("compiled code only")
-
-
-@overload(_lanes)
-def _lanes_impl(like):
-    lanes = 16 if like.dtype == types.float32 else 8
-    return lambda like: lanes
-
-
-def _make_tile(rows: int, vectors: int):
-    """An intrinsic ``tile(xT, W, outT, j, i)``: ``outT[j:j+rows, i:i+vectors·L] =
-    W[j:j+rows, :] @ xT[:, i:i+vectors·L]`` (L lanes per vector), the ``rows × vectors``
-    accumulators in registers through the loop over k: per k, ``vectors`` loads of ``xT``,
-    ``rows`` broadcast weights, ``rows·vectors`` fused multiply-adds. The arrays are
-    C-contiguous of one float dtype (checked when typed); the caller keeps the indices in
-    bounds."""
-    from llvmlite import ir
-    from numba.core import cgutils
-
-    @intrinsic
-    def tile(typingctx, xT, W, outT, j, i):
-        arrays = (xT, W, outT)
-        if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
-                   for a in arrays) or not (
-                xT.dtype == W.dtype == outT.dtype and W.dtype in (types.float32,
-                                                                  types.float64)):
-            return None
-        if not all(isinstance(v, types.Integer) for v in (j, i)):
-            return None
-
-        def codegen(context, builder, signature, args):
-            xa, wa, oa, jv, iv = args
-            xarr, warr, oarr = (context.make_array(t)(context, builder, a)
-                                for t, a in zip(signature.args[:3], (xa, wa, oa)))
-            single = signature.args[1].dtype == types.float32
-            lanes = 16 if single else 8
-            fty = context.get_value_type(signature.args[1].dtype)
-            vty = ir.VectorType(fty, lanes)
-            intp = context.get_value_type(types.intp)
-            jv = context.cast(builder, jv, signature.args[3], types.intp)
-            iv = context.cast(builder, iv, signature.args[4], types.intp)
-            k_in = builder.extract_value(warr.shape, 1)
-            p = builder.extract_value(xarr.shape, 1)
-            accs = [[cgutils.alloca_once_value(builder, ir.Constant(vty, None))
-                     for _ in range(vectors)] for _ in range(rows)]
-            w_rows = [builder.gep(warr.data, [builder.mul(builder.add(
-                jv, ir.Constant(intp, r)), k_in)], inbounds=True) for r in range(rows)]
-            undef = ir.Constant(vty, ir.Undefined)
-            splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-            first = ir.Constant(ir.IntType(32), 0)
-            align = 4 if single else 8
-            fma = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(vty, [vty] * 3),
-                f"llvm.fma.v{lanes}f{32 if single else 64}")
-            with cgutils.for_range(builder, k_in) as loop:
-                k = loop.index
-                row = builder.gep(xarr.data, [builder.add(builder.mul(k, p), iv)],
-                                  inbounds=True)
-                xs = [builder.load(builder.bitcast(builder.gep(
-                    row, [ir.Constant(intp, v * lanes)], inbounds=True), vty.as_pointer()),
-                    align=align) for v in range(vectors)]
-                for r in range(rows):
-                    w = builder.load(builder.gep(w_rows[r], [k], inbounds=True))
-                    wv = builder.shuffle_vector(builder.insert_element(undef, w, first),
-                                                undef, splat)
-                    for v in range(vectors):
-                        builder.store(builder.call(fma, [wv, xs[v], builder.load(accs[r][v])]),
-                                      accs[r][v])
-            for r in range(rows):
-                row = builder.gep(oarr.data, [builder.add(builder.mul(builder.add(
-                    jv, ir.Constant(intp, r)), p), iv)], inbounds=True)
-                for v in range(vectors):
-                    target = builder.bitcast(builder.gep(
-                        row, [ir.Constant(intp, v * lanes)], inbounds=True), vty.as_pointer())
-                    builder.store(builder.load(accs[r][v]), target, align=align)
-            return context.get_dummy_value()
-
-        return types.void(xT, W, outT, j, i), codegen
-
-    return tile
-
+_lanes = matmul.lanes
+_make_tile = matmul.make_tile
 
 _tile82, _tile81, _tile42, _tile41 = (_make_tile(8, 2), _make_tile(8, 1), _make_tile(4, 2),
                                       _make_tile(4, 1))
@@ -477,78 +397,15 @@ def _tiles(xT, W, outT):
                 outT[jj, lane] += w * xT[k, lane]
 
 
-def _make_transpose_block():
-    """An intrinsic ``block(x, xT, i, k)``: ``xT[k:k+L, i:i+L] = x[i:i+L, k:k+L]ᵀ`` for L
-    lanes (16 float32, 8 float64): L vector loads of rows of ``x``, the transposition in
-    registers (log₂ L rounds of two-vector shuffles, each swapping the off-diagonal blocks
-    of a size within every block of twice that size), L vector stores into rows of ``xT``.
-    The arrays are C-contiguous of one float dtype (checked when typed); the caller keeps
-    the indices in bounds."""
-    from llvmlite import ir
-
-    @intrinsic
-    def block(typingctx, x, xT, i, k):
-        if not all(isinstance(a, types.Array) and a.ndim == 2 and a.layout == "C"
-                   for a in (x, xT)) or not (
-                x.dtype == xT.dtype and x.dtype in (types.float32, types.float64)):
-            return None
-        if not all(isinstance(v, types.Integer) for v in (i, k)):
-            return None
-
-        def codegen(context, builder, signature, args):
-            xa, ta, iv, kv = args
-            xarr, tarr = (context.make_array(t)(context, builder, a)
-                          for t, a in zip(signature.args[:2], (xa, ta)))
-            single = signature.args[0].dtype == types.float32
-            lanes = 16 if single else 8
-            align = 4 if single else 8
-            vty = ir.VectorType(context.get_value_type(signature.args[0].dtype), lanes)
-            intp = context.get_value_type(types.intp)
-            iv = context.cast(builder, iv, signature.args[2], types.intp)
-            kv = context.cast(builder, kv, signature.args[3], types.intp)
-            k_in = builder.extract_value(xarr.shape, 1)
-            p = builder.extract_value(tarr.shape, 1)
-
-            def at(data, row, stride, col):
-                offset = builder.add(builder.mul(row, stride), col)
-                return builder.bitcast(builder.gep(data, [offset], inbounds=True),
-                                       vty.as_pointer())
-
-            rows = [builder.load(at(xarr.data, builder.add(iv, ir.Constant(intp, r)),
-                                    k_in, kv), align=align) for r in range(lanes)]
-            size = 1
-            while size < lanes:
-                mask = ir.VectorType(ir.IntType(32), lanes)
-                low = ir.Constant(mask, [lanes + c - size if c & size else c
-                                         for c in range(lanes)])
-                high = ir.Constant(mask, [lanes + c if c & size else c + size
-                                          for c in range(lanes)])
-                swapped = list(rows)
-                for r in range(lanes):
-                    if not r & size:
-                        a, b = rows[r], rows[r + size]
-                        swapped[r] = builder.shuffle_vector(a, b, low)
-                        swapped[r + size] = builder.shuffle_vector(a, b, high)
-                rows, size = swapped, 2 * size
-            for j in range(lanes):
-                builder.store(rows[j], at(tarr.data, builder.add(kv, ir.Constant(intp, j)),
-                                          p, iv), align=align)
-            return context.get_dummy_value()
-
-        return types.void(x, xT, i, k), codegen
-
-    return block
-
-
-_transpose_block = _make_transpose_block()
+_transpose_block = matmul.transpose_block
 
 
 @_jit
 def _to_lanes(x, xT):
     """``xT[:, :n] = xᵀ``, the padding lanes zero: whole blocks of lanes × lanes values
-    transposed in registers (:func:`_make_transpose_block`), the rest one by one. Whether
-    ``x`` is finite is told by the first Dense kernel, which reads ``xT`` next, at no cost
-    of its own: a count here would slow this copy."""
+    transposed in registers (``backprop.kernels.matmul.transpose_block``), the rest one by
+    one. Whether ``x`` is finite is told by the first Dense kernel, which reads ``xT``
+    next, at no cost of its own: a count here would slow this copy."""
     n, k_in = x.shape
     p = xT.shape[1]
     lanes = _lanes(x)
@@ -749,24 +606,7 @@ def _all_finite(x):
     return bad == 0
 
 
-# Numba's threading layer module: its private accessor of the calling thread's count is set
-# once its threads run (where a Numba release lacks it, _threads takes the public function)
-_NUMBA_PARALLEL = numba.np.ufunc.parallel
-_GET_THREADS: list = [None]  # that accessor, once Numba's threads run
-
-
-def _threads() -> int:
-    """``numba.get_num_threads()`` (the calling thread's count of Numba threads). Once
-    Numba's threads run, read straight from its threading layer: the public function takes
-    two locks first, which cost more than the rest of a small parallel pass's set-up."""
-    get = _GET_THREADS[0]
-    if get is not None:
-        count = get()
-        if count > 0:
-            return count
-    elif getattr(_NUMBA_PARALLEL, "_is_initialized", False):
-        _GET_THREADS[0] = getattr(_NUMBA_PARALLEL, "_get_num_threads", None)
-    return numba.get_num_threads()
+_threads = matmul.threads  # (a module global: tests replace it)
 
 
 _DENSE: dict = {}

@@ -394,7 +394,7 @@ class Dense(Layer):
         check_input(x, self, self.in_features, W)
         z = self._buffer("z", (x.shape[0], self.out_features), W)
         # (the size test first: gemm.product's own checks cost a small product too much)
-        if not (x.shape[0] * W.size >= gemm.MKL_MIN_MACS and gemm.product(x, W, z, False, True)):
+        if not (x.shape[0] * W.size >= gemm.MIN_MACS and gemm.product(x, W, z, False, True)):
             get_array_module(W).matmul(x, W.T, out=z)
         b = None if self.b is None else self.b.data
         if act == "softmax":  # out of place: Z stays, as the logits a paired loss reads
@@ -451,7 +451,7 @@ class Dense(Layer):
         delta = grad
         if self.backward_observer is not None:
             self.backward_observer(self, delta)
-        large = x.shape[0] * W.size >= gemm.MKL_MIN_MACS  # all three products' size
+        large = x.shape[0] * W.size >= gemm.MIN_MACS  # all three products' size
         self._weight_grad(delta, x, W, xp, large)
         if not need_input_grad:
             return None

@@ -255,24 +255,28 @@ def test_paired_slices_inference_smoke(tmp_path):
 
 
 def test_gemm_backends_smoke(tmp_path):
-    """gemm_backends.py end to end: both backends timed in every round where MKL loads (a
-    message and exit 0 where it does not)."""
+    """gemm_backends.py end to end: every backend that can run here timed in every round
+    against NumPy's BLAS (the tiles wherever Numba compiles; MKL where it loads)."""
     proc = subprocess.run([sys.executable, str(HERE / "gemm_backends.py"), "--smoke",
                            "--out-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    if "MKL cannot be used here" in proc.stdout:
-        pytest.skip(proc.stdout.strip())
-    rows = json.loads((tmp_path / "gemm_backends.json").read_text())["rows"]
+    result = json.loads((tmp_path / "gemm_backends.json").read_text())
+    backends = result["backends"]
+    assert "numba" in backends  # (the JIT runs in this suite)
+    assert ("mkl" in backends) == ("mkl cannot be used here" not in proc.stdout)
+    rows = result["rows"]
     assert [r["model"] for r in rows] == ["tiny", "b1024"]
     for r in rows:
-        assert r["ms"]["numpy"] > 0 and r["ms"]["mkl"] > 0
-        assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+        assert r["ms"]["numpy"] > 0 and all(r["ms"][b] > 0 for b in backends)
+        for q in r["ratios"].values():
+            assert q["min"] <= q["median"] <= q["max"]
     assert "| b1024 | 1024 |" in (tmp_path / "gemm_backends.md").read_text()
-    products = json.loads((tmp_path / "gemm_backends.json").read_text())["products"]
+    products = result["products"]
     assert [(p["shape"], p["form"]) for p in products] == [
         (shape, form) for shape in ("32×64×32", "32×32×10") for form in ("X·Wᵀ", "δᵀ·X", "δ·W")]
-    assert all(p["us"]["numpy"] > 0 and p["us"]["mkl"] > 0 for p in products)
+    assert all(p["us"][b] > 0 for p in products for b in ("numpy", *backends))
+    assert all(p["layers_use"]["numba"] == "numpy" for p in products)  # below MIN_MACS
 
 
 def test_denormal_states_smoke():

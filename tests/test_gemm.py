@@ -1,8 +1,10 @@
-"""backprop.gemm: the Dense layers' products on MKL where it is installed."""
+"""backprop.gemm: the Dense layers' products on MKL where it is installed, or on the
+compiled tiles (backprop.kernels.matmul)."""
 from __future__ import annotations
 
 import threading
 
+import numba
 import numpy as np
 import pytest
 
@@ -26,8 +28,34 @@ def backend_restored():
 def on_mkl(monkeypatch, backend_restored):
     """MKL, for products of any size (the threshold is tested on its own)."""
     mkl_or_skip()
-    monkeypatch.setattr(gemm, "MKL_MIN_MACS", 1)
+    monkeypatch.setattr(gemm, "MIN_MACS", 1)
     assert gemm.set_backend("mkl") == "mkl"
+
+
+def backend_or_skip(name):
+    if name == "mkl":
+        mkl_or_skip()
+    elif numba.config.DISABLE_JIT:
+        pytest.skip("NUMBA_DISABLE_JIT=1: the tiles are compiled code")
+
+
+@pytest.fixture(params=["mkl", "numba"])
+def on_backend(request, monkeypatch, backend_restored):
+    """MKL or the tiles, for products of any size (the thresholds are tested on their
+    own); its name."""
+    name = request.param
+    backend_or_skip(name)
+    monkeypatch.setattr(gemm, "MIN_MACS", 1)
+    monkeypatch.setattr(gemm, "NUMBA_BACKWARD_MIN_MACS", 1)
+    monkeypatch.setattr(gemm, "NUMBA_MIN_OUTPUTS", 1)
+    assert gemm.set_backend(name) == name
+    return name
+
+
+def runs_form(name, trans_a, trans_b, accumulate) -> bool:
+    """Whether the backend takes this form (the tiles: not both operands transposed, and
+    the forward form ``a bᵀ`` not accumulated: no layer asks for either)."""
+    return name == "mkl" or not (trans_b and (trans_a or accumulate))
 
 
 FORMS = [(False, True), (True, False), (False, False), (True, True)]
@@ -36,7 +64,7 @@ FORMS = [(False, True), (True, False), (False, False), (True, True)]
 @pytest.mark.parametrize("dtype, rtol", [(np.float32, 2e-5), (np.float64, 1e-12)])
 @pytest.mark.parametrize("trans_a, trans_b", FORMS)
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_product_matches_numpy(on_mkl, dtype, rtol, trans_a, trans_b, accumulate):
+def test_product_matches_numpy(on_backend, dtype, rtol, trans_a, trans_b, accumulate):
     rng = np.random.default_rng(7)
     for m, k, n in [(1, 1, 1), (3, 5, 2), (37, 19, 11), (128, 257, 64)]:
         a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
@@ -46,12 +74,16 @@ def test_product_matches_numpy(on_mkl, dtype, rtol, trans_a, trans_b, accumulate
         want = (a.T if trans_a else a) @ (b.T if trans_b else b)
         if accumulate:
             want = want + start
-        assert gemm.product(a, b, out, trans_a, trans_b, accumulate)
+        ran = gemm.product(a, b, out, trans_a, trans_b, accumulate)
+        assert ran == runs_form(on_backend, trans_a, trans_b, accumulate)
+        if not ran:
+            assert np.array_equal(out, start)
+            continue
         scale = np.abs(a).max() * np.abs(b).max() * k + np.abs(start).max()
         np.testing.assert_allclose(out, want, rtol=0, atol=rtol * scale)
 
 
-def test_product_declines_what_it_cannot_run(on_mkl, monkeypatch):
+def test_product_declines_what_it_cannot_run(on_backend, monkeypatch):
     a = np.ones((8, 6), np.float32)
     b = np.ones((6, 4), np.float32)
     out = np.zeros((8, 4), np.float32)
@@ -84,14 +116,16 @@ def test_product_declines_what_it_cannot_run(on_mkl, monkeypatch):
     readonly = out.copy()
     readonly.flags.writeable = False
     assert not gemm.product(a, b, readonly, False, False)
-    frozen_a, frozen_b = a.copy(), b.copy()  # read-only inputs are fine
+    # read-only inputs: MKL runs them; the tiles decline them (another compiled variant)
+    frozen_a, frozen_b = a.copy(), b.copy()
     frozen_a.flags.writeable = frozen_b.flags.writeable = False
-    assert gemm.product(frozen_a, frozen_b, out, False, False)
-    assert np.array_equal(out, np.full((8, 4), 6, np.float32))
+    assert gemm.product(frozen_a, frozen_b, out, False, False) == (on_backend == "mkl")
+    if on_backend == "mkl":
+        assert np.array_equal(out, np.full((8, 4), 6, np.float32))
     out[:] = 0
-    monkeypatch.setattr(gemm, "MKL_MIN_MACS", 8 * 6 * 4 + 1)
+    monkeypatch.setattr(gemm, "MIN_MACS", 8 * 6 * 4 + 1)
     assert not gemm.product(a, b, out, False, False)  # below the threshold
-    monkeypatch.setattr(gemm, "MKL_MIN_MACS", 8 * 6 * 4)
+    monkeypatch.setattr(gemm, "MIN_MACS", 8 * 6 * 4)
     assert gemm.product(a, b, out, False, False) and out.all()
     out[:] = 0
     gemm.set_backend("numpy")
@@ -104,7 +138,7 @@ def test_products_that_openblas_would_thread_run_on_mkl(backend_restored):
     runs on one thread, stay on NumPy."""
     from backprop import blas
 
-    assert gemm.MKL_MIN_MACS == blas.SINGLE_THREADED_MACS + 1
+    assert gemm.MIN_MACS == blas.SINGLE_THREADED_MACS + 1
     mkl_or_skip()
     gemm.set_backend("mkl")
     small, large = (np.ones((64, 64), np.float32), np.ones((64, 64), np.float32),
@@ -151,6 +185,7 @@ def test_backend_selection(monkeypatch, backend_restored):
 
     partial = {"lib": NoGemm(), "path": "/opt/libmkl_rt.so", "error": None}
     monkeypatch.setattr(bf16, "_mkl", lambda: partial)
+    monkeypatch.setattr(gemm, "_wide_vectors", lambda: False)  # a CPU without AVX-512
     assert gemm.set_backend("auto") == "numpy"
     with pytest.raises(RuntimeError, match="has no cblas_sgemm"):
         gemm.set_backend("mkl")
@@ -159,18 +194,97 @@ def test_backend_selection(monkeypatch, backend_restored):
     assert gemm.set_backend("auto") == "numpy"  # auto falls back quietly
     with pytest.raises(RuntimeError, match="BACKPROP_GEMM=mkl: MKL is not installed"):
         gemm.set_backend("mkl")
+    # without MKL, auto takes the tiles on an AVX-512 CPU, and numba takes them anywhere
+    if not numba.config.DISABLE_JIT:
+        assert gemm.set_backend("numba") == "numba"
+        assert not gemm.runs(np.float32)  # OpenBLAS keeps the larger products: its cap stays
+        monkeypatch.setattr(gemm, "_wide_vectors", lambda: True)
+        assert gemm.set_backend("auto") == "numba"
+    monkeypatch.setattr(numba.config, "DISABLE_JIT", True)
+    assert gemm.set_backend("auto") == "numpy"
+    with pytest.raises(RuntimeError, match="BACKPROP_GEMM=numba: NUMBA_DISABLE_JIT=1"):
+        gemm.set_backend("numba")
+
+
+def test_tiles_take_the_products_of_their_windows(monkeypatch, backend_restored):
+    """The tiles run a forward product up to NUMBA_FORWARD_MAX_MACS multiply-adds, ∂W and
+    ∂X from NUMBA_BACKWARD_MIN_MACS to NUMBA_MAX_MACS, all only for a layer of at least
+    NUMBA_MIN_OUTPUTS outputs; what they decline is left untouched (the layer runs it on
+    NumPy)."""
+    backend_or_skip("numba")
+    assert gemm.set_backend("numba") == "numba"
+    monkeypatch.setattr(gemm, "MIN_MACS", 1)
+    monkeypatch.setattr(gemm, "NUMBA_BACKWARD_MIN_MACS", 32 * 8 * 14)
+    monkeypatch.setattr(gemm, "NUMBA_MAX_MACS", 32 * 8 * 16)
+    monkeypatch.setattr(gemm, "NUMBA_FORWARD_MAX_MACS", 32 * 8 * 24)
+    monkeypatch.setattr(gemm, "NUMBA_MIN_OUTPUTS", 12)
+    rng = np.random.default_rng(9)
+
+    def forward(n, k, m):
+        x, w = rng.standard_normal((n, k)), rng.standard_normal((m, k))
+        z = np.zeros((n, m))
+        ran = gemm.product(x, w, z, False, True)
+        assert np.allclose(z, x @ w.T) if ran else not z.any()
+        return ran
+
+    def grads(n, k, m):  # ∂X = δ W and ∂W = δᵀ X of a layer with m outputs
+        d, w, x = (rng.standard_normal(s) for s in ((n, m), (m, k), (n, k)))
+        dx, dw = np.zeros((n, k)), np.zeros((m, k))
+        ran = gemm.product(d, w, dx, False, False), gemm.product(d, x, dw, True, False)
+        assert ran[0] == ran[1]
+        assert (not dx.any() and not dw.any()) or (np.allclose(dx, d @ w)
+                                                   and np.allclose(dw, d.T @ x))
+        return ran[0]
+
+    assert forward(32, 8, 24) and not forward(32, 8, 25)
+    assert forward(32, 8, 12) and not forward(32, 8, 11)
+    assert grads(32, 8, 16) and not grads(32, 8, 17)
+    assert grads(32, 8, 14) and not grads(32, 8, 13)
+    monkeypatch.setattr(gemm, "NUMBA_BACKWARD_MIN_MACS", 1)
+    assert grads(32, 8, 12) and not grads(32, 8, 11)
+    monkeypatch.setattr(gemm, "MIN_MACS", 32 * 8 * 12 + 1)
+    assert not grads(32, 8, 12) and not forward(32, 8, 12)
+
+
+def test_info_names_the_backend_and_its_windows(monkeypatch, backend_restored):
+    """``python -m backprop info`` says what runs the products, the tiles' windows
+    included."""
+    from backprop import cli
+
+    problems: list = []
+    gemm.set_backend("numpy")
+    assert cli._gemm_report(problems) == "numpy (NumPy's BLAS)"
+    if not numba.config.DISABLE_JIT:
+        gemm.set_backend("numba")
+        text = cli._gemm_report(problems)
+        assert text.startswith("numba (compiled tiles") and str(gemm.NUMBA_MAX_MACS) in text
+    monkeypatch.setenv("BACKPROP_GEMM", "blis")
+    gemm._STATE.clear()
+    assert cli._gemm_report(problems) is None and "BACKPROP_GEMM" in problems[-1]
+    assert not problems[:-1]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_a_training_step_on_mkl_matches_numpy(on_mkl, dtype):
+def test_a_training_step_matches_numpy(on_backend, monkeypatch, dtype):
     """Forward, backward (with ∂W accumulated over two passes, MKL's beta = 1) and Adam,
-    on MKL and on NumPy's BLAS: the same up to rounding."""
+    on MKL or the tiles and on NumPy's BLAS: the same up to rounding; every product of
+    the layers ran on the backend."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((50, 20)).astype(dtype)
     y = rng.integers(0, 5, 50)
+    ran = []
+    original = gemm.product
+
+    def counted(*args, **kwargs):
+        done = original(*args, **kwargs)
+        ran.append(done)
+        return done
+
+    monkeypatch.setattr(gemm, "product", counted)
     results = {}
-    for name in ("mkl", "numpy"):
+    for name in (on_backend, "numpy"):
         gemm.set_backend(name)
+        ran.clear()
         model = bp.Sequential([bp.Dense(20, 30, activation="relu", rng=1, dtype=dtype),
                                bp.Dense(30, 5, rng=2, dtype=dtype)])
         loss = bp.losses.SoftmaxCrossEntropyLoss()
@@ -182,12 +296,16 @@ def test_a_training_step_on_mkl_matches_numpy(on_mkl, dtype):
                 model.backward(loss.backward())
             opt.step()
         results[name] = [p.data.copy() for p in model.parameters()]
+        # per pass: 2 forward products, 2 ∂W, 1 ∂X (not the input's)
+        assert ran == [name != "numpy"] * 5 * 2 * 3
     tol = 1e-4 if dtype == np.float32 else 1e-10
-    for got, want in zip(results["mkl"], results["numpy"]):
+    for got, want in zip(results[on_backend], results["numpy"]):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
-def test_products_from_several_threads(on_mkl):
+def test_products_from_several_threads(on_backend):
+    """Four threads at once, each on its own operands, in the forward form (the tiles'
+    scratch is per thread, for two batch sizes in turn) and the plain one."""
     rng = np.random.default_rng(5)
     pairs = [(rng.standard_normal((64, 96)).astype(np.float32),
               rng.standard_normal((96, 48)).astype(np.float32)) for _ in range(4)]
@@ -196,10 +314,16 @@ def test_products_from_several_threads(on_mkl):
     def work(a, b):
         out = np.empty((64, 48), np.float32)
         want = a @ b
-        for _ in range(50):
-            gemm.product(a, b, out, False, False)
-            if not np.allclose(out, want, rtol=1e-5, atol=1e-4):
-                wrong.append(1)
+        bt = np.ascontiguousarray(b.T)
+        for i in range(50):
+            rows = 64 if i % 2 else 40
+            if not gemm.product(a, b, out, False, False) or \
+                    not np.allclose(out, want, rtol=1e-5, atol=1e-4):
+                wrong.append("plain")
+            z = np.empty((rows, 48), np.float32)
+            if not gemm.product(a[:rows], bt, z, False, True) or \
+                    not np.allclose(z, want[:rows], rtol=1e-5, atol=1e-4):
+                wrong.append("forward")
 
     threads = [threading.Thread(target=work, args=pair) for pair in pairs]
     for t in threads:
