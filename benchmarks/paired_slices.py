@@ -1,7 +1,8 @@
 """Training-step (or inference) ratios between frameworks measured in interleaved time slices.
 
     python benchmarks/paired_slices.py --out-dir benchmarks/results/<machine>-<date>
-        [--frameworks backprop-loop,backprop-fit,torch,jax] [--models tiny,digits,...]
+        [--frameworks backprop-loop,backprop-fit,backprop-loop@numpy,torch,jax]
+        [--models tiny,digits,...]
         [--rounds 20] [--slice 0.25] [--threads N] [--smoke]
     python benchmarks/paired_slices.py --inference --out-dir DIR
         [--frameworks backprop,onnxruntime,torch,jax] [--models digits:1,mnist:32,...]
@@ -22,8 +23,10 @@ range of the per-round ratios as the spread.
 The step is the one of ``frameworks.py`` (``zero_grad``, forward, softmax cross-entropy,
 backward, Adam; the same weights and data): ``backprop-loop``, ``backprop-fit``, ``torch``
 (eager, under its default OpenMP wait policy or ``--torch-wait-policy``), ``jax`` (one
-``jax.jit``). Ratios are ``framework / backprop-loop`` step times (>1×: backprop's hand-written
-loop is faster). Writes ``paired_slices.json`` and ``.md``. POSIX only (signals).
+``jax.jit``); a backprop one may name the backend of its Dense products after an ``@``
+(``backprop-loop@numpy``: ``BACKPROP_GEMM=numpy`` in that worker), to compare backends in
+the same rounds. Ratios are ``framework / backprop-loop`` step times (>1×: backprop's
+hand-written loop is faster). Writes ``paired_slices.json`` and ``.md``. POSIX only (signals).
 
 ``--inference``: each step is one inference call on a batch of ``model:rows`` (the calls of
 ``frameworks.py``'s inference section: backprop's ``predict``, ONNX Runtime's
@@ -60,6 +63,9 @@ DROP = 2  # steps dropped at the start of each slice: the first after SIGCONT ar
 # The worker: build the step, warm it, then run slices on request
 def serve(framework: str, spec: Spec, threads: int, wait_policy: str,
           inference: bool = False) -> int:
+    framework, _, gemm_backend = framework.partition("@")
+    if gemm_backend:  # read at backprop's first product, in this process only
+        os.environ["BACKPROP_GEMM"] = gemm_backend
     _setup_worker(framework, threads, wait_policy)
     case = inference_case(framework, spec, threads) if inference else training_case(
         framework, spec)
@@ -269,13 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     chosen = args.frameworks or ("backprop,onnxruntime,torch" if args.inference
                                  else ",".join(TRAIN_FRAMEWORKS))
     frameworks = [f.strip() for f in chosen.split(",") if f.strip()]
-    unknown = [f for f in frameworks if f not in known]
+    unknown = [f for f in frameworks if f.partition("@")[0] not in known or (
+        "@" in f and not f.startswith("backprop"))]
     if unknown:
-        parser.error(f"unknown frameworks {unknown}; choose from {known}")
+        parser.error(f"unknown frameworks {unknown}; choose from {known} (a backprop one "
+                     "may name its products' backend, e.g. backprop-loop@numpy)")
     if baseline not in frameworks:
         frameworks.insert(0, baseline)
     for fw in list(frameworks):
-        missing = missing_modules(fw)
+        missing = missing_modules(fw.partition("@")[0])
         if missing:
             print(f"paired_slices: {fw} skipped ({', '.join(missing)} not installed)")
             frameworks.remove(fw)
