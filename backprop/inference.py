@@ -845,19 +845,9 @@ def _compile_driver(source: str, name: str, kernels: dict):
     return driver
 
 
-_RUN_PARALLEL: list = []  # numba_cpu's run_parallel and _PARALLEL, imported at the first launch
-
-
-def _parallel_launch(driver, *args):
-    """``driver(*args)``, run as numba_cpu runs its parallel kernels (under Numba's workqueue
-    layer, which aborts the process on two launches at once, one at a time)."""
-    if not _RUN_PARALLEL:
-        from backprop.kernels import numba_cpu
-
-        _RUN_PARALLEL.extend((numba_cpu.run_parallel, numba_cpu._PARALLEL))
-    if _RUN_PARALLEL[1]["serialize"] is False:  # the common case, without another call
-        return driver(*args)
-    return _RUN_PARALLEL[0](driver, *args)
+# (under Numba's workqueue layer, which aborts the process on two parallel launches at once,
+# the drivers launch one at a time, as numba_cpu's parallel kernels do)
+_parallel_launch = matmul.launch_parallel
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ in whole tiles, or columns in whole pairs of vectors where the rows are too few;
 forward pass splits the outputs (rows of ``W``), each thread transposing the batch into its
 own ``Xᵀ``, so that no thread waits for another. Threads never write the same element, and
 nothing is shared between calls: the functions are safe to call from several threads at
-once on distinct outputs (the scratch ``Xᵀ``/``Zᵀ`` of :func:`forward` is the caller's).
+once on distinct outputs (the scratch ``Xᵀ``/``Zᵀ`` of :func:`forward` is the caller's);
+:func:`run` launches its parallel regions one at a time under Numba's workqueue threading
+layer, as ``numba_cpu`` does (that layer aborts the process on two launches at once).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ from numba.extending import intrinsic, overload
 from backprop.kernels import inline
 
 __all__ = ["PANEL_BYTES", "threads", "lanes", "make_tile", "transpose_block", "split", "product",
-           "forward_parts", "forward_scratch", "forward", "run"]
+           "forward_parts", "forward_scratch", "forward", "run", "launch_parallel"]
 
 PANEL_BYTES = 1 << 20
 """The most bytes of ``B`` one panel of columns spans (``K`` rows × the panel's columns):
@@ -560,7 +562,7 @@ def run(a, b, out, trans_a: bool, trans_b: bool, accumulate: bool, xt, zt,
             type(out) is not np.ndarray or not _likely(a, b, out):
         return False
     try:
-        return _RUN(a, b, out, trans_a, trans_b, accumulate, xt, zt, parts)
+        return _launch(a, b, out, trans_a, trans_b, accumulate, xt, zt, parts)
     except TypeError:  # types not compiled yet, or not qualifying
         pass
     if not _qualifies(a, b, out, xt, zt):
@@ -574,4 +576,28 @@ def run(a, b, out, trans_a: bool, trans_b: bool, accumulate: bool, xt, zt,
                 _RUN.compile(signature)
             finally:
                 _RUN._can_compile = False
+    return _launch(a, b, out, trans_a, trans_b, accumulate, xt, zt, parts)
+
+
+_TURNS: list = []  # numba_cpu's run_parallel and _PARALLEL, imported at the first launch
+
+
+def launch_parallel(fn, *args):
+    """``fn(*args)`` for a function that runs a Numba parallel region, launched as
+    ``numba_cpu`` launches its parallel kernels: under Numba's workqueue threading layer,
+    which aborts the process when two threads launch parallel code at once, one launch at
+    a time (the OpenMP and TBB layers take any number at once)."""
+    if not _TURNS:
+        from backprop.kernels import numba_cpu
+
+        _TURNS.extend((numba_cpu.run_parallel, numba_cpu._PARALLEL))
+    if _TURNS[1]["serialize"] is False:  # the common case, without another call
+        return fn(*args)
+    return _TURNS[0](fn, *args)
+
+
+def _launch(a, b, out, trans_a, trans_b, accumulate, xt, zt, parts):
+    """``_RUN(...)``, through :func:`launch_parallel` where it runs a parallel region."""
+    if parts > 1:
+        return launch_parallel(_RUN, a, b, out, trans_a, trans_b, accumulate, xt, zt, parts)
     return _RUN(a, b, out, trans_a, trans_b, accumulate, xt, zt, parts)

@@ -3,7 +3,11 @@ shapes with every remainder the tiles handle, random and extreme values, one to 
 threads; its refusals; several Python threads at once."""
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
+import textwrap
 import threading
 
 import numba
@@ -200,3 +204,31 @@ def test_threads_at_once():
     for t in threads:
         t.join()
     assert not wrong
+
+
+def test_two_threads_under_the_workqueue_layer():
+    """Numba's workqueue layer aborts the process when two threads launch parallel code at
+    once: run's parallel products take turns there, as numba_cpu's kernels do."""
+    script = textwrap.dedent("""
+        import threading, numpy as np
+        from backprop.kernels import matmul
+        rng = np.random.default_rng(0)
+        none = np.empty((0, 0), np.float32)
+        bad = []
+        def work(seed):
+            a = np.random.default_rng(seed).standard_normal((256, 192)).astype(np.float32)
+            b = np.random.default_rng(seed + 1).standard_normal((192, 160)).astype(np.float32)
+            out = np.empty((256, 160), np.float32)
+            for _ in range(60):
+                if not matmul.run(a, b, out, False, False, False, none, none, 2) or \\
+                        not np.allclose(out, a @ b, rtol=1e-5, atol=1e-4):
+                    bad.append(seed)
+        threads = [threading.Thread(target=work, args=(s,)) for s in (1, 5)]
+        [t.start() for t in threads]; [t.join() for t in threads]
+        import numba; print(numba.threading_layer(), len(bad))
+    """)
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["workqueue", "0"]
