@@ -17,10 +17,11 @@ A Dense layer runs three products per training step: ``Z = X Wᵀ`` (forward),
   products on MKL").
 - ``numba``: :mod:`backprop.kernels.matmul`, products tiled in vector registers on the
   kernels' Numba threads (``Z = X Wᵀ`` through a transposed copy of the batch), for the
-  shapes of a small model's step where they beat OpenBLAS: the forward product up to
+  shapes of a small model's step where they beat OpenBLAS: the forward product below
   :data:`NUMBA_FORWARD_MAX_MACS` multiply-adds, ``∂W`` and ``∂X`` from
-  :data:`NUMBA_BACKWARD_MIN_MACS` to :data:`NUMBA_MAX_MACS`, all three only for a layer of
-  at least :data:`NUMBA_MIN_OUTPUTS` outputs. The other products stay on NumPy's BLAS,
+  :data:`NUMBA_BACKWARD_MIN_MACS` to below :data:`NUMBA_MAX_MACS` (float64 multiply-adds
+  weigh :data:`NUMBA_FLOAT64_WEIGHT` toward the upper bounds), all three only for a layer
+  of at least :data:`NUMBA_MIN_OUTPUTS` outputs. The other products stay on NumPy's BLAS,
   whose packed, cache-blocked kernels win there (``benchmarks/README.md``, "Matrix
   products in compiled tiles").
 
@@ -61,8 +62,8 @@ from backprop import blas
 from backprop.kernels import matmul
 
 __all__ = ["BACKENDS", "MIN_MACS", "NUMBA_MAX_MACS", "NUMBA_BACKWARD_MIN_MACS",
-           "NUMBA_FORWARD_MAX_MACS", "NUMBA_MIN_OUTPUTS", "backend", "set_backend", "runs",
-           "product"]
+           "NUMBA_FORWARD_MAX_MACS", "NUMBA_FLOAT64_WEIGHT", "NUMBA_MIN_OUTPUTS", "backend",
+           "set_backend", "runs", "product"]
 
 BACKENDS = ("auto", "numpy", "mkl", "numba")
 
@@ -71,16 +72,23 @@ MIN_MACS = blas.SINGLE_THREADED_MACS + 1
 NumPy's BLAS, which runs them on one thread by itself."""
 
 NUMBA_MAX_MACS = 1 << 24
-"""The most multiply-adds of a ``∂W`` or ``∂X`` product run on the tiles (``numba``)."""
+"""A float32 ``∂W`` or ``∂X`` product runs on the tiles (``numba``) below this many
+multiply-adds (float64 ones weigh :data:`NUMBA_FLOAT64_WEIGHT` each)."""
 
 NUMBA_BACKWARD_MIN_MACS = 1 << 20
 """The least multiply-adds of a ``∂W`` or ``∂X`` product run on the tiles: below, their
 short sums (a batch of 64 rows for ``∂W``) and few tiles lost to OpenBLAS."""
 
 NUMBA_FORWARD_MAX_MACS = 1 << 25
-"""The most multiply-adds of a forward product ``X Wᵀ`` run on the tiles (``numba``):
-OpenBLAS's kernel for this form is the slow one on small shapes, so the tiles keep it for
-longer."""
+"""A float32 forward product ``X Wᵀ`` runs on the tiles (``numba``) below this many
+multiply-adds (float64 ones weigh :data:`NUMBA_FLOAT64_WEIGHT` each): OpenBLAS's kernel
+for this form is the slow one on small shapes, so the tiles keep it for longer."""
+
+NUMBA_FLOAT64_WEIGHT = 4
+"""What a float64 multiply-add counts toward the tiles' upper windows: half the lanes and
+twice the bytes per value; the mnist MLP's 256×256 layer (2²³ multiply-adds per product) ran
+slower on the tiles in float64 (step 0.98×, 0/14 rounds) while the digits MLP's products
+kept their gain (1.06×, 14/14)."""
 
 NUMBA_MIN_OUTPUTS = 16
 """The fewest outputs of a Dense layer whose products run on the tiles: with fewer, ``∂X``
@@ -150,10 +158,11 @@ _NO_SCRATCH = {np.dtype(np.float32): np.empty((0, 0), np.float32),
 
 def _numba_call(a, b, out, trans_a, trans_b, accumulate, macs):
     """:func:`product`'s call for the tiles (``numba``), within their windows."""
+    large = macs if out.itemsize <= 4 else NUMBA_FLOAT64_WEIGHT * macs
     if trans_b:  # Z = X Wᵀ: b is W, its rows the outputs
-        if macs > NUMBA_FORWARD_MAX_MACS or b.shape[0] < NUMBA_MIN_OUTPUTS:
+        if large >= NUMBA_FORWARD_MAX_MACS or b.shape[0] < NUMBA_MIN_OUTPUTS:
             return False
-    elif not NUMBA_BACKWARD_MIN_MACS <= macs <= NUMBA_MAX_MACS or \
+    elif not (NUMBA_BACKWARD_MIN_MACS <= macs and large < NUMBA_MAX_MACS) or \
             a.shape[1] < NUMBA_MIN_OUTPUTS:  # (a is δ: its columns are the outputs)
         return False
     parts = 1

@@ -159,7 +159,7 @@ def layers_use(backend: str, form: str, macs: int, outputs: int) -> str:
     if backend == "numba":
         low, top = (gemm.MIN_MACS, gemm.NUMBA_FORWARD_MAX_MACS) if form == "X·Wᵀ" else \
             (gemm.NUMBA_BACKWARD_MIN_MACS, gemm.NUMBA_MAX_MACS)
-        if not low <= macs <= top or outputs < gemm.NUMBA_MIN_OUTPUTS:
+        if not low <= macs < top or outputs < gemm.NUMBA_MIN_OUTPUTS:  # (float32)
             return "numpy"
     return backend
 

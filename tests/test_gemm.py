@@ -207,35 +207,46 @@ def test_backend_selection(monkeypatch, backend_restored):
 
 
 def test_tiles_take_the_products_of_their_windows(monkeypatch, backend_restored):
-    """The tiles run a forward product up to NUMBA_FORWARD_MAX_MACS multiply-adds, ∂W and
-    ∂X from NUMBA_BACKWARD_MIN_MACS to NUMBA_MAX_MACS, all only for a layer of at least
+    """The tiles run a forward product below NUMBA_FORWARD_MAX_MACS multiply-adds, ∂W and
+    ∂X from NUMBA_BACKWARD_MIN_MACS to below NUMBA_MAX_MACS (a float64 multiply-add weighing
+    NUMBA_FLOAT64_WEIGHT toward those bounds), all only for a layer of at least
     NUMBA_MIN_OUTPUTS outputs; what they decline is left untouched (the layer runs it on
     NumPy)."""
     backend_or_skip("numba")
     assert gemm.set_backend("numba") == "numba"
     monkeypatch.setattr(gemm, "MIN_MACS", 1)
     monkeypatch.setattr(gemm, "NUMBA_BACKWARD_MIN_MACS", 32 * 8 * 14)
-    monkeypatch.setattr(gemm, "NUMBA_MAX_MACS", 32 * 8 * 16)
-    monkeypatch.setattr(gemm, "NUMBA_FORWARD_MAX_MACS", 32 * 8 * 24)
+    monkeypatch.setattr(gemm, "NUMBA_MAX_MACS", 32 * 8 * 16 + 1)
+    monkeypatch.setattr(gemm, "NUMBA_FORWARD_MAX_MACS", 32 * 8 * 24 + 1)
     monkeypatch.setattr(gemm, "NUMBA_MIN_OUTPUTS", 12)
     rng = np.random.default_rng(9)
 
-    def forward(n, k, m):
-        x, w = rng.standard_normal((n, k)), rng.standard_normal((m, k))
-        z = np.zeros((n, m))
+    def forward(n, k, m, dtype=np.float32):
+        x, w = (rng.standard_normal(s).astype(dtype) for s in ((n, k), (m, k)))
+        z = np.zeros((n, m), dtype)
         ran = gemm.product(x, w, z, False, True)
-        assert np.allclose(z, x @ w.T) if ran else not z.any()
+        assert np.allclose(z, x @ w.T, atol=1e-4) if ran else not z.any()
         return ran
 
-    def grads(n, k, m):  # ∂X = δ W and ∂W = δᵀ X of a layer with m outputs
-        d, w, x = (rng.standard_normal(s) for s in ((n, m), (m, k), (n, k)))
-        dx, dw = np.zeros((n, k)), np.zeros((m, k))
+    def grads(n, k, m, dtype=np.float32):  # ∂X = δ W and ∂W = δᵀ X of m outputs
+        d, w, x = (rng.standard_normal(s).astype(dtype) for s in ((n, m), (m, k), (n, k)))
+        dx, dw = np.zeros((n, k), dtype), np.zeros((m, k), dtype)
         ran = gemm.product(d, w, dx, False, False), gemm.product(d, x, dw, True, False)
         assert ran[0] == ran[1]
-        assert (not dx.any() and not dw.any()) or (np.allclose(dx, d @ w)
-                                                   and np.allclose(dw, d.T @ x))
+        assert (not dx.any() and not dw.any()) or (np.allclose(dx, d @ w, atol=1e-4)
+                                                   and np.allclose(dw, d.T @ x, atol=1e-4))
         return ran[0]
 
+    # a float64 multiply-add weighs NUMBA_FLOAT64_WEIGHT toward the upper bounds only
+    weight = gemm.NUMBA_FLOAT64_WEIGHT
+    assert not forward(32, 8, 12, np.float64)  # 12·weight > 24: above the window
+    monkeypatch.setattr(gemm, "NUMBA_FORWARD_MAX_MACS", 32 * 8 * 12 * weight + 1)
+    assert forward(32, 8, 12, np.float64) and not forward(32, 8, 13, np.float64)
+    monkeypatch.setattr(gemm, "NUMBA_FORWARD_MAX_MACS", 32 * 8 * 24 + 1)
+    assert grads(32, 8, 14, np.float64) is False  # 14·weight > 16: above the window
+    monkeypatch.setattr(gemm, "NUMBA_MAX_MACS", 32 * 8 * 14 * weight + 1)
+    assert grads(32, 8, 14, np.float64) and not grads(32, 8, 15, np.float64)
+    monkeypatch.setattr(gemm, "NUMBA_MAX_MACS", 32 * 8 * 16 + 1)
     assert forward(32, 8, 24) and not forward(32, 8, 25)
     assert forward(32, 8, 12) and not forward(32, 8, 11)
     assert grads(32, 8, 16) and not grads(32, 8, 17)
