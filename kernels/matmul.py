@@ -347,19 +347,29 @@ def _block(A, B, C, r0, r1, c0, c1, a_row, a_k, accumulate):
 
 
 @njit(parallel=True, **_FLAGS)
-def _product_parallel(A, B, C, a_row, a_k, accumulate, row_parts, col_parts):
+def _parallel(A, B, C, XT, ZT, a_row, a_k, accumulate, row_parts, col_parts, step):
+    """The one parallel region of both entry points (one region to compile per dtype, not
+    two): with ``step > 0`` :func:`forward`'s (``A, B, C = X, W, Z``, ``row_parts`` blocks of
+    ``step`` outputs), else :func:`product`'s (rows in whole strips, columns in whole pairs
+    of vectors: a cache line of ``C`` is never written by two threads)."""
     m, p = C.shape
+    k_in = A.shape[1]
     count = lanes(C)
     rstep = (-(-m // row_parts) + 7) // 8 * 8
-    # whole pairs of vectors: a cache line of C is never written by two threads
     cstep = (-(-p // col_parts) + 2 * count - 1) // (2 * count) * (2 * count)
     for t in prange(row_parts * col_parts):
-        r0 = (t // col_parts) * rstep
-        c0 = (t % col_parts) * cstep
-        r1 = min(m, r0 + rstep)
-        c1 = min(p, c0 + cstep)
-        if r0 < r1 and c0 < c1:
-            _block(A, B, C, r0, r1, c0, c1, a_row, a_k, accumulate)
+        if step > 0:
+            j0 = t * step
+            j1 = min(B.shape[0], j0 + step)
+            if j0 < j1:
+                _forward_outputs(A, B, C, XT[t * k_in:(t + 1) * k_in], ZT, j0, j1)
+        else:
+            r0 = (t // col_parts) * rstep
+            c0 = (t % col_parts) * cstep
+            r1 = min(m, r0 + rstep)
+            c1 = min(p, c0 + cstep)
+            if r0 < r1 and c0 < c1:
+                _block(A, B, C, r0, r1, c0, c1, a_row, a_k, accumulate)
 
 
 @njit(**_FLAGS)
@@ -387,7 +397,8 @@ def product(A, B, C, a_row, a_k, accumulate, parts):
         origin = np.intp(0)
         _block(A, B, C, origin, C.shape[0], origin, C.shape[1], a_row, a_k, accumulate)
     else:
-        _product_parallel(A, B, C, a_row, a_k, accumulate, row_parts, col_parts)
+        _parallel(A, B, C, C[:0], C[:0], a_row, a_k, accumulate, row_parts, col_parts,
+                  np.intp(0))
 
 
 @njit(**_FLAGS)
@@ -433,17 +444,6 @@ def _forward_outputs(X, W, Z, XT, ZT, j0, j1):
             Z[i, j] = ZT[j, i]
 
 
-@njit(parallel=True, **_FLAGS)
-def _forward_parallel(X, W, Z, XT, ZT, parts, step):
-    k_in = X.shape[1]
-    m = W.shape[0]
-    for t in prange(parts):
-        j0 = t * step
-        j1 = min(m, j0 + step)
-        if j0 < j1:
-            _forward_outputs(X, W, Z, XT[t * k_in:(t + 1) * k_in], ZT, j0, j1)
-
-
 @njit(**_FLAGS)
 def forward_parts(m, count, parts):
     """``(parts, step)``: how :func:`forward` splits ``m`` outputs over at most ``parts``
@@ -478,7 +478,8 @@ def forward(X, W, Z, XT, ZT, parts):
     if parts == 1:
         _forward_outputs(X, W, Z, XT, ZT, np.intp(0), W.shape[0])
     else:
-        _forward_parallel(X, W, Z, XT, ZT, parts, step)
+        one = np.intp(1)
+        _parallel(X, W, Z, XT, ZT, one, one, np.bool_(False), parts, one, step)
 
 
 @njit(**_FLAGS)
