@@ -164,41 +164,46 @@ def layers_use(backend: str, form: str, macs: int, outputs: int) -> str:
     return backend
 
 
+def _table(intro: list, columns: str, per_backend: str, align: str, backend_align: str,
+           backends: list, lines_of) -> str:
+    """A Markdown report: ``intro`` lines, a header of ``columns`` and ``per_backend``
+    (``{b}`` the backend) for each backend, and one line per row from ``lines_of``."""
+    header = f"| {columns} | " + " | ".join(per_backend.format(b=b) for b in backends) + " |"
+    return "\n".join([*intro, header, align + backend_align * len(backends), *lines_of()]) \
+        + "\n"
+
+
 def products_report(rows: list, backends: list) -> str:
-    lines = ["", "## Single products", "",
+    intro = ["", "## Single products", "",
              "NumPy's `matmul` on OpenBLAS (capped as in a pass) against `gemm.product` on "
              "each backend, alternated; median µs per call. Ratio = OpenBLAS / backend (>1×: "
              "the backend faster). *Layers*: where a Dense layer runs the product with that "
-             "backend selected (`gemm.MIN_MACS` and the tiles' windows).", "",
-             "| model | N×in×out | product | OpenBLAS (µs) | "
-             + " | ".join(f"{b} (µs) | ratio | layers" for b in backends) + " |",
-             "|---|---|---|---:|" + "---:|---:|---|" * len(backends)]
-    for r in rows:
-        cells = " | ".join(f"{r['us'][b]:.4g} | {r['ratios'][b]:.2f}× | {r['layers_use'][b]}"
-                           for b in backends)
-        lines.append(f"| {r['model']} | {r['shape']} | {r['form']} | {r['us']['numpy']:.4g} | "
-                     f"{cells} |")
-    return "\n".join(lines) + "\n"
+             "backend selected (`gemm.MIN_MACS` and the tiles' windows).", ""]
+    return _table(intro, "model | N×in×out | product | OpenBLAS (µs)",
+                  "{b} (µs) | ratio | layers", "|---|---|---|---:|", "---:|---:|---|",
+                  backends, lambda: (
+                      f"| {r['model']} | {r['shape']} | {r['form']} | {r['us']['numpy']:.4g} | "
+                      + " | ".join(f"{r['us'][b]:.4g} | {r['ratios'][b]:.2f}× | "
+                                   f"{r['layers_use'][b]}" for b in backends) + " |"
+                      for r in rows))
+
+
+def _step_cells(r: dict, b: str) -> str:
+    q = r["ratios"][b]
+    return (f"{r['ms'][b]:.4g} | {q['median']:.2f}× ({q['min']:.2f}–{q['max']:.2f}; "
+            f"{q['rounds_faster']}/{r['rounds']})")
 
 
 def report(rows: list, backends: list, command: str) -> str:
-    lines = ["# Dense products: NumPy's BLAS against " + " and ".join(backends)
+    intro = ["# Dense products: NumPy's BLAS against " + " and ".join(backends)
              + " (`backprop.gemm`)", "", f"Command: `{command}`", "",
              "Hand-written Adam loop; per round every backend for the same time, in an order "
              "rotated every round, in one process. Ratio = numpy / backend step time (>1×: "
-             "the backend faster), median over rounds (range; rounds it won).", "",
-             "| model | batch | numpy (ms) | "
-             + " | ".join(f"{b} (ms) | numpy / {b}" for b in backends) + " |",
-             "|---|---:|---:|" + "---:|---|" * len(backends)]
-    for r in rows:
-        cells = []
-        for b in backends:
-            q = r["ratios"][b]
-            cells.append(f"{r['ms'][b]:.4g} | {q['median']:.2f}× ({q['min']:.2f}–"
-                         f"{q['max']:.2f}; {q['rounds_faster']}/{r['rounds']})")
-        lines.append(f"| {r['model']} | {r['batch']} | {r['ms']['numpy']:.4g} | "
-                     + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+             "the backend faster), median over rounds (range; rounds it won).", ""]
+    return _table(intro, "model | batch | numpy (ms)", "{b} (ms) | numpy / {b}",
+                  "|---|---:|---:|", "---:|---|", backends, lambda: (
+                      f"| {r['model']} | {r['batch']} | {r['ms']['numpy']:.4g} | "
+                      + " | ".join(_step_cells(r, b) for b in backends) + " |" for r in rows))
 
 
 def main(argv=None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -14,6 +15,17 @@ from backprop.backend import cuda_status
 
 DEVICES = ["cpu", "cuda"]
 BACKENDS = list(kernels.BACKENDS)
+
+
+def run_threads(target, arguments) -> None:
+    """``target(*args)`` for each ``args`` of ``arguments``, each in its own thread, all
+    started before any is joined. (An exception in a thread fails nothing: ``target``
+    records what went wrong for the test to assert on.)"""
+    threads = [threading.Thread(target=target, args=args) for args in arguments]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def skip_unless_device(name: str) -> None:

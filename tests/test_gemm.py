@@ -2,7 +2,6 @@
 compiled tiles (backprop.kernels.matmul)."""
 from __future__ import annotations
 
-import threading
 
 import numba
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 
 import backprop as bp
 from backprop import bf16, gemm
+from conftest import run_threads
 
 
 def mkl_or_skip():
@@ -336,9 +336,5 @@ def test_products_from_several_threads(on_backend):
                     not np.allclose(z, want[:rows], rtol=1e-5, atol=1e-4):
                 wrong.append("forward")
 
-    threads = [threading.Thread(target=work, args=pair) for pair in pairs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(work, pairs)
     assert not wrong

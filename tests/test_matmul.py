@@ -8,13 +8,13 @@ import pickle
 import subprocess
 import sys
 import textwrap
-import threading
 
 import numba
 import numpy as np
 import pytest
 
 from backprop.kernels import matmul
+from conftest import run_threads
 
 pytestmark = pytest.mark.skipif(numba.config.DISABLE_JIT,
                                 reason="NUMBA_DISABLE_JIT=1: the tiles are compiled code")
@@ -198,11 +198,7 @@ def test_threads_at_once():
             if not np.allclose(z, want, rtol=1e-5, atol=1e-4):
                 wrong.append("wrong")
 
-    threads = [threading.Thread(target=work, args=job) for job in jobs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(work, jobs)
     assert not wrong
 
 
