@@ -168,10 +168,10 @@ def _numba_call(a, b, out, trans_a, trans_b, accumulate, macs):
     parts = 1
     if macs >= 2 * blas.MACS_PER_THREAD:
         parts = min(macs // blas.MACS_PER_THREAD, matmul.threads())
+    empty = _NO_SCRATCH.get(out.dtype)
+    if empty is None:
+        return False
     if not trans_b:
-        empty = _NO_SCRATCH.get(out.dtype)
-        if empty is None:
-            return False
         return matmul.run(a, b, out, trans_a, False, accumulate, empty, empty, parts)
     # the forward product: this thread's transposed batch and output
     kept = getattr(_LOCAL, "scratch", None)
@@ -180,8 +180,6 @@ def _numba_call(a, b, out, trans_a, trans_b, accumulate, macs):
     key = (a.shape[0], a.shape[1], b.shape[0], parts, out.itemsize)
     pair = kept.get(key)
     if pair is None:
-        if out.dtype not in _NO_SCRATCH:
-            return False
         if len(kept) >= _SCRATCH_KEEP:
             del kept[next(iter(kept))]
         shape_x, shape_z = matmul.forward_scratch(a.shape[0], a.shape[1], b.shape[0],

@@ -344,11 +344,10 @@ def _gemm(x, W, b, out):
 # ``Zᵀ`` stay in vector registers across the whole sum, with no horizontal reductions (the
 # dot form above pays one per output, which dominates when the features are few).
 _lanes = matmul.lanes
-_make_tile = matmul.make_tile
 
-_tile82, _tile81, _tile42, _tile41 = (_make_tile(8, 2), _make_tile(8, 1), _make_tile(4, 2),
-                                      _make_tile(4, 1))
-_tile161 = _make_tile(16, 1)
+_tile82, _tile81, _tile42, _tile41 = (matmul.make_tile(8, 2), matmul.make_tile(8, 1),
+                                      matmul.make_tile(4, 2), matmul.make_tile(4, 1))
+_tile161 = matmul.make_tile(16, 1)
 
 
 @_jit
@@ -397,31 +396,16 @@ def _tiles(xT, W, outT):
                 outT[jj, lane] += w * xT[k, lane]
 
 
-_transpose_block = matmul.transpose_block
-
-
 @_jit
 def _to_lanes(x, xT):
-    """``xT[:, :n] = xᵀ``, the padding lanes zero: whole blocks of lanes × lanes values
-    transposed in registers (``backprop.kernels.matmul.transpose_block``), the rest one by
-    one. Whether ``x`` is finite is told by the first Dense kernel, which reads ``xT``
+    """``xT[:, :n] = xᵀ`` (:func:`backprop.kernels.matmul.transpose`), the padding lanes
+    zero. Whether ``x`` is finite is told by the first Dense kernel, which reads ``xT``
     next, at no cost of its own: a count here would slow this copy."""
+    matmul.transpose(x, xT)
     n, k_in = x.shape
-    p = xT.shape[1]
-    lanes = _lanes(x)
     zero = _cast(0.0, x)
-    rows = n - n % lanes
-    cols = k_in - k_in % lanes
-    for k in range(0, cols, lanes):  # lanes rows of xT at a time, written whole in cache
-        for i in range(0, rows, lanes):
-            _transpose_block(x, xT, i, k)
-    for k in range(cols, k_in):  # the last features of the whole blocks of rows
-        for i in range(rows):
-            xT[k, i] = x[i, k]
-    for k in range(k_in):  # the last rows, and the padding lanes
-        for i in range(rows, n):
-            xT[k, i] = x[i, k]
-        for i in range(n, p):
+    for k in range(k_in):
+        for i in range(n, xT.shape[1]):
             xT[k, i] = zero
 
 

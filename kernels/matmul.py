@@ -45,7 +45,8 @@ from numba.extending import intrinsic, overload
 
 from backprop.kernels import inline
 
-__all__ = ["PANEL_BYTES", "threads", "lanes", "make_tile", "transpose_block", "split", "product",
+__all__ = ["PANEL_BYTES", "threads", "lanes", "make_tile", "transpose_block", "transpose",
+           "split", "product",
            "forward_parts", "forward_scratch", "forward", "run", "launch_parallel"]
 
 PANEL_BYTES = 1 << 20
@@ -402,20 +403,21 @@ def product(A, B, C, a_row, a_k, accumulate, parts):
 
 
 @njit(**_FLAGS)
-def _transpose(x, xT, r0, r1):
-    """``xT[:, r0:r1] = x[r0:r1, :]ᵀ`` (``r0`` on a vector boundary), blocks of L × L
-    values through registers, the edges one by one."""
+def transpose(x, xT):
+    """``xT[:, :N] = xᵀ`` for ``x`` ``(N, K)`` (``xT`` may have more columns: they are left
+    as they are): blocks of L × L values through registers, a vector of L rows of ``xT``
+    written whole at a time, the edges one by one."""
     count = lanes(x)
-    k_in = x.shape[1]
-    rows = r0 + (r1 - r0) // count * count
+    n, k_in = x.shape
+    rows = n - n % count
     cols = k_in - k_in % count
     for k in range(0, cols, count):
-        for i in range(r0, rows, count):
+        for i in range(0, rows, count):
             transpose_block(x, xT, i, k)
     for k in range(cols, k_in):
-        for i in range(r0, rows):
+        for i in range(rows):
             xT[k, i] = x[i, k]
-    for i in range(rows, r1):
+    for i in range(rows, n):
         for k in range(k_in):
             xT[k, i] = x[i, k]
 
@@ -426,9 +428,8 @@ def _forward_outputs(X, W, Z, XT, ZT, j0, j1):
     (this thread's own), ``ZT[j0:j1] = W[j0:j1] Xᵀ``, then transposed into ``Z``'s
     columns ``j0:j1``."""
     n = X.shape[0]
-    origin = np.intp(0)
-    _transpose(X, XT, origin, n)
-    _block(W, XT, ZT, j0, j1, origin, n, W.shape[1], np.intp(1), np.bool_(False))
+    transpose(X, XT)
+    _block(W, XT, ZT, j0, j1, np.intp(0), n, W.shape[1], np.intp(1), np.bool_(False))
     # the block of ZT's rows j, columns i goes to Z's rows i, columns j
     count = lanes(Z)
     rows = n - n % count
@@ -541,10 +542,9 @@ def _likely(a, b, out) -> bool:
 
 
 def _qualifies(a, b, out, xt, zt) -> bool:
-    arrays = (a, b, out, xt, zt)
-    return all(type(x) is np.ndarray and x.ndim == 2 and x.flags.c_contiguous
-               and x.flags.writeable and x.dtype == out.dtype and x.dtype.isnative
-               for x in arrays) and out.dtype in (np.float32, np.float64)
+    """All of :func:`run`'s type conditions (the first call of a combination of types)."""
+    return all(type(x) is np.ndarray and x.ndim == 2 for x in (a, b, out, xt, zt)) and \
+        _likely(a, b, out) and _likely(xt, zt, out)
 
 
 def run(a, b, out, trans_a: bool, trans_b: bool, accumulate: bool, xt, zt,
