@@ -21,6 +21,12 @@ The thread count of OpenBLAS is one setting for the whole process, while ``fit``
 several threads at once: the caps of the ``fit`` calls in progress are kept in one
 registry, the largest of them applies (no model is starved of the threads it pays for),
 and the original count returns when the last one ends, whatever the order they end in.
+
+Ceilings. :func:`set_ceiling` holds OpenBLAS at or below a count for as long as its owner
+asks (:mod:`backprop.thread_governor`, while other programs keep cores busy): the smallest
+ceiling applies over every cap, and the original count returns when the last cap and the
+last ceiling have ended. A product's bits depend on OpenBLAS's thread count, so a ceiling
+may change the rounding of the products run under it.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import contextlib
 import threading
 
 __all__ = ["MACS_PER_THREAD", "largest_product", "threads_for", "acquire", "release",
-           "share_pool", "openblas_function"]
+           "set_ceiling", "share_pool", "openblas_function"]
 
 MACS_PER_THREAD = 1_500_000
 """Multiply-adds of the largest product per BLAS thread that ``fit`` lets OpenBLAS use."""
@@ -43,6 +49,7 @@ _UNKNOWN = object()  # _state has no "openblas" entry yet
 _lock = threading.Lock()
 _active: list[int] = []  # the caps of the threads_for blocks in progress, in any thread
 _original: dict = {}  # the count OpenBLAS had before the first of them
+_ceilings: dict = {}  # owner -> the most threads it lets OpenBLAS use (set_ceiling)
 
 
 def largest_product(model, batch_size: int) -> int:
@@ -115,11 +122,14 @@ def _threads(openblas) -> int:
 
 def _apply(openblas) -> None:
     """Set OpenBLAS to the largest active cap (never above the original count), or back to
-    the original count when no cap is active. Called with ``_lock`` held; the count set
+    the original count when no cap is active, and at most the smallest ceiling
+    (:func:`set_ceiling`). Called with ``_lock`` held; the count set
     last is remembered (nothing else changes it while a cap is active), so an unchanged
     count costs no call."""
     original = _original["threads"]
     count = min(max(_active), original) if _active else original
+    if _ceilings:
+        count = min(count, min(_ceilings.values()))
     if _original.get("now") != count:
         for _, put in openblas:
             put(count)
@@ -138,7 +148,7 @@ def threads_for(largest: int):
         return
     wanted = max(1, largest // MACS_PER_THREAD)
     with _lock:
-        if not _active:
+        if not _active and not _ceilings:
             _original["threads"] = _original["now"] = _threads(openblas)
         _active.append(wanted)
         _apply(openblas)
@@ -167,16 +177,20 @@ def acquire(largest: int) -> int | None:
         return None
     _lock.acquire()  # (not `with`: this runs twice per training step, and `with` costs more)
     try:
-        if not _active:  # the usual case (a pass outside fit, one thread): set it directly
-            original = _threads(openblas)
-            if wanted >= original:
-                return None
-            _original["threads"] = original
-            _active.append(wanted)
-            for _, put in openblas:
-                put(wanted)
-            _original["now"] = wanted
-            return wanted
+        if not _active:
+            if _ceilings:  # OpenBLAS is held at a ceiling: a cap above it changes nothing
+                if wanted >= _original["now"]:
+                    return None
+            else:  # the usual case (a pass outside fit, one thread): set it directly
+                original = _threads(openblas)
+                if wanted >= original:
+                    return None
+                _original["threads"] = original
+                _active.append(wanted)
+                for _, put in openblas:
+                    put(wanted)
+                _original["now"] = wanted
+                return wanted
         _active.append(wanted)
         _apply(openblas)
     finally:
@@ -193,13 +207,40 @@ def release(token: int | None) -> None:
     _lock.acquire()
     try:
         _active.remove(token)
-        if _active:
+        if _active or _ceilings:
             _apply(openblas)
             return
-        original = _original["threads"]  # the usual case: the last cap ends
-        if _original["now"] != original:
-            for _, put in openblas:
-                put(original)
-            _original["now"] = original
+        _restore(openblas)  # the usual case: the last cap ends
     finally:
         _lock.release()
+
+
+def _restore(openblas) -> None:
+    """OpenBLAS back to the count it had before the first cap or ceiling (``_lock`` held)."""
+    original = _original["threads"]
+    if _original["now"] != original:
+        for _, put in openblas:
+            put(original)
+        _original["now"] = original
+
+
+def set_ceiling(owner, count: int | None) -> None:
+    """Hold OpenBLAS at no more than ``count`` threads (at least 1) for ``owner`` (any
+    hashable key; None ends ``owner``'s ceiling), whatever the caps (:func:`threads_for`,
+    :func:`acquire`) ask for; the smallest ceiling of all owners applies. Nothing happens
+    where no pthreads OpenBLAS is loaded. Thread-safe."""
+    openblas = _openblas()
+    if openblas is None:
+        return
+    with _lock:
+        if count is None:
+            if _ceilings.pop(owner, None) is None:
+                return
+        else:
+            if not _active and not _ceilings:
+                _original["threads"] = _original["now"] = _threads(openblas)
+            _ceilings[owner] = max(1, int(count))
+        if _active or _ceilings:
+            _apply(openblas)
+        else:
+            _restore(openblas)

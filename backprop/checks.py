@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import numpy as np
 
-__all__ = ["integer", "flag", "fraction", "non_negative"]
+__all__ = ["integer", "flag", "fraction", "non_negative", "env_choice"]
 
 
 def integer(name: str, value, minimum: int | None = None) -> int:
@@ -61,3 +62,13 @@ def non_negative(name: str, value) -> float:
 def positive(name: str, value) -> float:
     """``value`` as a finite float > 0: a real number, not a bool, not NaN or inf."""
     return _finite_bound(name, value, strict=True)
+
+
+def env_choice(variable: str, choices, default: str) -> str:
+    """The environment variable ``variable`` as one of ``choices`` (case and surrounding
+    spaces ignored; unset or empty: ``default``), or ``ValueError`` naming the variable, the
+    choices and what it holds."""
+    wanted = os.environ.get(variable, default).strip().lower() or default
+    if wanted not in choices:
+        raise ValueError(f"{variable} must be one of {', '.join(choices)}; got {wanted!r}")
+    return wanted

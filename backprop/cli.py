@@ -1716,6 +1716,7 @@ def _runtime_report() -> dict:
         "cuda_devices": status["names"], "numba": backend._version_of("numba"),
         "numba_cuda": backend._version_of("numba_cuda"), "numpy": np.__version__,
         "kernel_backends": backends, "gemm": _gemm_report(problems),
+        "threads": _threads_report(problems),
         "mixed_precision": _mixed_precision_report(problems), "problems": problems,
     }
 
@@ -1738,6 +1739,21 @@ def _gemm_report(problems) -> str | None:
                 f"{gemm.NUMBA_BACKWARD_MIN_MACS} to {gemm.NUMBA_MAX_MACS} backward, layers "
                 f"of at least {gemm.NUMBA_MIN_OUTPUTS} outputs; the rest on NumPy's BLAS)")
     return "numpy (NumPy's BLAS)"
+
+
+def _threads_report(problems) -> str | None:
+    """How a training loop's thread count is chosen (backprop.thread_governor)."""
+    from backprop import thread_governor
+
+    try:
+        mode = thread_governor.mode()
+    except ValueError as exc:
+        problems.append(f"{_one_line(exc)}: fix or unset BACKPROP_THREADS")
+        return None
+    if mode == "adaptive":
+        return ("adaptive (each training thread times its steps and runs on fewer threads "
+                "while that is faster, e.g. beside other busy programs)")
+    return "fixed (every parallel region on all of Numba's threads)"
 
 
 def _mixed_precision_report(problems) -> dict:

@@ -41,14 +41,14 @@ no compiled code: ``auto`` means NumPy.
 Thread-safe: MKL's gemm may be called from several threads at once (the compiled caller
 releases the GIL); each product sets the calling thread's MKL thread count
 (``MKL_Set_Num_Threads_Local``) to one thread per ``blas.MACS_PER_THREAD`` multiply-adds,
-as the OpenBLAS cap does, and puts the count it found back afterwards. The tiles take as
+as the OpenBLAS cap does (at most the calling thread's Numba thread count, which
+:mod:`backprop.thread_governor` may lower), and puts the count it found back afterwards. The tiles take as
 many Numba threads (at most the calling thread's ``numba.get_num_threads()``), release the
 GIL, and keep their scratch (the transposed batch) per calling thread.
 """
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 
 import numba
@@ -58,7 +58,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from backprop import blas
+from backprop import blas, checks
 from backprop.kernels import matmul
 
 __all__ = ["BACKENDS", "MIN_MACS", "NUMBA_MAX_MACS", "NUMBA_BACKWARD_MIN_MACS",
@@ -110,10 +110,7 @@ _INT_MAX = 2**31 - 1  # MKL's LP64 interface: 32-bit sizes
 
 
 def _requested() -> str:
-    wanted = os.environ.get("BACKPROP_GEMM", "auto").strip().lower() or "auto"
-    if wanted not in BACKENDS:
-        raise ValueError(f"BACKPROP_GEMM must be one of {', '.join(BACKENDS)}; got {wanted!r}")
-    return wanted
+    return checks.env_choice("BACKPROP_GEMM", BACKENDS, "auto")
 
 
 def _load() -> tuple:
@@ -143,9 +140,9 @@ def _mkl_call(caller, max_threads):
     """:func:`product`'s call for MKL: the compiled caller, or False where its signatures
     refuse the operands' types."""
     def call(a, b, out, trans_a, trans_b, accumulate, macs):
-        try:
+        try:  # (no more threads than the calling thread's Numba count: thread_governor)
             return caller(a, b, out, trans_a, trans_b, accumulate, blas.MACS_PER_THREAD,
-                          max_threads)
+                          min(max_threads, matmul.threads()))
         except TypeError:  # no compiled signature: another dtype, layout, rank, a read-only out
             return False
     return call

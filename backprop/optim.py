@@ -30,7 +30,7 @@ import threading
 
 import numpy as np
 
-from backprop import checks
+from backprop import checks, thread_governor
 from backprop import kernels as K
 from backprop.backend import asarray, empty_aligned, get_array_module, to_numpy
 from backprop.concurrency import _MODE, ConcurrentTrainingError
@@ -250,6 +250,8 @@ class Optimizer:
                 generation = request.generation
                 for p in group.params:
                     p._lp_for = (p.data, generation)
+        if thread_governor.ENGAGED[0] and type(self._groups[0].data) is np.ndarray:
+            thread_governor.tick()  # (CPU threads: BACKPROP_THREADS=adaptive)
         return loss
 
     def _ensure_in_place(self) -> None:
