@@ -3,7 +3,8 @@
     python benchmarks/paired_slices.py --out-dir benchmarks/results/<machine>-<date>
         [--frameworks backprop-loop,backprop-fit,backprop-loop@numpy,torch,jax]
         [--models tiny,digits,...]
-        [--rounds 20] [--slice 0.25] [--threads N] [--smoke]
+        [--rounds 20] [--slice 0.25] [--threads N] [--busy-cores N] [--baseline NAME]
+        [--smoke]
     python benchmarks/paired_slices.py --inference --out-dir DIR
         [--frameworks backprop,onnxruntime,torch,jax] [--models digits:1,mnist:32,...]
 
@@ -25,8 +26,16 @@ backward, Adam; the same weights and data): ``backprop-loop``, ``backprop-fit``,
 (eager, under its default OpenMP wait policy or ``--torch-wait-policy``), ``jax`` (one
 ``jax.jit``); a backprop one may name the backend of its Dense products after an ``@``
 (``backprop-loop@numpy``: ``BACKPROP_GEMM=numpy`` in that worker), to compare backends in
-the same rounds. Ratios are ``framework / backprop-loop`` step times (>1×: backprop's
+the same rounds, and its thread mode after a ``+`` (``backprop-loop+adaptive``:
+``BACKPROP_THREADS=adaptive``, :mod:`backprop.thread_governor`). Ratios are ``framework / backprop-loop`` step times (>1×: backprop's
 hand-written loop is faster). Writes ``paired_slices.json`` and ``.md``. POSIX only (signals).
+
+``--busy-cores N``: the whole run shares the machine with ``N`` busy processes (a pure-Python
+loop each), pinned to the last ``N`` CPUs the driver may use: the conditions of a laptop or a
+shared server where other programs keep some cores busy. A framework whose parallel regions
+assign work to fixed threads waits, at the end of every region, for the thread that shares
+its core with a busy process, while a work-stealing one (XLA's) lets the other threads take
+its share; ``--threads`` sets how many threads every framework uses.
 
 ``--inference``: each step is one inference call on a batch of ``model:rows`` (the calls of
 ``frameworks.py``'s inference section: backprop's ``predict``, ONNX Runtime's
@@ -63,6 +72,9 @@ DROP = 2  # steps dropped at the start of each slice: the first after SIGCONT ar
 # The worker: build the step, warm it, then run slices on request
 def serve(framework: str, spec: Spec, threads: int, wait_policy: str,
           inference: bool = False) -> int:
+    framework, _, threads_mode = framework.partition("+")
+    if threads_mode:  # read at the first optimizer step, in this process only
+        os.environ["BACKPROP_THREADS"] = threads_mode
     framework, _, gemm_backend = framework.partition("@")
     if gemm_backend:  # read at backprop's first product, in this process only
         os.environ["BACKPROP_GEMM"] = gemm_backend
@@ -159,16 +171,28 @@ class Worker:
                 self.proc.kill()
 
 
-def baseline_of(inference: bool) -> str:
-    """The framework the ratios divide by: backprop's ``predict`` or its hand-written loop."""
-    return INFERENCE_BASELINE if inference else BASELINE
+def base_framework(name: str) -> str:
+    """The framework of a worker's name, without its ``@backend`` and ``+mode``."""
+    return name.partition("+")[0].partition("@")[0]
+
+
+def busy_process(cpu: int) -> subprocess.Popen:
+    """A process that keeps CPU ``cpu`` busy (a pure-Python loop pinned to it) until killed."""
+    return subprocess.Popen([sys.executable, "-c",
+                             f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+
+
+def baseline_of(inference: bool, chosen: str | None = None) -> str:
+    """The framework the ratios divide by: ``chosen`` (``--baseline``), else backprop's
+    ``predict`` or its hand-written loop."""
+    return chosen or (INFERENCE_BASELINE if inference else BASELINE)
 
 
 def measure(spec: Spec, frameworks: list[str], rounds: int, seconds: float, threads: int,
-            wait_policy: str, inference: bool = False) -> dict:
+            wait_policy: str, inference: bool = False, baseline: str | None = None) -> dict:
     """Slices of every framework on ``spec``, ``rounds`` rounds; per-round ratios to the
     baseline's (:func:`baseline_of`)."""
-    baseline = baseline_of(inference)
+    baseline = baseline_of(inference, baseline)
     workers = []
     try:
         for fw in frameworks:
@@ -201,25 +225,30 @@ def write(out_dir: Path, results: list[dict], args, frameworks: list[str]) -> Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
     stem = "paired_inference" if args.inference else "paired_slices"
-    baseline = baseline_of(args.inference)
+    baseline = baseline_of(args.inference, args.baseline)
     (out_dir / f"{stem}.json").write_text(json.dumps(
         {"results": results, "rounds": args.rounds, "slice": args.slice,
-         "threads": args.threads, "inference": args.inference, "load_after": load},
+         "threads": args.threads, "inference": args.inference, "load_after": load,
+         "busy_cores": args.busy_cores, "baseline": baseline},
         indent=1))
     others = [fw for fw in frameworks if fw != baseline]
     cmd = "python benchmarks/paired_slices.py " + " ".join(sys.argv[1:])
     what, unit, short = (("Inference (`predict`, ONNX Runtime's `session.run`, PyTorch under "
                           "`inference_mode`, one call)", "µs", "predict") if args.inference
                          else ("Training step", "ms", "loop"))
+    if args.baseline:
+        short = args.baseline
     lines = [f"# {what}: ratios from interleaved time slices", "",
              "Command:", "", f"    {cmd}", "",
              f"{args.rounds} rounds; each round resumes every framework's stopped worker "
              f"process once, in a rotated order, for {args.slice} s of calls (the slice's "
              f"median call, the first {DROP} dropped); {args.threads} threads everywhere. "
              f"Ratio = framework's time / `{baseline}`'s in the same round (>1×: "
-             f"backprop is faster); median over rounds, interquartile "
+             f"`{baseline}` is faster); median over rounds, interquartile "
              f"range of the per-round ratios, and in how many rounds `{baseline}` was faster. "
-             f"1-minute load average after the run: {load[0]:.2f}.", "",
+             f"1-minute load average after the run: {load[0]:.2f}." + (
+                 f" Beside {args.busy_cores} busy process(es) pinned to the last "
+                 f"{args.busy_cores} CPU(s) (`--busy-cores`)." if args.busy_cores else ""), "",
              "| model | batch | " + " | ".join(f"{fw} ({unit})" for fw in frameworks) + " | " +
              " | ".join(f"{fw} / {short}" for fw in others) + " |",
              "|---|---:|" + "---:|" * len(frameworks) + "---|" * len(others)]
@@ -256,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int,
                         default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                         else os.cpu_count())
+    parser.add_argument("--baseline", default=None,
+                        help="the framework the ratios divide by (default: backprop-loop; "
+                        "--inference: backprop)")
+    parser.add_argument("--busy-cores", type=int, default=0,
+                        help="run beside N busy processes pinned to the last N CPUs")
     parser.add_argument("--torch-wait-policy", default="default",
                         help="PyTorch's OMP_WAIT_POLICY (default: unset)")
     parser.add_argument("--smoke", action="store_true", help="small models, 2 short rounds")
@@ -271,19 +305,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.out_dir is None:
         parser.error("--out-dir is required")
     known = INFERENCE_FRAMEWORKS if args.inference else TRAIN_FRAMEWORKS
-    baseline = baseline_of(args.inference)
+    baseline = baseline_of(args.inference, args.baseline)
     chosen = args.frameworks or ("backprop,onnxruntime,torch" if args.inference
                                  else ",".join(TRAIN_FRAMEWORKS))
     frameworks = [f.strip() for f in chosen.split(",") if f.strip()]
-    unknown = [f for f in frameworks if f.partition("@")[0] not in known or (
-        "@" in f and not f.startswith("backprop"))]
+    unknown = [f for f in dict.fromkeys(frameworks + [baseline])
+               if base_framework(f) not in known or (base_framework(f) != f and not
+                                                      f.startswith("backprop")) or
+               f.partition("+")[2] not in ("", "fixed", "adaptive")]
     if unknown:
         parser.error(f"unknown frameworks {unknown}; choose from {known} (a backprop one "
-                     "may name its products' backend, e.g. backprop-loop@numpy)")
+                     "may name its products' backend and its thread mode, e.g. "
+                     "backprop-loop@numpy, backprop-loop+adaptive)")
     if baseline not in frameworks:
         frameworks.insert(0, baseline)
     for fw in list(frameworks):
-        missing = missing_modules(fw.partition("@")[0])
+        missing = missing_modules(base_framework(fw))
         if missing:
             print(f"paired_slices: {fw} skipped ({', '.join(missing)} not installed)")
             frameworks.remove(fw)
@@ -309,13 +346,24 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.slice = 2, 0.05
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the spread needs two per-round ratios)")
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if args.busy_cores < 0 or (args.busy_cores and args.busy_cores >= len(cpus)):
+        parser.error(f"--busy-cores must leave at least one of the {len(cpus)} CPUs free "
+                     "(and needs sched_setaffinity)")
     results = []
-    for name, rows in cases:
-        mlp = mlps[name].smoke() if args.smoke else mlps[name]
-        spec = Spec(mlp.name, tuple(mlp.sizes), rows or mlp.batch)
-        results.append(measure(spec, frameworks, args.rounds, args.slice, args.threads,
-                               args.torch_wait_policy, args.inference))
-        print(f"paired_slices: {name} ({spec.batch} rows) done", flush=True)
+    busy = [busy_process(cpu) for cpu in cpus[len(cpus) - args.busy_cores:]] \
+        if args.busy_cores else []
+    try:
+        for name, rows in cases:
+            mlp = mlps[name].smoke() if args.smoke else mlps[name]
+            spec = Spec(mlp.name, tuple(mlp.sizes), rows or mlp.batch)
+            results.append(measure(spec, frameworks, args.rounds, args.slice, args.threads,
+                                   args.torch_wait_policy, args.inference, baseline))
+            print(f"paired_slices: {name} ({spec.batch} rows) done", flush=True)
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
     print(f"paired_slices: wrote {write(args.out_dir, results, args, frameworks)}")
     return 0
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -232,6 +234,31 @@ def test_paired_slices_smoke(tmp_path):
     assert "| tiny |" in md
 
 
+def test_paired_slices_modes_and_baseline(tmp_path):
+    """A worker named ``backprop-loop+adaptive`` runs under ``BACKPROP_THREADS=adaptive``
+    (its ratio to the fixed loop comes from the same rounds); ``--baseline`` picks the
+    framework the ratios divide by, and an unknown one is refused before any worker starts."""
+    proc = subprocess.run([sys.executable, str(HERE / "paired_slices.py"), "--smoke",
+                           "--frameworks", "backprop-loop,backprop-loop+adaptive", "--models",
+                           "tiny", "--baseline", "backprop-loop+adaptive",
+                           "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "paired_slices.json").read_text())
+    assert data["baseline"] == "backprop-loop+adaptive"
+    (result,) = data["results"]
+    assert set(result["ratios"]) == {"backprop-loop"}
+    assert "| backprop-loop / backprop-loop+adaptive |" in \
+        (tmp_path / "paired_slices.md").read_text()
+    bad = subprocess.run([sys.executable, str(HERE / "paired_slices.py"), "--models", "tiny",
+                          "--baseline", "jaxx", "--frameworks", "backprop-loop+often",
+                          "--out-dir", str(tmp_path / "bad")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and \
+        "unknown frameworks ['backprop-loop+often', 'jaxx']" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_paired_slices_inference_smoke(tmp_path):
     """--inference: one predict call per step on model:rows cases, two rounds each; a bad
     case is refused before any worker starts."""
@@ -252,6 +279,66 @@ def test_paired_slices_inference_smoke(tmp_path):
                           "--models", "mnist:0", "--out-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "bad inference case 'mnist:0'" in bad.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs sched_setaffinity")
+def test_paired_slices_busy_cores(tmp_path):
+    """--busy-cores: refused before any worker starts where it would leave no CPU free; a
+    busy process runs pinned to the CPU it was given until killed."""
+    import paired_slices
+
+    cpus = sorted(os.sched_getaffinity(0))
+    bad = subprocess.run([sys.executable, str(HERE / "paired_slices.py"), "--models", "tiny",
+                          "--busy-cores", str(len(cpus)), "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--busy-cores must leave at least one" in bad.stderr
+    assert not list(tmp_path.iterdir())
+    proc = paired_slices.busy_process(cpus[-1])
+    try:
+        deadline = time.monotonic() + 10
+        while os.sched_getaffinity(proc.pid) != {cpus[-1]} and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.sched_getaffinity(proc.pid) == {cpus[-1]}
+        assert proc.poll() is None  # still spinning
+    finally:
+        proc.kill()
+    assert proc.wait(timeout=10) != 0
+
+
+def test_tile_ceiling_smoke(tmp_path):
+    """tile_ceiling.py end to end: the tile's rates, the plans' products and predict's ops
+    at 16 rows, each a positive time, named as the program runs them."""
+    proc = subprocess.run([sys.executable, str(HERE / "tile_ceiling.py"), "--smoke",
+                           "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "tile_ceiling.json").read_text())
+    (row,) = data["ceiling"]
+    assert row["one_thread_gflops"] > 0 and row["two_threads_gflops"] > 0
+    assert [(p["shape"], p["rows"]) for p in data["products"]] == [
+        ("256x784", 16), ("256x784", 32), ("256x256", 16), ("256x256", 32)]
+    assert [o["op"] for o in data["ops"]] == ["transpose in", "dense 784->256",
+                                              "dense 256->256", "dense 256->10",
+                                              "transpose out"]
+    assert all(o["us"] > 0 for o in data["ops"]) and data["predict_us"] > 0
+    assert "| whole `predict` call |" in (tmp_path / "tile_ceiling.md").read_text()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs and sched_setaffinity (one is kept busy)")
+def test_busy_core_smoke(tmp_path):
+    """busy_core.py end to end: every setting timed under both conditions."""
+    proc = subprocess.run([sys.executable, str(HERE / "busy_core.py"), "--smoke",
+                           "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = json.loads((tmp_path / "busy_core.json").read_text())["results"]
+    assert result["model"] == "tiny" and set(result["conditions"]) == {"free", "busy"}
+    for runs in result["conditions"].values():
+        assert set(runs) == {"fixed", "adaptive", "one thread"}
+        assert all(p["steps"] > 0 and p["whole_ms"] > 0 for phases in runs.values()
+                   for p in phases)
+    assert "| tiny | busy |" in (tmp_path / "busy_core.md").read_text()
 
 
 def test_gemm_backends_smoke(tmp_path):
