@@ -36,8 +36,9 @@ products do not: under ``adaptive`` a product's rounding may depend on the threa
 use at that step, so two runs of one seeded script may differ in the last bits. That is why
 it is not the default: ``fixed`` keeps every run reproducible.
 
-Settings: ``BACKPROP_THREADS`` = ``fixed`` (default) | ``adaptive``, read at the first
-``step()``; :func:`set_mode` changes it at run time (a thread's governor then hands its
+Settings: ``BACKPROP_THREADS`` = ``fixed`` (default) | ``adaptive``, read when backprop is
+imported (any other value is refused at the first ``step()`` and reported by ``python -m
+backprop info``); :func:`set_mode` changes it at run time (a thread's governor then hands its
 threads back at its next step). A thread whose Numba thread count was changed by someone
 else since the governor set it starts over from that count. :func:`status` says what the
 calling thread's governor is doing.
@@ -94,21 +95,25 @@ def _env_mode() -> str:
     return checks.env_choice("BACKPROP_THREADS", MODES, "fixed")
 
 
-def _engaged_at_import() -> bool:
+def _mode_at_import():
+    """The mode ``BACKPROP_THREADS`` sets, or None where it holds no mode (:func:`mode`
+    then reads it again, and refuses it)."""
     try:
-        return _env_mode() == "adaptive"
-    except ValueError:  # reported by the first step's tick (and by `python -m backprop info`)
-        return True
+        return _env_mode()
+    except ValueError:
+        return None
 
 
-ENGAGED = [_engaged_at_import()]
+_STATE["mode"] = _mode_at_import()
+ENGAGED = [_STATE["mode"] != "fixed"]
 """``[bool]``: whether ``Optimizer.step`` calls :func:`tick` (the mode is ``adaptive``, a
 governor may have threads to hand back, or ``BACKPROP_THREADS`` holds a value to refuse):
 under ``fixed`` a step then costs one list lookup more."""
 
 
 def mode() -> str:
-    """``fixed`` or ``adaptive`` (``BACKPROP_THREADS``, read once, or :func:`set_mode`)."""
+    """``fixed`` or ``adaptive`` (``BACKPROP_THREADS`` as read at import, or
+    :func:`set_mode`); ``ValueError`` where the variable holds neither."""
     current = _STATE["mode"]
     if current is None:
         current = _STATE["mode"] = _env_mode()

@@ -5,6 +5,9 @@ OpenBLAS's ceiling in backprop/blas.py). CPU only."""
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 import threading
 
 import numba
@@ -126,11 +129,12 @@ def test_a_thread_count_set_by_someone_else_starts_over():
 
 @use_device("cpu")
 def test_a_bad_mode_is_refused_at_the_first_step(monkeypatch):
-    """``BACKPROP_THREADS`` with a value of neither mode: the first optimizer step raises,
-    naming the variable (it is read when the first step needs it)."""
+    """``BACKPROP_THREADS`` with a value of neither mode at import: the first optimizer step
+    raises, naming the variable."""
     monkeypatch.setitem(tg._STATE, "mode", None)
     monkeypatch.setenv("BACKPROP_THREADS", "lots")
-    tg.ENGAGED[0] = tg._engaged_at_import()
+    tg._STATE["mode"] = tg._mode_at_import()  # as at import
+    tg.ENGAGED[0] = tg._STATE["mode"] != "fixed"
     assert tg.ENGAGED[0]
     model = Sequential([Dense(4, 2, rng=0)])
     opt = Adam(model.parameters(), lr=1e-3)
@@ -283,3 +287,23 @@ def test_info_names_the_mode_and_refuses_a_bad_one(monkeypatch):
     assert cli._threads_report(problems) is None
     assert problems == ["BACKPROP_THREADS must be one of fixed, adaptive; got 'many': fix or "
                         "unset BACKPROP_THREADS"]
+
+
+def test_the_environment_variable_governs_fit_in_a_new_process():
+    """``BACKPROP_THREADS=adaptive`` set before Python starts: ``fit``'s steps make the
+    calling thread's governor; without it they make none."""
+    script = (
+        "import numpy as np, backprop as bp\n"
+        "from backprop import thread_governor as tg\n"
+        "from backprop.layers import Dense\n"
+        "rng = np.random.default_rng(0)\n"
+        "x = rng.standard_normal((64, 8)).astype(np.float32); y = rng.integers(0, 3, 64)\n"
+        "model = bp.Sequential([Dense(8, 3, rng=0)])\n"
+        "model.fit(x, y, loss='softmax_cross_entropy', epochs=2, batch_size=16, verbose=0)\n"
+        "s = tg.status(); print(s['mode'], s['threads'] is not None)\n")
+    for value, expected in (("adaptive", "adaptive True"), ("fixed", "fixed False")):
+        env = {**os.environ, "BACKPROP_THREADS": value, "BACKPROP_DEVICE": "cpu"}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.split("\n")[-2] == expected, done.stdout
