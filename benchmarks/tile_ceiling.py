@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import threading
 import time
@@ -31,15 +30,12 @@ import numpy as np
 
 
 def _median_us(fn, seconds: float) -> float:
+    """``inference_paths.median_us`` after 20 warm-up calls."""
+    from inference_paths import median_us
+
     for _ in range(20):
         fn()
-    times = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 5:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    return median_us(fn, seconds)
 
 
 def ceiling(repeats: int, reps: int) -> list[dict]:
