@@ -3,7 +3,8 @@ Numba calls, without the per-layer overheads of ``Sequential.forward``.
 
 ``model.predict(X)`` and ``model(x)`` use a plan, when one applies, for a C-contiguous NumPy
 batch of at most :data:`MAX_ROWS` rows (more for a stack of Dense layers:
-:data:`DENSE_MAX_ROWS`, :data:`SMALL_WEIGHT_BYTES`) of the model's dtype and feature count,
+:data:`DENSE_MAX_ROWS`, :data:`CACHED_MAX_ROWS`, :data:`SMALL_WEIGHT_BYTES`) of the model's
+dtype and feature count,
 with the model in eval mode (``model(x)``) or under :func:`~backprop.concurrency.inference_mode`
 (``predict``). Anything else takes the normal path.
 
@@ -110,22 +111,52 @@ from backprop.kernels import activations as _activations
 from backprop.kernels import atomics, inline, matmul, vecmath
 from backprop.kernels.activations import RECORDS, Math
 
-__all__ = ["MAX_ROWS", "DENSE_MAX_ROWS", "SMALL_WEIGHT_BYTES", "CHUNK_ROWS",
+__all__ = ["MAX_ROWS", "DENSE_MAX_ROWS", "CACHED_MAX_ROWS", "SMALL_WEIGHT_BYTES",
+           "l2_cache_bytes", "CHUNK_ROWS",
            "PARALLEL_MIN_VECTORS", "PARALLEL_MIN_MACS", "PASS_MIN_BYTES", "PASS_LAYER_MIN_BYTES",
            "PASS_BYTES_PER_THREAD",
            "SPLIT_MIN_MACS", "plan_for", "run", "clear"]
 
 MAX_ROWS = 64
 """Batches of at most this many rows run through any plan. A stack of Dense layers also
-takes up to :data:`DENSE_MAX_ROWS` rows, and any number when its weights fit in
-:data:`SMALL_WEIGHT_BYTES` (in chunks of rows, on every thread); other batches take the
-normal path, whose multithreaded BLAS products win there."""
+takes up to :data:`DENSE_MAX_ROWS` rows, up to :data:`CACHED_MAX_ROWS` when its weights fit
+in one core's L2 cache, and any number when they fit in :data:`SMALL_WEIGHT_BYTES` (in
+chunks of rows, on every thread); other batches take the normal path, whose multithreaded
+BLAS products win there."""
 
 DENSE_MAX_ROWS = 128
 """Rows up to which a stack of Dense layers of any size runs through its plan. Beyond, a
-model whose weights do not stay in cache (the mnist MLP's 1 MiB) is faster on the normal
-path: each chunk of rows reads every weight again, where BLAS blocks its products for the
-caches (benchmarks/inference_paths.py)."""
+model whose weights do not stay in a core's cache is faster on the normal path: each chunk
+of rows reads every weight again, where BLAS blocks its products for the caches
+(benchmarks/inference_paths.py)."""
+
+CACHED_MAX_ROWS = 1024
+"""Rows up to which a stack of Dense layers whose weights fit in one core's L2 cache
+(:func:`l2_cache_bytes`; the mnist MLP's 1 MiB on a 2 MiB L2) runs through its plan: each
+chunk of rows reads the weights from L2 again, which up to about this many rows costs less
+than the normal path's products and separate epilogue passes (benchmarks/inference_paths.py)."""
+
+
+def _read_l2_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """One core's L2 cache as Linux's sysfs describes CPU 0 (``root``), or 0 where it does
+    not."""
+    try:
+        for index in sorted(root.glob("index*")):
+            if (index / "level").read_text().strip() == "2" and \
+                    (index / "type").read_text().strip() in ("Unified", "Data"):
+                size = (index / "size").read_text().strip().upper()
+                scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
+                return int(size.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+@functools.lru_cache(maxsize=None)
+def l2_cache_bytes() -> int:
+    """Bytes of one core's L2 cache (read once, from Linux's sysfs), or 0 where unknown: a
+    plan then keeps to :data:`DENSE_MAX_ROWS`, as for weights that do not fit."""
+    return _read_l2_cache_bytes()
 
 SMALL_WEIGHT_BYTES = 256 << 10
 """A stack of Dense layers whose weights take at most this many bytes runs through its plan
@@ -1055,7 +1086,8 @@ class Plan(_State):
     def takes(self, n: int) -> bool:
         """Whether a batch of ``n`` rows runs through this plan (see :data:`MAX_ROWS`)."""
         return 0 < n <= MAX_ROWS or (self.dense is not None and (
-            n <= DENSE_MAX_ROWS or self.weight_bytes <= SMALL_WEIGHT_BYTES))
+            n <= DENSE_MAX_ROWS or self.weight_bytes <= SMALL_WEIGHT_BYTES or (
+                n <= CACHED_MAX_ROWS and self.weight_bytes <= l2_cache_bytes())))
 
     def _chunked(self, x, n, threads):
         """``(output, finite)`` of the lanes program run by the parallel driver on chunks of

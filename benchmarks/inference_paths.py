@@ -9,8 +9,9 @@ The variants alternate, ``--repeat`` rounds of ``--max-time`` seconds each; the 
 of the rounds counts. Ratios within one run only (shared, noisy machines).
 
 This is the measurement behind the plan's size limits (``inference.DENSE_MAX_ROWS``,
-``SMALL_WEIGHT_BYTES``, ``PARALLEL_MIN_MACS``, ``PASS_MIN_BYTES``, ``SPLIT_MIN_MACS``): where
-the plan stops being faster than the normal path, predict hands the batch over.
+``CACHED_MAX_ROWS``, ``SMALL_WEIGHT_BYTES``, ``PARALLEL_MIN_MACS``, ``PASS_MIN_BYTES``,
+``SPLIT_MIN_MACS``): where the plan stops being faster than the normal path, predict hands
+the batch over.
 
     python benchmarks/inference_paths.py --out-dir benchmarks/results/<machine>
 """
@@ -140,7 +141,9 @@ def report(rows, args) -> str:
         f"one parallel region each (`SPLIT_MIN_MACS` = {inference.SPLIT_MIN_MACS:,}) "
         "instead; *normal path*: "
         "`Sequential.forward` under `inference_mode` (BLAS). A blank: predict does not take "
-        f"the plan at that size (`DENSE_MAX_ROWS` = {inference.DENSE_MAX_ROWS}, "
+        f"the plan at that size (`DENSE_MAX_ROWS` = {inference.DENSE_MAX_ROWS}; "
+        f"`CACHED_MAX_ROWS` = {inference.CACHED_MAX_ROWS} for weights within one core's L2 "
+        f"cache, {inference.l2_cache_bytes():,} bytes here; "
         f"`SMALL_WEIGHT_BYTES` = {inference.SMALL_WEIGHT_BYTES:,}).", "",
         "| model | weights | batch | predict's plan | plan, one thread | layers split | "
         "normal path | normal / plan |", "|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -27,8 +27,10 @@ backward, Adam; the same weights and data): ``backprop-loop``, ``backprop-fit``,
 ``jax.jit``); a backprop one may name the backend of its Dense products after an ``@``
 (``backprop-loop@numpy``: ``BACKPROP_GEMM=numpy`` in that worker), to compare backends in
 the same rounds, and its thread mode after a ``+`` (``backprop-loop+adaptive``:
-``BACKPROP_THREADS=adaptive``, :mod:`backprop.thread_governor`). Ratios are ``framework / backprop-loop`` step times (>1×: backprop's
-hand-written loop is faster). Writes ``paired_slices.json`` and ``.md``. POSIX only (signals).
+``BACKPROP_THREADS=adaptive``, :mod:`backprop.thread_governor`). Ratios are ``framework /
+backprop-loop`` step times (>1×: backprop's hand-written loop is faster; ``--baseline``
+names another framework to divide by). Writes ``paired_slices.json`` and ``.md``. POSIX
+only (signals).
 
 ``--busy-cores N``: the whole run shares the machine with ``N`` busy processes (a pure-Python
 loop each), pinned to the last ``N`` CPUs the driver may use: the conditions of a laptop or a

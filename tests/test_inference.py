@@ -138,6 +138,7 @@ def test_a_large_dense_stack_takes_the_plan_up_to_dense_max_rows(monkeypatch):
     model = Sequential([Dense(600, 120, rng=0), Dense(120, 10, rng=1)]).eval()
     plan = inference.plan_for(model)
     assert plan.weight_bytes > inference.SMALL_WEIGHT_BYTES
+    monkeypatch.setattr(inference, "l2_cache_bytes", lambda: plan.weight_bytes - 1)
     D = inference.DENSE_MAX_ROWS
     assert plan.takes(D) and not plan.takes(D + 1)
     x = data(D + 1, 600, np.float32)
@@ -146,6 +147,42 @@ def test_a_large_dense_stack_takes_the_plan_up_to_dense_max_rows(monkeypatch):
     other = Sequential([BatchNorm1d(7), Dense(7, 2, rng=0)]).eval()  # not a Dense stack
     plan = inference.plan_for(other)
     assert plan.takes(R) and not plan.takes(R + 1)
+
+
+def test_a_dense_stack_whose_weights_fit_in_l2_takes_the_plan_up_to_cached_max_rows(
+        monkeypatch):
+    """Weights that fit in one core's L2 cache: the plan takes batches up to
+    CACHED_MAX_ROWS rows (the same outputs as the normal path, to rounding), then hands
+    them over; where the L2 size is unknown (0) it keeps to DENSE_MAX_ROWS."""
+    model = Sequential([Dense(600, 120, rng=0), Dense(120, 10, rng=1)]).eval()
+    plan = inference.plan_for(model)
+    monkeypatch.setattr(inference, "l2_cache_bytes", lambda: plan.weight_bytes)
+    C = inference.CACHED_MAX_ROWS
+    assert C > inference.DENSE_MAX_ROWS
+    assert plan.takes(C) and not plan.takes(C + 1)
+    x = data(C + 1, 600, np.float32)
+    assert inference.run(model, x) is None
+    assert_close(inference.run(model, x[:C]), forward(model, x[:C]), np.float32)
+    monkeypatch.setattr(inference, "l2_cache_bytes", lambda: 0)
+    assert not plan.takes(inference.DENSE_MAX_ROWS + 1)
+
+
+def test_the_l2_size_is_read_from_sysfs(tmp_path):
+    """The level-2 data or unified cache of CPU 0, in K or M; 0 for a tree without one or
+    with a size it cannot read."""
+    for name, level, kind, size in (("index0", "1", "Data", "48K"),
+                                    ("index1", "1", "Instruction", "32K"),
+                                    ("index2", "2", "Unified", "2048K"),
+                                    ("index3", "3", "Unified", "480M")):
+        (tmp_path / name).mkdir()
+        for field, value in (("level", level), ("type", kind), ("size", size)):
+            (tmp_path / name / field).write_text(value + "\n")
+    assert inference._read_l2_cache_bytes(tmp_path) == 2 << 20
+    (tmp_path / "index2" / "size").write_text("1M\n")
+    assert inference._read_l2_cache_bytes(tmp_path) == 1 << 20
+    (tmp_path / "index2" / "size").write_text("lots\n")
+    assert inference._read_l2_cache_bytes(tmp_path) == 0
+    assert inference._read_l2_cache_bytes(tmp_path / "missing") == 0
 
 
 def test_the_threads_split_a_batch_only_above_the_work_threshold(monkeypatch):
