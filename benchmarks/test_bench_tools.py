@@ -184,19 +184,24 @@ def test_inference_paths_smoke(tmp_path):
     """inference_paths.py end to end on small batches: every variant computes the normal
     path's outputs (the script asserts it), and the report has a row per model and batch
     with a blank where predict does not take the plan."""
+    from backprop import inference
+
     proc = subprocess.run([sys.executable, str(HERE / "inference_paths.py"), "--smoke",
-                           "--batches", "1,64,200", "--out-dir", str(tmp_path)],
+                           "--batches", "1,64,200,1100", "--out-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "inference_paths.json").read_text())
     assert [(r["model"], r["batch"]) for r in rows] == [
-        (m, b) for m in ("digits", "mnist") for b in (1, 64, 200)]
+        (m, b) for m in ("digits", "mnist") for b in (1, 64, 200, 1100)]
     by = {(r["model"], r["batch"]): r["us"] for r in rows}
-    assert "predict's plan" in by[("digits", 200)]  # small weights: any batch
-    assert "predict's plan" not in by[("mnist", 200)]  # 1 MiB of weights: beyond 128 rows
+    assert "predict's plan" in by[("digits", 1100)]  # small weights: any batch
+    # 1 MiB of weights: up to 1024 rows where they fit in a core's L2, else up to 128
+    fits = 1_075_200 <= inference.l2_cache_bytes()
+    assert ("predict's plan" in by[("mnist", 200)]) == fits
+    assert "predict's plan" not in by[("mnist", 1100)]
     assert "plan, one thread" in by[("mnist", 64)]
     md = (tmp_path / "inference_paths.md").read_text()
-    assert md.startswith("# Inference paths") and "| mnist | 1,050 KiB | 200 |  |  |" in md
+    assert md.startswith("# Inference paths") and "| mnist | 1,050 KiB | 1100 |  |  |" in md
 
 
 def test_workers_clear_every_openmp_setting_backprop_makes():
