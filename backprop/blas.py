@@ -148,8 +148,7 @@ def threads_for(largest: int):
         return
     wanted = max(1, largest // MACS_PER_THREAD)
     with _lock:
-        if not _active and not _ceilings:
-            _original["threads"] = _original["now"] = _threads(openblas)
+        _remember_original(openblas)
         _active.append(wanted)
         _apply(openblas)
     try:
@@ -215,6 +214,13 @@ def release(token: int | None) -> None:
         _lock.release()
 
 
+def _remember_original(openblas) -> None:
+    """Before the first cap or ceiling: note OpenBLAS's count, to restore after the last
+    (``_lock`` held)."""
+    if not _active and not _ceilings:
+        _original["threads"] = _original["now"] = _threads(openblas)
+
+
 def _restore(openblas) -> None:
     """OpenBLAS back to the count it had before the first cap or ceiling (``_lock`` held)."""
     original = _original["threads"]
@@ -237,8 +243,7 @@ def set_ceiling(owner, count: int | None) -> None:
             if _ceilings.pop(owner, None) is None:
                 return
         else:
-            if not _active and not _ceilings:
-                _original["threads"] = _original["now"] = _threads(openblas)
+            _remember_original(openblas)
             _ceilings[owner] = max(1, int(count))
         if _active or _ceilings:
             _apply(openblas)

@@ -42,9 +42,10 @@ Thread-safe: MKL's gemm may be called from several threads at once (the compiled
 releases the GIL); each product sets the calling thread's MKL thread count
 (``MKL_Set_Num_Threads_Local``) to one thread per ``blas.MACS_PER_THREAD`` multiply-adds,
 as the OpenBLAS cap does (at most the calling thread's Numba thread count, which
-:mod:`backprop.thread_governor` may lower), and puts the count it found back afterwards. The tiles take as
-many Numba threads (at most the calling thread's ``numba.get_num_threads()``), release the
-GIL, and keep their scratch (the transposed batch) per calling thread.
+:mod:`backprop.thread_governor` may lower), and puts the count it found back afterwards.
+The tiles take as many Numba threads (at most the calling thread's
+``numba.get_num_threads()``), release the GIL, and keep their scratch (the transposed
+batch) per calling thread.
 """
 from __future__ import annotations
 

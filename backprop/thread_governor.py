@@ -5,9 +5,8 @@ Why. backprop's parallel work runs in OpenMP regions (Numba's kernels, the compi
 OpenBLAS's jobs on the same team, :mod:`backprop.blas_pool`): each thread gets a fixed share
 of a region, and the region ends when its last thread is done. When another process keeps
 one core busy, the thread that shares that core runs only part of the time and every region
-waits for it: on the 2-core VM, beside one busy process, the mnist MLP's step took 2.7–4.7×
-its time alone on two threads, and the wide MLP's 1.4× its one-thread time, while one thread
-ran at its usual speed (``benchmarks/README.md``, "Sharing the cores"). XLA's work-stealing
+waits for it, so that two threads can take longer than one, while one thread keeps its usual
+speed (``benchmarks/README.md``, "Sharing the cores", has the figures). XLA's work-stealing
 pool, whose idle threads take over a late thread's work, loses far less there.
 
 What. Each thread that calls ``Optimizer.step()`` on CPU parameters (``fit`` does, once per
@@ -190,6 +189,7 @@ class Governor:
         self.window_steps = WINDOW_STEPS
         self.elapsed = 0.0  # seconds of timed steps (the trials' schedule: pauses do not count)
         self.plan: list[int] = []  # the trial's counts still to run, one window each
+        self.kept = self.top  # the count in use when the running trial started
         self.results: dict[int, list[float]] = {}  # count -> its windows' step times, this trial
         self.reference: dict[int, float] = {}  # count -> its step time in the last trial
         self.next_trial = None
@@ -238,7 +238,7 @@ class Governor:
                 self._apply_count(self.top, self.top, numba_too=False)
             self._reset(self._threads())
             return
-        if self.plan or self.results:
+        if self.plan:  # a trial runs
             self._trial_window(step_time, now)
             return
         reference = self.reference.get(self.current)
@@ -249,16 +249,11 @@ class Governor:
 
     def _start_trial(self, step_time: float) -> None:
         i = self.ladder.index(self.current)
-        neighbours = [c for c in (self.ladder[i - 1] if i else None,
-                                  self.ladder[i + 1] if i + 1 < len(self.ladder) else None)
-                      if c is not None]
+        neighbours = [c for c in self.ladder[max(0, i - 1):i + 2] if c != self.current]
+        self.kept = self.current
         self.results = {self.current: [step_time]}  # the window just timed is its first
-        self.plan = []
-        for _ in range(TRIAL_ROUNDS):
-            for c in neighbours:
-                self.plan.append(c)
-            self.plan.append(self.current)
-        self.plan.pop()  # (the current count's first window is the one just timed)
+        # (the current count's last window is left out: its first is the one just timed)
+        self.plan = ((neighbours + [self.current]) * TRIAL_ROUNDS)[:-1]
         self.trials += 1
         self._set(self.plan[0])
 
@@ -269,26 +264,18 @@ class Governor:
             self._set(self.plan[0])
             return
         times = {c: statistics.median(t) for c, t in self.results.items()}
-        kept = self.current_before_trial()
+        kept = self.kept
         best = min(times, key=times.get)
         self.reference = times
         self.results = {}
         self.last_trial = now
         if best != kept and times[best] < MARGIN * times[kept]:
             self.changes += 1
-            self._set(best)
-            self.next_trial = now + MIN_WAIT_SECONDS
-            self.wait = 2 * MIN_WAIT_SECONDS
-        else:
-            self._set(kept)
-            self.next_trial = now + self.wait
-            self.wait = 2 * self.wait
-        self.wait = min(self.wait, MAX_WAIT_SECONDS if self.current == self.top
+            kept, self.wait = best, MIN_WAIT_SECONDS  # (the wait starts over)
+        self._set(kept)
+        self.next_trial = now + self.wait
+        self.wait = min(2 * self.wait, MAX_WAIT_SECONDS if kept == self.top
                         else MAX_REDUCED_WAIT_SECONDS)
-
-    def current_before_trial(self) -> int:
-        """The count in use when the running trial started (its first result's key)."""
-        return next(iter(self.results))
 
 
 def _governor():
