@@ -3,8 +3,8 @@ Numba calls, without the per-layer overheads of ``Sequential.forward``.
 
 ``model.predict(X)`` and ``model(x)`` use a plan, when one applies, for a C-contiguous NumPy
 batch of at most :data:`MAX_ROWS` rows (more for a stack of Dense layers:
-:data:`DENSE_MAX_ROWS`, :data:`CACHED_MAX_ROWS`, :data:`SMALL_WEIGHT_BYTES`) of the model's
-dtype and feature count,
+:data:`DENSE_MAX_ROWS`, and any number for weights that stay in a core's cache,
+:data:`SMALL_WEIGHT_BYTES`) of the model's dtype and feature count,
 with the model in eval mode (``model(x)``) or under :func:`~backprop.concurrency.inference_mode`
 (``predict``). Anything else takes the normal path.
 
@@ -29,7 +29,7 @@ Kernels. Each Dense runs one kernel compiled for its activation: ``Z = X Wᵀ``,
 ``+ b``, σ (the formula of the activation's record in ``kernels/activations.py``, built with
 the same math as the ``numba_cpu`` kernels: vecmath's vectorisable functions, constants of
 the array's dtype) and the row softmax. ``W`` is read as the layer stores it, ``(out, in)``:
-no transposed copy is kept. The product has two forms:
+no transposed copy is kept. The product has three forms:
 
 - dot form, below one vector of rows (16 float32, 8 float64): blocks of 4 rows of ``X`` × 4
   rows of ``W``, each of the 16 dot products a vectorised reduction over the features;
@@ -39,7 +39,19 @@ no transposed copy is kept. The product has two forms:
   registers through the whole sum over the features
   (:func:`backprop.kernels.matmul.make_tile`): no horizontal reductions, which in the dot
   form cost as much as the products when the features are few. The output is transposed
-  back at the end.
+  back at the end;
+- packed form, from :data:`PACKED_MIN_ROWS` rows (a stack of Dense layers whose weights
+  stay in a core's cache): each ``W`` is packed into panels of two vectors of outputs,
+  ``Wᵀ`` strips that a tile of 12 rows of ``X`` × 2 vectors of outputs reads while it
+  broadcasts ``X``'s values, read in place
+  (:func:`backprop.kernels.matmul.packed_product`); the batch runs in blocks of rows, each
+  through every layer (``_packed_source``), its bias, σ and row op applied while the block
+  is in cache. The tiles sum each output in the lanes form's order, so the two forms give
+  the same bits (a row op may round its sums differently). The panels are kept between
+  calls (per calling thread) with a copy of the weights they were packed from: every call
+  compares the weights with that copy, bit for bit, and packs again the panels whose
+  weights changed (:func:`backprop.kernels.matmul.refresh_panel`), which costs a read of
+  the weights instead of their transposition.
 
 Threads of one call. A batch runs on the calling thread, unless it holds at least two
 vectors of rows (:data:`PARALLEL_MIN_VECTORS`) and at least :data:`PARALLEL_MIN_MACS`
@@ -84,8 +96,9 @@ built from changes: the model's ``layers`` list (or a nested Sequential's), a Re
 block, a Dense's activation object, or the dtype of the parameters.
 
 Threads: a plan may run in any number of threads at once. The kernels release the GIL and
-only read the weights; the intermediate outputs live in per-thread buffers
-(``threading.local``), and the result is a fresh array. Building a plan is idempotent
+only read the weights; the intermediate outputs (and the packed form's panels and copy of
+the weights, twice the weights' bytes) live in per-thread buffers (``threading.local``),
+and the result is a fresh array. Building a plan is idempotent
 (two threads may both build one; the model keeps either). As for the normal path, a plan
 that runs while another thread trains or moves the model reads the weights as they are at
 that moment.
@@ -111,7 +124,8 @@ from backprop.kernels import activations as _activations
 from backprop.kernels import atomics, inline, matmul, vecmath
 from backprop.kernels.activations import RECORDS, Math
 
-__all__ = ["MAX_ROWS", "DENSE_MAX_ROWS", "CACHED_MAX_ROWS", "SMALL_WEIGHT_BYTES",
+__all__ = ["MAX_ROWS", "DENSE_MAX_ROWS", "SMALL_WEIGHT_BYTES", "PACKED_MIN_ROWS",
+           "PACKED_BLOCK_ROWS",
            "l2_cache_bytes", "CHUNK_ROWS",
            "PARALLEL_MIN_VECTORS", "PARALLEL_MIN_MACS", "PASS_MIN_BYTES", "PASS_LAYER_MIN_BYTES",
            "PASS_BYTES_PER_THREAD",
@@ -119,23 +133,16 @@ __all__ = ["MAX_ROWS", "DENSE_MAX_ROWS", "CACHED_MAX_ROWS", "SMALL_WEIGHT_BYTES"
 
 MAX_ROWS = 64
 """Batches of at most this many rows run through any plan. A stack of Dense layers also
-takes up to :data:`DENSE_MAX_ROWS` rows, up to :data:`CACHED_MAX_ROWS` when its weights fit
-in one core's L2 cache, and any number when they fit in :data:`SMALL_WEIGHT_BYTES` (in
-chunks of rows, on every thread); other batches take the normal path, whose multithreaded
-BLAS products win there."""
+takes up to :data:`DENSE_MAX_ROWS` rows, and any number when its weights stay in a core's
+cache (they fit in one core's L2, :func:`l2_cache_bytes`, or in :data:`SMALL_WEIGHT_BYTES`):
+in chunks of rows on every thread, from :data:`PACKED_MIN_ROWS` rows in the packed form;
+other batches take the normal path, whose multithreaded BLAS products win there."""
 
 DENSE_MAX_ROWS = 128
 """Rows up to which a stack of Dense layers of any size runs through its plan. Beyond, a
 model whose weights do not stay in a core's cache is faster on the normal path: each chunk
 of rows reads every weight again, where BLAS blocks its products for the caches
 (benchmarks/inference_paths.py)."""
-
-CACHED_MAX_ROWS = 1024
-"""Rows up to which a stack of Dense layers whose weights fit in one core's L2 cache
-(:func:`l2_cache_bytes`; the mnist MLP's 1 MiB on a 2 MiB L2) runs through its plan: each
-chunk of rows reads the weights from L2 again, which up to about this many rows costs less
-than the normal path's products and separate epilogue passes (benchmarks/inference_paths.py)."""
-
 
 def _read_l2_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
     """One core's L2 cache as Linux's sysfs describes CPU 0 (``root``), or 0 where it does
@@ -155,14 +162,33 @@ def _read_l2_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")
 @functools.lru_cache(maxsize=None)
 def l2_cache_bytes() -> int:
     """Bytes of one core's L2 cache (read once, from Linux's sysfs), or 0 where unknown: a
-    plan then keeps to :data:`DENSE_MAX_ROWS`, as for weights that do not fit."""
+    plan then keeps to :data:`DENSE_MAX_ROWS` unless its weights fit in
+    :data:`SMALL_WEIGHT_BYTES`, as for weights that do not fit."""
     return _read_l2_cache_bytes()
+
 
 SMALL_WEIGHT_BYTES = 256 << 10
 """A stack of Dense layers whose weights take at most this many bytes runs through its plan
-at any batch size: its weights stay in each core's L2 cache while the chunks of rows stream
-through, and the plan stays ahead of the normal path at every size measured (the digits
-MLP; benchmarks/inference_paths.py)."""
+at any batch size, whatever :func:`l2_cache_bytes` says (any current core's L2 holds them):
+its weights stay in each core's cache while the rows stream through, and the plan stays
+ahead of the normal path at every size measured (the digits MLP; the mnist MLP's 1 MiB too,
+on a core with a 2 MiB L2; benchmarks/inference_paths.py). Weights beyond a core's L2 (the
+wide MLP) are read again from farther away for each chunk of rows, where BLAS blocks its
+products for the caches."""
+
+PACKED_MIN_ROWS = 256
+"""Rows from which such a stack (weights in a core's cache, :data:`SMALL_WEIGHT_BYTES`)
+runs through the packed driver instead of the chunked lanes form: the batch read in place,
+in blocks of about :data:`PACKED_BLOCK_ROWS` rows that each pass through every layer
+while their activations stay in the core's L2, each layer's weights in panels that the
+product's tiles stream from L1 (``kernels/matmul.py``), the bias, σ and the finiteness
+check run on each block while it is in cache. Checking the panels against the weights
+costs a read of the weights per call (and packing, after a change), which from about this
+many rows the faster products repay (benchmarks/inference_paths.py)."""
+
+PACKED_BLOCK_ROWS = 240
+"""Rows per block of the packed driver, about: a block's activations and its slice of the
+batch stay in the core's L2 cache while the layers' panels pass over them."""
 
 CHUNK_ROWS = 64
 """The chunked driver's rows per chunk, at most: a chunk's activations stay in L2."""
@@ -317,8 +343,8 @@ def _activate(act, v, alpha):
 
 
 @_jit
-def _gemm(x, W, b, out):
-    """``out = x Wᵀ (+ b)``: 4×4 blocks of dot products, each reduced over the features."""
+def _gemm(x, W, out):
+    """``out = x Wᵀ``: 4×4 blocks of dot products, each reduced over the features."""
     _prefer_wide_vectors()
     n, k_in = x.shape
     m = W.shape[0]
@@ -362,10 +388,6 @@ def _gemm(x, W, b, out):
             for k in range(k_in):
                 a += x[i, k] * W[j, k]
             out[i, j] = a
-    if b is not None:
-        for i in range(n):
-            for j in range(m):
-                out[i, j] += b[j]
 
 
 # The lanes form, for batches of at least one vector of rows: a batch is kept transposed,
@@ -536,22 +558,14 @@ def _dense_kernel(act: str, row: int, form: int):
     batches whose first ``n`` lanes are rows (``_LANES``). Returns whether every
     ``x Wᵀ + b`` of the real rows is finite (a NaN or inf input value makes its whole
     output row non-finite, so this also tells whether ``x`` may hold one)."""
+    epilogue = _kernel(_EPILOGUES, _epilogue_kernel, act, row)
+
     def dense(x, n, W, b, alpha, out):
+        if form == _ROW:
+            _gemm(x, W, out)
+            return epilogue(out, b, alpha)
         top = _largest(out)
         bad = 0
-        if form == _ROW:
-            _gemm(x, W, b, out)
-            rows, m = out.shape
-            for i in range(rows):
-                for j in range(m):
-                    v = out[i, j]
-                    bad += 0 if abs(v) <= top else 1  # NaN and ±inf: 1 (no FP sum to fold)
-                    out[i, j] = _activate(act, v, alpha)
-            if row == 1:
-                _softmax_rows(out)
-            elif row == 2:
-                _log_softmax_rows(out)
-            return bad == 0
         _tiles(x, W, out)
         m, p = out.shape
         for j in range(m):
@@ -568,6 +582,31 @@ def _dense_kernel(act: str, row: int, form: int):
         return bad == 0
     dense.__qualname__ = dense.__name__ = f"dense_{act}_{row}_{form}"  # the cache's file names
     return _jit(dense)
+
+
+def _epilogue_kernel(act: str, row: int):
+    """``z = row_op(σ(z + b))`` in place on ``(n, m)`` rows of products ``z = x Wᵀ``
+    (``b`` None: no bias); returns whether every ``z + b`` was finite (a NaN or inf input
+    value makes its whole row of products non-finite, so this also tells whether ``x`` may
+    hold one)."""
+    def epilogue(z, b, alpha):
+        top = _largest(z)
+        bad = 0
+        rows, m = z.shape
+        for i in range(rows):
+            for j in range(m):
+                v = z[i, j]
+                if b is not None:
+                    v += b[j]
+                bad += 0 if abs(v) <= top else 1  # NaN and ±inf: 1 (no FP sum to fold)
+                z[i, j] = _activate(act, v, alpha)
+        if row == 1:
+            _softmax_rows(z)
+        elif row == 2:
+            _log_softmax_rows(z)
+        return bad == 0
+    epilogue.__qualname__ = epilogue.__name__ = f"epilogue_{act}_{row}"
+    return _jit(epilogue)
 
 
 def _act_kernel(act: str, row: int):
@@ -625,6 +664,7 @@ _threads = matmul.threads  # (a module global: tests replace it)
 
 
 _DENSE: dict = {}
+_EPILOGUES: dict = {}
 _ELEMENTWISE: dict = {}
 _ROW_OPS = {"softmax": 1, "log_softmax": 2}
 
@@ -844,6 +884,83 @@ def _pass_driver_for(spec, lanes: bool, splits):
     return _cached_driver(("pass", spec, lanes, splits), build)
 
 
+def _epilogue_name(act: str, row: int) -> str:
+    return "epilogue_" + _kernel_name(act, row)[len("dense_"):]
+
+
+def _packed_source(spec) -> str:
+    """The packed driver of a stack of Dense layers, ``spec`` = ``((activation, row op),
+    ...)``, for a large batch: ``x`` read in place in blocks of ``rows`` rows, each block
+    through every layer before the next (its activations ``H{i}[t]`` in the thread's
+    cache), each layer ``packed_product`` (``kernels/matmul.py``) then its epilogue.
+
+    Block ``c`` holds tiles (of ``tile`` rows) ``c·tiles//blocks`` up to the next block's
+    first: blocks of whole tiles that differ by at most one tile.
+
+    One iteration per thread. First the threads bring every layer's panels (``P{i}``) up to
+    date: ``counters[0]`` claims a panel, which is packed again where its weights differ
+    from the copy ``S{i}`` they were packed from (always where ``fresh``), ``counters[1]``
+    counts the panels done, and every thread waits for all of them. Then ``counters[2]`` claims the blocks of rows in
+    order: a thread that runs late (its core shared with another program) takes fewer
+    blocks instead of holding up the others, and a thread only ever waits for panels that a
+    running thread has claimed. The first layer's epilogue of block ``c`` says whether it
+    was finite into ``flags[c]``."""
+    layers = len(spec)
+    hidden = ", ".join(f"H{i}" for i in range(1, layers))
+    packed = ", ".join(f"P{i}, S{i}" for i in range(layers))
+    params = ", ".join(f"W{i}, b{i}, a{i}" for i in range(layers))
+    ends = [" + ".join(f"P{j}.shape[0]" for j in range(i + 1)) for i in range(layers)]
+    lines = [f"# the packed inference driver of the Dense stack {spec!r}",
+             f"def packed_driver(x, out, tile, threads, fresh, counters, flags, "
+             f"{hidden}{', ' if hidden else ''}{packed}, {params}):",
+             "    n = x.shape[0]",
+             "    blocks = flags.shape[0]",
+             "    tiles = (n + tile - 1) // tile",
+             f"    total = {ends[-1]}",
+             # a loop, not counters[:] = 0 (see _pass_source)
+             "    for i in range(counters.shape[0]):",
+             "        counters[i] = 0",
+             "    for t in prange(threads):",
+             "        while True:",
+             "            q = fetch_add(counters, 0)",
+             "            if q >= total:",
+             "                break"]
+    for i in range(layers):
+        start = f" - ({ends[i - 1]})" if i else ""
+        test = "if q < " if i == 0 else "elif q < " if i < layers - 1 else "else"
+        lines += [f"            {test}{ends[i] if i < layers - 1 else ''}:",
+                  f"                refresh_panel(W{i}, S{i}, P{i}, q{start}, fresh)"]
+    lines += ["            fetch_add(counters, 1)",
+              "        wait_until(counters, 1, total)",
+              "        while True:",
+              "            c = fetch_add(counters, 2)",
+              "            if c >= blocks:",
+              "                break",
+              "            r0 = c * tiles // blocks * tile",
+              "            r1 = min(n, (c + 1) * tiles // blocks * tile)",
+              "            m = r1 - r0"]
+    for i, (act, row) in enumerate(spec):
+        src = "x[r0:r1]" if i == 0 else f"H{i}[t, :m]"
+        dst = "out[r0:r1]" if i == layers - 1 else f"H{i + 1}[t, :m]"
+        flag = "flags[c] = " if i == 0 else ""
+        lines += [f"            packed_product({src}, P{i}, {dst})",
+                  f"            {flag}{_epilogue_name(act, row)}({dst}, b{i}, a{i})"]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _packed_driver_for(spec):
+    """The packed driver of ``spec`` (built once per process; compiled on first call)."""
+    def build():
+        kernels = {_epilogue_name(act, row): _kernel(_EPILOGUES, _epilogue_kernel, act, row)
+                   for act, row in spec}
+        kernels.update(fetch_add=atomics.fetch_add, wait_until=atomics.wait_until,
+                       refresh_panel=matmul.refresh_panel,
+                       packed_product=matmul.packed_product)
+        return _compile_driver(_packed_source(spec), "packed_driver", kernels)
+    return _cached_driver(("packed", spec), build)
+
+
 def _compile_driver(source: str, name: str, kernels: dict):
     """The parallel function ``name`` defined by ``source`` (which calls ``kernels`` by
     name), with Numba's disk cache where its source file could be written."""
@@ -1058,6 +1175,8 @@ class Plan(_State):
             large = layout[2] >= PASS_MIN_BYTES and atomics.AVAILABLE
             if chunks or large:
                 threads = _threads()
+                if n >= PACKED_MIN_ROWS and atomics.AVAILABLE and self.resident():
+                    return self._packed(x, n, threads)
                 if chunks and (n > MAX_ROWS or (
                         threads > 1 and n * self.macs_per_row >= PARALLEL_MIN_MACS)):
                     return self._chunked(x, n, threads)
@@ -1086,8 +1205,12 @@ class Plan(_State):
     def takes(self, n: int) -> bool:
         """Whether a batch of ``n`` rows runs through this plan (see :data:`MAX_ROWS`)."""
         return 0 < n <= MAX_ROWS or (self.dense is not None and (
-            n <= DENSE_MAX_ROWS or self.weight_bytes <= SMALL_WEIGHT_BYTES or (
-                n <= CACHED_MAX_ROWS and self.weight_bytes <= l2_cache_bytes())))
+            n <= DENSE_MAX_ROWS or self.resident()))
+
+    def resident(self) -> bool:
+        """Whether the weights of this stack of Dense layers stay in a core's cache
+        (:data:`SMALL_WEIGHT_BYTES`, :func:`l2_cache_bytes`)."""
+        return self.weight_bytes <= max(SMALL_WEIGHT_BYTES, l2_cache_bytes())
 
     def _chunked(self, x, n, threads):
         """``(output, finite)`` of the lanes program run by the parallel driver on chunks of
@@ -1107,6 +1230,36 @@ class Plan(_State):
         params = self._dense_params()
         out = np.empty((n, self.out_width), self.dtype)
         _parallel_launch(_driver_for(self.spec), x, out, chunk, flags, *hidden, *params)
+        return out, bool(flags.all())
+
+    def _packed(self, x, n, threads):
+        """``(output, finite)`` of the packed driver (:data:`PACKED_MIN_ROWS`,
+        :func:`_packed_source`): blocks of about :data:`PACKED_BLOCK_ROWS` rows in whole
+        tiles of the packed product, as many as a multiple of ``threads`` (equal shares
+        while no thread runs late) and at most one per tile."""
+        step = matmul.PACKED_ROWS
+        tiles = -(-n // step)
+        blocks = -(-(-(-n // PACKED_BLOCK_ROWS)) // threads) * threads
+        blocks = min(blocks, tiles)
+        rows = -(-tiles // blocks) * step
+        key = ("packed", rows, blocks, threads)
+        state = self._local.buffers.get(key)
+        if state is None:
+            width = matmul.panel_width(self.dtype)
+            state = self._keep(key, (
+                np.zeros(3, np.int64), np.empty(blocks, np.bool_),
+                [np.empty((threads, rows, w), self.dtype) for w in self.widths[1:-1]],
+                [array for layer, _, _ in self.dense for array in (
+                    np.empty((matmul.panels(layer.out_features, self.dtype),
+                              layer.in_features, width), self.dtype),
+                    np.empty((layer.out_features, layer.in_features), self.dtype))],
+                _packed_driver_for(self.spec), [True]))
+        counters, flags, hidden, packed, driver, fresh = state
+        params = self._dense_params()
+        out = np.empty((n, self.out_width), self.dtype)
+        _parallel_launch(driver, x, out, step, threads, fresh[0], counters, flags, *hidden,
+                         *packed, *params)
+        fresh[0] = False
         return out, bool(flags.all())
 
     def _pass(self, x, n, threads, lanes, hidden, out) -> bool:
@@ -1177,13 +1330,18 @@ class Plan(_State):
 
     def _dense_params(self) -> list:
         """``[W, b, alpha, ...]`` of the stack of Dense layers as they are now (``b`` None
-        without bias); raises ``_Stale`` where a layer's activation object was replaced."""
+        without bias); raises ``_Stale`` where a layer's activation object was replaced or
+        its arrays no longer have the layer's shapes (the kernels read them unchecked)."""
         params = []
         for layer, own, act in self.dense:
             if layer.activation is not own:
                 raise _Stale
-            b = layer.b
-            params += (layer.W.data, None if b is None else b.data, act.alpha)
+            W, b = layer.W.data, layer.b
+            b = None if b is None else b.data
+            if W.shape != (layer.out_features, layer.in_features) or (
+                    b is not None and b.shape != (layer.out_features,)):
+                raise _Stale
+            params += (W, b, act.alpha)
         return params
 
 
@@ -1259,12 +1417,15 @@ def _dense_op(layer, own, act, kernel, src, dst, split=None, lanes=False):
     split over the threads (no row op; see :data:`SPLIT_MIN_MACS`), in the lanes form where
     ``lanes``."""
     local = threading.local()  # the split's per-thread blocks and driver
+    shape = (layer.out_features, layer.in_features)
 
     def op(regs, n):
         if layer.activation is not own:
             raise _Stale
         b = None if layer.b is None else layer.b.data
         W = layer.W.data
+        if W.shape != shape or (b is not None and b.shape != shape[:1]):
+            raise _Stale  # (the kernels read them unchecked)
         if split is not None and n * W.size >= SPLIT_MIN_MACS:
             threads = _threads()
             if threads > 1 and W.shape[0] % (4 * threads) == 0:  # whole 4-feature blocks
@@ -1381,7 +1542,10 @@ def run(model, x, check: bool = False, eval_mode: bool = False):
         if (not plan.ok or x.dtype != plan.dtype or x.shape[1] != plan.in_features
                 or not plan.takes(x.shape[0])):
             return None
-        out, finite = plan(x, check)
+        try:
+            out, finite = plan(x, check)
+        except _Stale:  # arrays of other shapes than their layers': the normal path says so
+            return None
     if check and not finite and not bool(np.isfinite(x).all()):
         from backprop import data as bpdata
 

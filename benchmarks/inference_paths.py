@@ -1,15 +1,16 @@
 """backprop's inference paths side by side, in one process: for each MLP and batch size, the
 path ``predict`` takes (the compiled plan of ``backprop.inference``: on one thread, or the
 chunked parallel driver, or the parallel pass of a stack with large weights, or a large layer
-split over the threads), the plan on the calling thread alone (no chunks, pass or split),
-the plan with the pass's layers split one parallel region each instead (where the pass
-runs), and the normal path
+split over the threads, or the packed driver of a large batch), the plan on the calling
+thread alone (no chunks, pass or split), the plan with the pass's layers split one parallel
+region each instead (where the pass runs), the chunked lanes form instead of the packed one
+(where that runs), and the normal path
 (``Sequential.forward`` under ``inference_mode``: BLAS products and the fused epilogues).
 The variants alternate, ``--repeat`` rounds of ``--max-time`` seconds each; the best median
 of the rounds counts. Ratios within one run only (shared, noisy machines).
 
 This is the measurement behind the plan's size limits (``inference.DENSE_MAX_ROWS``,
-``CACHED_MAX_ROWS``, ``SMALL_WEIGHT_BYTES``, ``PARALLEL_MIN_MACS``, ``PASS_MIN_BYTES``,
+``SMALL_WEIGHT_BYTES``, ``PACKED_MIN_ROWS``, ``PARALLEL_MIN_MACS``, ``PASS_MIN_BYTES``,
 ``SPLIT_MIN_MACS``): where the plan stops being faster than the normal path, predict hands
 the batch over.
 
@@ -73,6 +74,8 @@ def variants(model, x):
         if (len(x) < inference.PARALLEL_MIN_VECTORS * plan.lanes_from
                 and plan._pass_layout()[2] >= inference.PASS_MIN_BYTES):
             out["plan, layers split"] = (run, ("PASS_MIN_BYTES",))  # a region per layer
+        if len(x) >= inference.PACKED_MIN_ROWS and plan.resident():
+            out["lanes form"] = (run, ("PACKED_MIN_ROWS",))  # the chunks instead
     return out
 
 
@@ -139,24 +142,26 @@ def report(rows, args) -> str:
         f"`PASS_MIN_BYTES` = {inference.PASS_MIN_BYTES:,}); *plan, one thread*: the same "
         "plan kept on the calling thread; *layers split*: the pass's large layers split "
         f"one parallel region each (`SPLIT_MIN_MACS` = {inference.SPLIT_MIN_MACS:,}) "
-        "instead; *normal path*: "
+        "instead; *lanes form*: from `PACKED_MIN_ROWS` = "
+        f"{inference.PACKED_MIN_ROWS} rows, where predict runs the packed driver, the "
+        "chunked driver instead; *normal path*: "
         "`Sequential.forward` under `inference_mode` (BLAS). A blank: predict does not take "
-        f"the plan at that size (`DENSE_MAX_ROWS` = {inference.DENSE_MAX_ROWS}; "
-        f"`CACHED_MAX_ROWS` = {inference.CACHED_MAX_ROWS} for weights within one core's L2 "
-        f"cache, {inference.l2_cache_bytes():,} bytes here; "
-        f"`SMALL_WEIGHT_BYTES` = {inference.SMALL_WEIGHT_BYTES:,}).", "",
+        f"the plan at that size (`DENSE_MAX_ROWS` = {inference.DENSE_MAX_ROWS}, unless the "
+        f"weights fit in one core's L2 cache, {inference.l2_cache_bytes():,} bytes here, or "
+        f"in `SMALL_WEIGHT_BYTES` = {inference.SMALL_WEIGHT_BYTES:,}).", "",
         "| model | weights | batch | predict's plan | plan, one thread | layers split | "
-        "normal path | normal / plan |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        "lanes form | normal path | normal / plan |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         us = r["us"]
         plan = us.get("predict's plan")
-        one = us.get("plan, one thread")
-        split = us.get("plan, layers split")
         ratio = f"{us['normal path'] / plan:.2f}×" if plan else ""
+        cells = [us.get(label) for label in ("predict's plan", "plan, one thread",
+                                              "plan, layers split", "lanes form")]
         lines.append(
             f"| {r['model']} | {r['weight_bytes'] / 1024:,.0f} KiB | {r['batch']} | "
-            f"{plan and f'{plan:,.1f}' or ''} | {one and f'{one:,.1f}' or ''} | "
-            f"{split and f'{split:,.1f}' or ''} | {us['normal path']:,.1f} | {ratio} |")
+            + " | ".join(f"{v:,.1f}" if v else "" for v in cells)
+            + f" | {us['normal path']:,.1f} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 

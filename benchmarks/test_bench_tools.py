@@ -195,13 +195,16 @@ def test_inference_paths_smoke(tmp_path):
         (m, b) for m in ("digits", "mnist") for b in (1, 64, 200, 1100)]
     by = {(r["model"], r["batch"]): r["us"] for r in rows}
     assert "predict's plan" in by[("digits", 1100)]  # small weights: any batch
-    # 1 MiB of weights: up to 1024 rows where they fit in a core's L2, else up to 128
+    assert "lanes form" in by[("digits", 1100)]  # packed from PACKED_MIN_ROWS on
+    assert "lanes form" not in by[("digits", 200)]
+    # 1 MiB of weights: any batch where they fit in a core's L2, else up to 128 rows
     fits = 1_075_200 <= inference.l2_cache_bytes()
     assert ("predict's plan" in by[("mnist", 200)]) == fits
-    assert "predict's plan" not in by[("mnist", 1100)]
+    assert ("lanes form" in by[("mnist", 1100)]) == fits
     assert "plan, one thread" in by[("mnist", 64)]
     md = (tmp_path / "inference_paths.md").read_text()
-    assert md.startswith("# Inference paths") and "| mnist | 1,050 KiB | 1100 |  |  |" in md
+    assert md.startswith("# Inference paths")
+    assert ("| mnist | 1,050 KiB | 1100 |  |" in md) != fits
 
 
 def test_workers_clear_every_openmp_setting_backprop_makes():

@@ -47,7 +47,8 @@ from backprop.kernels import inline
 
 __all__ = ["PANEL_BYTES", "threads", "lanes", "make_tile", "transpose_block", "transpose",
            "split", "product",
-           "forward_parts", "forward_scratch", "forward", "run", "launch_parallel"]
+           "forward_parts", "forward_scratch", "forward", "run", "launch_parallel",
+           "PACKED_K", "PACKED_ROWS", "panel_width", "panels", "pack_panel", "packed_product"]
 
 PANEL_BYTES = 1 << 20
 """The most bytes of ``B`` one panel of columns spans (``K`` rows × the panel's columns):
@@ -105,7 +106,8 @@ def _float_arrays(*arrays) -> bool:
         all(a.dtype == arrays[0].dtype for a in arrays)
 
 
-def make_tile(rows: int, vectors: int, general: bool = False, masked: bool = False):
+def make_tile(rows: int, vectors: int, general: bool = False, masked: bool = False,
+              offset: bool = False):
     """An intrinsic that computes one tile, ``rows`` rows of ``C`` × ``vectors`` vectors of
     lanes, its accumulators in registers through the whole sum over k.
 
@@ -138,6 +140,8 @@ def make_tile(rows: int, vectors: int, general: bool = False, masked: bool = Fal
         k_in = builder.extract_value(b_arr.shape, 0)
         b_stride = builder.extract_value(b_arr.shape, 1)
         c_stride = builder.extract_value(c_arr.shape, 1)
+        a_start = index(9) if offset else ir.Constant(intp, 0)
+        b_col = index(10) if offset else i
         if general:
             a_row, a_k = index(5), index(6)
             accumulate = context.cast(builder, args[7], signature.args[7], types.boolean)
@@ -168,8 +172,8 @@ def make_tile(rows: int, vectors: int, general: bool = False, masked: bool = Fal
                                              f"llvm.fma.{suffix}")
         zero = ir.Constant(vty, None)
 
-        def vector_at(data, row, stride, v):
-            offset = builder.add(builder.add(builder.mul(row, stride), i),
+        def vector_at(data, row, stride, v, col=i):
+            offset = builder.add(builder.add(builder.mul(row, stride), col),
                                  ir.Constant(intp, v * count))
             return builder.bitcast(builder.gep(data, [offset], inbounds=True),
                                    vty.as_pointer())
@@ -194,13 +198,14 @@ def make_tile(rows: int, vectors: int, general: bool = False, masked: bool = Fal
                     for v in range(vectors):
                         builder.store(load(vector_at(c_arr.data, c_rows[r], c_stride, v), v),
                                       accs[r][v])
-        a_rows = [builder.gep(a_arr.data, [builder.mul(c_rows[r], a_row)], inbounds=True)
+        a_rows = [builder.gep(a_arr.data, [builder.add(builder.mul(c_rows[r], a_row), a_start)],
+                              inbounds=True)
                   for r in range(rows)]
         undef = ir.Constant(vty, ir.Undefined)
         broadcast = ir.Constant(ir.VectorType(i32, count), [0] * count)
         with cgutils.for_range(builder, k_in) as loop:
             k = loop.index
-            bs = [load(vector_at(b_arr.data, k, b_stride, v), v) for v in range(vectors)]
+            bs = [load(vector_at(b_arr.data, k, b_stride, v, b_col), v) for v in range(vectors)]
             a_k_offset = builder.mul(k, a_k)
             for r in range(rows):
                 a = builder.load(builder.gep(a_rows[r], [a_k_offset], inbounds=True))
@@ -214,7 +219,17 @@ def make_tile(rows: int, vectors: int, general: bool = False, masked: bool = Fal
                 store(builder.load(accs[r][v]), vector_at(c_arr.data, c_rows[r], c_stride, v), v)
         return context.get_dummy_value()
 
-    if general:
+    if offset:
+        @intrinsic
+        def tile(typingctx, B, A, C, j, i, a_row, a_k, accumulate, limit, a_start, b_col):
+            if not _float_arrays(B, A, C) or not all(
+                    isinstance(v, types.Integer)
+                    for v in (j, i, a_row, a_k, limit, a_start, b_col)) \
+                    or not isinstance(accumulate, types.Boolean):
+                return None
+            return types.void(B, A, C, j, i, a_row, a_k, accumulate, limit, a_start, b_col), \
+                codegen_for
+    elif general:
         @intrinsic
         def tile(typingctx, B, A, C, j, i, a_row, a_k, accumulate, limit):
             if not _float_arrays(B, A, C) or not all(
@@ -232,71 +247,229 @@ def make_tile(rows: int, vectors: int, general: bool = False, masked: bool = Fal
     return tile
 
 
-def _make_transpose_block():
+def _make_transpose_block(placed: bool = False):
     """An intrinsic ``block(x, xT, i, k)``: ``xT[k:k+L, i:i+L] = x[i:i+L, k:k+L]ᵀ`` for L
     lanes (16 float32, 8 float64): L vector loads of rows of ``x``, the transposition in
     registers (log₂ L rounds of two-vector shuffles, each swapping the off-diagonal blocks
     of a size within every block of twice that size), L vector stores into rows of ``xT``.
-    The arrays are C-contiguous of one float dtype (checked when typed); the caller keeps
-    the indices in bounds."""
+    ``placed``: ``block(x, xT, i, k, c)`` writes ``xT[k:k+L, c:c+L]`` instead. The arrays
+    are C-contiguous of one float dtype (checked when typed); the caller keeps the indices
+    in bounds."""
 
-    @intrinsic
-    def block(typingctx, x, xT, i, k):
-        if not _float_arrays(x, xT) or not all(isinstance(v, types.Integer) for v in (i, k)):
-            return None
+    def typed(x, xT, indices):
+        return _float_arrays(x, xT) and all(isinstance(v, types.Integer) for v in indices)
 
-        def codegen(context, builder, signature, args):
-            _wide(builder)
-            xa, ta, iv, kv = args
-            xarr, tarr = (context.make_array(t)(context, builder, a)
-                          for t, a in zip(signature.args[:2], (xa, ta)))
-            single = signature.args[0].dtype == types.float32
-            count = 16 if single else 8
-            align = 4 if single else 8
-            vty = ir.VectorType(context.get_value_type(signature.args[0].dtype), count)
-            intp = context.get_value_type(types.intp)
-            iv = context.cast(builder, iv, signature.args[2], types.intp)
-            kv = context.cast(builder, kv, signature.args[3], types.intp)
-            x_stride = builder.extract_value(xarr.shape, 1)
-            t_stride = builder.extract_value(tarr.shape, 1)
+    def codegen(context, builder, signature, args):
+        _wide(builder)
+        xa, ta, iv, kv = args[:4]
+        xarr, tarr = (context.make_array(t)(context, builder, a)
+                      for t, a in zip(signature.args[:2], (xa, ta)))
+        single = signature.args[0].dtype == types.float32
+        count = 16 if single else 8
+        align = 4 if single else 8
+        vty = ir.VectorType(context.get_value_type(signature.args[0].dtype), count)
+        intp = context.get_value_type(types.intp)
+        iv = context.cast(builder, iv, signature.args[2], types.intp)
+        kv = context.cast(builder, kv, signature.args[3], types.intp)
+        x_stride = builder.extract_value(xarr.shape, 1)
+        t_stride = builder.extract_value(tarr.shape, 1)
+        col = context.cast(builder, args[4], signature.args[4], types.intp) if placed else iv
 
-            def at(data, row, stride, col):
-                offset = builder.add(builder.mul(row, stride), col)
-                return builder.bitcast(builder.gep(data, [offset], inbounds=True),
-                                       vty.as_pointer())
+        def at(data, row, stride, col):
+            offset = builder.add(builder.mul(row, stride), col)
+            return builder.bitcast(builder.gep(data, [offset], inbounds=True),
+                                   vty.as_pointer())
 
-            rows = [builder.load(at(xarr.data, builder.add(iv, ir.Constant(intp, r)),
-                                    x_stride, kv), align=align) for r in range(count)]
-            size = 1
-            while size < count:
-                mask = ir.VectorType(ir.IntType(32), count)
-                low = ir.Constant(mask, [count + c - size if c & size else c
-                                         for c in range(count)])
-                high = ir.Constant(mask, [count + c if c & size else c + size
-                                          for c in range(count)])
-                swapped = list(rows)
-                for r in range(count):
-                    if not r & size:
-                        a, b = rows[r], rows[r + size]
-                        swapped[r] = builder.shuffle_vector(a, b, low)
-                        swapped[r + size] = builder.shuffle_vector(a, b, high)
-                rows, size = swapped, 2 * size
-            for c in range(count):
-                builder.store(rows[c], at(tarr.data, builder.add(kv, ir.Constant(intp, c)),
-                                          t_stride, iv), align=align)
-            return context.get_dummy_value()
+        rows = [builder.load(at(xarr.data, builder.add(iv, ir.Constant(intp, r)),
+                                x_stride, kv), align=align) for r in range(count)]
+        size = 1
+        while size < count:
+            mask = ir.VectorType(ir.IntType(32), count)
+            low = ir.Constant(mask, [count + c - size if c & size else c
+                                     for c in range(count)])
+            high = ir.Constant(mask, [count + c if c & size else c + size
+                                      for c in range(count)])
+            swapped = list(rows)
+            for r in range(count):
+                if not r & size:
+                    a, b = rows[r], rows[r + size]
+                    swapped[r] = builder.shuffle_vector(a, b, low)
+                    swapped[r + size] = builder.shuffle_vector(a, b, high)
+            rows, size = swapped, 2 * size
+        for c in range(count):
+            builder.store(rows[c], at(tarr.data, builder.add(kv, ir.Constant(intp, c)),
+                                      t_stride, col), align=align)
+        return context.get_dummy_value()
 
-        return types.void(x, xT, i, k), codegen
-
+    if placed:
+        @intrinsic
+        def block(typingctx, x, xT, i, k, c):
+            return (types.void(x, xT, i, k, c), codegen) if typed(x, xT, (i, k, c)) else None
+    else:
+        @intrinsic
+        def block(typingctx, x, xT, i, k):
+            return (types.void(x, xT, i, k), codegen) if typed(x, xT, (i, k)) else None
     return block
 
 
 transpose_block = _make_transpose_block()
+_placed_block = _make_transpose_block(placed=True)
 
 _t82, _t81, _t81m = make_tile(8, 2, True), make_tile(8, 1, True), make_tile(8, 1, True, True)
 _t42, _t41, _t41m = make_tile(4, 2, True), make_tile(4, 1, True), make_tile(4, 1, True, True)
 _t12, _t11, _t11m = make_tile(1, 2, True), make_tile(1, 1, True), make_tile(1, 1, True, True)
 
+
+# Packed panels (the inference plans' large batches). ``Z = X Wᵀ`` with the batch read in
+# place: ``W`` ``(M, K)`` is copied once per call into panels of two vectors of output
+# features, ``Wp[p, k, c] = W[p·w + c, k]`` (``w`` = :func:`panel_width`, zero past ``M``),
+# each panel a contiguous ``(K, w)`` strip of ``Wᵀ``; the tiles broadcast ``X``'s values
+# and load the panel's rows. The sum over k runs in blocks of at most :data:`PACKED_K`, so
+# that one panel's block (``PACKED_K × w`` values, 32 KiB) stays in L1 while every strip of
+# rows passes over it; a block adds to the partial sums the previous one stored, which sums
+# each output in the same order as one pass over k (and as the lanes form's tiles: the
+# same products, fused-multiply-added in the same order).
+PACKED_K = 256
+"""The most features one block of the packed product sums over (see above)."""
+
+PACKED_ROWS = 12
+"""Rows of a packed product's tile (× two vectors of outputs: 24 accumulators of the 32
+vector registers); a block of rows is best a multiple of it."""
+
+_P2, _P2m, _P1m = (make_tile(PACKED_ROWS, 2, True, False, True),
+                   make_tile(PACKED_ROWS, 2, True, True, True),
+                   make_tile(PACKED_ROWS, 1, True, True, True))
+_Q2, _Q2m, _Q1m = (make_tile(4, 2, True, False, True), make_tile(4, 2, True, True, True),
+                   make_tile(4, 1, True, True, True))
+_S2, _S2m, _S1m = (make_tile(1, 2, True, False, True), make_tile(1, 2, True, True, True),
+                   make_tile(1, 1, True, True, True))
+
+
+def _as_bits(a):
+    """``a`` viewed as unsigned integers of its size (compiled code only)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_as_bits)
+def _as_bits_impl(a):
+    bits = np.uint32 if a.dtype == types.float32 else np.uint64
+    return lambda a: a.view(bits)
+
+
+def panel_width(dtype) -> int:
+    """Outputs per packed panel: two vectors of lanes (32 float32, 16 float64)."""
+    return 32 if np.dtype(dtype) == np.float32 else 16
+
+
+def panels(m: int, dtype) -> int:
+    """Packed panels of ``m`` outputs."""
+    return -(-m // panel_width(dtype))
+
+
+@njit(**_FLAGS)
+def pack_panel(W, Wp, p):
+    """``Wp[p] = W[p·w:(p+1)·w]ᵀ``, the columns past ``W``'s rows zero: blocks of L × L
+    values transposed in registers (:func:`transpose_block`), the edges one by one."""
+    m, k_in = W.shape
+    count = lanes(W)
+    width = Wp.shape[2]
+    panel = Wp[p]
+    j0 = p * width
+    j1 = min(m, j0 + width)
+    whole = (j1 - j0) // count * count  # the panel's columns in whole blocks
+    cols = k_in - k_in % count
+    for c in range(0, whole, count):
+        for k in range(0, cols, count):
+            _placed_block(W, panel, j0 + c, k, c)
+    zero = W.dtype.type(0.0)
+    for k in range(k_in):
+        start = 0 if k >= cols else whole
+        for c in range(start, j1 - j0):
+            panel[k, c] = W[j0 + c, k]
+        for c in range(j1 - j0, width):
+            panel[k, c] = zero
+
+
+@njit(**_FLAGS)
+def refresh_panel(W, S, Wp, p, fresh):
+    """Panel ``p`` of ``W`` packed into ``Wp`` (:func:`pack_panel`) unless ``S``, a copy of
+    the weights it was last packed from, holds the same bits in the panel's rows of ``W``
+    (compared as integers, so a zero changed to a negative zero counts as a change and an
+    unchanged NaN does not); ``S`` is then brought up to date. ``fresh``: pack, whatever ``S`` holds.
+    Returns whether it packed."""
+    width = Wp.shape[2]
+    j0 = p * width
+    j1 = min(W.shape[0], j0 + width)
+    now, then = W[j0:j1], S[j0:j1]
+    if not fresh:
+        bits, kept = _as_bits(now), _as_bits(then)
+        changed = 0
+        for j in range(j1 - j0):
+            for k in range(W.shape[1]):
+                changed += bits[j, k] != kept[j, k]
+        if changed == 0:
+            return False
+    then[:, :] = now
+    pack_panel(W, Wp, p)
+    return True
+
+
+@njit(**_FLAGS)
+def _packed_rows(A, B, C, j, c0, acc, limit, k0, rows, mode):
+    """One tile of ``rows`` (PACKED_ROWS, 4 or 1) rows at row ``j``, columns ``c0`` on:
+    ``mode`` 0 two whole vectors, 1 two vectors (the second masked at ``limit``), 2 one
+    masked vector."""
+    a_row = A.shape[1]
+    one = np.intp(1)
+    zero = np.intp(0)
+    if rows == PACKED_ROWS:
+        if mode == 0:
+            _P2(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+        elif mode == 1:
+            _P2m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+        else:
+            _P1m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+    elif rows == 4:
+        if mode == 0:
+            _Q2(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+        elif mode == 1:
+            _Q2m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+        else:
+            _Q1m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+    elif mode == 0:
+        _S2(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+    elif mode == 1:
+        _S2m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+    else:
+        _S1m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+
+
+@njit(**_FLAGS)
+def packed_product(A, Wp, C):
+    """``C = A Wᵀ`` for ``A`` ``(N, K)`` C-contiguous, read in place, and ``W`` ``(M, K)``
+    packed into ``Wp`` ``(panels(M), K, w)`` (:func:`pack_panel`); ``C`` ``(N, M)``
+    C-contiguous. On the calling thread: blocks of at most :data:`PACKED_K` features (of
+    equal size), each panel's block over every strip of rows (tiles of
+    :data:`PACKED_ROWS`, then 4, then single rows). The caller checks shapes."""
+    n, k_in = A.shape
+    m = C.shape[1]
+    count = lanes(C)
+    width = Wp.shape[2]
+    blocks = -(-k_in // PACKED_K)
+    kc = -(-k_in // blocks)
+    for k0 in range(0, k_in, kc):
+        k1 = min(k_in, k0 + kc)
+        acc = k0 > 0
+        for p in range(Wp.shape[0]):
+            B = Wp[p, k0:k1]
+            c0 = p * width
+            left = m - c0
+            mode = 0 if left >= width else (1 if left > count else 2)
+            j = 0
+            for rows in (PACKED_ROWS, 4, 1):
+                while j + rows <= n:
+                    _packed_rows(A, B, C, j, c0, acc, m, k0, rows, mode)
+                    j += rows
 
 @njit(**_FLAGS)
 def _strip(A, B, C, j, rows, p0, p1, a_row, a_k, accumulate):

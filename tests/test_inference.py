@@ -121,10 +121,12 @@ def count_launches(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 def test_a_small_dense_stack_takes_any_batch_in_chunks(dtype, monkeypatch):
+    """Below PACKED_MIN_ROWS (then in the packed form, tested below)."""
     chunks = count_launches(monkeypatch)
     model = mlp("relu", dtype, width=33, out=6)
     assert inference.plan_for(model).weight_bytes <= inference.SMALL_WEIGHT_BYTES
-    for n in (R + 1, 100, 1000):
+    assert inference.PACKED_MIN_ROWS > 200
+    for n in (R + 1, 100, 200):
         x = data(n, 7, dtype, seed=n)
         predicted, called = uses_plan(model, x)
         np.testing.assert_array_equal(predicted, called)
@@ -149,22 +151,39 @@ def test_a_large_dense_stack_takes_the_plan_up_to_dense_max_rows(monkeypatch):
     assert plan.takes(R) and not plan.takes(R + 1)
 
 
-def test_a_dense_stack_whose_weights_fit_in_l2_takes_the_plan_up_to_cached_max_rows(
-        monkeypatch):
-    """Weights that fit in one core's L2 cache: the plan takes batches up to
-    CACHED_MAX_ROWS rows (the same outputs as the normal path, to rounding), then hands
-    them over; where the L2 size is unknown (0) it keeps to DENSE_MAX_ROWS."""
+def count_packed(monkeypatch):
+    """The row counts of the packed driver's calls, one entry per call."""
+    calls = []
+    packed = inference.Plan._packed
+
+    def counted(plan, x, n, threads):
+        calls.append(n)
+        return packed(plan, x, n, threads)
+
+    monkeypatch.setattr(inference.Plan, "_packed", counted)
+    return calls
+
+
+def test_a_dense_stack_whose_weights_fit_in_l2_takes_any_batch(monkeypatch):
+    """Weights that fit in one core's L2 cache: the plan takes any batch (the same outputs
+    as the normal path, to rounding), in the packed form from PACKED_MIN_ROWS rows; where
+    the L2 size is unknown (0) it keeps to DENSE_MAX_ROWS."""
+    calls = count_packed(monkeypatch)
     model = Sequential([Dense(600, 120, rng=0), Dense(120, 10, rng=1)]).eval()
     plan = inference.plan_for(model)
+    assert plan.weight_bytes > inference.SMALL_WEIGHT_BYTES
     monkeypatch.setattr(inference, "l2_cache_bytes", lambda: plan.weight_bytes)
-    C = inference.CACHED_MAX_ROWS
-    assert C > inference.DENSE_MAX_ROWS
-    assert plan.takes(C) and not plan.takes(C + 1)
-    x = data(C + 1, 600, np.float32)
-    assert inference.run(model, x) is None
-    assert_close(inference.run(model, x[:C]), forward(model, x[:C]), np.float32)
+    P = inference.PACKED_MIN_ROWS
+    assert P > inference.DENSE_MAX_ROWS
+    assert plan.takes(P - 1) and plan.takes(P) and plan.takes(50 * P)
+    x = data(P + 5, 600, np.float32)
+    assert_close(inference.run(model, x[:P - 1]), forward(model, x[:P - 1]), np.float32)
+    assert calls == []
+    assert_close(inference.run(model, x), forward(model, x), np.float32)
+    assert calls == ([P + 5] if inference.atomics.AVAILABLE else [])
     monkeypatch.setattr(inference, "l2_cache_bytes", lambda: 0)
     assert not plan.takes(inference.DENSE_MAX_ROWS + 1)
+    assert inference.run(model, x) is None  # the normal path
 
 
 def test_the_l2_size_is_read_from_sysfs(tmp_path):
@@ -505,7 +524,8 @@ def test_unplannable_models_take_the_normal_path():
     assert inference.run(plain, x[:, :1].repeat(7, axis=1)) is None
 
 
-def test_default_batch_is_one_pass():
+def test_default_batch_is_one_pass(monkeypatch):
+    monkeypatch.setattr(inference, "l2_cache_bytes", lambda: 0)
     model = mlp("relu", np.float32, width=300)  # weights too large for a plan at 4096 rows
     X = data(4096, 7, np.float32)
     calls = []
@@ -522,9 +542,11 @@ def test_default_batch_is_one_pass():
     assert training._rows_per_pass(model, X) >= 4096
 
 
-@pytest.mark.parametrize("split", ["whole", "split", "pass"],
-                         ids=["whole", "split-layers", "parallel-pass"])
+@pytest.mark.parametrize("split", ["whole", "split", "pass", "packed"],
+                         ids=["whole", "split-layers", "parallel-pass", "packed"])
 def test_two_threads_predict_at_once(split, monkeypatch):
+    if split == "packed":  # the 300-row batch in the packed form: per-thread panels
+        monkeypatch.setattr(inference, "PACKED_MIN_ROWS", 100)
     if split == "split":  # every layer that can be split is: per-thread blocks, drivers
         monkeypatch.setattr(inference, "SPLIT_MIN_MACS", 0)  # built at once
     elif split == "pass":  # every small batch a parallel pass: per-thread counters
@@ -920,3 +942,144 @@ def test_a_pass_takes_one_thread_per_share_of_the_weights(monkeypatch):
             monkeypatch.setattr(inference, "PASS_BYTES_PER_THREAD", per_thread)
             np.testing.assert_array_equal(model.predict(x), expected)
             assert ("pass", team, False, 0) in plan._local.buffers
+
+
+# ---------------------------------------------------------------------------------------
+# The packed form (large batches of a stack of Dense layers whose weights stay in cache)
+needs_atomics = pytest.mark.skipif(not inference.atomics.AVAILABLE,
+                                   reason="no yield call for the packed driver's waits: "
+                                          f"{inference.atomics.REASON}")
+
+
+def packed_mlp(dtype, activation="relu", bias=True, row_op=None):
+    """Widths that leave a partial panel in every layer (panels of 32 float32 or 16 float64
+    outputs: 45 and 33 need a masked second vector, 6 a masked first one)."""
+    rng = np.random.default_rng(5)
+    layers = [Dense(7, 45, activation=activation, bias=bias, rng=rng, dtype=dtype),
+              Dense(45, 33, activation=activation, bias=bias, rng=rng, dtype=dtype),
+              Dense(33, 6, activation=row_op, bias=bias, rng=rng, dtype=dtype)]
+    return Sequential(layers).eval()
+
+
+def run_packed(model, x, threads):
+    out, finite = inference.plan_for(model)._packed(x, len(x), threads)
+    return out, finite
+
+
+@needs_atomics
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("activation, bias, row_op", [
+    ("relu", True, None), ("tanh", False, None), ("gelu", True, None),
+    ("sigmoid", True, "softmax"), ("elu", False, "log_softmax")])
+def test_the_packed_form_gives_the_lanes_forms_bits(dtype, activation, bias, row_op):
+    """On any number of rows (blocks of 12-row tiles and every remainder) and threads, the
+    packed form gives forward's outputs to rounding, and the lanes form's bits where no row
+    op reorders a sum (the same products in the same order, the same σ)."""
+    model = packed_mlp(dtype, activation, bias, row_op)
+    for n in (1, 11, 12, 13, 100, 301, 1000):
+        x = data(n, 7, dtype, seed=n) * 2
+        expected = forward(model, x)
+        lanes = model.predict(x) if n >= 16 else None  # (the lanes form from 16 rows on)
+        for threads in (1, 2, 3):
+            out, finite = run_packed(model, x, threads)
+            assert finite and out.shape == (n, 6) and out.dtype == dtype
+            assert_close(out, expected, dtype)
+            if lanes is not None and row_op is None:
+                np.testing.assert_array_equal(out, lanes)
+
+
+@needs_atomics
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_predict_takes_the_packed_form_from_packed_min_rows(dtype, monkeypatch):
+    calls = count_packed(monkeypatch)
+    monkeypatch.setattr(inference, "PACKED_MIN_ROWS", 200)
+    model = packed_mlp(dtype)
+    for n in (199, 200, 777):
+        x = data(n, 7, dtype, seed=n)
+        predicted, called = uses_plan(model, x)
+        np.testing.assert_array_equal(predicted, called)
+        assert_close(predicted, forward(model, x), dtype)
+    assert calls == [200, 200, 777, 777]
+
+
+@needs_atomics
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_non_finite_input_raises_through_the_packed_form(dtype, monkeypatch):
+    """The first layer's epilogue is the packed form's only NaN/inf check: a bad value in any
+    block of rows, in any block of features, also against all-zero weights, fails."""
+    monkeypatch.setattr(inference, "PACKED_MIN_ROWS", 100)
+    wide = Sequential([Dense(300, 20, rng=0, dtype=dtype), Dense(20, 3, rng=1, dtype=dtype)])
+    zeroed = copy.deepcopy(wide)
+    zeroed.layers[0].W.data[:, 299] = 0.0
+    n = 700
+    for net in (wide.eval(), zeroed.eval()):
+        for bad in (np.nan, np.inf, -np.inf):
+            for row, col in ((0, 0), (n - 1, 299), (n // 2, 150), (13, 299)):
+                x = data(n, 300, dtype, seed=row)
+                x[row, col] = bad
+                with pytest.raises(DataError, match=f"NaN or inf.*row {row}"):
+                    net.predict(x)
+                x[row, col] = 0.0
+                assert np.isfinite(net.predict(x)).all()
+
+
+@needs_atomics
+def test_the_packed_form_reads_the_weights_at_every_call(monkeypatch):
+    """The panels are packed at every call: in-place updates and new arrays are seen."""
+    monkeypatch.setattr(inference, "PACKED_MIN_ROWS", 100)
+    model = packed_mlp(np.float32)
+    x = data(400, 7, np.float32)
+    model.predict(x)
+    model.layers[0].W.data *= 2.0
+    model.layers[1].b.data += 1.0
+    assert_close(model.predict(x), forward(model, x), np.float32)
+    model.layers[2].W.data = model.layers[2].W.data[::-1].copy()
+    assert_close(model.predict(x), forward(model, x), np.float32)
+
+
+@needs_atomics
+def test_the_packed_form_completes_when_one_thread_runs_every_iteration():
+    """The threads claim panels and blocks of rows, and wait only for panels a running
+    thread claimed: with Numba running one thread, three iterations run one after the
+    other, the first does all the work, and the bits are those of any other split."""
+    import numba
+
+    model = packed_mlp(np.float32)
+    x = data(500, 7, np.float32)
+    expected, _ = run_packed(model, x, 2)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        out, finite = run_packed(model, x, 3)
+    finally:
+        numba.set_num_threads(previous)
+    assert finite
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_the_packed_drivers_source_names_its_kernels():
+    """One driver per stack of activations; its text names every kernel it calls (Numba's
+    disk cache finds a driver by its text)."""
+    source = inference._packed_source((("relu", 0), ("identity", 1)))
+    assert "epilogue_relu_0(H1[t, :m], b0, a0)" in source
+    assert "epilogue_identity_1(out[r0:r1], b1, a1)" in source
+    assert "flags[c] = epilogue_relu_0" in source
+    one = inference._packed_source((("tanh", 2),))
+    assert "packed_product(x[r0:r1], P0, out[r0:r1])" in one and "H1" not in one
+
+
+@pytest.mark.parametrize("n", [5, 40, 2000], ids=["row", "lanes", "packed"])
+def test_weights_of_another_shape_take_the_normal_path(n):
+    """A weight or bias array swapped for one of another shape than its layer's is never
+    read by a plan's kernels (they index it unchecked): the normal path runs, and says what
+    is wrong."""
+    model = packed_mlp(np.float32)
+    x = data(n, 7, np.float32)
+    model.predict(x)
+    model.layers[1].W.data = np.zeros((33, 44), np.float32)
+    assert inference.run(model, x) is None
+    with pytest.raises(Exception):
+        model.predict(x)
+    model.layers[1].W.data = np.zeros((33, 45), np.float32)
+    model.layers[0].b.data = np.zeros(44, np.float32)
+    assert inference.run(model, x) is None

@@ -130,6 +130,64 @@ def test_extreme_values_propagate_as_in_numpy(dtype):
     assert out[4, 0] == tiny  # a denormal survives (no flush to zero)
 
 
+def packed(w):
+    """``w`` ``(M, K)`` packed into its panels."""
+    wp = np.full((matmul.panels(w.shape[0], w.dtype), w.shape[1], matmul.panel_width(w.dtype)),
+                 np.nan, w.dtype)
+    for p in range(wp.shape[0]):
+        matmul.pack_panel(w, wp, p)
+    return wp
+
+
+@pytest.mark.parametrize("dtype, rtol", DTYPES)
+def test_the_packed_product_matches_numpy(dtype, rtol):
+    """``Z = X Wᵀ`` over packed panels: rows left after tiles of 12 and 4, outputs in whole
+    panels, a panel of more than one vector and of at most one (both masked), sums of one
+    block of features and of several (blocks of equal size, the last partial sums added);
+    the same bits as the lanes tiles' ``Zᵀ = W Xᵀ`` (same products, same order)."""
+    rng = np.random.default_rng(3)
+    width = matmul.panel_width(dtype)
+    shapes = [(1, 1, 1), (11, 3, width), (12, 5, width + 1), (13, 33, 2 * width - 1),
+              (29, matmul.PACKED_K + 1, 3 * width + width // 2 + 1),
+              (50, 2 * matmul.PACKED_K + 17, 10)]
+    for n, k, m in shapes:
+        x = rng.standard_normal((n, k)).astype(dtype)
+        w = rng.standard_normal((m, k)).astype(dtype)
+        wp = packed(w)
+        assert np.array_equal(wp[0, :, :min(m, width)], w[:width].T)
+        assert not wp[-1, :, m - (wp.shape[0] - 1) * width:].any()  # zero past the outputs
+        z = np.full((n, m), np.nan, dtype)
+        matmul.packed_product(x, wp, z)
+        close(z, x @ w.T, x, np.ascontiguousarray(w.T), rtol)
+        lanes = forward(x, w, 1)
+        assert np.array_equal(z, lanes)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_packed_product_propagates_extreme_values(dtype):
+    """NaN, ±inf, inf·0 and overflow as NumPy puts them, across the blocks of features: a
+    non-finite value of ``X`` leaves its whole row of ``Z`` non-finite, even against zero
+    weights (the inference plans' finiteness check relies on it)."""
+    big = np.finfo(dtype).max
+    k = matmul.PACKED_K + 40
+    x = np.ones((15, k), dtype)
+    w = np.ones((21, k), dtype)
+    x[0, 0] = np.nan
+    x[1, k - 1] = np.inf
+    x[2, 3] = -np.inf
+    x[3, 5] = big
+    x[3, 6] = big
+    w[:, k - 1] = 0.0  # inf · 0 = NaN for the whole of row 1
+    x[4, 7] = np.inf
+    x[4, k - 2] = -np.inf  # inf - inf, in another block of features
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = x @ w.T
+    z = np.empty_like(want)
+    matmul.packed_product(x, packed(w), z)
+    np.testing.assert_array_equal(z, want)
+    assert np.isnan(z[1]).all() and np.isnan(z[4]).all() and np.isinf(z[3]).all()
+    assert not np.isfinite(z[:5]).any() and np.isfinite(z[5:]).all()
+
 def test_declines_what_it_cannot_run():
     """Declined calls return False and write nothing: shapes that disagree, overlap,
     both operands transposed, an accumulated forward form, the wrong scratch, read-only,
@@ -228,3 +286,29 @@ def test_two_threads_under_the_workqueue_layer():
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["workqueue", "0"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_panel_is_packed_again_only_when_its_weights_change(dtype):
+    """``refresh_panel`` packs where the copy it packed from differs from the weights in
+    any bit of the panel's rows (a negative zero for a zero included; an unchanged NaN is
+    no change), and keeps the copy in step."""
+    width = matmul.panel_width(dtype)
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((width + 5, 19)).astype(dtype)
+    w[0, 0] = 0.0
+    copy = np.full_like(w, np.nan)
+    wp = np.empty((2, 19, width), dtype)
+    assert matmul.refresh_panel(w, copy, wp, 0, True)
+    assert matmul.refresh_panel(w, copy, wp, 1, True)
+    assert np.array_equal(copy, w) and np.array_equal(wp, packed(w))
+    assert not matmul.refresh_panel(w, copy, wp, 0, False)
+    assert not matmul.refresh_panel(w, copy, wp, 1, False)
+    for row, value in ((0, -0.0), (width + 4, np.nan), (3, np.nan)):
+        w[row, 0] = value
+        p = row // width
+        assert matmul.refresh_panel(w, copy, wp, p, False)
+        assert not matmul.refresh_panel(w, copy, wp, 1 - p, False)
+        assert np.array_equal(wp, packed(w), equal_nan=True)
+        assert np.signbit(wp[0, 0, 0]) == np.signbit(w[0, 0])
+    assert not matmul.refresh_panel(w, copy, wp, 1, False)  # the same bits, NaN or not
