@@ -22,6 +22,18 @@ The Dense layer's products (``X`` ``(N, in)``, ``W`` ``(out, in)``, ``δ`` ``(N,
                          ``Xᵀ`` and ``Zᵀ`` back into ``Z`` by blocks of L × L values
                          in registers (:func:`forward`)
 
+Packed panels (the inference plans' large batches, :func:`packed_product`). ``Z = X Wᵀ``
+with the batch read in place: ``W`` ``(M, K)`` is copied into panels of two vectors of
+outputs, ``Wp[p, k, c] = W[p·w + c, k]`` (``w`` = :func:`panel_width`, zero past ``M``),
+each panel a contiguous ``(K, w)`` strip of ``Wᵀ``; tiles of :data:`PACKED_ROWS` rows
+broadcast ``X``'s values and load the panel's rows. The sum over k runs in blocks of at most
+:data:`PACKED_K` features, so that one panel's block (32 KiB) stays in L1 while every strip
+of rows passes over it; a block adds to the partial sums the previous one stored, which
+sums each output in the same order as one pass over k, and as the lanes form's tiles (the
+same products, fused-multiply-added in the same order): the same bits.
+:func:`refresh_panel` packs a panel again only where the weights differ from the copy it
+was packed from.
+
 Threads. :func:`product` and :func:`forward` split ``C`` over ``parts`` threads in one
 Numba parallel region (``parts = 1``: no region, the calling thread alone): rows of ``C``
 in whole tiles, or columns in whole pairs of vectors where the rows are too few; the
@@ -48,7 +60,8 @@ from backprop.kernels import inline
 __all__ = ["PANEL_BYTES", "threads", "lanes", "make_tile", "transpose_block", "transpose",
            "split", "product",
            "forward_parts", "forward_scratch", "forward", "run", "launch_parallel",
-           "PACKED_K", "PACKED_ROWS", "panel_width", "panels", "pack_panel", "packed_product"]
+           "PACKED_K", "PACKED_ROWS", "panel_width", "panels", "pack_panel", "refresh_panel",
+           "packed_product"]
 
 PANEL_BYTES = 1 << 20
 """The most bytes of ``B`` one panel of columns spans (``K`` rows × the panel's columns):
@@ -117,7 +130,11 @@ def make_tile(rows: int, vectors: int, general: bool = False, masked: bool = Fal
     - ``general=True``: ``tile(B, A, C, j, i, a_row, a_k, accumulate, limit)``: ``A'`` read
       through the strides, ``C`` added to where ``accumulate``; with ``masked`` only the
       columns below ``limit`` of the last vector are read and written (``limit`` is unused
-      otherwise).
+      otherwise);
+    - ``general=True, offset=True``: ``tile(B, A, C, j, i, a_row, a_k, accumulate, limit,
+      a_start, b_col)``: ``A'[r, k] = A.flat[a_start + r·a_row + k·a_k]`` and ``B``'s
+      columns from ``b_col`` (``C``'s from ``i``): a block of features of a packed panel
+      (:func:`packed_product`).
 
     The arrays are two-dimensional, C-contiguous, of one float dtype (checked when typed;
     anything else does not type); the caller keeps the indices in bounds."""
@@ -320,17 +337,9 @@ _t42, _t41, _t41m = make_tile(4, 2, True), make_tile(4, 1, True), make_tile(4, 1
 _t12, _t11, _t11m = make_tile(1, 2, True), make_tile(1, 1, True), make_tile(1, 1, True, True)
 
 
-# Packed panels (the inference plans' large batches). ``Z = X Wᵀ`` with the batch read in
-# place: ``W`` ``(M, K)`` is copied once per call into panels of two vectors of output
-# features, ``Wp[p, k, c] = W[p·w + c, k]`` (``w`` = :func:`panel_width`, zero past ``M``),
-# each panel a contiguous ``(K, w)`` strip of ``Wᵀ``; the tiles broadcast ``X``'s values
-# and load the panel's rows. The sum over k runs in blocks of at most :data:`PACKED_K`, so
-# that one panel's block (``PACKED_K × w`` values, 32 KiB) stays in L1 while every strip of
-# rows passes over it; a block adds to the partial sums the previous one stored, which sums
-# each output in the same order as one pass over k (and as the lanes form's tiles: the
-# same products, fused-multiply-added in the same order).
 PACKED_K = 256
-"""The most features one block of the packed product sums over (see above)."""
+"""The most features one block of the packed product sums over (see the module's
+docstring)."""
 
 PACKED_ROWS = 12
 """Rows of a packed product's tile (× two vectors of outputs: 24 accumulators of the 32
@@ -369,7 +378,7 @@ def panels(m: int, dtype) -> int:
 @njit(**_FLAGS)
 def pack_panel(W, Wp, p):
     """``Wp[p] = W[p·w:(p+1)·w]ᵀ``, the columns past ``W``'s rows zero: blocks of L × L
-    values transposed in registers (:func:`transpose_block`), the edges one by one."""
+    values transposed in registers (``transpose_block``), the edges one by one."""
     m, k_in = W.shape
     count = lanes(W)
     width = Wp.shape[2]
