@@ -29,6 +29,7 @@ from backprop.clip import clip_grad_norm, clip_grad_value, grad_norm
 from backprop.concurrency import ConcurrentTrainingError, inference_mode
 from backprop.data import DataError
 from backprop.explain import explain
+from backprop.frozen import FrozenModel, freeze
 from backprop.gradcheck import GradcheckError, gradcheck
 from backprop.gradient_health import GradientHealthWarning, GradientMonitor
 from backprop.init import manual_seed

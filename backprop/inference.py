@@ -899,8 +899,9 @@ def _packed_source(spec) -> str:
 
     One iteration per thread. First the threads bring every layer's panels (``P{i}``) up to
     date: ``counters[0]`` claims a panel, which is packed again where its weights differ
-    from the copy ``S{i}`` they were packed from (always where ``fresh``), ``counters[1]``
-    counts the panels done, and every thread waits for all of them. Then ``counters[2]`` claims the blocks of rows in
+    from the copy ``S{i}`` they were packed from (``mode`` 0; 1: packed whatever the copy
+    holds; 2: neither, the panels of a frozen model), ``counters[1]`` counts the panels
+    done, and every thread waits for all of them. Then ``counters[2]`` claims the blocks of rows in
     order: a thread that runs late (its core shared with another program) takes fewer
     blocks instead of holding up the others, and a thread only ever waits for panels that a
     running thread has claimed. The first layer's epilogue of block ``c`` says whether it
@@ -911,12 +912,13 @@ def _packed_source(spec) -> str:
     params = ", ".join(f"W{i}, b{i}, a{i}" for i in range(layers))
     ends = [" + ".join(f"P{j}.shape[0]" for j in range(i + 1)) for i in range(layers)]
     lines = [f"# the packed inference driver of the Dense stack {spec!r}",
-             f"def packed_driver(x, out, tile, threads, fresh, counters, flags, "
+             f"def packed_driver(x, out, tile, threads, mode, counters, flags, "
              f"{hidden}{', ' if hidden else ''}{packed}, {params}):",
              "    n = x.shape[0]",
              "    blocks = flags.shape[0]",
              "    tiles = (n + tile - 1) // tile",
-             f"    total = {ends[-1]}",
+             f"    total = 0 if mode == 2 else {ends[-1]}",
+             "    fresh = mode == 1",
              # a loop, not counters[:] = 0 (see _pass_source)
              "    for i in range(counters.shape[0]):",
              "        counters[i] = 0",
@@ -1047,6 +1049,9 @@ class Plan(_State):
         self.in_features = model.in_features
         if self.in_features is None:
             raise _Unsupported("unknown input features")
+        # a frozen copy (backprop.frozen): its weights never change, so the packed form packs
+        # its panels once and never compares them with the weights
+        self.frozen = bool(model.__dict__.get("_inference_frozen", False))
         self.sensitive = []  # layers whose forward differs in training mode
         self._widths = [self.in_features]
         self._steps = []
@@ -1257,7 +1262,8 @@ class Plan(_State):
         counters, flags, hidden, packed, driver, fresh = state
         params = self._dense_params()
         out = np.empty((n, self.out_width), self.dtype)
-        _parallel_launch(driver, x, out, step, threads, fresh[0], counters, flags, *hidden,
+        mode = 1 if fresh[0] else (2 if self.frozen else 0)  # pack, check, neither
+        _parallel_launch(driver, x, out, step, threads, mode, counters, flags, *hidden,
                          *packed, *params)
         fresh[0] = False
         return out, bool(flags.all())

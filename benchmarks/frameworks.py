@@ -480,6 +480,14 @@ def train_worker(framework: str, specs: list[Spec], max_time: float, threads: in
     return results
 
 
+def backprop_frozen(model):
+    """``bp.freeze(model)`` (``backprop.frozen``), or ``model`` itself where this backprop
+    has no frozen models (its ``predict`` then stands in)."""
+    import backprop as bp
+
+    return bp.freeze(model) if hasattr(bp, "freeze") else model
+
+
 def inference_variants(framework: str, spec: Spec, params, threads: int):
     """``(variants, to_input, model)``: the framework's inference calls on ``spec``'s MLP
     holding ``params``
@@ -490,9 +498,11 @@ def inference_variants(framework: str, spec: Spec, params, threads: int):
     if framework == "backprop":
         model = backprop_model(spec, params)
         model.eval()
+        frozen = backprop_frozen(model)
         variants = {"predict": lambda x: model.predict(x),
                     "call": lambda x: model(x),
-                    "forward-eval": lambda x: model.forward(x)}
+                    "forward-eval": lambda x: model.forward(x),
+                    "frozen": lambda x: frozen.predict(x)}
     elif framework == "torch":
         import torch
 

@@ -41,7 +41,8 @@ its share; ``--threads`` sets how many threads every framework uses.
 
 ``--inference``: each step is one inference call on a batch of ``model:rows`` (the calls of
 ``frameworks.py``'s inference section: backprop's ``predict``, ONNX Runtime's
-``session.run``, PyTorch's forward under ``inference_mode``, a ``jax.jit`` forward); ratios
+``session.run``, PyTorch's forward under ``inference_mode``, a ``jax.jit`` forward;
+``backprop+frozen``: the ``predict`` of ``bp.freeze(model)``, :mod:`backprop.frozen`); ratios
 are ``framework / backprop`` (``predict``). Writes ``paired_inference.json`` and ``.md``.
 """
 from __future__ import annotations
@@ -74,14 +75,17 @@ DROP = 2  # steps dropped at the start of each slice: the first after SIGCONT ar
 # The worker: build the step, warm it, then run slices on request
 def serve(framework: str, spec: Spec, threads: int, wait_policy: str,
           inference: bool = False) -> int:
-    framework, _, threads_mode = framework.partition("+")
-    if threads_mode:  # read at the first optimizer step, in this process only
-        os.environ["BACKPROP_THREADS"] = threads_mode
+    framework, _, mode = framework.partition("+")
+    variant = None
+    if mode == "frozen":  # inference: the frozen model's predict
+        variant = mode
+    elif mode:  # the thread mode, read at the first optimizer step, in this process only
+        os.environ["BACKPROP_THREADS"] = mode
     framework, _, gemm_backend = framework.partition("@")
     if gemm_backend:  # read at backprop's first product, in this process only
         os.environ["BACKPROP_GEMM"] = gemm_backend
     _setup_worker(framework, threads, wait_policy)
-    case = inference_case(framework, spec, threads) if inference else training_case(
+    case = inference_case(framework, spec, threads, variant) if inference else training_case(
         framework, spec)
     step, sync = case["step"], case["sync"]
     with case["context"]:
@@ -105,14 +109,16 @@ def serve(framework: str, spec: Spec, threads: int, wait_policy: str,
     return 0
 
 
-def inference_case(framework: str, spec: Spec, threads: int) -> dict:
+def inference_case(framework: str, spec: Spec, threads: int,
+                   variant: str | None = None) -> dict:
     """One inference call of ``framework`` on a batch of ``spec.batch`` rows, as a step:
-    its comparison variant of ``frameworks.inference_variants`` (backprop's ``predict``)."""
+    ``variant`` of ``frameworks.inference_variants``, else its comparison variant
+    (backprop's ``predict``)."""
     import contextlib
 
     variants, to_input, _ = inference_variants(framework, spec, init_params(spec.sizes),
                                                threads)
-    call = next(iter(variants.values()))
+    call = variants[variant] if variant else next(iter(variants.values()))
     x = to_input(inference_batch(spec.sizes, spec.batch))
     return {"step": lambda: call(x), "sync": lambda: None,
             "context": contextlib.nullcontext()}
@@ -314,11 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [f for f in dict.fromkeys(frameworks + [baseline])
                if base_framework(f) not in known or (base_framework(f) != f and not
                                                       f.startswith("backprop")) or
-               f.partition("+")[2] not in ("", "fixed", "adaptive")]
+               f.partition("+")[2] not in (("", "frozen") if args.inference
+                                           else ("", "fixed", "adaptive"))]
     if unknown:
         parser.error(f"unknown frameworks {unknown}; choose from {known} (a backprop one "
                      "may name its products' backend and its thread mode, e.g. "
-                     "backprop-loop@numpy, backprop-loop+adaptive)")
+                     "backprop-loop@numpy, backprop-loop+adaptive; at inference "
+                     "backprop+frozen, the frozen model's predict)")
     if baseline not in frameworks:
         frameworks.insert(0, baseline)
     for fw in list(frameworks):

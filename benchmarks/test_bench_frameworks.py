@@ -43,7 +43,7 @@ def test_frameworks_smoke(tmp_path):
     inference = json.loads((tmp_path / "inference.json").read_text())
     variants = {(r["framework"], r["variant"]) for r in inference["results"]}
     assert {("backprop", v) for v in ("predict", "call", "forward-eval",
-                                      "forward-inference_mode")} <= variants
+                                      "forward-inference_mode", "frozen")} <= variants
     if _installed("onnxruntime", "onnx"):
         assert ("onnxruntime", "session.run") in variants
     memory = json.loads((tmp_path / "memory.json").read_text())

@@ -268,18 +268,19 @@ def test_paired_slices_modes_and_baseline(tmp_path):
 
 
 def test_paired_slices_inference_smoke(tmp_path):
-    """--inference: one predict call per step on model:rows cases, two rounds each; a bad
-    case is refused before any worker starts."""
+    """--inference: one predict call per step on model:rows cases, two rounds each, for
+    ``predict`` and a frozen model's (``backprop+frozen``); a bad case or mode is refused
+    before any worker starts."""
     proc = subprocess.run([sys.executable, str(HERE / "paired_slices.py"), "--smoke",
-                           "--inference", "--frameworks", "backprop",
+                           "--inference", "--frameworks", "backprop,backprop+frozen",
                            "--models", "digits:1,mnist:3", "--out-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "paired_inference.json").read_text())
     assert data["inference"] is True
     assert [(r["model"], r["batch"]) for r in data["results"]] == [("digits", 1), ("mnist", 3)]
-    assert all(len(r["slices_ms"]["backprop"]) == 2 and min(r["slices_ms"]["backprop"]) > 0
-               for r in data["results"])
+    assert all(len(r["slices_ms"][fw]) == 2 and min(r["slices_ms"][fw]) > 0
+               for r in data["results"] for fw in ("backprop", "backprop+frozen"))
     md = (tmp_path / "paired_inference.md").read_text()
     assert md.startswith("# Inference (`predict`")
     assert "| mnist | 3 |" in md
@@ -287,6 +288,10 @@ def test_paired_slices_inference_smoke(tmp_path):
                           "--models", "mnist:0", "--out-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "bad inference case 'mnist:0'" in bad.stderr
+    bad = subprocess.run([sys.executable, str(HERE / "paired_slices.py"), "--inference",
+                          "--frameworks", "backprop+adaptive", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown frameworks ['backprop+adaptive']" in bad.stderr
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs sched_setaffinity")

@@ -1,0 +1,139 @@
+"""backprop.frozen: a frozen model computes what its model computed at the freeze, on every
+inference path (the plans' row, lanes and packed forms, the normal path), whatever happens
+to the model afterwards; checks its input like predict; threads; pickling."""
+from __future__ import annotations
+
+import pickle
+import threading
+
+import numpy as np
+import pytest
+
+import backprop as bp
+from backprop import inference, kernels
+from backprop.data import DataError
+from backprop.layers import BatchNorm1d, Dense
+from backprop.model import Sequential
+
+
+@pytest.fixture(autouse=True)
+def numba_on_cpu():
+    previous = kernels.get_choice()
+    kernels.set_backend("auto")
+    with bp.use_device("cpu"):
+        yield
+    kernels.set_backend(previous)
+
+
+def mlp(dtype=np.float32):
+    rng = np.random.default_rng(0)
+    return Sequential([Dense(7, 45, activation="relu", rng=rng, dtype=dtype),
+                       Dense(45, 33, activation="tanh", rng=rng, dtype=dtype),
+                       Dense(33, 6, rng=rng, dtype=dtype)])
+
+
+def data(n, features=7, dtype=np.float32, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, features)).astype(dtype)
+
+
+ROWS = (3, 40, 300, 1500)  # the row form, the lanes form, the packed form (from 256 rows)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_a_frozen_model_keeps_the_outputs_of_the_freeze(dtype):
+    model = mlp(dtype)
+    inputs = [data(n, dtype=dtype, seed=n) for n in ROWS]
+    before = [model.predict(x) for x in inputs]
+    frozen = bp.freeze(model)
+    assert model._training  # the model's own mode is untouched
+    for x, expected in zip(inputs, before):
+        np.testing.assert_array_equal(frozen.predict(x), expected)
+        np.testing.assert_array_equal(frozen(x), expected)
+    model.layers[0].W.data *= 2.0  # in place: seen by the model, not by the snapshot
+    model.layers[2].b.data = model.layers[2].b.data + 1.0
+    for x, expected in zip(inputs, before):
+        np.testing.assert_array_equal(frozen.predict(x), expected)
+        assert not np.array_equal(model.predict(x), expected)
+    assert frozen.in_features == 7
+    assert "FrozenModel(Sequential(" in repr(frozen)
+
+
+def test_training_the_model_after_the_freeze_changes_nothing():
+    model = mlp()
+    X, y = data(256), np.random.default_rng(1).integers(0, 6, 256)
+    frozen = bp.freeze(model)
+    expected = frozen.predict(X)
+    bp.fit(model, X, y, loss=bp.SoftmaxCrossEntropyLoss(), optimizer="adam", lr=0.05,
+           epochs=2, batch_size=64, verbose=0)
+    np.testing.assert_array_equal(frozen.predict(X), expected)
+    assert not np.array_equal(model.predict(X), expected)
+
+
+@pytest.mark.skipif(not inference.atomics.AVAILABLE,
+                    reason=f"no packed form here: {inference.atomics.REASON}")
+def test_a_frozen_plan_packs_once_and_never_checks():
+    """The snapshot's panels are packed on its first large batch and never compared with the
+    weights again: a change made behind the contract (to the private copy) is not seen by
+    the packed form, where the live model's plan sees it."""
+    frozen = bp.freeze(mlp())
+    plan = inference.plan_for(frozen._model)
+    assert plan.frozen and not inference.plan_for(mlp()).frozen
+    x = data(1500)
+    first = frozen.predict(x)
+    frozen._model.layers[0].W.data[:] = 0.0
+    np.testing.assert_array_equal(frozen.predict(x), first)  # the panels as first packed
+    assert not np.array_equal(frozen.predict(x[:40]), first[:40])  # the lanes form reads W
+
+
+def test_a_frozen_model_checks_its_input_like_predict():
+    frozen = bp.freeze(mlp())
+    for n in ROWS:
+        x = data(n)
+        x[n // 2, 3] = np.nan
+        with pytest.raises(DataError, match=f"NaN or inf.*row {n // 2}"):
+            frozen.predict(x)
+    with pytest.raises(DataError):
+        frozen.predict(data(5, features=8))
+    with pytest.raises(TypeError, match="freeze takes a backprop model"):
+        bp.freeze(object())
+
+
+def test_other_layers_and_modes_take_the_normal_path():
+    model = Sequential([BatchNorm1d(7), Dense(7, 3, rng=0)])
+    x = data(500)
+    model.train()
+    bp.fit(model, x, np.zeros((500, 3), np.float32), loss=bp.MSELoss(), epochs=1,
+           batch_size=100, verbose=0)
+    frozen = bp.freeze(model)
+    assert model._training  # frozen in eval mode, the model left as it was
+    with bp.inference_mode():
+        expected = model.forward(x).copy()
+    np.testing.assert_allclose(frozen.predict(x), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(frozen(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_threads_and_pickle():
+    frozen = bp.freeze(mlp())
+    inputs = [data(n, seed=n) for n in ROWS]
+    expected = [frozen.predict(x) for x in inputs]
+    clone = pickle.loads(pickle.dumps(frozen))
+    assert inference.plan_for(clone._model).frozen
+    for x, e in zip(inputs, expected):
+        np.testing.assert_array_equal(clone.predict(x), e)
+    errors, bad = [], []
+
+    def worker(offset):
+        try:
+            for k in range(40):
+                i = (k + offset) % len(inputs)
+                if not np.array_equal(frozen.predict(inputs[i]), expected[i]):
+                    bad.append(i)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(o,)) for o in (0, 1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and bad == []
