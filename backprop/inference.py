@@ -901,11 +901,11 @@ def _packed_source(spec) -> str:
     date: ``counters[0]`` claims a panel, which is packed again where its weights differ
     from the copy ``S{i}`` they were packed from (``mode`` 0; 1: packed whatever the copy
     holds; 2: neither, the panels of a frozen model), ``counters[1]`` counts the panels
-    done, and every thread waits for all of them. Then ``counters[2]`` claims the blocks of rows in
-    order: a thread that runs late (its core shared with another program) takes fewer
-    blocks instead of holding up the others, and a thread only ever waits for panels that a
-    running thread has claimed. The first layer's epilogue of block ``c`` says whether it
-    was finite into ``flags[c]``."""
+    done, and every thread waits for all of them. Then ``counters[2]`` claims the blocks of
+    rows in order: a thread that runs late (its core shared with another program) takes
+    fewer blocks instead of holding up the others, and a thread only ever waits for panels
+    that a running thread has claimed. The first layer's epilogue of block ``c`` says
+    whether it was finite into ``flags[c]``."""
     layers = len(spec)
     hidden = ", ".join(f"H{i}" for i in range(1, layers))
     packed = ", ".join(f"P{i}, S{i}" for i in range(layers))
@@ -989,6 +989,7 @@ _parallel_launch = matmul.launch_parallel
 class _Local(threading.local):
     def __init__(self):
         self.buffers = {}  # rows -> this thread's intermediate arrays
+        self.panels = None  # the packed form's panels, weight copies and whether fresh
 
 
 class _State:
@@ -1250,16 +1251,19 @@ class Plan(_State):
         key = ("packed", rows, blocks, threads)
         state = self._local.buffers.get(key)
         if state is None:
-            width = matmul.panel_width(self.dtype)
             state = self._keep(key, (
                 np.zeros(3, np.int64), np.empty(blocks, np.bool_),
                 [np.empty((threads, rows, w), self.dtype) for w in self.widths[1:-1]],
-                [array for layer, _, _ in self.dense for array in (
-                    np.empty((matmul.panels(layer.out_features, self.dtype),
-                              layer.in_features, width), self.dtype),
-                    np.empty((layer.out_features, layer.in_features), self.dtype))],
-                _packed_driver_for(self.spec), [True]))
-        counters, flags, hidden, packed, driver, fresh = state
+                _packed_driver_for(self.spec)))
+        counters, flags, hidden, driver = state
+        local = self._local
+        if local.panels is None:  # one set per calling thread, whatever the batch size
+            width = matmul.panel_width(self.dtype)
+            local.panels = [array for layer, _, _ in self.dense for array in (
+                np.empty((matmul.panels(layer.out_features, self.dtype),
+                          layer.in_features, width), self.dtype),
+                np.empty((layer.out_features, layer.in_features), self.dtype))], [True]
+        packed, fresh = local.panels
         params = self._dense_params()
         out = np.empty((n, self.out_width), self.dtype)
         mode = 1 if fresh[0] else (2 if self.frozen else 0)  # pack, check, neither

@@ -405,8 +405,8 @@ def refresh_panel(W, S, Wp, p, fresh):
     """Panel ``p`` of ``W`` packed into ``Wp`` (:func:`pack_panel`) unless ``S``, a copy of
     the weights it was last packed from, holds the same bits in the panel's rows of ``W``
     (compared as integers, so a zero changed to a negative zero counts as a change and an
-    unchanged NaN does not); ``S`` is then brought up to date. ``fresh``: pack, whatever ``S`` holds.
-    Returns whether it packed."""
+    unchanged NaN does not); ``S`` is then brought up to date. ``fresh``: pack, whatever
+    ``S`` holds. Returns whether it packed."""
     width = Wp.shape[2]
     j0 = p * width
     j1 = min(W.shape[0], j0 + width)

@@ -1083,3 +1083,20 @@ def test_weights_of_another_shape_take_the_normal_path(n):
     model.layers[1].W.data = np.zeros((33, 45), np.float32)
     model.layers[0].b.data = np.zeros(44, np.float32)
     assert inference.run(model, x) is None
+
+
+@needs_atomics
+def test_batches_of_any_size_share_one_set_of_panels(monkeypatch):
+    """The panels (and the copy of the weights they were packed from) are the calling
+    thread's, whatever the batch size: a change seen at one size is seen at the next."""
+    monkeypatch.setattr(inference, "PACKED_MIN_ROWS", 100)
+    model = packed_mlp(np.float32)
+    plan = inference.plan_for(model)
+    small, large = data(300, 7, np.float32), data(900, 7, np.float32, seed=1)
+    model.predict(small)
+    panels = plan._local.panels
+    model.predict(large)
+    assert plan._local.panels is panels
+    model.layers[1].W.data *= -1.0
+    assert_close(model.predict(small), forward(model, small), np.float32)
+    assert_close(model.predict(large), forward(model, large), np.float32)
