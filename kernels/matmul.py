@@ -425,6 +425,36 @@ def refresh_panel(W, S, Wp, p, fresh):
 
 
 @njit(**_FLAGS)
+def _packed_tile(A, B, C, j, c0, acc, limit, k0, rows, mode):
+    """One tile of :func:`packed_product`, ``rows`` (PACKED_ROWS, 4 or 1) rows from row
+    ``j``, outputs from ``c0``: ``mode`` 0 two whole vectors, 1 two vectors (the second
+    masked at ``limit``), 2 one masked vector."""
+    a_row = A.shape[1]
+    one = np.intp(1)
+    zero = np.intp(0)
+    if rows == PACKED_ROWS:
+        if mode == 0:
+            _P2(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+        elif mode == 1:
+            _P2m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+        else:
+            _P1m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+    elif rows == 4:
+        if mode == 0:
+            _Q2(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+        elif mode == 1:
+            _Q2m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+        else:
+            _Q1m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+    elif mode == 0:
+        _S2(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+    elif mode == 1:
+        _S2m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+    else:
+        _S1m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+
+
+@njit(**_FLAGS)
 def packed_product(A, Wp, C):
     """``C = A Wᵀ`` for ``A`` ``(N, K)`` C-contiguous, read in place, and ``W`` ``(M, K)``
     packed into ``Wp`` ``(panels(M), K, w)`` (:func:`pack_panel`); ``C`` ``(N, M)``
@@ -437,8 +467,6 @@ def packed_product(A, Wp, C):
     width = Wp.shape[2]
     blocks = -(-k_in // PACKED_K)
     kc = -(-k_in // blocks)
-    one = np.intp(1)
-    zero = np.intp(0)
     for k0 in range(0, k_in, kc):
         k1 = min(k_in, k0 + kc)
         acc = k0 > 0
@@ -446,37 +474,13 @@ def packed_product(A, Wp, C):
             B = Wp[p, k0:k1]
             c0 = p * width
             left = m - c0
+            mode = 0 if left >= width else (1 if left > count else 2)
             j = 0
-            if left >= width:  # two whole vectors
-                while j + PACKED_ROWS <= n:
-                    _P2(B, A, C, j, c0, k_in, one, acc, m, k0, zero)
-                    j += PACKED_ROWS
-                while j + 4 <= n:
-                    _Q2(B, A, C, j, c0, k_in, one, acc, m, k0, zero)
-                    j += 4
-                while j < n:
-                    _S2(B, A, C, j, c0, k_in, one, acc, m, k0, zero)
-                    j += 1
-            elif left > count:  # the second vector masked at m
-                while j + PACKED_ROWS <= n:
-                    _P2m(B, A, C, j, c0, k_in, one, acc, m, k0, zero)
-                    j += PACKED_ROWS
-                while j + 4 <= n:
-                    _Q2m(B, A, C, j, c0, k_in, one, acc, m, k0, zero)
-                    j += 4
-                while j < n:
-                    _S2m(B, A, C, j, c0, k_in, one, acc, m, k0, zero)
-                    j += 1
-            else:  # one masked vector
-                while j + PACKED_ROWS <= n:
-                    _P1m(B, A, C, j, c0, k_in, one, acc, m, k0, zero)
-                    j += PACKED_ROWS
-                while j + 4 <= n:
-                    _Q1m(B, A, C, j, c0, k_in, one, acc, m, k0, zero)
-                    j += 4
-                while j < n:
-                    _S1m(B, A, C, j, c0, k_in, one, acc, m, k0, zero)
-                    j += 1
+            for rows in (PACKED_ROWS, 4, 1):  # (a tuple: one compiled _packed_tile)
+                while j + rows <= n:
+                    _packed_tile(A, B, C, j, c0, acc, m, k0, rows, mode)
+                    j += rows
+
 
 @njit(**_FLAGS)
 def _strip(A, B, C, j, rows, p0, p1, a_row, a_k, accumulate):
