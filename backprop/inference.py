@@ -274,8 +274,8 @@ class _Cache(FunctionCache):
         return super()._index_key(sig, codegen) + (_DEPENDS,)
 
 
-def _jit(fn):
-    dispatcher = njit(**_FLAGS)(fn)
+def _jit(fn, **options):
+    dispatcher = njit(**_FLAGS, **options)(fn)
     if hasattr(dispatcher, "py_func"):  # (under NUMBA_DISABLE_JIT njit returns fn itself)
         dispatcher._cache = _Cache(dispatcher.py_func)
     return dispatcher
@@ -1157,6 +1157,7 @@ class Plan(_State):
         if all(step[0] == "dense" for step in steps):
             self.lanes = _Program(steps, self._widths, last, lanes=True)
             self.dense = tuple((layer, own, act) for _, layer, own, act, *_ in steps)
+            self._checked = [(None, None)] * len(self.dense)  # see _dense_params
             self.spec = tuple((name, row) for _, _, _, _, name, row, _, _ in steps)
             self.widths = [steps[0][1].in_features] + [st[1].out_features for st in steps]
             self.macs_per_row = sum(st[1].in_features * st[1].out_features for st in steps)
@@ -1343,14 +1344,15 @@ class Plan(_State):
         without bias); raises ``_Stale`` where a layer's activation object was replaced or
         its arrays no longer have the layer's shapes (the kernels read them unchecked)."""
         params = []
-        for layer, own, act in self.dense:
+        checked = self._checked
+        for i, (layer, own, act) in enumerate(self.dense):
             if layer.activation is not own:
                 raise _Stale
             W, b = layer.W.data, layer.b
             b = None if b is None else b.data
-            if W.shape != (layer.out_features, layer.in_features) or (
-                    b is not None and b.shape != (layer.out_features,)):
-                raise _Stale
+            if W is not checked[i][0] or b is not checked[i][1]:  # (when they change)
+                _check_shapes(layer, W, b)
+                checked[i] = W, b
             params += (W, b, act.alpha)
         return params
 
@@ -1427,15 +1429,16 @@ def _dense_op(layer, own, act, kernel, src, dst, split=None, lanes=False):
     split over the threads (no row op; see :data:`SPLIT_MIN_MACS`), in the lanes form where
     ``lanes``."""
     local = threading.local()  # the split's per-thread blocks and driver
-    shape = (layer.out_features, layer.in_features)
+    checked = [None, None]  # the arrays last found of the layer's shapes
 
     def op(regs, n):
         if layer.activation is not own:
             raise _Stale
         b = None if layer.b is None else layer.b.data
         W = layer.W.data
-        if W.shape != shape or (b is not None and b.shape != shape[:1]):
-            raise _Stale  # (the kernels read them unchecked)
+        if W is not checked[0] or b is not checked[1]:  # (checked when they change: the
+            _check_shapes(layer, W, b)                   # kernels read them unchecked)
+            checked[:] = W, b
         if split is not None and n * W.size >= SPLIT_MIN_MACS:
             threads = _threads()
             if threads > 1 and W.shape[0] % (4 * threads) == 0:  # whole 4-feature blocks
@@ -1460,6 +1463,14 @@ def _run_split(local, name, lanes, x, n, W, b, alpha, out, threads) -> bool:
     _, _, _, parts, flags, driver = state
     _parallel_launch(driver, x, n, W, b, alpha, parts, flags, out)
     return bool(flags.all())
+
+
+def _check_shapes(layer, W, b) -> None:
+    """Raise ``_Stale`` where a Dense layer's weight or bias array is not of the layer's
+    shape."""
+    if W.shape != (layer.out_features, layer.in_features) or (
+            b is not None and b.shape != (layer.out_features,)):
+        raise _Stale
 
 
 def _act_op(layer, kernel, src, dst):
