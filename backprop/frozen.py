@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import copy
 
+from backprop import training
+
 __all__ = ["FrozenModel", "freeze"]
 
 FLAG = "_inference_frozen"
@@ -37,8 +39,6 @@ class FrozenModel:
         self._model = _frozen_copy(model)
 
     def predict(self, X, batch_size=None):
-        from backprop import training
-
         return training.predict(self._model, X, batch_size)
 
     def __call__(self, x):
