@@ -374,6 +374,19 @@ def empty_aligned(xp, shape, dtype, zero: bool = False):
     return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
+def aligned(a):
+    """``a`` itself where it is not a NumPy array or starts on an :data:`ALIGNMENT`-byte
+    boundary, else a C-contiguous copy that does (:func:`empty_aligned`). Layers keep their
+    parameters aligned: a vector load from weights off a cache-line boundary reads two
+    lines, which the one-row products of the compiled inference plans pay on every load
+    (``benchmarks/results/intel-xeon-2c-2026-12-06h/NOTES.md``)."""
+    if type(a) is not np.ndarray or (a.ctypes.data % ALIGNMENT == 0 and a.flags.c_contiguous):
+        return a
+    out = empty_aligned(np, a.shape, a.dtype)
+    out[...] = a
+    return out
+
+
 def device_info(mixed_precision: bool = True) -> dict:
     """What runs where: device, dtype, kernel backend, CuPy/Numba status, fallback reason,
     and (``mixed_precision=True``; it loads MKL, which takes a moment) what each mixed

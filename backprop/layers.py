@@ -28,7 +28,7 @@ import numpy as np
 from backprop import gemm
 from backprop import init as initializers
 from backprop import kernels as K
-from backprop.backend import asarray, get_array_module, get_dtype, to_numpy
+from backprop.backend import aligned, asarray, get_array_module, get_dtype, to_numpy
 from backprop.concurrency import _MODE, PerThread, WithPerThread
 from backprop.parameter import Parameter
 
@@ -160,8 +160,8 @@ class Layer(WithPerThread):
 
         def moved(a):
             if device is None:
-                return get_array_module(a).asarray(a, dtype=dtype)
-            return asarray(a, dtype=dtype, device=device)
+                return aligned(get_array_module(a).asarray(a, dtype=dtype))
+            return aligned(asarray(a, dtype=dtype, device=device))
 
         params = self.parameters()
         new_params = [moved(p.data) for p in params]  # all converted before any is replaced
@@ -377,8 +377,9 @@ class Dense(Layer):
         dtype = _float_dtype(dtype)
         draw = initializers.get(init or initializers.default_for(self.activation))
         w = draw((self.out_features, self.in_features), initializers.as_generator(rng))
-        self.W = Parameter(asarray(w, dtype=dtype), "W")
-        self.b = Parameter(asarray(np.zeros(self.out_features), dtype=dtype), "b") if bias else None
+        self.W = Parameter(aligned(asarray(w, dtype=dtype)), "W")
+        self.b = Parameter(aligned(asarray(np.zeros(self.out_features), dtype=dtype)),
+                           "b") if bias else None
 
     def forward(self, x):
         request = _MODE.autocast
@@ -693,8 +694,10 @@ class BatchNorm1d(Layer):
         self.eps, self.momentum, self.affine = float(eps), float(momentum), bool(affine)
         dtype = _float_dtype(dtype)
         n = self.num_features
-        self.gamma = Parameter(asarray(np.ones(n), dtype=dtype), "gamma") if affine else None
-        self.beta = Parameter(asarray(np.zeros(n), dtype=dtype), "beta") if affine else None
+        self.gamma = Parameter(aligned(asarray(np.ones(n), dtype=dtype)),
+                               "gamma") if affine else None
+        self.beta = Parameter(aligned(asarray(np.zeros(n), dtype=dtype)),
+                              "beta") if affine else None
         self._buffers = {"running_mean": asarray(np.zeros(n), dtype=dtype),
                          "running_var": asarray(np.ones(n), dtype=dtype)}
 

@@ -11,7 +11,7 @@ Layers therefore read ``param.data`` on every call and never keep the array itse
 """
 from __future__ import annotations
 
-from backprop.backend import empty_aligned, get_array_module
+from backprop.backend import aligned, empty_aligned, get_array_module
 
 
 class Parameter:
@@ -37,6 +37,8 @@ class Parameter:
     def __setstate__(self, state):
         for k, v in state.items():
             setattr(self, k, v)
+        # a copy or an unpickled array starts wherever NumPy put it (backend.aligned)
+        self.data = aligned(self.data)
         self._trainer = None
         self._lp = self._lp_for = None
 

@@ -480,3 +480,34 @@ def test_dense_fast_path_follows_a_change_of_backend(monkeypatch):
     assert calls[seen:] == ["bias_act_forward", "softmax_xent", "bias_act_backward"]
     for a, b in zip(first, ref):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_parameters_start_on_a_cache_line_on_the_cpu():
+    """Dense and BatchNorm1d parameters start on a backend.ALIGNMENT boundary when made,
+    cast (``to``), copied, unpickled and frozen (NumPy itself aligns to 16 bytes only);
+    ``aligned`` leaves an aligned array, and anything not NumPy, as it is."""
+    import copy
+    import pickle
+
+    import backprop as bp
+    from backprop import backend
+    from backprop.layers import BatchNorm1d, Dense
+    from backprop.model import Sequential
+
+    def offsets(model):
+        return {p.data.ctypes.data % backend.ALIGNMENT for p in model.parameters()}
+
+    with bp.use_device("cpu"):
+        model = Sequential([Dense(7, 45, rng=0), BatchNorm1d(45), Dense(45, 3, rng=1)])
+        assert offsets(model) == {0}
+        for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)),
+                      bp.freeze(model)._model, model.to(dtype="float64")):
+            assert offsets(other) == {0}
+    raw = np.zeros(40, np.uint8)
+    start = -raw.ctypes.data % backend.ALIGNMENT + 4
+    off = raw[start:start + 32].view(np.float32)
+    fixed = backend.aligned(off)
+    assert fixed.ctypes.data % backend.ALIGNMENT == 0 and np.array_equal(fixed, off)
+    assert backend.aligned(fixed) is fixed
+    listed = [1.0, 2.0]
+    assert backend.aligned(listed) is listed
