@@ -13,7 +13,7 @@ large batch, and never checked again.
 Thread-safe, as ``predict``: any number of threads may call a frozen model at once (each
 keeps its own buffers and panels). Its copy of the model is private: changing it (through
 ``frozen._model``) is outside the contract, and the packed form would not see the change.
-Pickling a frozen model pickles its copy; the copy is frozen again when loaded.
+Pickling a frozen model pickles its copy, frozen as it was.
 """
 from __future__ import annotations
 
@@ -51,13 +51,6 @@ class FrozenModel:
 
     def __repr__(self) -> str:
         return f"FrozenModel({self._model!r})"
-
-    def __getstate__(self):
-        return {"model": self._model}
-
-    def __setstate__(self, state):
-        self._model = state["model"]
-        setattr(self._model, FLAG, True)
 
 
 def _frozen_copy(model):

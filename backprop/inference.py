@@ -274,8 +274,8 @@ class _Cache(FunctionCache):
         return super()._index_key(sig, codegen) + (_DEPENDS,)
 
 
-def _jit(fn, **options):
-    dispatcher = njit(**_FLAGS, **options)(fn)
+def _jit(fn):
+    dispatcher = njit(**_FLAGS)(fn)
     if hasattr(dispatcher, "py_func"):  # (under NUMBA_DISABLE_JIT njit returns fn itself)
         dispatcher._cache = _Cache(dispatcher.py_func)
     return dispatcher

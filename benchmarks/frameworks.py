@@ -480,14 +480,6 @@ def train_worker(framework: str, specs: list[Spec], max_time: float, threads: in
     return results
 
 
-def backprop_frozen(model):
-    """``bp.freeze(model)`` (``backprop.frozen``), or ``model`` itself where this backprop
-    has no frozen models (its ``predict`` then stands in)."""
-    import backprop as bp
-
-    return bp.freeze(model) if hasattr(bp, "freeze") else model
-
-
 def inference_variants(framework: str, spec: Spec, params, threads: int):
     """``(variants, to_input, model)``: the framework's inference calls on ``spec``'s MLP
     holding ``params``
@@ -496,9 +488,11 @@ def inference_variants(framework: str, spec: Spec, params, threads: int):
     model = None
     to_input = _same
     if framework == "backprop":
+        import backprop as bp
+
         model = backprop_model(spec, params)
         model.eval()
-        frozen = backprop_frozen(model)
+        frozen = bp.freeze(model)
         variants = {"predict": lambda x: model.predict(x),
                     "call": lambda x: model(x),
                     "forward-eval": lambda x: model.forward(x),

@@ -132,8 +132,8 @@ def make_tile(rows: int, vectors: int, general: bool = False, masked: bool = Fal
       columns below ``limit`` of the last vector are read and written (``limit`` is unused
       otherwise);
     - ``general=True, offset=True``: ``tile(B, A, C, j, i, a_row, a_k, accumulate, limit,
-      a_start, b_col)``: ``A'[r, k] = A.flat[a_start + r·a_row + k·a_k]`` and ``B``'s
-      columns from ``b_col`` (``C``'s from ``i``): a block of features of a packed panel
+      a_start)``: ``A'[r, k] = A.flat[a_start + r·a_row + k·a_k]`` and ``B``'s columns from
+      0 (``C``'s from ``i``): a block of features of a packed panel
       (:func:`packed_product`).
 
     The arrays are two-dimensional, C-contiguous, of one float dtype (checked when typed;
@@ -158,7 +158,7 @@ def make_tile(rows: int, vectors: int, general: bool = False, masked: bool = Fal
         b_stride = builder.extract_value(b_arr.shape, 1)
         c_stride = builder.extract_value(c_arr.shape, 1)
         a_start = index(9) if offset else ir.Constant(intp, 0)
-        b_col = index(10) if offset else i
+        b_col = ir.Constant(intp, 0) if offset else i
         if general:
             a_row, a_k = index(5), index(6)
             accumulate = context.cast(builder, args[7], signature.args[7], types.boolean)
@@ -224,7 +224,6 @@ def make_tile(rows: int, vectors: int, general: bool = False, masked: bool = Fal
             k = loop.index
             bs = [load(vector_at(b_arr.data, k, b_stride, v, b_col), v) for v in range(vectors)]
             a_k_offset = builder.mul(k, a_k)
-
             for r in range(rows):
                 a = builder.load(builder.gep(a_rows[r], [a_k_offset], inbounds=True))
                 av = builder.shuffle_vector(builder.insert_element(undef, a, i32(0)), undef,
@@ -239,13 +238,12 @@ def make_tile(rows: int, vectors: int, general: bool = False, masked: bool = Fal
 
     if offset:
         @intrinsic
-        def tile(typingctx, B, A, C, j, i, a_row, a_k, accumulate, limit, a_start, b_col):
+        def tile(typingctx, B, A, C, j, i, a_row, a_k, accumulate, limit, a_start):
             if not _float_arrays(B, A, C) or not all(
-                    isinstance(v, types.Integer)
-                    for v in (j, i, a_row, a_k, limit, a_start, b_col)) \
+                    isinstance(v, types.Integer) for v in (j, i, a_row, a_k, limit, a_start)) \
                     or not isinstance(accumulate, types.Boolean):
                 return None
-            return types.void(B, A, C, j, i, a_row, a_k, accumulate, limit, a_start, b_col), \
+            return types.void(B, A, C, j, i, a_row, a_k, accumulate, limit, a_start), \
                 codegen_for
     elif general:
         @intrinsic
@@ -291,7 +289,8 @@ def _make_transpose_block(placed: bool = False):
         kv = context.cast(builder, kv, signature.args[3], types.intp)
         x_stride = builder.extract_value(xarr.shape, 1)
         t_stride = builder.extract_value(tarr.shape, 1)
-        col = context.cast(builder, args[4], signature.args[4], types.intp) if placed else iv
+        out_col = context.cast(builder, args[4], signature.args[4], types.intp) if placed \
+            else iv
 
         def at(data, row, stride, col):
             offset = builder.add(builder.mul(row, stride), col)
@@ -316,7 +315,7 @@ def _make_transpose_block(placed: bool = False):
             rows, size = swapped, 2 * size
         for c in range(count):
             builder.store(rows[c], at(tarr.data, builder.add(kv, ir.Constant(intp, c)),
-                                      t_stride, col), align=align)
+                                      t_stride, out_col), align=align)
         return context.get_dummy_value()
 
     if placed:
@@ -431,27 +430,26 @@ def _packed_tile(A, B, C, j, c0, acc, limit, k0, rows, mode):
     masked at ``limit``), 2 one masked vector."""
     a_row = A.shape[1]
     one = np.intp(1)
-    zero = np.intp(0)
     if rows == PACKED_ROWS:
         if mode == 0:
-            _P2(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+            _P2(B, A, C, j, c0, a_row, one, acc, limit, k0)
         elif mode == 1:
-            _P2m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+            _P2m(B, A, C, j, c0, a_row, one, acc, limit, k0)
         else:
-            _P1m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+            _P1m(B, A, C, j, c0, a_row, one, acc, limit, k0)
     elif rows == 4:
         if mode == 0:
-            _Q2(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+            _Q2(B, A, C, j, c0, a_row, one, acc, limit, k0)
         elif mode == 1:
-            _Q2m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+            _Q2m(B, A, C, j, c0, a_row, one, acc, limit, k0)
         else:
-            _Q1m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+            _Q1m(B, A, C, j, c0, a_row, one, acc, limit, k0)
     elif mode == 0:
-        _S2(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+        _S2(B, A, C, j, c0, a_row, one, acc, limit, k0)
     elif mode == 1:
-        _S2m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+        _S2m(B, A, C, j, c0, a_row, one, acc, limit, k0)
     else:
-        _S1m(B, A, C, j, c0, a_row, one, acc, limit, k0, zero)
+        _S1m(B, A, C, j, c0, a_row, one, acc, limit, k0)
 
 
 @njit(**_FLAGS)
