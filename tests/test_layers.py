@@ -503,9 +503,12 @@ def test_parameters_start_on_a_cache_line_on_the_cpu():
         for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)),
                       bp.freeze(model)._model, model.to(dtype="float64")):
             assert offsets(other) == {0}
-    raw = np.zeros(40, np.uint8)
+    # room for any start offset of the buffer: up to ALIGNMENT - 1 bytes to a boundary,
+    # then 4 more, then the 32 bytes viewed
+    raw = np.zeros(backend.ALIGNMENT + 4 + 32, np.uint8)
     start = -raw.ctypes.data % backend.ALIGNMENT + 4
     off = raw[start:start + 32].view(np.float32)
+    assert off.size == 8 and off.ctypes.data % backend.ALIGNMENT == 4
     fixed = backend.aligned(off)
     assert fixed.ctypes.data % backend.ALIGNMENT == 0 and np.array_equal(fixed, off)
     assert backend.aligned(fixed) is fixed
