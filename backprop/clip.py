@@ -7,8 +7,10 @@
     clip_grad_value: g ← clamp(g, −v, v)
 
 A stale gradient (``zero_grad`` with no backward since) counts as zeros. When the gradients
-of ``params`` tile one flat buffer exactly (an optimizer re-homed them there), the norm and
-the scaling are single passes over that buffer instead of one per parameter.
+of ``params`` tile one flat buffer (an optimizer re-homed them there: back to back, or with
+gaps of zeros that keep each one aligned, :func:`backprop.parameter.flat_layout`), the norm
+and the scaling are single passes over that buffer instead of one per parameter (zeros add
+nothing to a norm and stay zero when scaled or clamped).
 
 The norm is computed in the gradients' dtype and returned as a Python float (one host
 synchronisation); PyTorch computes the coefficient in a float32 tensor, this module in a
@@ -22,7 +24,7 @@ import math
 
 import numpy as np
 
-from backprop.backend import get_array_module
+from backprop.backend import ALIGNMENT, get_array_module
 from backprop.optim import parameter_list
 
 __all__ = ["grad_norm", "clip_grad_norm", "clip_grad_value"]
@@ -30,7 +32,7 @@ __all__ = ["grad_norm", "clip_grad_norm", "clip_grad_value"]
 
 def _gradients(params) -> list:
     """The gradient arrays of ``params`` (stale ones zeroed), merged into their common flat
-    buffer when they tile it exactly."""
+    buffer when they tile it with nothing but zeros between them."""
     grads = [p.grad for p in parameter_list(params)]
     if not grads:
         return grads
@@ -40,13 +42,17 @@ def _gradients(params) -> list:
     # one run of consecutive gradients in one buffer (the optimizer's flat buffer, which
     # may itself be an aligned view of a larger allocation: backend.empty_aligned)
     start = end = _address(grads[0])
+    origin, raw = _address(base), base.view(np.uint8)
     for g in grads:
-        if g.base is not base or g.dtype != dtype or not g.flags.c_contiguous or \
-                _address(g) != end:
+        if g.base is not base or g.dtype != dtype or not g.flags.c_contiguous:
             return grads
-        end += g.nbytes
-    first = start - _address(base)
-    return [base.view(np.uint8)[first:first + end - start].view(dtype)]
+        at = _address(g)
+        if at != end and not (end < at < end + ALIGNMENT and
+                              not bool(raw[end - origin:at - origin].any())):
+            return grads
+        end = at + g.nbytes
+    first = start - origin
+    return [raw[first:first + end - start].view(dtype)]
 
 
 def _address(a) -> int:

@@ -34,6 +34,7 @@ import numpy as np
 
 from backprop.backend import get_array_module
 from backprop.distributed import ProcessGroup, share
+from backprop.parameter import flat_layout
 
 __all__ = ["DataParallel"]
 
@@ -160,12 +161,10 @@ class DataParallel:
         if len(flats) != 1 or get_array_module(flats[0]) is not np or \
                 [id(p) for p in params] != [id(p) for p in self.model.parameters()]:
             return None
-        offsets, offset = {}, 0
-        for p in params:
-            offsets[id(p)] = offset
-            offset += p.size
+        first, total = flat_layout(params, flats[0].itemsize, on_cpu=True)
+        offsets = {id(p): start for p, start in zip(params, first)}
         owned = [layer.parameters() for layer in layers]
-        starts, nxt = [0] * len(layers), offset
+        starts, nxt = [0] * len(layers), total
         for i in range(len(layers) - 1, -1, -1):  # a layer without parameters starts where
             nxt = offsets[id(owned[i][0])] if owned[i] else nxt  # the next one does
             starts[i] = nxt

@@ -34,7 +34,7 @@ from backprop import checks, thread_governor
 from backprop import kernels as K
 from backprop.backend import asarray, empty_aligned, get_array_module, to_numpy
 from backprop.concurrency import _MODE, ConcurrentTrainingError
-from backprop.parameter import Parameter, flatten
+from backprop.parameter import Parameter, flat_layout, flatten
 
 __all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "parameter_list"]
 
@@ -106,11 +106,14 @@ def _assign(dst, src) -> None:
 class _Group:
     """Parameters of one device and dtype, re-homed into flat buffers, with flat state."""
 
-    __slots__ = ("params", "data", "grad", "data_views", "grad_views", "state", "lp", "lp_kw")
+    __slots__ = ("params", "data", "grad", "starts", "data_views", "grad_views", "state", "lp",
+                 "lp_kw")
 
     def __init__(self, params: list[Parameter], state_init: dict[str, float]):
         self.params = params
         self.data, self.grad = flatten(params)
+        self.starts = flat_layout(params, self.data.dtype.itemsize,
+                                  on_cpu=type(self.data) is np.ndarray)[0]
         self.data_views = [p.data for p in params]
         self.grad_views = [p.grad for p in params]
         self.reset_state(state_init)
@@ -122,11 +125,10 @@ class _Group:
         each parameter's ``_lp`` a view of it, as its ``data`` is of ``data``."""
         lp = self.lp
         if lp is None or lp.dtype != dtype:
-            lp = self.lp = empty_aligned(get_array_module(self.data), self.data.shape, dtype)
-            offset = 0
-            for p, data in zip(self.params, self.data_views):
-                p._lp, p._lp_for = lp[offset:offset + data.size].reshape(data.shape), None
-                offset += data.size
+            lp = self.lp = empty_aligned(get_array_module(self.data), self.data.shape, dtype,
+                                         zero=True)
+            for p, data, start in zip(self.params, self.data_views, self.starts):
+                p._lp, p._lp_for = lp[start:start + data.size].reshape(data.shape), None
         return lp
 
     def reset_state(self, state_init: dict[str, float]) -> None:
@@ -150,11 +152,9 @@ class _Group:
 
     def state_slices(self):
         """``(param, {state name: view of its slice})`` for each parameter."""
-        offset = 0
-        for p, data in zip(self.params, self.data_views):
-            end = offset + data.size
-            yield p, {k: buf[offset:end].reshape(data.shape) for k, buf in self.state.items()}
-            offset = end
+        for p, data, start in zip(self.params, self.data_views, self.starts):
+            end = start + data.size
+            yield p, {k: buf[start:end].reshape(data.shape) for k, buf in self.state.items()}
 
 
 class Optimizer:

@@ -16,8 +16,9 @@ import pytest
 
 from backprop import kernels as K
 from backprop import clip, optim
+from backprop import backend
 from backprop.backend import get_array_module, to_numpy
-from backprop.parameter import Parameter
+from backprop.parameter import Parameter, flat_layout
 
 pytestmark = pytest.mark.backends  # once per kernel backend (tests/conftest.py)
 
@@ -265,7 +266,9 @@ def test_one_kernel_call_per_step_and_per_dtype_group(xp, monkeypatch):
     params = make_params(xp, np.float64)
     opt = optim.Adam(params, lr=0.1)
     run(opt, params, 3)
-    assert calls == [N] * 3
+    on_cpu = xp is np
+    assert calls == [flat_layout(params, 8, on_cpu)[1]] * 3
+    assert flat_layout(params, 8, on_cpu=False)[1] == N
     calls.clear()
     mixed = [Parameter(xp.ones((2, 2), np.float32), "a"), Parameter(xp.ones(3), "b"),
              Parameter(xp.ones(5, np.float32), "c")]
@@ -273,7 +276,7 @@ def test_one_kernel_call_per_step_and_per_dtype_group(xp, monkeypatch):
     for p in mixed:
         p.grad = xp.ones(p.shape, p.dtype)
     opt.step()
-    assert sorted(calls) == [3, 9]
+    assert sorted(calls) == ([8, 32] if on_cpu else [3, 9])  # 16 floats, 8 doubles per line
     assert mixed[0].data.dtype == np.float32 and mixed[1].data.dtype == np.float64
     np.testing.assert_allclose(to_numpy(mixed[2].data), 1 - 0.1, rtol=1e-6)
 
@@ -549,12 +552,59 @@ def test_clip_subset_of_a_flat_buffer_touches_only_the_subset(xp):
     params = make_params(xp, np.float64)
     optim.SGD(params, lr=0.1)
     g = set_grads(params, xp)
-    merged = clip._gradients(params[:2])  # consecutive: one view of exactly their memory
-    assert len(merged) == 1 and merged[0].size == 16
+    merged = clip._gradients(params[:2])  # consecutive: one view of their memory
+    starts = flat_layout(params, 8, on_cpu=xp is np)[0]
+    assert len(merged) == 1 and merged[0].size == starts[1] + 4  # with the zeros between
     total = np.linalg.norm(g[:16])
     assert clip.clip_grad_norm(params[:2], 0.5) == pytest.approx(total)
     np.testing.assert_allclose(flat_grads(params)[:16], g[:16] * 0.5 / (total + 1e-6))
     np.testing.assert_array_equal(flat_grads(params)[16:], g[16:])
+
+
+def test_flat_buffer_keeps_each_parameter_aligned_and_the_gaps_zero(xp):
+    """On the CPU every parameter's view starts on a cache line (the inference plans' loads
+    pay for one that does not); the zeros between them stay zero through every update, and
+    clipping merges across them only while they are zeros."""
+    shapes = [(7, 45), (45,), (45, 3), (3,), (5,)]
+    for dtype in (np.float32, np.float64):
+        params = [Parameter(xp.asarray(np.linspace(-1, 1, math.prod(s)).reshape(s), dtype),
+                            f"p{i}") for i, s in enumerate(shapes)]
+        before = [to_numpy(p.data).copy() for p in params]
+        for make in (lambda: optim.AdamW(params, lr=0.1, weight_decay=0.5),
+                     lambda: optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1,
+                                       nesterov=True),
+                     lambda: optim.RMSprop(params, lr=0.01, centered=True, weight_decay=0.1),
+                     lambda: optim.Adagrad(params, lr=0.1, initial_accumulator_value=0.3,
+                                           weight_decay=0.1)):
+            opt = make()  # each re-homes the parameters into buffers of its own
+            flat = opt._groups[0].data
+            for p, value in zip(params, before):
+                assert xp.shares_memory(p.data, flat)
+                np.testing.assert_array_equal(to_numpy(p.data), value)
+                if xp is np:
+                    assert p.data.ctypes.data % backend.ALIGNMENT == 0
+            for _ in range(3):
+                for p in params:
+                    p.grad = xp.ones(p.shape, dtype)
+                opt.step()
+            used = np.zeros(flat.size, bool)
+            for start, p in zip(opt._groups[0].starts, params):
+                used[start:start + p.size] = True
+                assert xp.shares_memory(p.data, flat[start:start + p.size])
+            for buf in (flat, opt._groups[0].grad, *opt._groups[0].state.values()):
+                gaps = to_numpy(buf)[~used]
+                if isinstance(opt, optim.Adagrad) and buf is not flat and \
+                        buf is not opt._groups[0].grad:
+                    continue  # the accumulator's gaps start at its initial value
+                np.testing.assert_array_equal(gaps, 0)
+            before = [to_numpy(p.data).copy() for p in params]
+        if xp is np:  # a gap that is not zero: clipping goes parameter by parameter
+            grad = opt._groups[0].grad
+            merged = clip._gradients(params[:2])
+            assert len(merged) == 1 and np.shares_memory(merged[0], grad)
+            grad[params[0].size] = 1.0  # the first gap
+            assert len(clip._gradients(params[:2])) == 2
+            grad[params[0].size] = 0.0
 
 
 def test_clip_nonfinite(xp):
