@@ -207,6 +207,25 @@ def test_inference_paths_smoke(tmp_path):
     assert ("| mnist | 1,050 KiB | 1100 |  |" in md) != fits
 
 
+def test_parameter_layout_smoke(tmp_path):
+    """parameter_layout.py end to end: the three variants give the same bits (the script
+    asserts it); the optimizer's aligned buffer puts every parameter on a cache line, back
+    to back puts the odd model's later weights off one, and the mnist MLP's nowhere."""
+    proc = subprocess.run([sys.executable, str(HERE / "parameter_layout.py"), "--smoke",
+                           "--batches", "1", "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "parameter_layout.json").read_text())
+    assert [(r["model"], r["batch"]) for r in rows] == [("odd", 1), ("mnist", 1)]
+    odd, mnist = rows
+    for r in rows:
+        assert set(r["offsets"]["aligned buffer"]) == {0} == set(r["offsets"]["no optimizer"])
+        assert len(r["rounds"]["back to back"]) == 3 and r["us"]["back to back"] > 0
+    assert odd["offsets"]["back to back"][2:] == [52] * 6  # after the 45 floats of a bias
+    assert set(mnist["offsets"]["back to back"]) == {0}
+    assert (tmp_path / "parameter_layout.md").read_text().startswith("# Parameter layout")
+
+
 def test_workers_clear_every_openmp_setting_backprop_makes():
     """The benchmark scripts clear backprop's OpenMP settings before PyTorch imports:
     their copies of the list must be backprop's."""
