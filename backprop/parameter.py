@@ -7,7 +7,7 @@ zeros, so users never see the difference.
 
 Optimizers may re-home the parameters of a model into one flat buffer (:func:`flatten`) so
 that one kernel launch updates them all; ``.data`` and ``.grad`` then become views of it,
-on the CPU each starting on an :data:`~backprop.backend.ALIGNMENT`-byte boundary
+on the CPU each starting on a ``backend.ALIGNMENT``-byte boundary
 (:func:`flat_layout`).
 Layers therefore read ``param.data`` on every call and never keep the array itself.
 """
@@ -117,7 +117,7 @@ class Parameter:
 def flat_layout(params, itemsize: int, on_cpu: bool = True) -> tuple[list[int], int]:
     """Where each of ``params`` starts in a flat buffer of ``itemsize``-byte elements, and
     the buffer's length: parameter after parameter, on the CPU each start rounded up to a
-    multiple of :data:`~backprop.backend.ALIGNMENT` bytes, so that every view is as aligned
+    multiple of ``backend.ALIGNMENT`` bytes, so that every view is as aligned
     as the parameters a layer makes (a parameter of 45 floats would otherwise put the next
     one off a cache line, which the one-row products of the inference plans pay on every
     load). On a GPU the parameters lie back to back.

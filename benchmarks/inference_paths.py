@@ -165,29 +165,39 @@ def report(rows, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def cli(argv, doc: str, models, batches, repeat: int, smoke_repeat: int, measure, report,
+        stem: str) -> None:
+    """The command line of this script and of the other in-process ``predict`` benchmarks
+    (``parameter_layout.py``): ``--models``, ``--batches``, ``--max-time``, ``--repeat``,
+    ``--smoke``, ``--out-dir``; ``measure(models, batches, max_time, repeat)`` gives the
+    rows, ``report(rows, args)`` the Markdown, written with the rows' JSON as ``stem``.md
+    and ``stem``.json."""
     import sys
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out-dir", type=Path, default=None)
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--models", default=",".join(models))
+    parser.add_argument("--batches", default=",".join(map(str, batches)))
     parser.add_argument("--max-time", type=float, default=0.3)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=repeat)
     parser.add_argument("--smoke", action="store_true", help="a few calls: checks the script")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.smoke:
-        args.max_time, args.repeat = 0.001, 1
+        args.max_time, args.repeat = 0.001, smoke_repeat
     args.load = os.getloadavg()
     rows = measure(args.models.split(","), [int(b) for b in args.batches.split(",")],
                    args.max_time, args.repeat)
     text = report(rows, args)
     if args.out_dir:
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / "inference_paths.md").write_text(text)
-        (args.out_dir / "inference_paths.json").write_text(json.dumps(rows, indent=1))
+        (args.out_dir / f"{stem}.md").write_text(text)
+        (args.out_dir / f"{stem}.json").write_text(json.dumps(rows, indent=1))
     print(text)
+
+
+def main(argv=None):
+    cli(argv, __doc__, MODELS, BATCHES, 3, 1, measure, report, "inference_paths")
 
 
 if __name__ == "__main__":

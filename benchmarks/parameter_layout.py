@@ -14,14 +14,9 @@ the median of the rounds counts, with the per-round ratios' median and range.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 
@@ -70,17 +65,9 @@ def offsets(model) -> list[int]:
     return [int(p.data.ctypes.data % backend.ALIGNMENT) for p in model.parameters()]
 
 
-def median_us(fn, max_time: float) -> float:
-    times = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < max_time or len(times) < 5:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
-
-
 def measure(names, batches, max_time: float, repeat: int) -> list[dict]:
+    from inference_paths import median_us
+
     rows = []
     rng = np.random.default_rng(0)
     for name in names:
@@ -131,26 +118,9 @@ def report(rows, args) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", type=Path, default=None)
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
-    parser.add_argument("--max-time", type=float, default=0.3)
-    parser.add_argument("--repeat", type=int, default=9)
-    parser.add_argument("--smoke", action="store_true", help="a few calls: checks the script")
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    if args.smoke:
-        args.max_time, args.repeat = 0.001, 3
-    args.load = os.getloadavg()
-    rows = measure(args.models.split(","), [int(b) for b in args.batches.split(",")],
-                   args.max_time, args.repeat)
-    text = report(rows, args)
-    if args.out_dir:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / "parameter_layout.md").write_text(text)
-        (args.out_dir / "parameter_layout.json").write_text(json.dumps(rows, indent=1))
-    print(text)
+    from inference_paths import cli
+
+    cli(argv, __doc__, MODELS, BATCHES, 9, 3, measure, report, "parameter_layout")
 
 
 if __name__ == "__main__":
