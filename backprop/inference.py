@@ -125,7 +125,7 @@ from backprop.kernels import atomics, inline, matmul, vecmath
 from backprop.kernels.activations import RECORDS, Math
 
 __all__ = ["MAX_ROWS", "DENSE_MAX_ROWS", "SMALL_WEIGHT_BYTES", "PACKED_MIN_ROWS",
-           "PACKED_BLOCK_ROWS",
+           "PACKED_BLOCK_ROWS", "FROZEN_PACKED_MIN_ROWS",
            "l2_cache_bytes", "CHUNK_ROWS",
            "PARALLEL_MIN_VECTORS", "PARALLEL_MIN_MACS", "PASS_MIN_BYTES", "PASS_LAYER_MIN_BYTES",
            "PASS_BYTES_PER_THREAD",
@@ -190,8 +190,27 @@ PACKED_BLOCK_ROWS = 240
 """Rows per block of the packed driver, about: a block's activations and its slice of the
 batch stay in the core's L2 cache while the layers' panels pass over them."""
 
+FROZEN_PACKED_MIN_ROWS = 16
+"""Rows from which a frozen model's stack (:func:`backprop.freeze`: its panels are never
+checked against the weights) runs a batch below :data:`PACKED_MIN_ROWS` rows through the
+packed driver too, where it would otherwise run on more than one thread (chunks of rows,
+:data:`PARALLEL_MIN_MACS`, or a parallel pass of large weights, :data:`PASS_MIN_BYTES`):
+one block of rows per thread, each through every layer, on the packed tiles and without an
+exchange of activations between the cores, instead of chunks of the lanes form (whose tiles
+hold a single vector of rows at 32 rows) or the lanes form's pass (whose threads hand every
+layer's activations to each other). Below this, the threads' blocks are too few rows for
+the packed tiles. A live model's check of its panels costs more than the tiles save below
+:data:`PACKED_MIN_ROWS` (benchmarks/results/intel-xeon-2c-2026-12-06i/NOTES.md)."""
+
 CHUNK_ROWS = 64
-"""The chunked driver's rows per chunk, at most: a chunk's activations stay in L2."""
+"""The chunked driver's rows per chunk, at most, unless a larger chunk (up to
+:data:`CHUNK_MAX_ROWS`) shares the rows out more evenly among the threads (``_chunking``):
+a chunk's activations stay close to L1."""
+
+CHUNK_MAX_ROWS = 128
+"""The chunked driver's rows per chunk, at most, whatever the balance: a chunk's
+activations (and a stack's weights in a core's cache, :data:`SMALL_WEIGHT_BYTES`) stay in
+L2."""
 
 _FLAGS = dict(fastmath={"reassoc", "contract", "nsz"}, error_model="numpy", nogil=True,
               cache=True)
@@ -202,9 +221,12 @@ count values failing ``|v| <= max``: an integer sum, which no float flag can fol
 _THREAD_BUFFERS_KEPT = 8  # sets of buffers (batch sizes, drivers) a thread keeps per plan
 
 PARALLEL_MIN_VECTORS = 2
-"""A batch of fewer vectors of lanes (16 float32 rows, 8 float64) runs on one thread, so two
-threads start at 32 float32 rows, one vector each. With Numba's workers awake (calls back to
-back; they spin briefly after each, see ``backprop.kernels``) two 16-row chunks of the
+"""A batch of fewer vectors of lanes (16 float32 rows, 8 float64; the last may be partial)
+runs on one thread, so two threads start at 17 float32 rows, one vector each (the second
+partial: from 17 to 31 rows of the mnist MLP, two chunks took 0.80–0.89× the time of the
+lanes form's parallel pass, benchmarks/results/intel-xeon-2c-2026-12-06i/NOTES.md). With
+Numba's workers awake (calls back to back; they spin briefly after each, see
+``backprop.kernels``) two 16-row chunks of the
 784-256-256-10 MLP took 0.74× the time of one 32-row call; after 3 ms idle, when the second
 thread must be woken, 1.06× (docs/design.md)."""
 
@@ -711,6 +733,36 @@ def _driver_source(spec) -> str:
     return "\n".join(lines)
 
 
+@functools.lru_cache(maxsize=1024)
+def _chunking(n: int, threads: int, lanes: int, preferred: int, most: int
+              ) -> tuple[int, int]:
+    """``(chunk, chunks)`` for the chunked driver: ``n`` rows in ``chunks`` chunks of
+    ``chunk`` rows (a whole number of ``lanes``, of at least two vectors where the threads'
+    shares have them, for the tiles; the last chunk holds the rest) on ``threads``.
+
+    A parallel loop gives each thread a run of consecutive chunks (the longer runs first),
+    so the size decides the balance: 160 float32 rows on two threads in chunks of 64 gave
+    one thread 128 rows and the other 32; in chunks of 80, 80 each. The size that leaves the
+    busiest thread the fewest rows wins; among those, the largest of at most ``preferred``
+    rows, else the smallest above (up to ``most``; benchmarks/results/
+    intel-xeon-2c-2026-12-06i/NOTES.md)."""
+    vectors = -(-n // lanes)
+    share = -(-vectors // threads)
+    best = None
+    for size in range(min(2, share), max(min(2, share), min(vectors, most // lanes)) + 1):
+        chunk = size * lanes
+        chunks = -(-n // chunk)
+        busiest, start = 0, 0
+        for t in range(threads):  # runs of ⌈chunks/threads⌉, then ⌊…⌋ chunks
+            run = chunks // threads + (1 if t < chunks % threads else 0)
+            busiest = max(busiest, min(n, (start + run) * chunk) - min(n, start * chunk))
+            start += run
+        key = (busiest, chunk > preferred, -chunk if chunk <= preferred else chunk)
+        if best is None or key < best[0]:
+            best = (key, chunk, chunks)
+    return best[1], best[2]
+
+
 def _driver_dir() -> Path | None:
     """Where the drivers' sources are written: ``$XDG_CACHE_HOME/backprop/inference``
     (``~/.cache``), as cuda_host keeps its libraries; None where it cannot be created."""
@@ -1177,15 +1229,17 @@ class Plan(_State):
         n = x.shape[0]
         threads, large = 1, False
         if self.dense is not None:
-            chunks = n >= PARALLEL_MIN_VECTORS * self.lanes_from
+            chunks = n > (PARALLEL_MIN_VECTORS - 1) * self.lanes_from
             layout = self._pass_layout()
             large = layout[2] >= PASS_MIN_BYTES and atomics.AVAILABLE
             if chunks or large:
                 threads = _threads()
-                if n >= PACKED_MIN_ROWS and atomics.AVAILABLE and self.resident():
+                shared = threads > 1 and n * self.macs_per_row >= PARALLEL_MIN_MACS
+                if atomics.AVAILABLE and self.resident() and (n >= PACKED_MIN_ROWS or (
+                        self.frozen and n >= FROZEN_PACKED_MIN_ROWS and
+                        (chunks and shared or large and threads > 1))):
                     return self._packed(x, n, threads)
-                if chunks and (n > MAX_ROWS or (
-                        threads > 1 and n * self.macs_per_row >= PARALLEL_MIN_MACS)):
+                if chunks and (n > MAX_ROWS or shared):
                     return self._chunked(x, n, threads)
         program = self.lanes if n >= self.lanes_from and self.lanes is not None else self.row
         hidden = self._local.buffers.get(n)
@@ -1221,12 +1275,9 @@ class Plan(_State):
 
     def _chunked(self, x, n, threads):
         """``(output, finite)`` of the lanes program run by the parallel driver on chunks of
-        rows: at least one per thread, of equal size (a whole number of vectors of lanes)
-        and at most :data:`CHUNK_ROWS` rows."""
-        lanes = self.lanes_from
-        chunk = -(-n // max(threads, 1))
-        chunk = min(-(-chunk // lanes) * lanes, CHUNK_ROWS)
-        chunks = -(-n // chunk)
+        rows of equal size, a whole number of vectors of lanes (``_chunking``)."""
+        chunk, chunks = _chunking(n, max(threads, 1), self.lanes_from, CHUNK_ROWS,
+                                  CHUNK_MAX_ROWS)
         key = ("parallel", n, chunk)
         buffers = self._local.buffers.get(key)
         if buffers is None:
@@ -1241,12 +1292,15 @@ class Plan(_State):
 
     def _packed(self, x, n, threads):
         """``(output, finite)`` of the packed driver (:data:`PACKED_MIN_ROWS`,
-        :func:`_packed_source`): blocks of about :data:`PACKED_BLOCK_ROWS` rows in whole
-        tiles of the packed product, as many as a multiple of ``threads`` (equal shares
-        while no thread runs late) and at most one per tile."""
-        step = matmul.PACKED_ROWS
-        tiles = -(-n // step)
+        :data:`FROZEN_PACKED_MIN_ROWS`, :func:`_packed_source`): blocks of about
+        :data:`PACKED_BLOCK_ROWS` rows in whole tiles of the packed product, as many as a
+        multiple of ``threads`` (equal shares while no thread runs late) and at most one
+        per tile. With one block per thread, the blocks are cut at multiples of 4 rows
+        (the product's 4-row tiles) instead of its 12-row tiles: 32 rows then run as 16 and
+        16, not 24 and 8."""
         blocks = -(-(-(-n // PACKED_BLOCK_ROWS)) // threads) * threads
+        step = 4 if blocks == threads else matmul.PACKED_ROWS
+        tiles = -(-n // step)
         blocks = min(blocks, tiles)
         rows = -(-tiles // blocks) * step
         key = ("packed", rows, blocks, threads)

@@ -131,9 +131,33 @@ def test_a_small_dense_stack_takes_any_batch_in_chunks(dtype, monkeypatch):
         predicted, called = uses_plan(model, x)
         np.testing.assert_array_equal(predicted, called)
         assert_close(predicted, forward(model, x), dtype)
-    assert len(chunks) == 6 and max(chunks) <= inference.CHUNK_ROWS
+    assert len(chunks) == 6 and max(chunks) <= inference.CHUNK_MAX_ROWS
     lanes = 16 if dtype == np.float32 else 8
     assert all(c % lanes == 0 for c in chunks)
+
+
+def test_the_chunks_share_the_rows_out_evenly():
+    """Each thread runs a run of consecutive chunks: the chunk size is the one that leaves
+    the busiest thread the fewest rows (160 rows on two threads: two chunks of 80, not
+    64 + 64 + 32), then the largest up to CHUNK_ROWS, at least two vectors of lanes where
+    the threads' shares have them, never above CHUNK_MAX_ROWS."""
+    chunking = inference._chunking
+    assert chunking(160, 2, 16, 64, 128) == (80, 2)
+    assert chunking(240, 2, 16, 64, 128) == (64, 4)  # a tie with 128: the smaller chunks
+    assert chunking(100, 2, 16, 64, 128) == (64, 2)
+    assert chunking(17, 2, 16, 64, 128) == (16, 2)
+    assert chunking(33, 2, 16, 64, 128) == (32, 2)
+    assert chunking(500, 1, 16, 64, 128) == (64, 8)
+    for threads in (1, 2, 3, 4):
+        for lanes in (8, 16):
+            for n in range(lanes + 1, 400, 7):
+                chunk, chunks = chunking(n, threads, lanes, 64, 128)
+                assert chunk % lanes == 0 and chunk <= 128 and chunks == -(-n // chunk)
+                runs = [chunks // threads + (t < chunks % threads) for t in range(threads)]
+                busiest = max(min(n, sum(runs[:t + 1]) * chunk) - min(n, sum(runs[:t]) * chunk)
+                              for t in range(threads))
+                even = -(-(-(-n // lanes)) // threads) * lanes  # whole vectors per thread
+                assert busiest < even + chunk  # at most part of one chunk beyond even
 
 
 def test_a_large_dense_stack_takes_the_plan_up_to_dense_max_rows(monkeypatch):
@@ -227,12 +251,13 @@ def test_the_threads_split_a_batch_only_above_the_work_threshold(monkeypatch):
         numba.set_num_threads(2)
         for dtype, lanes in ((np.float32, 16), (np.float64, 8)):
             model = mlp("relu", dtype, width=33, out=6)
-            for n in (lanes, inference.PARALLEL_MIN_VECTORS * lanes):
+            for n in (lanes, lanes + 1, inference.PARALLEL_MIN_VECTORS * lanes):
                 chunks.clear()
                 x = data(n, 7, dtype, seed=n)
                 assert_close(model.predict(x), forward(model, x), dtype)
-                # one vector of lanes per thread at the smallest split, never less
-                assert chunks == ([] if n == lanes else [n // 2])
+                # one vector of lanes per thread at the smallest split (the second one
+                # partial), never less
+                assert chunks == ([] if n == lanes else [lanes])
     finally:
         numba.set_num_threads(previous)
 
@@ -551,17 +576,21 @@ def test_default_batch_is_one_pass(monkeypatch):
     assert training._rows_per_pass(model, X) >= 4096
 
 
-@pytest.mark.parametrize("split", ["whole", "split", "pass", "packed"],
-                         ids=["whole", "split-layers", "parallel-pass", "packed"])
+@pytest.mark.parametrize("split", ["whole", "split", "pass", "packed", "frozen"],
+                         ids=["whole", "split-layers", "parallel-pass", "packed", "frozen"])
 def test_two_threads_predict_at_once(split, monkeypatch):
     if split == "packed":  # the 300-row batch in the packed form: per-thread panels
         monkeypatch.setattr(inference, "PACKED_MIN_ROWS", 100)
+    if split == "frozen":  # every batch from 16 rows in the packed form, one block per
+        monkeypatch.setattr(inference, "PARALLEL_MIN_MACS", 0)  # thread up to 480 rows
     if split == "split":  # every layer that can be split is: per-thread blocks, drivers
         monkeypatch.setattr(inference, "SPLIT_MIN_MACS", 0)  # built at once
     elif split == "pass":  # every small batch a parallel pass: per-thread counters
         monkeypatch.setattr(inference, "PASS_MIN_BYTES", 0)
         monkeypatch.setattr(inference, "PASS_LAYER_MIN_BYTES", 0)
     model = pass_mlp() if split == "pass" else mlp("gelu", np.float32, width=64)
+    if split == "frozen":
+        model = bp.freeze(model)
     features = model.in_features
     inputs = [data(1 + 7 * i, features, np.float32, seed=i) for i in range(6)]
     inputs += [data(300, features, np.float32, seed=6)]  # in chunks, on every thread
@@ -861,7 +890,7 @@ def test_the_mnist_mlp_takes_the_pass_by_default_and_the_digits_mlp_does_not(mon
     mnist, digits = net([784, 256, 256, 10]), net([64, 128, 128, 10])
     assert inference.plan_for(mnist)._pass_layout()[1] == [True, True, False]
     with two_threads():
-        for n in (1, 31):
+        for n in (1, 16):
             digits.predict(data(n, 64, np.float32))
             assert passes == []
             x = data(n, 784, np.float32)
@@ -869,8 +898,8 @@ def test_the_mnist_mlp_takes_the_pass_by_default_and_the_digits_mlp_does_not(mon
             assert passes == [(n, 2, n >= 16)]
             passes.clear()
             assert_close(got, forward(mnist, x), np.float32)
-        mnist.predict(data(32, 784, np.float32))  # two vectors of rows: chunks, not a pass
-        assert passes == []
+        mnist.predict(data(17, 784, np.float32))  # two vectors of rows (one partial):
+        assert passes == []  # chunks, not a pass
     import numba
 
     previous = numba.get_num_threads()
@@ -984,7 +1013,7 @@ def test_the_packed_form_gives_the_lanes_forms_bits(dtype, activation, bias, row
     packed form gives forward's outputs to rounding, and the lanes form's bits where no row
     op reorders a sum (the same products in the same order, the same σ)."""
     model = packed_mlp(dtype, activation, bias, row_op)
-    for n in (1, 11, 12, 13, 100, 301, 1000):
+    for n in (1, 11, 12, 13, 16, 33, 100, 301, 1000):
         x = data(n, 7, dtype, seed=n) * 2
         expected = forward(model, x)
         lanes = model.predict(x) if n >= 16 else None  # (the lanes form from 16 rows on)
@@ -1008,6 +1037,61 @@ def test_predict_takes_the_packed_form_from_packed_min_rows(dtype, monkeypatch):
         np.testing.assert_array_equal(predicted, called)
         assert_close(predicted, forward(model, x), dtype)
     assert calls == [200, 200, 777, 777]
+
+
+@needs_atomics
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_a_frozen_model_takes_the_packed_form_from_fewer_rows(dtype, monkeypatch):
+    """From FROZEN_PACKED_MIN_ROWS rows, where a batch would run on more than one thread, a
+    frozen model's batches run in the packed form (its panels are never checked); a live
+    model's only from PACKED_MIN_ROWS (checking its panels would cost more than the tiles
+    save); on one thread, neither."""
+    import numba
+
+    if numba.get_num_threads() < 2:
+        pytest.skip("Numba runs one thread here: the threads' blocks need two")
+    calls = count_packed(monkeypatch)
+    monkeypatch.setattr(inference, "PARALLEL_MIN_MACS", 0)  # (tiny weights: no parallel
+    model = packed_mlp(dtype)  # pass; chunks of rows from two vectors of rows)
+    frozen = bp.freeze(model)
+    rows = (15, 16, 31, 40, 255, 256)
+    for net in (frozen, model):
+        for n in rows:
+            x = data(n, 7, dtype, seed=n)
+            assert_close(net.predict(x), forward(model, x), dtype)
+    lanes = 16 if dtype == np.float32 else 8
+    taken = [n for n in rows if n >= 16 and n > lanes] + [256]
+    assert calls == taken
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        x = data(40, 7, dtype)
+        assert_close(frozen.predict(x), forward(model, x), dtype)
+    finally:
+        numba.set_num_threads(previous)
+    assert calls == taken  # one thread: the lanes form
+
+
+@needs_atomics
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_non_finite_input_raises_through_a_frozen_models_small_batch(dtype, monkeypatch):
+    """The first layer's epilogue of each thread's block is the only NaN/inf check of a
+    frozen model's small batch in the packed form: a bad value in any row, in any block of
+    features, fails."""
+    calls = count_packed(monkeypatch)
+    monkeypatch.setattr(inference, "PARALLEL_MIN_MACS", 0)
+    wide = Sequential([Dense(300, 20, rng=0, dtype=dtype), Dense(20, 3, rng=1, dtype=dtype)])
+    frozen = bp.freeze(wide)
+    for n in (33, 100):
+        for row, col in ((0, 0), (n - 1, 299), (n // 2, 150), (13, 299)):
+            for bad in (np.nan, np.inf, -np.inf):
+                x = data(n, 300, dtype, seed=row)
+                x[row, col] = bad
+                with pytest.raises(DataError, match=f"row {row}"):
+                    frozen.predict(x)
+            x[row, col] = 0.0
+            assert np.isfinite(frozen.predict(x)).all()
+    assert set(calls) == {33, 100}
 
 
 @needs_atomics
