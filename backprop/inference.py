@@ -51,12 +51,16 @@ no transposed copy is kept. The product has three forms:
   calls (per calling thread) with a copy of the weights they were packed from: every call
   compares the weights with that copy, bit for bit, and packs again the panels whose
   weights changed (:func:`backprop.kernels.matmul.refresh_panel`), which costs a read of
-  the weights instead of their transposition.
+  the weights instead of their transposition. A frozen model (:func:`backprop.freeze`)
+  never compares them, and runs its batches in this form from
+  :data:`FROZEN_PACKED_MIN_ROWS` rows, one block of rows per thread.
 
 Threads of one call. A batch runs on the calling thread, unless it holds at least two
-vectors of rows (:data:`PARALLEL_MIN_VECTORS`) and at least :data:`PARALLEL_MIN_MACS`
-multiply-adds, Numba runs more than one thread and the model is a stack of Dense layers:
-then the batch is cut into one chunk of rows per thread (each a whole number of vectors) and a parallel driver runs the whole
+vectors of rows (:data:`PARALLEL_MIN_VECTORS`, the last one may be partial) and at least
+:data:`PARALLEL_MIN_MACS` multiply-adds, Numba runs more than one thread and the model is a
+stack of Dense layers: then the batch is cut into chunks of rows (each a whole number of
+vectors, sized so that the busiest thread gets the fewest rows, :data:`CHUNK_ROWS`) and a
+parallel driver runs the whole
 lanes program on each chunk, transposition, every layer and the transposition back, in a
 single parallel region (one wake-up of the worker threads per call, not one per layer; each
 core keeps its chunk's activations in its own cache). Below the threshold, waking a second
@@ -126,7 +130,7 @@ from backprop.kernels.activations import RECORDS, Math
 
 __all__ = ["MAX_ROWS", "DENSE_MAX_ROWS", "SMALL_WEIGHT_BYTES", "PACKED_MIN_ROWS",
            "PACKED_BLOCK_ROWS", "FROZEN_PACKED_MIN_ROWS",
-           "l2_cache_bytes", "CHUNK_ROWS",
+           "l2_cache_bytes", "CHUNK_ROWS", "CHUNK_MAX_ROWS",
            "PARALLEL_MIN_VECTORS", "PARALLEL_MIN_MACS", "PASS_MIN_BYTES", "PASS_LAYER_MIN_BYTES",
            "PASS_BYTES_PER_THREAD",
            "SPLIT_MIN_MACS", "plan_for", "run", "clear"]
