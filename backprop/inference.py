@@ -206,6 +206,22 @@ layer's activations to each other). Below this, the threads' blocks are too few 
 the packed tiles. A live model's check of its panels costs more than the tiles save below
 :data:`PACKED_MIN_ROWS` (benchmarks/results/intel-xeon-2c-2026-12-06i/NOTES.md)."""
 
+def _row_chunks_take(n: int, threads: int, lanes: int) -> bool:
+    """Whether a batch of ``n`` rows of a stack of Dense layers whose weights stay in a
+    core's cache, one that would run on ``threads`` > 1 threads, runs in the row form, one
+    chunk of rows per thread (each read in place, every layer in the dot form, no exchange
+    between the cores): from one vector of ``lanes`` rows while the batch is too small for
+    two whole vectors on every thread (below ``2·threads - ½`` vectors: 56 float32 rows on
+    two threads), unless it fills one vector per thread exactly. The lanes form there either
+    pads and imbalances its chunks or runs the parallel pass of large weights (up to one
+    vector of rows), whose tiles hold a single vector of rows and whose threads hand every
+    layer's activations to each other: mnist at 16–24 and 40 rows 0.72–0.82× the time, 32
+    and 48 rows 1.05× and 0.99× (hence the exception), 8 and 12 rows 1.10× and 1.26× (the
+    pass in the row form, which splits the weights, stays; benchmarks/results/
+    intel-xeon-2c-2026-12-06i/NOTES.md)."""
+    return lanes <= n and 2 * n < (4 * threads - 1) * lanes and n % (threads * lanes) != 0
+
+
 CHUNK_ROWS = 64
 """The chunked driver's rows per chunk, at most, unless a larger chunk (up to
 :data:`CHUNK_MAX_ROWS`) shares the rows out more evenly among the threads (``_chunking``):
@@ -710,30 +726,44 @@ def _kernel_name(act: str, row: int) -> str:
     return "dense_" + "".join(c if c.isalnum() else "_" for c in act) + f"_{row}"
 
 
-def _driver_source(spec) -> str:
+def _driver_source(spec, lanes: bool = True) -> str:
     """The parallel driver of a stack of Dense layers, ``spec`` = ``((activation, row op),
     ...)``: for each chunk ``c`` of ``chunk`` rows (in parallel), ``B0[c] = x[rows]ᵀ``,
     ``B{i+1}[c] = layer i (B{i}[c])`` in the lanes form, ``out[rows] = B{L}[c]ᵀ``; whether
     each chunk of ``x`` is finite goes to ``flags[c]`` (an array, not a reduction: a
-    reduction costs the parallel region an allocation per call)."""
+    reduction costs the parallel region an allocation per call). ``lanes`` False: the row
+    form instead (``_row_chunks_take``), ``x[rows]`` read in place and
+    ``B{i}[c, :m]`` the hidden activations of the chunk's ``m`` rows."""
     layers = len(spec)
-    buffers = ", ".join(f"B{i}" for i in range(layers + 1))
+    buffers = ", ".join(f"B{i}" for i in range(0 if lanes else 1, layers + (1 if lanes else 0)))
     params = ", ".join(f"W{i}, b{i}, a{i}" for i in range(layers))
+    name = "plan_driver" if lanes else "row_driver"
     # the kernels by their names (dense_<activation>_<row op>): the text alone must say
     # which machine code the file stands for, since Numba's disk cache finds a driver's
     # compiled code by its file and bytecode, not by the functions its globals hold
-    lines = [f"# the parallel inference driver of the Dense stack {spec!r}",
-             f"def plan_driver(x, out, chunk, flags, {buffers}, {params}):",
+    lines = [f"# the parallel inference driver of the Dense stack {spec!r}, "
+             f"{'lanes' if lanes else 'row'} form",
+             f"def {name}(x, out, chunk, flags, {buffers}{', ' if buffers else ''}{params}):",
              "    n = x.shape[0]",
              "    for c in prange((n + chunk - 1) // chunk):",
              "        r0 = c * chunk",
              "        r1 = min(n, r0 + chunk)",
-             "        m = r1 - r0",
-             "        to_lanes(x[r0:r1], B0[c])"]
+             "        m = r1 - r0"]
+    if lanes:
+        lines.append("        to_lanes(x[r0:r1], B0[c])")
     # the first layer's kernel says whether the chunk of x is finite (see _dense_kernel)
-    lines += [f"        {'flags[c] = ' if i == 0 else ''}{_kernel_name(act, row)}"
-              f"(B{i}[c], m, W{i}, b{i}, a{i}, B{i + 1}[c])" for i, (act, row) in enumerate(spec)]
-    lines += [f"        from_lanes(B{layers}[c], out[r0:r1])", ""]
+    for i, (act, row) in enumerate(spec):
+        if lanes:
+            src, dst, kernel = f"B{i}[c]", f"B{i + 1}[c]", _kernel_name(act, row) + "_lanes"
+        else:
+            src = "x[r0:r1]" if i == 0 else f"B{i}[c, :m]"
+            dst = "out[r0:r1]" if i == layers - 1 else f"B{i + 1}[c, :m]"
+            kernel = _kernel_name(act, row) + "_row"
+        lines.append(f"        {'flags[c] = ' if i == 0 else ''}{kernel}"
+                     f"({src}, m, W{i}, b{i}, a{i}, {dst})")
+    if lanes:
+        lines.append(f"        from_lanes(B{layers}[c], out[r0:r1])")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -803,13 +833,18 @@ def _driver_file(source: str) -> str:
     return str(path)
 
 
-def _driver_for(spec):
-    """The parallel driver of ``spec`` (built once per process; compiled on first call)."""
+def _driver_for(spec, lanes: bool = True):
+    """The parallel driver of ``spec`` in the lanes or the row form (built once per
+    process; compiled on first call)."""
+    form, suffix = (_LANES, "_lanes") if lanes else (_ROW, "_row")
+
     def build():
-        kernels = {_kernel_name(act, row): _kernel(_DENSE, _dense_kernel, act, row, _LANES)
+        kernels = {_kernel_name(act, row) + suffix: _kernel(_DENSE, _dense_kernel, act, row,
+                                                             form)
                    for act, row in spec}
-        return _compile_driver(_driver_source(spec), "plan_driver", kernels)
-    return _cached_driver(spec, build)
+        return _compile_driver(_driver_source(spec, lanes),
+                               "plan_driver" if lanes else "row_driver", kernels)
+    return _cached_driver(spec if lanes else ("rows", spec), build)
 
 
 def _cached_driver(key, build):
@@ -1243,6 +1278,9 @@ class Plan(_State):
                         self.frozen and n >= FROZEN_PACKED_MIN_ROWS and
                         (chunks and shared or large and threads > 1))):
                     return self._packed(x, n, threads)
+                if threads > 1 and (chunks and shared or large) and self.resident() and \
+                        _row_chunks_take(n, threads, self.lanes_from):
+                    return self._row_chunks(x, n, threads)
                 if chunks and (n > MAX_ROWS or shared):
                     return self._chunked(x, n, threads)
         program = self.lanes if n >= self.lanes_from and self.lanes is not None else self.row
@@ -1276,6 +1314,24 @@ class Plan(_State):
         """Whether the weights of this stack of Dense layers stay in a core's cache
         (:data:`SMALL_WEIGHT_BYTES`, :func:`l2_cache_bytes`)."""
         return self.weight_bytes <= max(SMALL_WEIGHT_BYTES, l2_cache_bytes())
+
+    def _row_chunks(self, x, n, threads):
+        """``(output, finite)`` of the row program run by the parallel driver on one chunk
+        of rows per thread (``_row_chunks_take``), each read in place."""
+        chunk = -(-n // threads)
+        chunks = -(-n // chunk)
+        key = ("rows", n, chunk)
+        buffers = self._local.buffers.get(key)
+        if buffers is None:
+            buffers = self._keep(key, (
+                np.empty(chunks, np.bool_),
+                [np.empty((chunks, chunk, w), self.dtype) for w in self.widths[1:-1]]))
+        flags, hidden = buffers
+        params = self._dense_params()
+        out = np.empty((n, self.out_width), self.dtype)
+        _parallel_launch(_driver_for(self.spec, lanes=False), x, out, chunk, flags, *hidden,
+                         *params)
+        return out, bool(flags.all())
 
     def _chunked(self, x, n, threads):
         """``(output, finite)`` of the lanes program run by the parallel driver on chunks of

@@ -234,6 +234,7 @@ def test_the_threads_split_a_batch_only_above_the_work_threshold(monkeypatch):
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("Numba runs one thread here (NUMBA_NUM_THREADS=1)")
     chunks = count_launches(monkeypatch)
+    no_row_chunks(monkeypatch)  # (the lanes form's chunks: tested below)
     model = mlp("relu", np.float32, width=33, out=6)
     x = data(R, 7, np.float32)
     expected = forward(model, x)
@@ -764,6 +765,51 @@ def test_non_finite_input_raises_through_a_split_layer(dtype, monkeypatch):
 
 # ---------------------------------------------------------------------------------------
 # The parallel pass of a stack of Dense layers (PASS_MIN_BYTES)
+def count_row_chunks(monkeypatch):
+    """The row counts of the row form's chunked calls, one entry per call."""
+    calls = []
+    row_chunks = inference.Plan._row_chunks
+
+    def counted(plan, x, n, threads):
+        calls.append(n)
+        return row_chunks(plan, x, n, threads)
+
+    monkeypatch.setattr(inference.Plan, "_row_chunks", counted)
+    return calls
+
+
+def test_the_row_forms_chunks_take_small_batches_of_a_cached_stack(monkeypatch):
+    """From one vector of rows to below two per thread (but one per thread exactly), a
+    stack that would run on several threads runs one chunk of rows per thread in the row
+    form: the outputs are forward's to rounding, NaN/inf in any chunk raises, and the rule
+    scales with the threads and the lanes."""
+    take = inference._row_chunks_take
+    assert [n for n in range(1, 80) if take(n, 2, 16)] == \
+        [n for n in range(16, 56) if n != 32]
+    assert [n for n in range(1, 40) if take(n, 2, 8)] == [n for n in range(8, 28) if n != 16]
+    assert take(100, 4, 16) and not take(64, 4, 16) and not take(120, 4, 16)
+    rows = count_row_chunks(monkeypatch)
+    monkeypatch.setattr(inference, "PARALLEL_MIN_MACS", 0)
+    with two_threads():
+        for dtype, lanes in ((np.float32, 16), (np.float64, 8)):
+            rows.clear()
+            model = pass_mlp(dtype, row_op=None)
+            for n in (lanes - 1, lanes, lanes + 3, 2 * lanes, 3 * lanes + 1):
+                x = data(n, 9, dtype, seed=n)
+                predicted, called = uses_plan(model, x)
+                np.testing.assert_array_equal(predicted, called)
+                assert_close(predicted, forward(model, x), dtype)
+            # (one vector of rows of small weights: no threads, neither chunks nor a pass)
+            taken = [lanes + 3, 3 * lanes + 1]
+            assert rows == [n for n in taken for _ in range(2)]  # predict, then model(x)
+            for row in (0, 2 * lanes - 1, 3 * lanes):
+                x = data(3 * lanes + 1, 9, dtype, seed=row)
+                x[row, 4] = np.nan
+                with pytest.raises(DataError, match=f"row {row}"):
+                    model.predict(x)
+            assert rows[4:] == [3 * lanes + 1] * 3  # each through the chunks
+
+
 def count_passes(monkeypatch):
     """``(rows, threads, lanes)`` of each parallel pass."""
     passes = []
@@ -811,6 +857,12 @@ def pass_mlp(dtype=np.float32, bias=True, row_op="softmax", seed=5):
 def every_layer_in_a_pass(monkeypatch):
     monkeypatch.setattr(inference, "PASS_MIN_BYTES", 0)
     monkeypatch.setattr(inference, "PASS_LAYER_MIN_BYTES", 0)
+    no_row_chunks(monkeypatch)
+
+
+def no_row_chunks(monkeypatch):
+    """The row form's chunks off (the batches they would take run as before them)."""
+    monkeypatch.setattr(inference, "_row_chunks_take", lambda n, threads, lanes: False)
 
 
 def no_threads(monkeypatch):
@@ -889,17 +941,19 @@ def test_the_mnist_mlp_takes_the_pass_by_default_and_the_digits_mlp_does_not(mon
 
     mnist, digits = net([784, 256, 256, 10]), net([64, 128, 128, 10])
     assert inference.plan_for(mnist)._pass_layout()[1] == [True, True, False]
+    rows = count_row_chunks(monkeypatch)
     with two_threads():
-        for n in (1, 16):
+        for n in (1, 15):
             digits.predict(data(n, 64, np.float32))
             assert passes == []
             x = data(n, 784, np.float32)
             got = mnist.predict(x)
-            assert passes == [(n, 2, n >= 16)]
+            assert passes == [(n, 2, False)]
             passes.clear()
             assert_close(got, forward(mnist, x), np.float32)
-        mnist.predict(data(17, 784, np.float32))  # two vectors of rows (one partial):
-        assert passes == []  # chunks, not a pass
+        for n in (16, 17):  # from one vector of rows: one chunk of rows per thread
+            mnist.predict(data(n, 784, np.float32))
+        assert passes == [] and rows == [16, 17]
     import numba
 
     previous = numba.get_num_threads()
