@@ -63,8 +63,10 @@ vectors, sized so that the busiest thread gets the fewest rows, :data:`CHUNK_ROW
 parallel driver runs the whole
 lanes program on each chunk, transposition, every layer and the transposition back, in a
 single parallel region (one wake-up of the worker threads per call, not one per layer; each
-core keeps its chunk's activations in its own cache). Below the threshold, waking a second
-thread costs more than it saves. The driver is generated per stack of activations (its
+core keeps its chunk's activations in its own cache). With one to two vectors of rows per
+thread and weights in a core's cache, the chunks are one per thread and run the row program
+instead (``_row_chunks_take``: no transposition, no padded lanes). Below the threshold,
+waking a second thread costs more than it saves. The driver is generated per stack of activations (its
 Python source is written once under the user's cache directory, so that Numba's disk cache
 keeps its machine code between processes, ``_driver_for``). Under Numba's workqueue
 threading layer, which aborts on parallel launches from two threads at once, the drivers
