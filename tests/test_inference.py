@@ -175,17 +175,22 @@ def test_a_large_dense_stack_takes_the_plan_up_to_dense_max_rows(monkeypatch):
     assert plan.takes(R) and not plan.takes(R + 1)
 
 
-def count_packed(monkeypatch):
-    """The row counts of the packed driver's calls, one entry per call."""
+def count_calls(monkeypatch, method: str):
+    """The row counts of the calls of ``Plan.<method>(x, n, threads)``, one entry per call."""
     calls = []
-    packed = inference.Plan._packed
+    real = getattr(inference.Plan, method)
 
     def counted(plan, x, n, threads):
         calls.append(n)
-        return packed(plan, x, n, threads)
+        return real(plan, x, n, threads)
 
-    monkeypatch.setattr(inference.Plan, "_packed", counted)
+    monkeypatch.setattr(inference.Plan, method, counted)
     return calls
+
+
+def count_packed(monkeypatch):
+    """The row counts of the packed driver's calls."""
+    return count_calls(monkeypatch, "_packed")
 
 
 def test_a_dense_stack_whose_weights_fit_in_l2_takes_any_batch(monkeypatch):
@@ -766,16 +771,8 @@ def test_non_finite_input_raises_through_a_split_layer(dtype, monkeypatch):
 # ---------------------------------------------------------------------------------------
 # The parallel pass of a stack of Dense layers (PASS_MIN_BYTES)
 def count_row_chunks(monkeypatch):
-    """The row counts of the row form's chunked calls, one entry per call."""
-    calls = []
-    row_chunks = inference.Plan._row_chunks
-
-    def counted(plan, x, n, threads):
-        calls.append(n)
-        return row_chunks(plan, x, n, threads)
-
-    monkeypatch.setattr(inference.Plan, "_row_chunks", counted)
-    return calls
+    """The row counts of the row form's chunked calls."""
+    return count_calls(monkeypatch, "_row_chunks")
 
 
 def test_the_row_forms_chunks_take_small_batches_of_a_cached_stack(monkeypatch):
@@ -793,7 +790,7 @@ def test_the_row_forms_chunks_take_small_batches_of_a_cached_stack(monkeypatch):
     with two_threads():
         for dtype, lanes in ((np.float32, 16), (np.float64, 8)):
             rows.clear()
-            model = pass_mlp(dtype, row_op=None)
+            model = pass_mlp(dtype)  # (the pass tests' drivers: compiled once for all)
             for n in (lanes - 1, lanes, lanes + 3, 2 * lanes, 3 * lanes + 1):
                 x = data(n, 9, dtype, seed=n)
                 predicted, called = uses_plan(model, x)
