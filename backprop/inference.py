@@ -60,17 +60,17 @@ vectors of rows (:data:`PARALLEL_MIN_VECTORS`, the last one may be partial) and 
 :data:`PARALLEL_MIN_MACS` multiply-adds, Numba runs more than one thread and the model is a
 stack of Dense layers: then the batch is cut into chunks of rows (each a whole number of
 vectors, sized so that the busiest thread gets the fewest rows, :data:`CHUNK_ROWS`) and a
-parallel driver runs the whole
-lanes program on each chunk, transposition, every layer and the transposition back, in a
-single parallel region (one wake-up of the worker threads per call, not one per layer; each
-core keeps its chunk's activations in its own cache). With one to two vectors of rows per
-thread and weights in a core's cache, the chunks are one per thread and run the row program
-instead (``_row_chunks_take``: no transposition, no padded lanes). Below the threshold,
-waking a second thread costs more than it saves. The driver is generated per stack of activations (its
-Python source is written once under the user's cache directory, so that Numba's disk cache
-keeps its machine code between processes, ``_driver_for``). Under Numba's workqueue
-threading layer, which aborts on parallel launches from two threads at once, the drivers
-take turns as numba_cpu's parallel kernels do.
+parallel driver runs the whole lanes program on each chunk, transposition, every layer and
+the transposition back, in a single parallel region (one wake-up of the worker threads per
+call, not one per layer; each core keeps its chunk's activations in its own cache). With
+one to two vectors of rows per thread and weights in a core's cache, the chunks are one per
+thread and run the row program instead (``_row_chunks_take``: no transposition, no padded
+lanes). Below the threshold, waking a second thread costs more than it saves. The driver is
+generated per stack of activations (its Python source is written once under the user's
+cache directory, so that Numba's disk cache keeps its machine code between processes,
+``_driver_for``). Under Numba's workqueue threading layer, which aborts on parallel
+launches from two threads at once, the drivers take turns as numba_cpu's parallel kernels
+do.
 
 A smaller batch of a stack of Dense layers with large weights (:data:`PASS_MIN_BYTES`)
 still uses every thread: a product of a few rows is bound by reading the weights, so each
@@ -208,6 +208,17 @@ layer's activations to each other). Below this, the threads' blocks are too few 
 the packed tiles. A live model's check of its panels costs more than the tiles save below
 :data:`PACKED_MIN_ROWS` (benchmarks/results/intel-xeon-2c-2026-12-06i/NOTES.md)."""
 
+CHUNK_ROWS = 64
+"""The chunked driver's rows per chunk, at most, unless a larger chunk (up to
+:data:`CHUNK_MAX_ROWS`) shares the rows out more evenly among the threads (``_chunking``):
+a chunk's activations stay close to L1."""
+
+CHUNK_MAX_ROWS = 128
+"""The chunked driver's rows per chunk, at most, whatever the balance: a chunk's
+activations (and a stack's weights in a core's cache, :data:`SMALL_WEIGHT_BYTES`) stay in
+L2."""
+
+
 def _row_chunks_take(n: int, threads: int, lanes: int) -> bool:
     """Whether a batch of ``n`` rows of a stack of Dense layers whose weights stay in a
     core's cache, one that would run on ``threads`` > 1 threads, runs in the row form, one
@@ -223,16 +234,6 @@ def _row_chunks_take(n: int, threads: int, lanes: int) -> bool:
     intel-xeon-2c-2026-12-06i/NOTES.md)."""
     return lanes <= n and 2 * n < (4 * threads - 1) * lanes and n % (threads * lanes) != 0
 
-
-CHUNK_ROWS = 64
-"""The chunked driver's rows per chunk, at most, unless a larger chunk (up to
-:data:`CHUNK_MAX_ROWS`) shares the rows out more evenly among the threads (``_chunking``):
-a chunk's activations stay close to L1."""
-
-CHUNK_MAX_ROWS = 128
-"""The chunked driver's rows per chunk, at most, whatever the balance: a chunk's
-activations (and a stack's weights in a core's cache, :data:`SMALL_WEIGHT_BYTES`) stay in
-L2."""
 
 _FLAGS = dict(fastmath={"reassoc", "contract", "nsz"}, error_model="numpy", nogil=True,
               cache=True)
@@ -1276,12 +1277,12 @@ class Plan(_State):
             if chunks or large:
                 threads = _threads()
                 shared = threads > 1 and n * self.macs_per_row >= PARALLEL_MIN_MACS
-                if atomics.AVAILABLE and self.resident() and (n >= PACKED_MIN_ROWS or (
-                        self.frozen and n >= FROZEN_PACKED_MIN_ROWS and
-                        (chunks and shared or large and threads > 1))):
+                parallel = chunks and shared or large and threads > 1  # (else one thread)
+                resident = self.resident()
+                if atomics.AVAILABLE and resident and (n >= PACKED_MIN_ROWS or (
+                        self.frozen and parallel and n >= FROZEN_PACKED_MIN_ROWS)):
                     return self._packed(x, n, threads)
-                if threads > 1 and (chunks and shared or large) and self.resident() and \
-                        _row_chunks_take(n, threads, self.lanes_from):
+                if parallel and resident and _row_chunks_take(n, threads, self.lanes_from):
                     return self._row_chunks(x, n, threads)
                 if chunks and (n > MAX_ROWS or shared):
                     return self._chunked(x, n, threads)
@@ -1321,35 +1322,33 @@ class Plan(_State):
         """``(output, finite)`` of the row program run by the parallel driver on one chunk
         of rows per thread (``_row_chunks_take``), each read in place."""
         chunk = -(-n // threads)
-        chunks = -(-n // chunk)
-        key = ("rows", n, chunk)
-        buffers = self._local.buffers.get(key)
-        if buffers is None:
-            buffers = self._keep(key, (
-                np.empty(chunks, np.bool_),
-                [np.empty((chunks, chunk, w), self.dtype) for w in self.widths[1:-1]]))
-        flags, hidden = buffers
-        params = self._dense_params()
-        out = np.empty((n, self.out_width), self.dtype)
-        _parallel_launch(_driver_for(self.spec, lanes=False), x, out, chunk, flags, *hidden,
-                         *params)
-        return out, bool(flags.all())
+        return self._run_chunks(x, n, chunk, -(-n // chunk), lanes=False)
 
     def _chunked(self, x, n, threads):
         """``(output, finite)`` of the lanes program run by the parallel driver on chunks of
         rows of equal size, a whole number of vectors of lanes (``_chunking``)."""
         chunk, chunks = _chunking(n, max(threads, 1), self.lanes_from, CHUNK_ROWS,
                                   CHUNK_MAX_ROWS)
-        key = ("parallel", n, chunk)
+        return self._run_chunks(x, n, chunk, chunks, lanes=True)
+
+    def _run_chunks(self, x, n, chunk, chunks, lanes: bool):
+        """``(output, finite)`` of the parallel driver (:func:`_driver_source`) in the lanes
+        or the row form on ``chunks`` chunks of ``chunk`` rows, through this thread's
+        buffers for them: in the lanes form every layer's input and output transposed,
+        ``(chunks, width, chunk)``; in the row form the hidden activations only,
+        ``(chunks, chunk, width)``."""
+        key = ("parallel" if lanes else "rows", n, chunk)
         buffers = self._local.buffers.get(key)
         if buffers is None:
-            buffers = self._keep(key, (
-                np.empty(chunks, np.bool_),
-                [np.empty((chunks, w, chunk), self.dtype) for w in self.widths]))
+            shapes = ([(chunks, w, chunk) for w in self.widths] if lanes else
+                      [(chunks, chunk, w) for w in self.widths[1:-1]])
+            buffers = self._keep(key, (np.empty(chunks, np.bool_),
+                                       [np.empty(shape, self.dtype) for shape in shapes]))
         flags, hidden = buffers
         params = self._dense_params()
         out = np.empty((n, self.out_width), self.dtype)
-        _parallel_launch(_driver_for(self.spec), x, out, chunk, flags, *hidden, *params)
+        _parallel_launch(_driver_for(self.spec, lanes), x, out, chunk, flags, *hidden,
+                         *params)
         return out, bool(flags.all())
 
     def _packed(self, x, n, threads):
