@@ -8,7 +8,9 @@ ONNX Runtime session or ``torch.jit.freeze``: the weights are fixed, so the infe
 need not check them. A plan of a live model compares its packed weight panels with the
 weights at every call (:mod:`backprop.inference`, the packed form: a read of the weights per
 call, to see an in-place update); a frozen model's panels are packed once, on its first
-large batch, and never checked again.
+large batch, and never checked again; and the route a batch size takes on a thread is chosen
+and bound once, so that a later batch of that size runs on the checks of the input alone
+(:func:`backprop.inference.run_frozen`).
 
 Thread-safe, as ``predict``: any number of threads may call a frozen model at once (each
 keeps its own buffers and panels). Its copy of the model is private: changing it (through
@@ -18,6 +20,8 @@ Pickling a frozen model pickles its copy, frozen as it was.
 from __future__ import annotations
 
 import copy
+
+import numpy as np
 
 from backprop import training
 
@@ -39,6 +43,11 @@ class FrozenModel:
         self._model = _frozen_copy(model)
 
     def predict(self, X, batch_size=None):
+        if batch_size is None and type(X) is np.ndarray:
+            # the bound call of a batch size seen before (backprop.inference.run_frozen)
+            out = (training._plans or training._inference()).run_frozen(self._model, X)
+            if out is not None:
+                return out
         return training.predict(self._model, X, batch_size)
 
     def __call__(self, x):

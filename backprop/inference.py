@@ -94,6 +94,15 @@ results differ from ``model.forward``'s by rounding: a few units in the last pla
 depend on which plan form ran, up to that rounding; bit for bit they may (as BLAS's do on
 the shape of the product).
 
+Routes. Each call picks its route (the form, the driver, the threads) from the batch's rows
+and the thresholds above, and binds it to this thread's buffers and the layers' arrays
+(``Plan._bind``) before it runs it. A frozen model (:func:`backprop.freeze`), whose layers
+and arrays never change, keeps the route it bound for a batch size and thread count on the
+calling thread (``Plan.bound``, :func:`run_frozen`): its later batches of that size skip
+the choice, the plan's checks against the model and the reading of the layers' arrays, and
+run on the checks of ``x`` alone (type, layout, dtype, features; NaN/inf on the first
+layer's kernel). Such a route keeps the thresholds as they were when it was bound.
+
 Invalidation: a plan holds the model's layer objects, not their arrays: every call reads
 ``W.data``, ``b.data``, the running statistics and each activation's ``alpha`` anew, so an
 optimizer's in-place update, ``load_state_dict``, ``model.to(...)`` (new arrays) and
@@ -135,7 +144,7 @@ __all__ = ["MAX_ROWS", "DENSE_MAX_ROWS", "SMALL_WEIGHT_BYTES", "PACKED_MIN_ROWS"
            "l2_cache_bytes", "CHUNK_ROWS", "CHUNK_MAX_ROWS",
            "PARALLEL_MIN_VECTORS", "PARALLEL_MIN_MACS", "PASS_MIN_BYTES", "PASS_LAYER_MIN_BYTES",
            "PASS_BYTES_PER_THREAD",
-           "SPLIT_MIN_MACS", "plan_for", "run", "clear"]
+           "SPLIT_MIN_MACS", "plan_for", "run", "run_frozen", "clear"]
 
 MAX_ROWS = 64
 """Batches of at most this many rows run through any plan. A stack of Dense layers also
@@ -1084,6 +1093,7 @@ class _Local(threading.local):
     def __init__(self):
         self.buffers = {}  # rows -> this thread's intermediate arrays
         self.panels = None  # the packed form's panels, weight copies and whether fresh
+        self.bound = {}  # a frozen plan's routes: (rows, threads) -> route (Plan.bound)
 
 
 class _State:
@@ -1265,10 +1275,66 @@ class Plan(_State):
         """``(output, finite)``: the output for ``x`` (C-contiguous, ``(n, in_features)``, the
         plan's dtype, ``n`` rows that :meth:`takes`) as a fresh array. ``finite`` is True when
         ``x`` is surely finite; when False (only computed with ``check``), ``x`` may hold
-        NaN or inf, or the weights do (or the products overflowed)."""
+        NaN or inf, or the weights do (or the products overflowed).
+
+        The route for ``n`` rows is bound anew on every call of a live model (its weights
+        are read anew: see the module docstring); a frozen model's steady route for ``n``
+        rows and the calling thread's thread count is bound once, kept per thread
+        (:meth:`bound`)."""
         for guard in self.guards:
             guard()
         n = x.shape[0]
+        if not self.frozen:
+            return self._execute(self._bind(n), x, n, check)
+        key = (n, _threads())
+        route = self._local.bound.get(key)
+        if route is None:
+            route = self._bind(n)
+            fresh = route[4]
+            if fresh is None or not fresh[0]:  # (not the first packing of the panels)
+                kept = self._local.bound
+                if len(kept) >= _THREAD_BUFFERS_KEPT:
+                    kept.pop(next(iter(kept)))
+                kept[key] = route
+        return self._execute(route, x, n, check)
+
+    def bound(self, n: int):
+        """A frozen model's route for batches of ``n`` rows on the calling thread, for
+        :meth:`_execute`, where an earlier call bound it with this thread's current thread
+        count, else None. Bound with every array it reads (the weights, the packed panels,
+        the thread's buffers) and the route that the thresholds of this module chose then:
+        a frozen model's weights and layers never change."""
+        return self._local.bound.get((n, _threads()))
+
+    def _execute(self, route, x, n, check):
+        """``(output, finite)`` (see :meth:`__call__`) of a bound ``route``:
+        ``(driver, head, tail, flags, fresh)``, the driver called as
+        ``driver(x, *head, out, *tail)``, whether ``x`` is finite its result (``flags``
+        None) or ``flags.all()``, and ``fresh[0]`` cleared after the packed driver's call;
+        or ``(None, program, hidden, None, None)``, a program's ops."""
+        driver, head, tail, flags, fresh = route
+        out = np.empty((n, self.out_width), self.dtype)
+        if driver is None:  # the program's ops (inline: one call fewer per small batch)
+            program, regs = head, [x, *tail, out]
+            if program.flags_input:
+                for op in program.before:
+                    op(regs, n)
+                finite = program.head(regs, n)
+                for op in program.rest:
+                    op(regs, n)
+            else:
+                finite = _all_finite(x) if check else True
+                for op in program.ops:
+                    op(regs, n)
+            return out, finite
+        finite = _parallel_launch(driver, x, *head, out, *tail)
+        if fresh is not None:
+            fresh[0] = False
+        return out, finite if flags is None else bool(flags.all())
+
+    def _bind(self, n):
+        """The route for ``n`` rows (:meth:`_execute`), bound to this thread's buffers and
+        the weights as they are now."""
         threads, large = 1, False
         if self.dense is not None:
             chunks = n > (PARALLEL_MIN_VECTORS - 1) * self.lanes_from
@@ -1281,32 +1347,20 @@ class Plan(_State):
                 resident = self.resident()
                 if atomics.AVAILABLE and resident and (n >= PACKED_MIN_ROWS or (
                         self.frozen and parallel and n >= FROZEN_PACKED_MIN_ROWS)):
-                    return self._packed(x, n, threads)
+                    return self._packed(n, threads)
                 if parallel and resident and _row_chunks_take(n, threads, self.lanes_from):
-                    return self._row_chunks(x, n, threads)
+                    return self._row_chunks(n, threads)
                 if chunks and (n > MAX_ROWS or shared):
-                    return self._chunked(x, n, threads)
+                    return self._chunked(n, threads)
         program = self.lanes if n >= self.lanes_from and self.lanes is not None else self.row
         hidden = self._local.buffers.get(n)
         if hidden is None:
             hidden = self._allocate(n, program)
-        out = np.empty((n, self.out_width), self.dtype)
         if large and threads > 1:
             team = layout[3]  # the most threads the pass takes (PASS_BYTES_PER_THREAD)
-            return out, self._pass(x, n, team if threads > team else threads,
-                                   program is self.lanes, hidden, out)
-        regs = [x, *hidden, out]
-        if program.flags_input:
-            for op in program.before:
-                op(regs, n)
-            finite = program.head(regs, n)
-            for op in program.rest:
-                op(regs, n)
-        else:
-            finite = _all_finite(x) if check else True
-            for op in program.ops:
-                op(regs, n)
-        return out, finite
+            return self._pass(n, team if threads > team else threads,
+                              program is self.lanes, hidden)
+        return None, program, hidden, None, None
 
     def takes(self, n: int) -> bool:
         """Whether a batch of ``n`` rows runs through this plan (see :data:`MAX_ROWS`)."""
@@ -1318,23 +1372,23 @@ class Plan(_State):
         (:data:`SMALL_WEIGHT_BYTES`, :func:`l2_cache_bytes`)."""
         return self.weight_bytes <= max(SMALL_WEIGHT_BYTES, l2_cache_bytes())
 
-    def _row_chunks(self, x, n, threads):
-        """``(output, finite)`` of the row program run by the parallel driver on one chunk
-        of rows per thread (``_row_chunks_take``), each read in place."""
+    def _row_chunks(self, n, threads):
+        """The route of the row program run by the parallel driver on one chunk of rows per
+        thread (``_row_chunks_take``), each read in place."""
         chunk = -(-n // threads)
-        return self._run_chunks(x, n, chunk, -(-n // chunk), lanes=False)
+        return self._run_chunks(n, chunk, -(-n // chunk), lanes=False)
 
-    def _chunked(self, x, n, threads):
-        """``(output, finite)`` of the lanes program run by the parallel driver on chunks of
-        rows of equal size, a whole number of vectors of lanes (``_chunking``)."""
+    def _chunked(self, n, threads):
+        """The route of the lanes program run by the parallel driver on chunks of rows of
+        equal size, a whole number of vectors of lanes (``_chunking``)."""
         chunk, chunks = _chunking(n, max(threads, 1), self.lanes_from, CHUNK_ROWS,
                                   CHUNK_MAX_ROWS)
-        return self._run_chunks(x, n, chunk, chunks, lanes=True)
+        return self._run_chunks(n, chunk, chunks, lanes=True)
 
-    def _run_chunks(self, x, n, chunk, chunks, lanes: bool):
-        """``(output, finite)`` of the parallel driver (:func:`_driver_source`) in the lanes
-        or the row form on ``chunks`` chunks of ``chunk`` rows, through this thread's
-        buffers for them: in the lanes form every layer's input and output transposed,
+    def _run_chunks(self, n, chunk, chunks, lanes: bool):
+        """The route of the parallel driver (:func:`_driver_source`) in the lanes or the row
+        form on ``chunks`` chunks of ``chunk`` rows, through this thread's buffers for them:
+        in the lanes form every layer's input and output transposed,
         ``(chunks, width, chunk)``; in the row form the hidden activations only,
         ``(chunks, chunk, width)``."""
         key = ("parallel" if lanes else "rows", n, chunk)
@@ -1345,20 +1399,18 @@ class Plan(_State):
             buffers = self._keep(key, (np.empty(chunks, np.bool_),
                                        [np.empty(shape, self.dtype) for shape in shapes]))
         flags, hidden = buffers
-        params = self._dense_params()
-        out = np.empty((n, self.out_width), self.dtype)
-        _parallel_launch(_driver_for(self.spec, lanes), x, out, chunk, flags, *hidden,
-                         *params)
-        return out, bool(flags.all())
+        return (_driver_for(self.spec, lanes), (), (chunk, flags, *hidden,
+                                                    *self._dense_params()), flags, None)
 
-    def _packed(self, x, n, threads):
-        """``(output, finite)`` of the packed driver (:data:`PACKED_MIN_ROWS`,
+    def _packed(self, n, threads):
+        """The route of the packed driver (:data:`PACKED_MIN_ROWS`,
         :data:`FROZEN_PACKED_MIN_ROWS`, :func:`_packed_source`): blocks of about
         :data:`PACKED_BLOCK_ROWS` rows in whole tiles of the packed product, as many as a
         multiple of ``threads`` (equal shares while no thread runs late) and at most one
         per tile. With one block per thread, the blocks are cut at multiples of 4 rows
         (the product's 4-row tiles) instead of its 12-row tiles: 32 rows then run as 16 and
-        16, not 24 and 8."""
+        16, not 24 and 8. Its ``fresh[0]`` (the route's last item) is True while this
+        thread's panels wait to be packed: the route's first call packs them."""
         blocks = -(-(-(-n // PACKED_BLOCK_ROWS)) // threads) * threads
         step = 4 if blocks == threads else matmul.PACKED_ROWS
         tiles = -(-n // step)
@@ -1380,19 +1432,15 @@ class Plan(_State):
                           layer.in_features, width), self.dtype),
                 np.empty((layer.out_features, layer.in_features), self.dtype))], [True]
         packed, fresh = local.panels
-        params = self._dense_params()
-        out = np.empty((n, self.out_width), self.dtype)
         mode = 1 if fresh[0] else (2 if self.frozen else 0)  # pack, check, neither
-        _parallel_launch(driver, x, out, step, threads, mode, counters, flags, *hidden,
-                         *packed, *params)
-        fresh[0] = False
-        return out, bool(flags.all())
+        return (driver, (), (step, threads, mode, counters, flags, *hidden, *packed,
+                             *self._dense_params()), flags, fresh)
 
-    def _pass(self, x, n, threads, lanes, hidden, out) -> bool:
-        """Whether ``x`` is finite, having run the parallel pass (:data:`PASS_MIN_BYTES`,
-        :func:`_pass_source`) of ``x`` into ``out`` through this thread's ``hidden``
-        buffers of the program in the ``lanes`` form or the row form, on at most
-        ``threads`` (its team: :data:`PASS_BYTES_PER_THREAD`, applied by the caller)."""
+    def _pass(self, n, threads, lanes, hidden):
+        """The route of the parallel pass (:data:`PASS_MIN_BYTES`, :func:`_pass_source`)
+        through this thread's ``hidden`` buffers of the program in the ``lanes`` form or
+        the row form, on at most ``threads`` (its team: :data:`PASS_BYTES_PER_THREAD`,
+        applied by the caller)."""
         key = ("pass", threads, lanes, PASS_LAYER_MIN_BYTES)
         state = self._local.buffers.get(key)
         if state is None:
@@ -1402,8 +1450,7 @@ class Plan(_State):
                 np.empty(threads, np.bool_),
                 _pass_driver_for(self.spec, lanes, self._pass_layout()[1])))
         widths, counters, flags, driver = state
-        params = self._dense_params()
-        return _parallel_launch(driver, x, n, widths, counters, flags, *hidden, out, *params)
+        return driver, (n, widths, counters, flags, *hidden), self._dense_params(), None, None
 
     def _pass_widths(self, threads, lanes):
         """Each layer's block width in a parallel pass on ``threads``: for a
@@ -1545,16 +1592,18 @@ def _dense_op(layer, own, act, kernel, src, dst, split=None, lanes=False):
     ``lanes``."""
     local = threading.local()  # the split's per-thread blocks and driver
     checked = [None, None]  # the arrays last found of the layer's shapes
+    size = layer.in_features * layer.out_features  # (W's size, once its shape is checked)
 
     def op(regs, n):
         if layer.activation is not own:
             raise _Stale
-        b = None if layer.b is None else layer.b.data
-        W = layer.W.data
+        W, b = layer.W.data, layer.b
+        if b is not None:
+            b = b.data
         if W is not checked[0] or b is not checked[1]:  # (checked when they change: the
             _check_shapes(layer, W, b)                   # kernels read them unchecked)
             checked[:] = W, b
-        if split is not None and n * W.size >= SPLIT_MIN_MACS:
+        if split is not None and n * size >= SPLIT_MIN_MACS:
             threads = _threads()
             if threads > 1 and W.shape[0] % (4 * threads) == 0:  # whole 4-feature blocks
                 return _run_split(local, split, lanes, regs[src], n, W, b, act.alpha,
@@ -1682,8 +1731,37 @@ def run(model, x, check: bool = False, eval_mode: bool = False):
             out, finite = plan(x, check)
         except _Stale:  # arrays of other shapes than their layers': the normal path says so
             return None
-    if check and not finite and not bool(np.isfinite(x).all()):
+    if check and not finite:
+        _raise_if_not_finite(x)
+    return out
+
+
+def run_frozen(model, x):
+    """``run(model, x, check=True, eval_mode=True)`` for a frozen copy
+    (:mod:`backprop.frozen`), the same outputs; the model-level fast path of serving. Where
+    this thread has run a batch of as many rows through the model's plan with the same
+    thread count, the route bound then runs at once (``Plan.bound``): the checks of
+    ``x`` (NumPy, C-contiguous, 2-D, the plan's dtype and features, NaN/inf on the first
+    layer's kernel) and of the kernel choice, and no check of the plan against the model,
+    whose layers and arrays never change."""
+    plan = model.__dict__.get("_inference_plan")
+    if (plan is not None and plan.ok and type(x) is np.ndarray and x.ndim == 2
+            and x.dtype == plan.dtype and x.shape[1] == plan.in_features
+            and x.flags.c_contiguous and K.get_choice() in _NUMBA_CHOICES):
+        route = plan.bound(x.shape[0])
+        if route is not None:
+            out, finite = plan._execute(route, x, x.shape[0], True)
+            if not finite:
+                _raise_if_not_finite(x)
+            return out
+    return run(model, x, True, True)
+
+
+def _raise_if_not_finite(x) -> None:
+    """Raise :class:`~backprop.data.DataError` naming the first row of ``x`` that holds NaN
+    or inf, if any (a plan's kernels found a non-finite product: the input, or else the
+    weights or an overflow, which the normal path reports the same way)."""
+    if not bool(np.isfinite(x).all()):
         from backprop import data as bpdata
 
         bpdata.validate(x, name="prediction data")  # raises, naming the first bad row
-    return out

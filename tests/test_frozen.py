@@ -137,3 +137,84 @@ def test_threads_and_pickle():
     for t in threads:
         t.join()
     assert errors == [] and bad == []
+
+
+def count_binds(monkeypatch):
+    """The row counts of the routes the plans bind (``Plan._bind``), one entry per route."""
+    binds = []
+    real = inference.Plan._bind
+
+    def counted(plan, n):
+        binds.append(n)
+        return real(plan, n)
+
+    monkeypatch.setattr(inference.Plan, "_bind", counted)
+    return binds
+
+
+def test_a_frozen_model_binds_a_batch_size_once_per_thread(monkeypatch):
+    """A frozen model's route for a batch size and thread count is bound on its first call
+    on a thread and run at once after (``Plan.bound``): the same bits, NaN/inf still raise
+    naming the row, the first packing of the panels is not kept; a live model binds on
+    every call."""
+    binds = count_binds(monkeypatch)
+    frozen = bp.freeze(mlp())
+    for n in ROWS:
+        x = data(n, seed=n)
+        first = frozen.predict(x)
+        for _ in range(2):
+            np.testing.assert_array_equal(frozen.predict(x), first)
+        for row in (0, n - 1):
+            bad = x.copy()
+            bad[row, 6] = np.inf
+            with pytest.raises(DataError, match=f"row {row}"):
+                frozen.predict(bad)
+    # the 300 rows' first call packs the panels (not kept); the 1500 rows' finds them packed
+    packed = [300] if inference.atomics.AVAILABLE else []
+    assert binds == [3, 40, 300, *packed, 1500]
+    plan = inference.plan_for(frozen._model)
+    assert plan.bound(40) is not None and plan.bound(41) is None
+    binds.clear()
+    model = mlp()
+    for _ in range(3):
+        model.predict(data(40))
+    assert binds == [40] * 3
+
+
+def test_a_frozen_models_bound_routes_follow_the_threads_and_the_kernels(monkeypatch):
+    """The bound route is per thread count (Numba's count is per calling thread) and per
+    calling thread; another kernel choice takes the normal path; at most
+    ``_THREAD_BUFFERS_KEPT`` routes are kept per thread."""
+    import numba
+
+    binds = count_binds(monkeypatch)
+    frozen = bp.freeze(mlp())
+    plan = inference.plan_for(frozen._model)
+    x = data(40)
+    expected = frozen.predict(x)
+    frozen.predict(x)
+    assert binds == [40]
+    if numba.get_num_threads() > 1:
+        previous = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            assert plan.bound(40) is None
+            np.testing.assert_array_equal(frozen.predict(x), expected)
+            assert binds == [40, 40]
+        finally:
+            numba.set_num_threads(previous)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append((plan.bound(40), frozen.predict(x))))
+    thread.start()
+    thread.join()
+    assert seen[0][0] is None  # another thread's routes are its own
+    np.testing.assert_array_equal(seen[0][1], expected)
+    binds.clear()
+    kernels.set_backend("reference")
+    np.testing.assert_allclose(frozen.predict(x), expected, rtol=1e-5, atol=1e-6)
+    assert binds == []
+    kernels.set_backend("auto")
+    for n in range(1, 3 * inference._THREAD_BUFFERS_KEPT):
+        frozen.predict(data(n))
+    assert len(plan._local.bound) == inference._THREAD_BUFFERS_KEPT
+    np.testing.assert_array_equal(frozen.predict(x), expected)

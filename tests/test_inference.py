@@ -176,13 +176,15 @@ def test_a_large_dense_stack_takes_the_plan_up_to_dense_max_rows(monkeypatch):
 
 
 def count_calls(monkeypatch, method: str):
-    """The row counts of the calls of ``Plan.<method>(x, n, threads)``, one entry per call."""
+    """The row counts of the routes bound by ``Plan.<method>(n, threads)``, one entry per
+    route (a live model binds one per call; a frozen one once per batch size and thread
+    count, but for its first packing)."""
     calls = []
     real = getattr(inference.Plan, method)
 
-    def counted(plan, x, n, threads):
+    def counted(plan, n, threads):
         calls.append(n)
-        return real(plan, x, n, threads)
+        return real(plan, n, threads)
 
     monkeypatch.setattr(inference.Plan, method, counted)
     return calls
@@ -812,9 +814,9 @@ def count_passes(monkeypatch):
     passes = []
     run_pass = inference.Plan._pass
 
-    def counted(plan, x, n, threads, lanes, hidden, out):
+    def counted(plan, n, threads, lanes, hidden):
         passes.append((n, threads, lanes))
-        return run_pass(plan, x, n, threads, lanes, hidden, out)
+        return run_pass(plan, n, threads, lanes, hidden)
 
     monkeypatch.setattr(inference.Plan, "_pass", counted)
     return passes
@@ -980,9 +982,9 @@ def test_a_pass_completes_when_one_thread_runs_every_iteration(lanes, monkeypatc
     numba.set_num_threads(1)
     try:
         program = plan.lanes if lanes else plan.row
-        hidden = plan._allocate(n, program)
-        out = np.empty((n, 6), np.float32)
-        assert plan._pass(x, n, 2, lanes, hidden, out) is True
+        route = plan._pass(n, 2, lanes, plan._allocate(n, program))
+        out, finite = plan._execute(route, x, n, True)
+        assert finite is True
     finally:
         numba.set_num_threads(previous)
     np.testing.assert_array_equal(out, expected)
@@ -1051,8 +1053,9 @@ def packed_mlp(dtype, activation="relu", bias=True, row_op=None):
 
 
 def run_packed(model, x, threads):
-    out, finite = inference.plan_for(model)._packed(x, len(x), threads)
-    return out, finite
+    """``(out, finite)`` of the packed driver's route for ``x`` on ``threads``."""
+    plan = inference.plan_for(model)
+    return plan._execute(plan._packed(len(x), threads), x, len(x), True)
 
 
 @needs_atomics
