@@ -779,6 +779,51 @@ def _driver_source(spec, lanes: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _serial_source(spec, lanes: bool) -> str:
+    """The serial driver of a stack of Dense layers, ``spec`` = ``((activation, row op),
+    ...)``, on the calling thread: the whole program in one Numba call (its ops make one
+    per layer, each with its dispatch and its Python around it), through the program's
+    buffers: in the row form ``B1 … B{L-1}`` ``(n, ·)``, the last layer into ``out``; in
+    the lanes form ``B0 = xᵀ``, ``B1 … BL`` transposed and ``out = BLᵀ``. Returns whether
+    ``x`` is finite (the first layer's kernel, see :func:`_dense_kernel`)."""
+    layers = len(spec)
+    first, last = (0, layers) if lanes else (1, layers - 1)
+    buffers = "".join(f"B{i}, " for i in range(first, last + 1))
+    params = ", ".join(f"W{i}, b{i}, a{i}" for i in range(layers))
+    suffix = "_lanes" if lanes else "_row"
+    name = "serial_lanes_driver" if lanes else "serial_row_driver"
+    lines = [f"# the serial inference driver of the Dense stack {spec!r}, "
+             f"{'lanes' if lanes else 'row'} form",
+             f"def {name}(x, out, {buffers}{params}):",
+             "    n = x.shape[0]"]
+    if lanes:
+        lines.append("    to_lanes(x, B0)")
+    for i, (act, row) in enumerate(spec):
+        src = f"B{i}" if lanes or i else "x"
+        dst = f"B{i + 1}" if lanes or i < layers - 1 else "out"
+        lines.append(f"    {'finite = ' if i == 0 else ''}{_kernel_name(act, row)}{suffix}"
+                     f"({src}, n, W{i}, b{i}, a{i}, {dst})")
+    if lanes:
+        lines.append(f"    from_lanes(B{layers}, out)")
+    lines += ["    return finite", ""]
+    return "\n".join(lines)
+
+
+def _serial_driver_for(spec, lanes: bool):
+    """The serial driver of ``spec`` in one form (built once per process; compiled on
+    first call)."""
+    form, suffix = (_LANES, "_lanes") if lanes else (_ROW, "_row")
+
+    def build():
+        kernels = {_kernel_name(act, row) + suffix: _kernel(_DENSE, _dense_kernel, act, row,
+                                                             form)
+                   for act, row in spec}
+        return _compile_driver(_serial_source(spec, lanes),
+                               "serial_lanes_driver" if lanes else "serial_row_driver",
+                               kernels, parallel=False)
+    return _cached_driver(("serial", spec, lanes), build)
+
+
 @functools.lru_cache(maxsize=1024)
 def _chunking(n: int, threads: int, lanes: int, preferred: int, most: int
               ) -> tuple[int, int]:
@@ -1066,9 +1111,10 @@ def _packed_driver_for(spec):
     return _cached_driver(("packed", spec), build)
 
 
-def _compile_driver(source: str, name: str, kernels: dict):
-    """The parallel function ``name`` defined by ``source`` (which calls ``kernels`` by
-    name), with Numba's disk cache where its source file could be written."""
+def _compile_driver(source: str, name: str, kernels: dict, parallel: bool = True):
+    """The parallel (or, not ``parallel``, serial) function ``name`` defined by ``source``
+    (which calls ``kernels`` by name), with Numba's disk cache where its source file could
+    be written."""
     filename = _driver_file(source)
     # __name__: Numba's disk cache re-imports a function's module when it loads the machine
     # code (to rebuild its environment); the driver's is this module
@@ -1076,7 +1122,7 @@ def _compile_driver(source: str, name: str, kernels: dict):
              "from_lanes": _from_lanes, **kernels}
     exec(compile(source, filename, "exec"), scope)  # noqa: S102 (our own source)
     cached = not filename.startswith("<")
-    driver = njit(parallel=True, **{**_FLAGS, "cache": cached})(scope[name])
+    driver = njit(parallel=parallel, **{**_FLAGS, "cache": cached})(scope[name])
     if cached and hasattr(driver, "py_func"):
         driver._cache = _Cache(driver.py_func)
     return driver
@@ -1265,6 +1311,9 @@ class Plan(_State):
             self.spec = tuple((name, row) for _, _, _, _, name, row, _, _ in steps)
             self.widths = [steps[0][1].in_features] + [st[1].out_features for st in steps]
             self.macs_per_row = sum(st[1].in_features * st[1].out_features for st in steps)
+            # the largest layer that an op may split over the threads (no row op, _dense_op)
+            self.split_macs = max((st[1].in_features * st[1].out_features
+                                   for st in steps if st[5] == 0), default=0)
             self.weight_bytes = self.macs_per_row * np.dtype(self.dtype).itemsize
             self._pass_cache = None  # see _pass_layout
         self.lanes_from = 16 if self.dtype == np.float32 else 8  # rows: one vector of lanes
@@ -1360,6 +1409,11 @@ class Plan(_State):
             team = layout[3]  # the most threads the pass takes (PASS_BYTES_PER_THREAD)
             return self._pass(n, team if threads > team else threads,
                               program is self.lanes, hidden)
+        if self.frozen and self.dense is not None and n * self.split_macs < SPLIT_MIN_MACS:
+            # one Numba call for the stack, for a route bound once (a live model, which
+            # would gather the driver's arguments on every call, runs its ops faster)
+            return (_serial_driver_for(self.spec, program is self.lanes), (),
+                    (*hidden, *self._dense_params()), None, None)
         return None, program, hidden, None, None
 
     def takes(self, n: int) -> bool:

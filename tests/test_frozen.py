@@ -218,3 +218,29 @@ def test_a_frozen_models_bound_routes_follow_the_threads_and_the_kernels(monkeyp
         frozen.predict(data(n))
     assert len(plan._local.bound) == inference._THREAD_BUFFERS_KEPT
     np.testing.assert_array_equal(frozen.predict(x), expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_a_frozen_stacks_serial_driver_gives_the_ops_bits(dtype):
+    """Where a batch runs on the calling thread, a frozen stack of Dense layers runs its
+    whole program in one Numba call (the serial driver, row form below one vector of rows,
+    lanes form from it): the kernels of the live model's ops in the same order, so the
+    same bits, with or without bias, through a row op; NaN/inf raise."""
+    rng = np.random.default_rng(3)
+    model = Sequential([Dense(7, 20, activation="tanh", bias=False, rng=rng, dtype=dtype),
+                        Dense(20, 9, activation="relu", rng=rng, dtype=dtype),
+                        Dense(9, 4, activation="log_softmax", rng=rng, dtype=dtype)]).eval()
+    frozen = bp.freeze(model)
+    plan = inference.plan_for(frozen._model)
+    for n in (1, 3, 16, 21):
+        x = data(n, 7, dtype, seed=n)
+        expected = model.predict(x)
+        for _ in range(2):  # the route's first call, then its bound call
+            np.testing.assert_array_equal(frozen.predict(x), expected)
+        np.testing.assert_array_equal(frozen(x), model(x))
+        assert plan.bound(n)[0].py_func.__name__ == (
+            "serial_lanes_driver" if n >= (16 if dtype == np.float32 else 8)
+            else "serial_row_driver")
+        x[n - 1, 6] = np.nan
+        with pytest.raises(DataError, match=f"row {n - 1}"):
+            frozen.predict(x)
