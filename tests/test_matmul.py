@@ -141,13 +141,14 @@ def packed(w):
 
 @pytest.mark.parametrize("dtype, rtol", DTYPES)
 def test_the_packed_product_matches_numpy(dtype, rtol):
-    """``Z = X Wᵀ`` over packed panels: rows left after tiles of 12 and 4, outputs in whole
+    """``Z = X Wᵀ`` over packed panels: rows left after tiles of 12, 8 and 4, outputs in whole
     panels, a panel of more than one vector and of at most one (both masked), sums of one
     block of features and of several (blocks of equal size, the last partial sums added);
     the same bits as the lanes tiles' ``Zᵀ = W Xᵀ`` (same products, same order)."""
     rng = np.random.default_rng(3)
     width = matmul.panel_width(dtype)
     shapes = [(1, 1, 1), (11, 3, width), (12, 5, width + 1), (13, 33, 2 * width - 1),
+              (8, 9, 2 * width - 1), (20, 7, width + 3), (28, 40, 2 * width),
               (29, matmul.PACKED_K + 1, 3 * width + width // 2 + 1),
               (50, 2 * matmul.PACKED_K + 17, 10)]
     for n, k, m in shapes:
