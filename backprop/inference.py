@@ -101,7 +101,11 @@ and arrays never change, keeps the route it bound for a batch size and thread co
 calling thread (``Plan.bound``, :func:`run_frozen`): its later batches of that size skip
 the choice, the plan's checks against the model and the reading of the layers' arrays, and
 run on the checks of ``x`` alone (type, layout, dtype, features; NaN/inf on the first
-layer's kernel). Such a route keeps the thresholds as they were when it was bound.
+layer's kernel). Such a route keeps the thresholds as they were when it was bound. A
+frozen stack of Dense layers runs a batch that stays on the calling thread in one serial
+driver call (``_serial_source``) where a live model runs its program's ops, one Numba call
+per layer (gathering a driver's arguments on every call costs a live model more than the
+dispatches it saves).
 
 Invalidation: a plan holds the model's layer objects, not their arrays: every call reads
 ``W.data``, ``b.data``, the running statistics and each activation's ``alpha`` anew, so an
