@@ -816,16 +816,19 @@ def _serial_source(spec, lanes: bool) -> str:
 def _serial_driver_for(spec, lanes: bool):
     """The serial driver of ``spec`` in one form (built once per process; compiled on
     first call)."""
-    form, suffix = (_LANES, "_lanes") if lanes else (_ROW, "_row")
-
     def build():
-        kernels = {_kernel_name(act, row) + suffix: _kernel(_DENSE, _dense_kernel, act, row,
-                                                             form)
-                   for act, row in spec}
         return _compile_driver(_serial_source(spec, lanes),
                                "serial_lanes_driver" if lanes else "serial_row_driver",
-                               kernels, parallel=False)
+                               _form_kernels(spec, lanes), parallel=False)
     return _cached_driver(("serial", spec, lanes), build)
+
+
+def _form_kernels(spec, lanes: bool) -> dict:
+    """The Dense kernels of ``spec`` in the lanes or the row form, by the names the
+    drivers' sources call them (``dense_<activation>_<row op>_lanes`` or ``_row``)."""
+    form, suffix = (_LANES, "_lanes") if lanes else (_ROW, "_row")
+    return {_kernel_name(act, row) + suffix: _kernel(_DENSE, _dense_kernel, act, row, form)
+            for act, row in spec}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -897,14 +900,10 @@ def _driver_file(source: str) -> str:
 def _driver_for(spec, lanes: bool = True):
     """The parallel driver of ``spec`` in the lanes or the row form (built once per
     process; compiled on first call)."""
-    form, suffix = (_LANES, "_lanes") if lanes else (_ROW, "_row")
-
     def build():
-        kernels = {_kernel_name(act, row) + suffix: _kernel(_DENSE, _dense_kernel, act, row,
-                                                             form)
-                   for act, row in spec}
         return _compile_driver(_driver_source(spec, lanes),
-                               "plan_driver" if lanes else "row_driver", kernels)
+                               "plan_driver" if lanes else "row_driver",
+                               _form_kernels(spec, lanes))
     return _cached_driver(spec if lanes else ("rows", spec), build)
 
 
