@@ -1134,6 +1134,12 @@ def _compile_driver(source: str, name: str, kernels: dict, parallel: bool = True
 # (under Numba's workqueue layer, which aborts the process on two parallel launches at once,
 # the drivers launch one at a time, as numba_cpu's parallel kernels do)
 _parallel_launch = matmul.launch_parallel
+_LAUNCH = _parallel_launch
+# launch_parallel's [run_parallel, numba_cpu's layer state], filled at the first launch: once
+# the layer is known to take launches from any number of threads at once, Plan._execute
+# calls a driver straight, as launch_parallel would (one Python call and a repacking of
+# two dozen arguments fewer per small batch)
+_TURNS = matmul._TURNS
 
 
 # ---------------------------------------------------------------------------------------
@@ -1360,10 +1366,11 @@ class Plan(_State):
 
     def _execute(self, route, x, n, check):
         """``(output, finite)`` (see :meth:`__call__`) of a bound ``route``:
-        ``(driver, head, tail, flags, fresh)``, the driver called as
-        ``driver(x, *head, out, *tail)``, whether ``x`` is finite its result (``flags``
-        None) or ``flags.all()``, and ``fresh[0]`` cleared after the packed driver's call;
-        or ``(None, program, hidden, None, None)``, a program's ops."""
+        ``(driver, head, tail, flags, fresh)``, the parallel driver launched as
+        ``driver(x, *head, out, *tail)`` (a serial one, ``head`` None, called as
+        ``driver(x, out, *tail)``), whether ``x`` is finite its result (``flags`` None) or
+        ``flags.all()``, and ``fresh[0]`` cleared after the packed driver's call; or
+        ``(None, program, hidden, None, None)``, a program's ops."""
         driver, head, tail, flags, fresh = route
         out = np.empty((n, self.out_width), self.dtype)
         if driver is None:  # the program's ops (inline: one call fewer per small batch)
@@ -1379,7 +1386,12 @@ class Plan(_State):
                 for op in program.ops:
                     op(regs, n)
             return out, finite
-        finite = _parallel_launch(driver, x, *head, out, *tail)
+        if head is None:  # a serial driver: no parallel region, no turns to take
+            finite = driver(x, out, *tail)
+        elif _parallel_launch is _LAUNCH and _TURNS and _TURNS[1]["serialize"] is False:
+            finite = driver(x, *head, out, *tail)
+        else:
+            finite = _parallel_launch(driver, x, *head, out, *tail)
         if fresh is not None:
             fresh[0] = False
         return out, finite if flags is None else bool(flags.all())
@@ -1415,7 +1427,7 @@ class Plan(_State):
         if self.frozen and self.dense is not None and n * self.split_macs < SPLIT_MIN_MACS:
             # one Numba call for the stack, for a route bound once (a live model, which
             # would gather the driver's arguments on every call, runs its ops faster)
-            return (_serial_driver_for(self.spec, program is self.lanes), (),
+            return (_serial_driver_for(self.spec, program is self.lanes), None,
                     (*hidden, *self._dense_params()), None, None)
         return None, program, hidden, None, None
 

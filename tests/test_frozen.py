@@ -244,3 +244,45 @@ def test_a_frozen_stacks_serial_driver_gives_the_ops_bits(dtype):
         x[n - 1, 6] = np.nan
         with pytest.raises(DataError, match=f"row {n - 1}"):
             frozen.predict(x)
+
+
+def test_live_and_frozen_plans_from_two_threads_under_the_workqueue_layer():
+    """Numba's workqueue layer aborts the process when two threads launch parallel code at
+    once: the plans' parallel drivers take turns there (never launched straight), whether
+    for a live model or through a frozen model's bound route, beside serial drivers."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import threading, numpy as np, backprop as bp
+        from backprop import inference
+        from backprop.layers import Dense
+        from backprop.model import Sequential
+        rng = np.random.default_rng(0)
+        model = Sequential([Dense(7, 45, activation="relu", rng=rng),
+                            Dense(45, 33, activation="tanh", rng=rng),
+                            Dense(33, 6, rng=rng)]).eval()
+        frozen = bp.freeze(model)
+        data = [np.random.default_rng(n).normal(size=(n, 7)).astype(np.float32)
+                for n in (3, 40, 300)]
+        frozen.predict(data[0])  # (a serial driver)
+        inference.PARALLEL_MIN_MACS = 0  # two threads' chunks from 17 rows
+        expected = [model.predict(x) for x in data]
+        bad = []
+        def work(seed):
+            for k in range(40):
+                x, want = data[(k + seed) % 3], expected[(k + seed) % 3]
+                for net in (model, frozen):
+                    if not np.allclose(net.predict(x), want, rtol=1e-5, atol=1e-6):
+                        bad.append((seed, k))
+        threads = [threading.Thread(target=work, args=(s,)) for s in (0, 1)]
+        [t.start() for t in threads]; [t.join() for t in threads]
+        import numba; print(numba.threading_layer(), len(bad))
+    """)
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue", "NUMBA_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["workqueue", "0"]
