@@ -195,7 +195,7 @@ on a core with a 2 MiB L2; benchmarks/inference_paths.py). Weights beyond a core
 wide MLP) are read again from farther away for each chunk of rows, where BLAS blocks its
 products for the caches."""
 
-PACKED_MIN_ROWS = 256
+PACKED_MIN_ROWS = 160
 """Rows from which such a stack (weights in a core's cache, :data:`SMALL_WEIGHT_BYTES`)
 runs through the packed driver instead of the chunked lanes form: the batch read in place,
 in blocks of about :data:`PACKED_BLOCK_ROWS` rows that each pass through every layer
@@ -203,7 +203,9 @@ while their activations stay in the core's L2, each layer's weights in panels th
 product's tiles stream from L1 (``kernels/matmul.py``), the bias, σ and the finiteness
 check run on each block while it is in cache. Checking the panels against the weights
 costs a read of the weights per call (and packing, after a change), which from about this
-many rows the faster products repay (benchmarks/inference_paths.py)."""
+many rows the faster products repay (benchmarks/inference_paths.py; measured again, with
+the balanced chunks, the 4-row cuts and the 8-row tile: level at 144–160 rows, faster from
+176, benchmarks/results/intel-xeon-2c-2026-12-07/NOTES.md)."""
 
 PACKED_BLOCK_ROWS = 240
 """Rows per block of the packed driver, about: a block's activations and its slice of the

@@ -125,8 +125,8 @@ def test_a_small_dense_stack_takes_any_batch_in_chunks(dtype, monkeypatch):
     chunks = count_launches(monkeypatch)
     model = mlp("relu", dtype, width=33, out=6)
     assert inference.plan_for(model).weight_bytes <= inference.SMALL_WEIGHT_BYTES
-    assert inference.PACKED_MIN_ROWS > 200
-    for n in (R + 1, 100, 200):
+    assert inference.PACKED_MIN_ROWS > 150
+    for n in (R + 1, 100, 150):
         x = data(n, 7, dtype, seed=n)
         predicted, called = uses_plan(model, x)
         np.testing.assert_array_equal(predicted, called)
@@ -1108,13 +1108,14 @@ def test_a_frozen_model_takes_the_packed_form_from_fewer_rows(dtype, monkeypatch
     monkeypatch.setattr(inference, "PARALLEL_MIN_MACS", 0)  # (tiny weights: no parallel
     model = packed_mlp(dtype)  # pass; chunks of rows from two vectors of rows)
     frozen = bp.freeze(model)
-    rows = (15, 16, 31, 40, 255, 256)
+    P = inference.PACKED_MIN_ROWS
+    rows = (15, 16, 31, 40, P - 1, P)
     for net in (frozen, model):
         for n in rows:
             x = data(n, 7, dtype, seed=n)
             assert_close(net.predict(x), forward(model, x), dtype)
     lanes = 16 if dtype == np.float32 else 8
-    taken = [n for n in rows if n >= 16 and n > lanes] + [256]
+    taken = [n for n in rows if n >= 16 and n > lanes] + [P]
     assert calls == taken
     previous = numba.get_num_threads()
     numba.set_num_threads(1)
