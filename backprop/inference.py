@@ -1352,10 +1352,7 @@ class Plan(_State):
             route = self._bind(n)
             fresh = route[4]
             if fresh is None or not fresh[0]:  # (not the first packing of the panels)
-                kept = self._local.bound
-                if len(kept) >= _THREAD_BUFFERS_KEPT:
-                    kept.pop(next(iter(kept)))
-                kept[key] = route
+                _keep_in(self._local.bound, key, route)
         return self._execute(route, x, n, check)
 
     def bound(self, n: int):
@@ -1564,13 +1561,8 @@ class Plan(_State):
                               for w, transposed in program.hidden])
 
     def _keep(self, key, buffers):
-        """``buffers``, kept as this thread's under ``key`` (the oldest kept set dropped
-        beyond ``_THREAD_BUFFERS_KEPT``)."""
-        kept = self._local.buffers
-        if len(kept) >= _THREAD_BUFFERS_KEPT:
-            kept.pop(next(iter(kept)))
-        kept[key] = buffers
-        return buffers
+        """``buffers``, kept as this thread's under ``key`` (:func:`_keep_in`)."""
+        return _keep_in(self._local.buffers, key, buffers)
 
     def _dense_params(self) -> list:
         """``[W, b, alpha, ...]`` of the stack of Dense layers as they are now (``b`` None
@@ -1588,6 +1580,15 @@ class Plan(_State):
                 checked[i] = W, b
             params += (W, b, act.alpha)
         return params
+
+
+def _keep_in(kept: dict, key, value):
+    """``value``, kept in one of a thread's dicts under ``key``, the oldest entry dropped
+    beyond ``_THREAD_BUFFERS_KEPT``."""
+    if len(kept) >= _THREAD_BUFFERS_KEPT:
+        kept.pop(next(iter(kept)))
+    kept[key] = value
+    return value
 
 
 class _Program:
@@ -1784,9 +1785,7 @@ def run(model, x, check: bool = False, eval_mode: bool = False):
     plan = model.__dict__.get("_inference_plan")
     if plan is None or not plan.usable(model):
         plan = _build(model)
-    if (not plan.ok or x.ndim != 2 or x.dtype != plan.dtype
-            or x.shape[1] != plan.in_features or not plan.takes(x.shape[0])
-            or not x.flags.c_contiguous or K.get_choice() not in _NUMBA_CHOICES):
+    if not _fits(plan, x) or not plan.takes(x.shape[0]):
         return None
     if plan.sensitive and not (eval_mode or _MODE.eval) and any(
             m._training for m in plan.sensitive):
@@ -1795,8 +1794,7 @@ def run(model, x, check: bool = False, eval_mode: bool = False):
         out, finite = plan(x, check)
     except _Stale:
         plan = _build(model)
-        if (not plan.ok or x.dtype != plan.dtype or x.shape[1] != plan.in_features
-                or not plan.takes(x.shape[0])):
+        if not _fits(plan, x) or not plan.takes(x.shape[0]):
             return None
         try:
             out, finite = plan(x, check)
@@ -1816,9 +1814,7 @@ def run_frozen(model, x):
     layer's kernel) and of the kernel choice, and no check of the plan against the model,
     whose layers and arrays never change."""
     plan = model.__dict__.get("_inference_plan")
-    if (plan is not None and plan.ok and type(x) is np.ndarray and x.ndim == 2
-            and x.dtype == plan.dtype and x.shape[1] == plan.in_features
-            and x.flags.c_contiguous and K.get_choice() in _NUMBA_CHOICES):
+    if plan is not None and type(x) is np.ndarray and _fits(plan, x):
         route = plan.bound(x.shape[0])
         if route is not None:
             out, finite = plan._execute(route, x, x.shape[0], True)
@@ -1826,6 +1822,15 @@ def run_frozen(model, x):
                 _raise_if_not_finite(x)
             return out
     return run(model, x, True, True)
+
+
+def _fits(plan, x) -> bool:
+    """Whether the NumPy batch ``x`` is one a usable ``plan`` may run (rows aside,
+    ``Plan.takes``): 2-D, C-contiguous, of the plan's dtype and feature count, with Numba's
+    kernels selected."""
+    return (plan.ok and x.ndim == 2 and x.dtype == plan.dtype
+            and x.shape[1] == plan.in_features and x.flags.c_contiguous
+            and K.get_choice() in _NUMBA_CHOICES)
 
 
 def _raise_if_not_finite(x) -> None:
